@@ -1,0 +1,27 @@
+//! Every kernel and API name underlay owns, in one place. Adapters and tests refer to these constants,
+//! never to string literals.
+
+/// Kubernetes API group of underlay's objects, labels, taints and annotations.
+pub const API_GROUP: &str = "underlay.dev";
+
+/// Taint kept on a node until its agent has a pool and the CNI configuration is written.
+pub const TAINT_NOT_READY: &str = "underlay.dev/not-ready";
+/// Taint kept on a node while its pool has no free address.
+pub const TAINT_NO_FREE_IPS: &str = "underlay.dev/no-free-ips";
+
+/// EC2 tag on every ENI underlay creates: the cluster that owns it.
+pub const TAG_CLUSTER: &str = "underlay.dev/cluster";
+/// EC2 tag on every ENI underlay creates: the node it was created for.
+pub const TAG_NODE: &str = "underlay.dev/node";
+
+/// nftables family and table that hold all of underlay's rules on a node.
+pub const NFT_FAMILY: &str = "inet";
+pub const NFT_TABLE: &str = "underlay";
+
+/// Default path of the agent's IPAM socket.
+pub const AGENT_SOCKET: &str = "/run/underlay/agent.sock";
+/// File name of the CNI configuration list the agent writes.
+pub const CNI_CONFLIST: &str = "10-underlay.conflist";
+/// Name of the CNI network and of the plugin binary.
+pub const CNI_NETWORK: &str = "underlay";
+pub const CNI_PLUGIN: &str = "underlay-cni";

@@ -14,6 +14,7 @@
 //!   CreateNetworkInterface                        100         5   │ one per action
 //!   DeleteNetworkInterface                        100         5   │
 //!   ModifyNetworkInterfaceAttribute               100         5   ┘
+//!   CreateTags                                    100        10     its own bucket too
 //! ```
 //!
 //! vpcsim enforces these; the adapter's queue waits for a token before it calls, so underlay itself never
@@ -104,7 +105,8 @@ impl Operation {
             | Operation::UnassignPrivateIpAddresses
             | Operation::CreateNetworkInterface
             | Operation::DeleteNetworkInterface
-            | Operation::ModifyNetworkInterfaceAttribute => Bucket::Resource(self),
+            | Operation::ModifyNetworkInterfaceAttribute
+            | Operation::CreateTags => Bucket::Resource(self),
             _ => Bucket::Mutating,
         }
     }
@@ -139,8 +141,10 @@ pub struct RateLimits {
     pub describe: BucketLimits,
     pub unfiltered_describe: BucketLimits,
     pub mutating: BucketLimits,
-    /// Applied to each resource-rate action's own bucket.
+    /// Applied to each resource-rate action's own bucket (ENI create/delete/modify, address assign/unassign).
     pub resource: BucketLimits,
+    /// CreateTags's own bucket.
+    pub create_tags: BucketLimits,
 }
 
 impl Default for RateLimits {
@@ -182,6 +186,7 @@ impl RateLimits {
             unfiltered_describe: s(self.unfiltered_describe),
             mutating: s(self.mutating),
             resource: s(self.resource),
+            create_tags: s(self.create_tags),
         }
     }
 
@@ -190,6 +195,7 @@ impl RateLimits {
             Bucket::Describe => self.describe,
             Bucket::UnfilteredDescribe => self.unfiltered_describe,
             Bucket::Mutating => self.mutating,
+            Bucket::Resource(Operation::CreateTags) => self.create_tags,
             Bucket::Resource(_) => self.resource,
         }
     }
@@ -293,7 +299,8 @@ mod tests {
         let wait = set.try_take(Operation::CreateRoute, false, t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(200));
         // Other mutating calls share the bucket; resource-rate actions do not.
-        assert!(set.try_take(Operation::CreateTags, false, t0).is_err());
+        assert!(set.try_take(Operation::DeleteRoute, false, t0).is_err());
+        assert!(set.try_take(Operation::CreateTags, false, t0).is_ok());
         assert!(
             set.try_take(Operation::AssignPrivateIpAddresses, false, t0)
                 .is_ok()

@@ -172,6 +172,10 @@ impl RateLimits {
                 capacity: 100.0,
                 refill_per_sec: 5.0,
             },
+            create_tags: BucketLimits {
+                capacity: 100.0,
+                refill_per_sec: 10.0,
+            },
         }
     }
 

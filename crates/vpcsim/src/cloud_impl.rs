@@ -61,7 +61,9 @@ impl World {
                 if &eni.vpc != table_vpc {
                     return Err(err(
                         "InvalidParameterValue",
-                        format!("route table and network interface {e} belong to different networks"),
+                        format!(
+                            "route table and network interface {e} belong to different networks"
+                        ),
                     ));
                 }
                 Ok(target.clone())
@@ -302,7 +304,10 @@ impl World {
         if !eni.prefixes.is_empty() && !t.nitro {
             return Err(err(
                 "InvalidParameterValue",
-                format!("Instance type {} does not support prefix delegation.", t.name),
+                format!(
+                    "Instance type {} does not support prefix delegation.",
+                    t.name
+                ),
             ));
         }
         Ok(self.attach(eni_id, instance, device_index, false))
@@ -362,7 +367,10 @@ impl World {
     fn unassign_ips(&mut self, eni_id: &EniId, addresses: &[Ipv4Addr]) -> Result<()> {
         let eni = self.state.eni(eni_id)?;
         if addresses.is_empty() {
-            return Err(err("InvalidParameterValue", "Specify addresses to unassign"));
+            return Err(err(
+                "InvalidParameterValue",
+                "Specify addresses to unassign",
+            ));
         }
         no_duplicates(addresses)?;
         for ip in addresses {
@@ -375,7 +383,9 @@ impl World {
             if !eni.secondary_ips.contains(ip) {
                 return Err(err(
                     "InvalidParameterValue",
-                    format!("Some of the specified addresses are not assigned to interface {eni_id}"),
+                    format!(
+                        "Some of the specified addresses are not assigned to interface {eni_id}"
+                    ),
                 ));
             }
         }
@@ -416,7 +426,10 @@ impl World {
         {
             return Err(err(
                 "InvalidParameterValue",
-                format!("Instance type {} does not support prefix delegation.", t.name),
+                format!(
+                    "Instance type {} does not support prefix delegation.",
+                    t.name
+                ),
             ));
         }
         self.check_slots(&eni, n)?;
@@ -509,15 +522,19 @@ impl Cloud for VpcSim {
     }
 
     async fn describe_instance_types(&self, types: &[String]) -> Result<Vec<InstanceTypeInfo>> {
-        self.call(Operation::DescribeInstanceTypes, types.is_empty(), |_, _| {
-            if types.is_empty() {
-                return Ok(INSTANCE_TYPES.iter().map(type_info).collect());
-            }
-            types
-                .iter()
-                .map(|t| instance_type(t).map(type_info))
-                .collect()
-        })
+        self.call(
+            Operation::DescribeInstanceTypes,
+            types.is_empty(),
+            |_, _| {
+                if types.is_empty() {
+                    return Ok(INSTANCE_TYPES.iter().map(type_info).collect());
+                }
+                types
+                    .iter()
+                    .map(|t| instance_type(t).map(type_info))
+                    .collect()
+            },
+        )
         .await
     }
 
@@ -661,14 +678,23 @@ impl Cloud for VpcSim {
         Ok(attachment)
     }
 
-    async fn detach_network_interface(&self, attachment: &AttachmentId, _force: bool) -> Result<()> {
+    async fn detach_network_interface(
+        &self,
+        attachment: &AttachmentId,
+        _force: bool,
+    ) -> Result<()> {
         self.call(Operation::DetachNetworkInterface, false, |w, _| {
-            let eni = w.state.attachments.get(attachment).cloned().ok_or_else(|| {
-                err(
-                    "InvalidAttachmentID.NotFound",
-                    format!("The attachment ID '{attachment}' does not exist"),
-                )
-            })?;
+            let eni = w
+                .state
+                .attachments
+                .get(attachment)
+                .cloned()
+                .ok_or_else(|| {
+                    err(
+                        "InvalidAttachmentID.NotFound",
+                        format!("The attachment ID '{attachment}' does not exist"),
+                    )
+                })?;
             let a = w
                 .state
                 .eni(&eni)?
@@ -761,12 +787,19 @@ impl Cloud for VpcSim {
     async fn create_tags(&self, resources: &[String], tags: &Tags) -> Result<()> {
         self.call(Operation::CreateTags, false, |w, _| {
             if resources.is_empty() {
-                return Err(err("MissingParameter", "The request must contain the parameter ResourceId"));
+                return Err(err(
+                    "MissingParameter",
+                    "The request must contain the parameter ResourceId",
+                ));
             }
             // Validate every resource before tagging any.
             for r in resources {
                 let have = w.state.tags_mut(r)?;
-                let merged = have.keys().chain(tags.keys()).collect::<BTreeSet<_>>().len();
+                let merged = have
+                    .keys()
+                    .chain(tags.keys())
+                    .collect::<BTreeSet<_>>()
+                    .len();
                 if merged > TAG_LIMIT {
                     return Err(err(
                         "TagLimitExceeded",

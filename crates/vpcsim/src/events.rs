@@ -4,9 +4,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use underlay_cloud::{
-    AttachmentId, EniId, InstanceId, RouteTableId, RouteTarget, SubnetId, VpcId,
-};
+use underlay_cloud::{AttachmentId, EniId, InstanceId, RouteTableId, RouteTarget, SubnetId, VpcId};
 
 /// One change, numbered. `seq` increases by one per change; [`crate::Snapshot::seq`] is the last change a
 /// snapshot includes, so a subscriber that lagged can take a snapshot and skip changes with `seq <= snapshot.seq`.

@@ -16,7 +16,10 @@ pub enum Latency {
     None,
     Fixed(Duration),
     /// Uniform between `min` and `max`, drawn from the seeded fault generator.
-    Uniform { min: Duration, max: Duration },
+    Uniform {
+        min: Duration,
+        max: Duration,
+    },
 }
 
 impl Latency {

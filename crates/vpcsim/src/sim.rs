@@ -252,7 +252,12 @@ impl World {
 
     /// Admission: scripted failures, forced throttling, token buckets, injected error rates.
     fn admit(&mut self, op: Operation, unfiltered: bool, now: Instant) -> Result<()> {
-        if let Some(code) = self.faults.fail_next.get_mut(&op).and_then(VecDeque::pop_front) {
+        if let Some(code) = self
+            .faults
+            .fail_next
+            .get_mut(&op)
+            .and_then(VecDeque::pop_front)
+        {
             return Err(err(&code, format!("injected failure of {op}")));
         }
         if self.faults.throttle_all || self.faults.throttled.contains(&op) {
@@ -523,7 +528,10 @@ impl VpcSim {
         {
             return Err(err(
                 "InvalidSubnet.Conflict",
-                format!("The CIDR '{cidr}' conflicts with another subnet ({})", other.id),
+                format!(
+                    "The CIDR '{cidr}' conflicts with another subnet ({})",
+                    other.id
+                ),
             ));
         }
         let id = SubnetId::new(w.new_id("subnet"));
@@ -594,7 +602,12 @@ impl VpcSim {
     pub fn route_table_of(&self, subnet: &SubnetId) -> Result<RouteTableId> {
         let w = self.lock();
         let vpc = w.state.subnet(subnet)?.vpc.clone();
-        if let Some(t) = w.state.route_tables.values().find(|t| t.subnets.contains(subnet)) {
+        if let Some(t) = w
+            .state
+            .route_tables
+            .values()
+            .find(|t| t.subnets.contains(subnet))
+        {
             return Ok(t.id.clone());
         }
         Ok(w.state.vpc(&vpc)?.main_route_table.clone())
@@ -721,7 +734,9 @@ impl VpcSim {
         if let Some(i) = w.state.instances.get_mut(id) {
             i.state = InstanceState::Terminated;
         }
-        w.emit(Event::InstanceTerminated { instance: id.clone() });
+        w.emit(Event::InstanceTerminated {
+            instance: id.clone(),
+        });
         w.committed(Instant::now());
         Ok(())
     }

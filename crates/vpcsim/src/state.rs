@@ -230,7 +230,10 @@ impl SubnetState {
             ));
         }
         let mut chosen: Vec<u32> = match order {
-            AddressOrder::Random => candidates.choose_multiple(rng, n as usize).copied().collect(),
+            AddressOrder::Random => candidates
+                .choose_multiple(rng, n as usize)
+                .copied()
+                .collect(),
             AddressOrder::Lowest => candidates[..n as usize].to_vec(),
         };
         chosen.sort_unstable();
@@ -337,14 +340,14 @@ impl State {
             .ok_or_else(|| not_found("InvalidSubnetID.NotFound", "subnet", id.as_str()))
     }
     pub fn route_table(&self, id: &RouteTableId) -> Result<&RouteTableState> {
-        self.route_tables.get(id).ok_or_else(|| {
-            not_found("InvalidRouteTableID.NotFound", "routeTable", id.as_str())
-        })
+        self.route_tables
+            .get(id)
+            .ok_or_else(|| not_found("InvalidRouteTableID.NotFound", "routeTable", id.as_str()))
     }
     pub fn route_table_mut(&mut self, id: &RouteTableId) -> Result<&mut RouteTableState> {
-        self.route_tables.get_mut(id).ok_or_else(|| {
-            not_found("InvalidRouteTableID.NotFound", "routeTable", id.as_str())
-        })
+        self.route_tables
+            .get_mut(id)
+            .ok_or_else(|| not_found("InvalidRouteTableID.NotFound", "routeTable", id.as_str()))
     }
     pub fn eni(&self, id: &EniId) -> Result<&NetworkInterface> {
         self.enis.get(id).ok_or_else(|| {
@@ -491,9 +494,10 @@ impl State {
             .filter(|e| filter.ids.is_empty() || filter.ids.contains(&e.id))
             .filter(|e| filter.vpc.as_ref().is_none_or(|v| v == &e.vpc))
             .filter(|e| {
-                filter.instance.as_ref().is_none_or(|i| {
-                    e.attachment.as_ref().is_some_and(|a| &a.instance == i)
-                })
+                filter
+                    .instance
+                    .as_ref()
+                    .is_none_or(|i| e.attachment.as_ref().is_some_and(|a| &a.instance == i))
             })
             .filter(|e| filter.status.is_none_or(|s| s == e.status))
             .filter(|e| {

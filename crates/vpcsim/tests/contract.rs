@@ -57,8 +57,15 @@ impl Fixture for SimFixture {
             security_group,
         })
     }
-    async fn run_instance(&self, subnet: &SubnetId, instance_type: &str) -> FixtureResult<InstanceId> {
-        Ok(self.sim.run_instance(RunInstance::new(instance_type, subnet))?.id)
+    async fn run_instance(
+        &self,
+        subnet: &SubnetId,
+        instance_type: &str,
+    ) -> FixtureResult<InstanceId> {
+        Ok(self
+            .sim
+            .run_instance(RunInstance::new(instance_type, subnet))?
+            .id)
     }
     async fn terminate_instance(&self, instance: &InstanceId) -> FixtureResult<()> {
         Ok(self.sim.terminate_instance(instance)?)
@@ -129,7 +136,74 @@ async fn moto_capabilities_skip_with_reasons() {
             _ => None,
         })
         .collect();
-    assert!(skipped.iter().any(|(n, why)| *n == "route_limit_is_enforced" && why.contains("RouteLimit")));
-    assert!(skipped.iter().any(|(n, _)| *n == "prefixes_are_aligned_28s"));
+    assert!(
+        skipped
+            .iter()
+            .any(|(n, why)| *n == "route_limit_is_enforced" && why.contains("RouteLimit"))
+    );
+    assert!(
+        skipped
+            .iter()
+            .any(|(n, _)| *n == "prefixes_are_aligned_28s")
+    );
     assert!(report.passed() >= 12, "{report}");
+}
+
+/// The suite catches a backend that misbehaves: with stale describes (an eventual-consistency delay the
+/// cases do not wait out) and a route table that accepts everything, the affected cases fail with messages.
+#[tokio::test(start_paused = true)]
+async fn the_suite_fails_a_misbehaving_backend() {
+    let faults = underlay_vpcsim::Faults {
+        describe_delay: std::time::Duration::from_secs(5),
+        ..Default::default()
+    };
+    let fx = SimFixture {
+        sim: VpcSim::builder(7).faults(faults).build(),
+    };
+    let report = contract::run_all(&fx).await;
+    let failed = |name: &str| {
+        report
+            .cases
+            .iter()
+            .any(|c| c.name == name && matches!(c.outcome, Outcome::Failed(_)))
+    };
+    assert!(failed("create_replace_delete_route"), "{report}");
+    assert!(failed("secondary_ips_by_count"), "{report}");
+    assert!(report.ensure_passed().is_err());
+
+    let fx = SimFixture {
+        sim: VpcSim::builder(7).route_limit(10_000).build(),
+    };
+    // A limit the world spec cannot lower is a backend that does not enforce it.
+    struct NoLimit(SimFixture);
+    #[async_trait::async_trait]
+    impl Fixture for NoLimit {
+        fn name(&self) -> String {
+            "no-limit".to_owned()
+        }
+        fn cloud(&self) -> &dyn Cloud {
+            self.0.cloud()
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::all()
+        }
+        async fn reset(&self) -> FixtureResult<()> {
+            self.0.reset().await
+        }
+        async fn create_world(&self, spec: &WorldSpec) -> FixtureResult<World> {
+            let spec = WorldSpec {
+                route_limit: None,
+                ..spec.clone()
+            };
+            self.0.create_world(&spec).await
+        }
+        async fn run_instance(&self, s: &SubnetId, t: &str) -> FixtureResult<InstanceId> {
+            self.0.run_instance(s, t).await
+        }
+        async fn terminate_instance(&self, i: &InstanceId) -> FixtureResult<()> {
+            self.0.terminate_instance(i).await
+        }
+    }
+    let report = contract::run_matching(&NoLimit(fx), "route_limit").await;
+    assert_eq!(report.failed(), 1, "{report}");
 }

@@ -43,7 +43,10 @@ pub fn cases() -> Vec<Case> {
         case!(create_route_twice_is_already_exists, []),
         case!(missing_routes_and_tables_are_errors, []),
         case!(route_limit_is_enforced, [RouteLimit]),
-        case!(route_by_instance_fails_on_multi_eni_instance, [InstanceRouteRule]),
+        case!(
+            route_by_instance_fails_on_multi_eni_instance,
+            [InstanceRouteRule]
+        ),
         case!(eni_create_attach_detach_delete, []),
         case!(eni_client_token_is_idempotent, [ClientToken]),
         case!(eni_wrong_state_is_refused, [StateChecks]),
@@ -53,16 +56,28 @@ pub fn cases() -> Vec<Case> {
         case!(explicit_addresses_are_validated, [AddressValidation]),
         case!(private_ip_limit_per_eni, [InstanceLimits]),
         case!(prefixes_are_aligned_28s, [PrefixDelegation]),
-        case!(prefix_placement_respects_fragmentation, [PrefixDelegation, AddressValidation]),
-        case!(prefixes_refused_on_non_nitro, [PrefixDelegation, InstanceLimits]),
+        case!(
+            prefix_placement_respects_fragmentation,
+            [PrefixDelegation, AddressValidation]
+        ),
+        case!(
+            prefixes_refused_on_non_nitro,
+            [PrefixDelegation, InstanceLimits]
+        ),
         case!(full_subnet_is_insufficient_addresses, [SubnetExhaustion]),
         case!(source_dest_check_per_eni, []),
         case!(tags_and_describe_by_tag, []),
         case!(tagging_unknown_ids_fails, [StateChecks]),
         case!(describe_enis_by_instance_and_status, []),
         case!(unknown_ids_are_not_found, []),
-        case!(terminate_deletes_dot_enis_and_leaks_the_rest, [TerminateSemantics]),
-        case!(routes_to_terminated_instances_blackhole, [BlackholeOnTerminate]),
+        case!(
+            terminate_deletes_dot_enis_and_leaks_the_rest,
+            [TerminateSemantics]
+        ),
+        case!(
+            routes_to_terminated_instances_blackhole,
+            [BlackholeOnTerminate]
+        ),
         case!(bursts_are_throttled, [Throttling]),
     ]
 }
@@ -99,11 +114,18 @@ async fn eni(f: &dyn Fixture, id: &EniId) -> Result<NetworkInterface, CaseError>
             ..Default::default()
         })
         .await?;
-    ensure!(found.len() == 1, "describing {id} returned {} interfaces", found.len());
+    ensure!(
+        found.len() == 1,
+        "describing {id} returned {} interfaces",
+        found.len()
+    );
     Ok(found.remove(0))
 }
 
-async fn primary_eni(f: &dyn Fixture, instance: &InstanceId) -> Result<NetworkInterface, CaseError> {
+async fn primary_eni(
+    f: &dyn Fixture,
+    instance: &InstanceId,
+) -> Result<NetworkInterface, CaseError> {
     let found = f
         .cloud()
         .describe_instances(&InstanceFilter {
@@ -155,21 +177,37 @@ async fn describe_vpc_subnets_and_route_tables(f: &dyn Fixture) -> CaseResult {
     let w = f.create_world(&spec).await?;
     let c = f.cloud();
     let vpc = c.describe_vpc(&w.vpc).await?;
-    ensure!(vpc.cidrs.first() == Some(&spec.vpc_cidr), "VPC CIDRs {:?}", vpc.cidrs);
+    ensure!(
+        vpc.cidrs.first() == Some(&spec.vpc_cidr),
+        "VPC CIDRs {:?}",
+        vpc.cidrs
+    );
 
     let subnets = c.describe_subnets(&w.vpc).await?;
-    ensure!(subnets.len() == spec.subnets.len(), "{} subnets described", subnets.len());
+    ensure!(
+        subnets.len() == spec.subnets.len(),
+        "{} subnets described",
+        subnets.len()
+    );
     for (id, s) in w.subnets.iter().zip(&spec.subnets) {
         let d = subnets
             .iter()
             .find(|d| &d.id == id)
             .ok_or_else(|| CaseError(format!("subnet {id} not described")))?;
-        ensure!(d.cidr == s.cidr && d.zone == s.zone, "subnet {id}: {} in {}", d.cidr, d.zone);
+        ensure!(
+            d.cidr == s.cidr && d.zone == s.zone,
+            "subnet {id}: {} in {}",
+            d.cidr,
+            d.zone
+        );
         ensure!(d.vpc == w.vpc, "subnet {id} in {}", d.vpc);
     }
 
     let tables = c.describe_route_tables(&w.vpc).await?;
-    ensure!(tables.iter().filter(|t| t.main).count() == 1, "not exactly one main table");
+    ensure!(
+        tables.iter().filter(|t| t.main).count() == 1,
+        "not exactly one main table"
+    );
     let t = tables
         .iter()
         .find(|t| t.id == w.route_table)
@@ -200,20 +238,39 @@ async fn subnet_counts_free_addresses(f: &dyn Fixture) -> CaseResult {
     let w = world(f).await?;
     let c = f.cloud();
     let avail = |subnets: &[crate::Subnet], id: &SubnetId| {
-        subnets.iter().find(|s| &s.id == id).map(|s| s.available_ips)
+        subnets
+            .iter()
+            .find(|s| &s.id == id)
+            .map(|s| s.available_ips)
     };
     let before = c.describe_subnets(&w.vpc).await?;
     // A /24 has 256 addresses, 5 of which AWS reserves; a /28 has 11 usable.
-    ensure!(avail(&before, &w.subnets[0]) == Some(251), "/24 free: {:?}", avail(&before, &w.subnets[0]));
-    ensure!(avail(&before, &w.subnets[3]) == Some(11), "/28 free: {:?}", avail(&before, &w.subnets[3]));
+    ensure!(
+        avail(&before, &w.subnets[0]) == Some(251),
+        "/24 free: {:?}",
+        avail(&before, &w.subnets[0])
+    );
+    ensure!(
+        avail(&before, &w.subnets[3]) == Some(11),
+        "/28 free: {:?}",
+        avail(&before, &w.subnets[3])
+    );
     let e = c
         .create_network_interface(&eni_request(&w.subnets[0], "", 3))
         .await?;
     let after = c.describe_subnets(&w.vpc).await?;
-    ensure!(avail(&after, &w.subnets[0]) == Some(247), "after 4 addresses: {:?}", avail(&after, &w.subnets[0]));
+    ensure!(
+        avail(&after, &w.subnets[0]) == Some(247),
+        "after 4 addresses: {:?}",
+        avail(&after, &w.subnets[0])
+    );
     c.delete_network_interface(&e.id).await?;
     let freed = c.describe_subnets(&w.vpc).await?;
-    ensure!(avail(&freed, &w.subnets[0]) == Some(251), "after delete: {:?}", avail(&freed, &w.subnets[0]));
+    ensure!(
+        avail(&freed, &w.subnets[0]) == Some(251),
+        "after delete: {:?}",
+        avail(&freed, &w.subnets[0])
+    );
     Ok(())
 }
 
@@ -231,12 +288,26 @@ async fn describe_instances_by_id_and_vpc(f: &dyn Fixture) -> CaseResult {
     let i = &by_id[0];
     ensure!(i.instance_type == "m5.large", "type {}", i.instance_type);
     ensure!(i.state == InstanceState::Running, "state {:?}", i.state);
-    ensure!(i.subnet == w.subnets[1] && i.vpc == w.vpc, "placed in {} / {}", i.subnet, i.vpc);
+    ensure!(
+        i.subnet == w.subnets[1] && i.vpc == w.vpc,
+        "placed in {} / {}",
+        i.subnet,
+        i.vpc
+    );
     let p = i
         .primary_eni()
         .ok_or_else(|| CaseError("no primary ENI".to_owned()))?;
-    ensure!(p.primary_ip == i.private_ip, "primary ENI {} vs instance {}", p.primary_ip, i.private_ip);
-    ensure!(net("198.18.1.0/24").contains(&i.private_ip), "address {}", i.private_ip);
+    ensure!(
+        p.primary_ip == i.private_ip,
+        "primary ENI {} vs instance {}",
+        p.primary_ip,
+        i.private_ip
+    );
+    ensure!(
+        net("198.18.1.0/24").contains(&i.private_ip),
+        "address {}",
+        i.private_ip
+    );
     ensure!(p.status == EniStatus::InUse, "primary ENI {:?}", p.status);
     let by_vpc = c
         .describe_instances(&InstanceFilter {
@@ -244,7 +315,10 @@ async fn describe_instances_by_id_and_vpc(f: &dyn Fixture) -> CaseResult {
             vpc: Some(w.vpc.clone()),
         })
         .await?;
-    ensure!(by_vpc.iter().any(|x| x.id == id), "{id} not in its VPC's instances");
+    ensure!(
+        by_vpc.iter().any(|x| x.id == id),
+        "{id} not in its VPC's instances"
+    );
     Ok(())
 }
 
@@ -278,9 +352,21 @@ async fn instance_types_report_prefix_support(f: &dyn Fixture) -> CaseResult {
         .cloud()
         .describe_instance_types(&["m5.large".to_owned(), "t2.medium".to_owned()])
         .await?;
-    let pd = |n: &str| got.iter().find(|t| t.instance_type == n).map(|t| t.prefix_delegation);
-    ensure!(pd("m5.large") == Some(true), "m5.large (Nitro) prefix delegation {:?}", pd("m5.large"));
-    ensure!(pd("t2.medium") == Some(false), "t2.medium (Xen) prefix delegation {:?}", pd("t2.medium"));
+    let pd = |n: &str| {
+        got.iter()
+            .find(|t| t.instance_type == n)
+            .map(|t| t.prefix_delegation)
+    };
+    ensure!(
+        pd("m5.large") == Some(true),
+        "m5.large (Nitro) prefix delegation {:?}",
+        pd("m5.large")
+    );
+    ensure!(
+        pd("t2.medium") == Some(false),
+        "t2.medium (Xen) prefix delegation {:?}",
+        pd("t2.medium")
+    );
     Ok(())
 }
 
@@ -312,10 +398,16 @@ async fn create_replace_delete_route(f: &dyn Fixture) -> CaseResult {
     let to_b = RouteTarget::NetworkInterface(b.id.clone());
     c.create_route(&w.route_table, dst, &to_a).await?;
     let got = route_target(f, &w, dst).await?;
-    ensure!(got == Some((to_a.clone(), RouteState::Active)), "after create: {got:?}");
+    ensure!(
+        got == Some((to_a.clone(), RouteState::Active)),
+        "after create: {got:?}"
+    );
     c.replace_route(&w.route_table, dst, &to_b).await?;
     let got = route_target(f, &w, dst).await?;
-    ensure!(got == Some((to_b, RouteState::Active)), "after replace: {got:?}");
+    ensure!(
+        got == Some((to_b, RouteState::Active)),
+        "after replace: {got:?}"
+    );
     c.delete_route(&w.route_table, dst).await?;
     let got = route_target(f, &w, dst).await?;
     ensure!(got.is_none(), "after delete: {got:?}");
@@ -398,8 +490,12 @@ async fn route_by_instance_fails_on_multi_eni_instance(f: &dyn Fixture) -> CaseR
     let w = world(f).await?;
     let c = f.cloud();
     let single = f.run_instance(&w.subnets[0], "m5.large").await?;
-    c.create_route(&w.route_table, net("100.64.1.0/24"), &RouteTarget::Instance(single))
-        .await?;
+    c.create_route(
+        &w.route_table,
+        net("100.64.1.0/24"),
+        &RouteTarget::Instance(single),
+    )
+    .await?;
     let multi = f.run_instance(&w.subnets[0], "m5.large").await?;
     let e = c
         .create_network_interface(&eni_request(&w.subnets[0], "", 0))
@@ -424,25 +520,56 @@ async fn eni_create_attach_detach_delete(f: &dyn Fixture) -> CaseResult {
     req.security_groups = vec![w.security_group.clone()];
     req.tags = Tags::from([("underlay.dev/cluster".to_owned(), "contract".to_owned())]);
     let created = c.create_network_interface(&req).await?;
-    ensure!(created.status == EniStatus::Available, "new ENI {:?}", created.status);
-    ensure!(created.subnet == w.subnets[0] && created.vpc == w.vpc, "new ENI in {}", created.subnet);
-    ensure!(net("198.18.0.0/24").contains(&created.primary_ip), "address {}", created.primary_ip);
-    ensure!(created.security_groups == vec![w.security_group.clone()], "groups {:?}", created.security_groups);
+    ensure!(
+        created.status == EniStatus::Available,
+        "new ENI {:?}",
+        created.status
+    );
+    ensure!(
+        created.subnet == w.subnets[0] && created.vpc == w.vpc,
+        "new ENI in {}",
+        created.subnet
+    );
+    ensure!(
+        net("198.18.0.0/24").contains(&created.primary_ip),
+        "address {}",
+        created.primary_ip
+    );
+    ensure!(
+        created.security_groups == vec![w.security_group.clone()],
+        "groups {:?}",
+        created.security_groups
+    );
     ensure!(created.mac.len() == 17, "MAC {:?}", created.mac);
     let described = eni(f, &created.id).await?;
-    ensure!(described.tags == req.tags, "tags at creation {:?}", described.tags);
-    ensure!(described.description == req.description, "description {:?}", described.description);
+    ensure!(
+        described.tags == req.tags,
+        "tags at creation {:?}",
+        described.tags
+    );
+    ensure!(
+        described.description == req.description,
+        "description {:?}",
+        described.description
+    );
 
     let att = c
         .attach_network_interface(&created.id, &instance, 1, true)
         .await?;
     let attached = eni(f, &created.id).await?;
-    ensure!(attached.status == EniStatus::InUse, "attached ENI {:?}", attached.status);
+    ensure!(
+        attached.status == EniStatus::InUse,
+        "attached ENI {:?}",
+        attached.status
+    );
     let a = attached
         .attachment
         .as_ref()
         .ok_or_else(|| CaseError("no attachment described".to_owned()))?;
-    ensure!(a.id == att && a.instance == instance && a.device_index == 1, "attachment {a:?}");
+    ensure!(
+        a.id == att && a.instance == instance && a.device_index == 1,
+        "attachment {a:?}"
+    );
     let i = c
         .describe_instances(&InstanceFilter {
             ids: vec![instance.clone()],
@@ -454,7 +581,10 @@ async fn eni_create_attach_detach_delete(f: &dyn Fixture) -> CaseResult {
         .iter()
         .filter_map(|e| e.attachment.as_ref().map(|a| a.device_index))
         .collect();
-    ensure!(devices == vec![0, 1], "instance's ENIs by device index {devices:?}");
+    ensure!(
+        devices == vec![0, 1],
+        "instance's ENIs by device index {devices:?}"
+    );
 
     c.detach_network_interface(&att, false).await?;
     let detached = eni(f, &created.id).await?;
@@ -483,14 +613,23 @@ async fn eni_client_token_is_idempotent(f: &dyn Fixture) -> CaseResult {
     let req = eni_request(&w.subnets[0], "underlay-contract-token-1", 2);
     let first = c.create_network_interface(&req).await?;
     let again = c.create_network_interface(&req).await?;
-    ensure!(first.id == again.id, "same token made {} and {}", first.id, again.id);
+    ensure!(
+        first.id == again.id,
+        "same token made {} and {}",
+        first.id,
+        again.id
+    );
     let enis = c
         .describe_network_interfaces(&EniFilter {
             vpc: Some(w.vpc.clone()),
             ..Default::default()
         })
         .await?;
-    ensure!(enis.len() == 1, "{} ENIs after two calls with one token", enis.len());
+    ensure!(
+        enis.len() == 1,
+        "{} ENIs after two calls with one token",
+        enis.len()
+    );
     let other = CreateEniRequest {
         secondary_ip_count: 5,
         ..req
@@ -516,12 +655,18 @@ async fn eni_wrong_state_is_refused(f: &dyn Fixture) -> CaseResult {
     ensure!(r.is_err(), "deleting an attached ENI succeeded");
     eni(f, &e.id).await?;
     let r = c.attach_network_interface(&e.id, &b, 1, false).await;
-    ensure!(r.is_err(), "attaching an attached ENI to another instance succeeded: {r:?}");
+    ensure!(
+        r.is_err(),
+        "attaching an attached ENI to another instance succeeded: {r:?}"
+    );
     let e2 = c
         .create_network_interface(&eni_request(&w.subnets[0], "", 0))
         .await?;
     let r = c.attach_network_interface(&e2.id, &a, 1, false).await;
-    ensure!(r.is_err(), "attaching at a used device index succeeded: {r:?}");
+    ensure!(
+        r.is_err(),
+        "attaching at a used device index succeeded: {r:?}"
+    );
     let primary = primary_eni(f, &a).await?;
     let att = primary.attachment.expect("primary is attached").id;
     let r = c.detach_network_interface(&att, false).await;
@@ -531,7 +676,10 @@ async fn eni_wrong_state_is_refused(f: &dyn Fixture) -> CaseResult {
         .create_network_interface(&eni_request(&w.subnets[1], "", 0))
         .await?;
     let r = c.attach_network_interface(&far.id, &a, 2, false).await;
-    ensure!(r.is_err(), "attaching an ENI of another zone succeeded: {r:?}");
+    ensure!(
+        r.is_err(),
+        "attaching an ENI of another zone succeeded: {r:?}"
+    );
     Ok(())
 }
 
@@ -560,15 +708,30 @@ async fn secondary_ips_by_count(f: &dyn Fixture) -> CaseResult {
     let w = world(f).await?;
     let p = primary_eni(f, &f.run_instance(&w.subnets[0], "m5.large").await?).await?;
     let c = f.cloud();
-    c.assign_private_ips(&p.id, &AddressRequest::Count(3)).await?;
+    c.assign_private_ips(&p.id, &AddressRequest::Count(3))
+        .await?;
     // Describe again rather than trust the answer (moto returns every address of the ENI).
     let after = eni(f, &p.id).await?;
-    ensure!(after.secondary_ips.len() == 3, "secondaries {:?}", after.secondary_ips);
-    let distinct: BTreeSet<_> = after.secondary_ips.iter().collect();
-    ensure!(distinct.len() == 3, "duplicate secondaries {:?}", after.secondary_ips);
-    ensure!(!after.secondary_ips.contains(&after.primary_ip), "primary among secondaries");
     ensure!(
-        after.secondary_ips.iter().all(|a| net("198.18.0.0/24").contains(a)),
+        after.secondary_ips.len() == 3,
+        "secondaries {:?}",
+        after.secondary_ips
+    );
+    let distinct: BTreeSet<_> = after.secondary_ips.iter().collect();
+    ensure!(
+        distinct.len() == 3,
+        "duplicate secondaries {:?}",
+        after.secondary_ips
+    );
+    ensure!(
+        !after.secondary_ips.contains(&after.primary_ip),
+        "primary among secondaries"
+    );
+    ensure!(
+        after
+            .secondary_ips
+            .iter()
+            .all(|a| net("198.18.0.0/24").contains(a)),
         "secondaries outside the subnet: {:?}",
         after.secondary_ips
     );
@@ -598,7 +761,11 @@ async fn secondary_ips_explicit(f: &dyn Fixture) -> CaseResult {
     );
     c.unassign_private_ips(&p.id, &want).await?;
     let after = eni(f, &p.id).await?;
-    ensure!(after.secondary_ips.is_empty(), "after unassign {:?}", after.secondary_ips);
+    ensure!(
+        after.secondary_ips.is_empty(),
+        "after unassign {:?}",
+        after.secondary_ips
+    );
     Ok(())
 }
 
@@ -611,18 +778,35 @@ async fn explicit_addresses_are_validated(f: &dyn Fixture) -> CaseResult {
     let r = c
         .assign_private_ips(&p.id, &AddressRequest::Explicit(vec![outside]))
         .await;
-    expect_error(r, ErrorKind::InvalidRequest, None, "an address of another subnet")?;
+    expect_error(
+        r,
+        ErrorKind::InvalidRequest,
+        None,
+        "an address of another subnet",
+    )?;
     let router = Ipv4Addr::new(198, 18, 0, 1);
     let r = c
         .assign_private_ips(&p.id, &AddressRequest::Explicit(vec![router]))
         .await;
-    expect_error(r, ErrorKind::InvalidRequest, None, "the subnet's reserved router address")?;
+    expect_error(
+        r,
+        ErrorKind::InvalidRequest,
+        None,
+        "the subnet's reserved router address",
+    )?;
     let r = c
         .assign_private_ips(&p.id, &AddressRequest::Explicit(vec![other.primary_ip]))
         .await;
-    ensure!(r.is_err(), "another ENI's primary address was assigned: {r:?}");
+    ensure!(
+        r.is_err(),
+        "another ENI's primary address was assigned: {r:?}"
+    );
     let after = eni(f, &p.id).await?;
-    ensure!(after.secondary_ips.is_empty(), "failed assigns left {:?}", after.secondary_ips);
+    ensure!(
+        after.secondary_ips.is_empty(),
+        "failed assigns left {:?}",
+        after.secondary_ips
+    );
     Ok(())
 }
 
@@ -636,7 +820,8 @@ async fn private_ip_limit_per_eni(f: &dyn Fixture) -> CaseResult {
     let w = world(f).await?;
     let p = primary_eni(f, &f.run_instance(&w.subnets[0], "t3.medium").await?).await?; // 6 per ENI
     let c = f.cloud();
-    c.assign_private_ips(&p.id, &AddressRequest::Count(5)).await?;
+    c.assign_private_ips(&p.id, &AddressRequest::Count(5))
+        .await?;
     expect_error(
         c.assign_private_ips(&p.id, &AddressRequest::Count(1)).await,
         ErrorKind::LimitExceeded,
@@ -649,7 +834,10 @@ async fn private_ip_limit_per_eni(f: &dyn Fixture) -> CaseResult {
         .create_network_interface(&eni_request(&w.subnets[0], "", 6))
         .await?;
     let r = c.attach_network_interface(&big.id, &i, 1, true).await;
-    ensure!(r.is_err(), "an ENI with 7 addresses attached to t3.medium: {r:?}");
+    ensure!(
+        r.is_err(),
+        "an ENI with 7 addresses attached to t3.medium: {r:?}"
+    );
     Ok(())
 }
 
@@ -661,17 +849,33 @@ async fn prefixes_are_aligned_28s(f: &dyn Fixture) -> CaseResult {
     let after = eni(f, &p.id).await?;
     ensure!(after.prefixes.len() == 2, "prefixes {:?}", after.prefixes);
     for q in &after.prefixes {
-        ensure!(q.prefix_len() == 28 && q.trunc() == *q, "{q} is not an aligned /28");
+        ensure!(
+            q.prefix_len() == 28 && q.trunc() == *q,
+            "{q} is not an aligned /28"
+        );
         ensure!(net("198.18.0.0/24").contains(q), "{q} outside the subnet");
-        ensure!(!q.contains(&after.primary_ip), "{q} holds the primary address");
+        ensure!(
+            !q.contains(&after.primary_ip),
+            "{q} holds the primary address"
+        );
     }
     let subnets = c.describe_subnets(&w.vpc).await?;
-    let free = subnets.iter().find(|s| s.id == w.subnets[0]).map(|s| s.available_ips);
-    ensure!(free == Some(251 - 1 - 32), "free after a primary and two /28s: {free:?}");
+    let free = subnets
+        .iter()
+        .find(|s| s.id == w.subnets[0])
+        .map(|s| s.available_ips);
+    ensure!(
+        free == Some(251 - 1 - 32),
+        "free after a primary and two /28s: {free:?}"
+    );
     let gone = after.prefixes[0];
     c.unassign_prefixes(&p.id, &[gone]).await?;
     let after = eni(f, &p.id).await?;
-    ensure!(after.prefixes.len() == 1 && !after.prefixes.contains(&gone), "after unassign {:?}", after.prefixes);
+    ensure!(
+        after.prefixes.len() == 1 && !after.prefixes.contains(&gone),
+        "after unassign {:?}",
+        after.prefixes
+    );
     Ok(())
 }
 
@@ -685,7 +889,8 @@ async fn prefix_placement_respects_fragmentation(f: &dyn Fixture) -> CaseResult 
         .await?;
     let mut pin = vec![Ipv4Addr::new(198, 18, 2, 20), Ipv4Addr::new(198, 18, 2, 40)];
     pin.retain(|a| *a != holder.primary_ip);
-    c.assign_private_ips(&holder.id, &AddressRequest::Explicit(pin)).await?;
+    c.assign_private_ips(&holder.id, &AddressRequest::Explicit(pin))
+        .await?;
     let p = primary_eni(f, &f.run_instance(&w.subnets[2], "m5.large").await?).await?;
     let free = c
         .describe_subnets(&w.vpc)
@@ -694,7 +899,10 @@ async fn prefix_placement_respects_fragmentation(f: &dyn Fixture) -> CaseResult 
         .find(|s| s.id == w.subnets[2])
         .map(|s| s.available_ips)
         .unwrap_or(0);
-    ensure!(free >= 16, "only {free} free addresses: the case needs enough for a /28 in total");
+    ensure!(
+        free >= 16,
+        "only {free} free addresses: the case needs enough for a /28 in total"
+    );
     expect_error(
         c.assign_prefixes(&p.id, &AddressRequest::Count(1)).await,
         ErrorKind::InsufficientAddresses,
@@ -710,7 +918,12 @@ async fn prefixes_refused_on_non_nitro(f: &dyn Fixture) -> CaseResult {
         .cloud()
         .assign_prefixes(&p.id, &AddressRequest::Count(1))
         .await;
-    expect_error(r, ErrorKind::InvalidRequest, None, "a /28 on a t2.medium (Xen) ENI")
+    expect_error(
+        r,
+        ErrorKind::InvalidRequest,
+        None,
+        "a /28 on a t2.medium (Xen) ENI",
+    )
 }
 
 async fn full_subnet_is_insufficient_addresses(f: &dyn Fixture) -> CaseResult {
@@ -734,9 +947,15 @@ async fn source_dest_check_per_eni(f: &dyn Fixture) -> CaseResult {
     ensure!(p.source_dest_check, "source/dest check starts off");
     let c = f.cloud();
     c.set_source_dest_check(&p.id, false).await?;
-    ensure!(!eni(f, &p.id).await?.source_dest_check, "still on after disabling");
+    ensure!(
+        !eni(f, &p.id).await?.source_dest_check,
+        "still on after disabling"
+    );
     c.set_source_dest_check(&p.id, true).await?;
-    ensure!(eni(f, &p.id).await?.source_dest_check, "still off after enabling");
+    ensure!(
+        eni(f, &p.id).await?.source_dest_check,
+        "still off after enabling"
+    );
     Ok(())
 }
 
@@ -758,15 +977,30 @@ async fn tags_and_describe_by_tag(f: &dyn Fixture) -> CaseResult {
         ..Default::default()
     };
     let ids = |v: Vec<NetworkInterface>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
-    let blue = ids(c.describe_network_interfaces(&by("underlay.dev/cluster", "blue")).await?);
-    ensure!(blue == vec![tagged.id.clone()], "cluster=blue matched {blue:?}");
-    let keyed = ids(c.describe_network_interfaces(&by("underlay.dev/node", "")).await?);
-    ensure!(keyed == vec![tagged.id.clone()], "tag-key node matched {keyed:?}");
-    let red = ids(c.describe_network_interfaces(&by("underlay.dev/cluster", "red")).await?);
+    let blue = ids(c
+        .describe_network_interfaces(&by("underlay.dev/cluster", "blue"))
+        .await?);
+    ensure!(
+        blue == vec![tagged.id.clone()],
+        "cluster=blue matched {blue:?}"
+    );
+    let keyed = ids(c
+        .describe_network_interfaces(&by("underlay.dev/node", ""))
+        .await?);
+    ensure!(
+        keyed == vec![tagged.id.clone()],
+        "tag-key node matched {keyed:?}"
+    );
+    let red = ids(c
+        .describe_network_interfaces(&by("underlay.dev/cluster", "red"))
+        .await?);
     ensure!(red.is_empty(), "cluster=red matched {red:?}");
     let d = eni(f, &tagged.id).await?;
     ensure!(d.tags.len() == 2, "tags {:?}", d.tags);
-    ensure!(eni(f, &plain.id).await?.tags.is_empty(), "the untagged ENI got tags");
+    ensure!(
+        eni(f, &plain.id).await?.tags.is_empty(),
+        "the untagged ENI got tags"
+    );
     Ok(())
 }
 
@@ -788,7 +1022,8 @@ async fn describe_enis_by_instance_and_status(f: &dyn Fixture) -> CaseResult {
     let c = f.cloud();
     let attached = c_create(f, &w.subnets[0]).await?;
     let loose = c_create(f, &w.subnets[0]).await?;
-    c.attach_network_interface(&attached.id, &i, 1, true).await?;
+    c.attach_network_interface(&attached.id, &i, 1, true)
+        .await?;
     let of_i = c
         .describe_network_interfaces(&EniFilter {
             instance: Some(i.clone()),
@@ -796,7 +1031,11 @@ async fn describe_enis_by_instance_and_status(f: &dyn Fixture) -> CaseResult {
         })
         .await?;
     ensure!(of_i.len() == 2, "{i} has {} ENIs described", of_i.len());
-    ensure!(of_i.iter().any(|e| e.id == attached.id), "{} not among {i}'s ENIs", attached.id);
+    ensure!(
+        of_i.iter().any(|e| e.id == attached.id),
+        "{} not among {i}'s ENIs",
+        attached.id
+    );
     let available = c
         .describe_network_interfaces(&EniFilter {
             vpc: Some(w.vpc.clone()),
@@ -854,7 +1093,12 @@ async fn terminate_deletes_dot_enis_and_leaks_the_rest(f: &dyn Fixture) -> CaseR
         })
         .await?;
     let ids: Vec<_> = left.iter().map(|e| e.id.clone()).collect();
-    ensure!(ids == vec![keep.id.clone()], "ENIs left after terminate: {ids:?} (primary {}, dot {})", primary.id, dot.id);
+    ensure!(
+        ids == vec![keep.id.clone()],
+        "ENIs left after terminate: {ids:?} (primary {}, dot {})",
+        primary.id,
+        dot.id
+    );
     ensure!(
         left[0].status == EniStatus::Available && left[0].attachment.is_none(),
         "leaked ENI is {:?} {:?}",
@@ -867,7 +1111,10 @@ async fn terminate_deletes_dot_enis_and_leaks_the_rest(f: &dyn Fixture) -> CaseR
             vpc: Some(w.vpc.clone()),
         })
         .await?;
-    ensure!(running.iter().all(|x| x.id != i), "terminated {i} still described");
+    ensure!(
+        running.iter().all(|x| x.id != i),
+        "terminated {i} still described"
+    );
     c.delete_network_interface(&keep.id).await?;
     Ok(())
 }
@@ -878,8 +1125,12 @@ async fn routes_to_terminated_instances_blackhole(f: &dyn Fixture) -> CaseResult
     let p = primary_eni(f, &i).await?;
     let c = f.cloud();
     let dst = net(POD_CIDR);
-    c.create_route(&w.route_table, dst, &RouteTarget::NetworkInterface(p.id.clone()))
-        .await?;
+    c.create_route(
+        &w.route_table,
+        dst,
+        &RouteTarget::NetworkInterface(p.id.clone()),
+    )
+    .await?;
     f.terminate_instance(&i).await?;
     let got = route_target(f, &w, dst).await?;
     ensure!(
@@ -904,5 +1155,7 @@ async fn bursts_are_throttled(f: &dyn Fixture) -> CaseResult {
             Err(e) => return Err(e.into()),
         }
     }
-    Err(CaseError("1,000 back-to-back DescribeSubnets were never throttled".to_owned()))
+    Err(CaseError(
+        "1,000 back-to-back DescribeSubnets were never throttled".to_owned(),
+    ))
 }

@@ -25,7 +25,9 @@ use std::pin::Pin;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{Cloud, CloudError, ErrorKind, InstanceId, RouteTableId, SecurityGroupId, SubnetId, VpcId};
+use crate::{
+    Cloud, CloudError, ErrorKind, InstanceId, RouteTableId, SecurityGroupId, SubnetId, VpcId,
+};
 
 pub use cases::cases;
 
@@ -107,7 +109,11 @@ pub trait Fixture: Send + Sync {
     async fn create_world(&self, spec: &WorldSpec) -> FixtureResult<World>;
     /// Launch one running instance of `instance_type` in `subnet` (its primary ENI at device index 0, with
     /// DeleteOnTermination, as RunInstances does).
-    async fn run_instance(&self, subnet: &SubnetId, instance_type: &str) -> FixtureResult<InstanceId>;
+    async fn run_instance(
+        &self,
+        subnet: &SubnetId,
+        instance_type: &str,
+    ) -> FixtureResult<InstanceId>;
     /// Terminate an instance (and wait until EC2 reports it terminated).
     async fn terminate_instance(&self, instance: &InstanceId) -> FixtureResult<()>;
 }

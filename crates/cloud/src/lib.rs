@@ -55,7 +55,8 @@ pub trait Cloud: Send + Sync + std::fmt::Debug {
         destination: ipnet::Ipv4Net,
         target: &RouteTarget,
     ) -> Result<()>;
-    /// ReplaceRoute: retarget an existing route. `InvalidRoute.NotFound` when there is none.
+    /// ReplaceRoute: retarget an existing route. When there is none, EC2 answers `InvalidParameterValue`
+    /// ("There is no route defined for …"), not `InvalidRoute.NotFound` as DeleteRoute does.
     async fn replace_route(
         &self,
         table: &RouteTableId,

@@ -309,6 +309,51 @@ async fn subnets_keep_five_reserved_addresses() {
 }
 
 #[tokio::test]
+async fn explicit_addresses_in_use_or_repeated_are_refused() {
+    let m = mk_world(VpcSim::builder(5).build());
+    let a = m
+        .sim
+        .create_network_interface(&eni_req(&m.subnet, 0))
+        .await
+        .unwrap();
+    let b = m
+        .sim
+        .create_network_interface(&eni_req(&m.subnet, 0))
+        .await
+        .unwrap();
+    let taken = m
+        .sim
+        .assign_private_ips(&b.id, &AddressRequest::Explicit(vec![a.primary_ip]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (taken.code.as_str(), taken.kind),
+        ("InvalidIPAddress.InUse", ErrorKind::AlreadyExists)
+    );
+    let free = Ipv4Addr::new(198, 18, 15, 200);
+    let twice = m
+        .sim
+        .assign_private_ips(&b.id, &AddressRequest::Explicit(vec![free, free]))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code, "InvalidParameterValue");
+    // Nothing was taken by the failed calls.
+    m.sim
+        .assign_private_ips(&b.id, &AddressRequest::Explicit(vec![free]))
+        .await
+        .unwrap();
+    let outside = m
+        .sim
+        .assign_private_ips(
+            &b.id,
+            &AddressRequest::Explicit(vec![Ipv4Addr::new(198, 18, 16, 5)]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(outside.code, "InvalidParameterValue");
+}
+
+#[tokio::test]
 async fn events_describe_every_change_in_order() {
     let m = mk_world(VpcSim::builder(9).build());
     let mut rx = m.sim.subscribe();

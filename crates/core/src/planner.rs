@@ -1363,7 +1363,8 @@ impl<'t> Planner<'t> {
                     nodes,
                 });
             }
-            if healthy > 0 && max > bound {
+            // With fewer healthy nodes than routes, forwarders must share; that is reported as unhealthy nodes.
+            if healthy >= k && max > bound {
                 warnings.push(PlanWarning::AboveBalance {
                     subnet: s.id.clone(),
                     max,

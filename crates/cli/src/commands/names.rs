@@ -12,7 +12,10 @@ pub fn exec(_args: Args) -> anyhow::Result<()> {
         ("taint (pool empty)", names::TAINT_NO_FREE_IPS),
         ("ENI tag (cluster)", names::TAG_CLUSTER),
         ("ENI tag (node)", names::TAG_NODE),
-        ("nft table", &format!("{} {}", names::NFT_FAMILY, names::NFT_TABLE)),
+        (
+            "nft table",
+            &format!("{} {}", names::NFT_FAMILY, names::NFT_TABLE),
+        ),
         ("agent socket", names::AGENT_SOCKET),
         ("CNI conflist", names::CNI_CONFLIST),
         ("CNI plugin", names::CNI_PLUGIN),

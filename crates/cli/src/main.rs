@@ -16,11 +16,18 @@ struct Cli {
 enum Command {
     /// Print the names underlay owns in the kernel and in Kubernetes.
     Names(commands::names::Args),
+    /// Plan routed-mode pod blocks and VPC routes for a topology file or a synthetic cluster.
+    Plan(commands::plan::Args),
+    /// Measurements, printed as JSON.
+    #[command(subcommand)]
+    Bench(commands::bench::Bench),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Names(args) => commands::names::exec(args),
+        Command::Plan(args) => commands::plan::exec(args),
+        Command::Bench(b) => commands::bench::exec(b),
     }
 }

@@ -4,9 +4,19 @@
 //!
 //! ```text
 //!   observed state ──► plan_* (this crate) ──► Vec<Op> ──► apply_* (adapters: cloud, dataplane)
+//!
+//!   Topology ──► planner::plan(topology, previous) ──► RoutedPlan ──► routeops::diff(plan, observed) ──► Vec<RouteOp>
 //! ```
 //!
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
 pub mod instance_types;
 pub mod names;
+pub mod planner;
+mod prefix;
+pub mod routeops;
+pub mod topology;
+
+pub use planner::{PlanError, PlanWarning, RoutedPlan, plan};
+pub use routeops::{RouteOp, diff};
+pub use topology::Topology;

@@ -8,4 +8,5 @@
 //!
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
+pub mod ipam;
 pub mod names;

@@ -33,3 +33,7 @@ pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
 /// Fault-injection knob of `underlay agent`, for crash tests only (see docs/agent.md).
 pub const AGENT_FAULT_ENV: &str = "UNDERLAY_AGENT_FAULT";
+
+/// Priority of the per-pod `from <pod>/32 lookup <table>` rule underlay-cni adds in `eni` mode, so a pod's
+/// traffic leaves by the interface that owns its address (amazon-vpc-cni uses the same value).
+pub const RULE_PRIORITY_FROM_POD: u32 = 1536;

@@ -95,9 +95,10 @@ fn add_check_del(version: &str, prefix: &str, pool: &str) {
     }
     node.cni("DEL", "c1", &pod.path(), "eth0", &conf)
         .expect_ok();
-    assert!(node.host_veths().is_empty());
+    // Address and route are gone when DEL returns; the veth shortly after (detached reaper).
     assert!(node.pod_routes().is_empty());
     assert!(node.allocations().is_empty());
+    assert!(node.wait_host_veths_gone().is_empty());
     assert!(pnl.link_by_name("eth0").unwrap().is_none());
     node.cni("DEL", "c1", &pod.path(), "eth0", &conf)
         .expect_ok();
@@ -151,7 +152,7 @@ fn del_succeeds_when_the_netns_is_gone() {
     drop(pod); // the runtime tore the sandbox down first
     node.cni("DEL", "c1", &path, "eth0", &conf).expect_ok();
     node.cni("DEL", "c1", "", "eth0", &conf).expect_ok();
-    assert!(node.host_veths().is_empty());
+    assert!(node.wait_host_veths_gone().is_empty());
     assert!(node.pod_routes().is_empty());
     assert!(node.allocations().is_empty());
 }
@@ -366,4 +367,61 @@ fn exhaustion_is_try_again_later_and_leaks_nothing() {
             .unwrap()
             .is_none()
     );
+}
+
+#[test]
+fn thousand_adds_survive_an_agent_kill_and_del_leaves_nothing() {
+    // 1,000 attachments: 100 pod namespaces × 10 interfaces (each its own container id), lean on namespaces.
+    const PODS: usize = 100;
+    const IFS: usize = 10;
+    let mut node = Node::new("ulcni-1k", "100.64.20.0/22");
+    let conf = node.conf("1.0.0");
+    let pods: Vec<TestNs> = (0..PODS)
+        .map(|_| TestNs::new("ulcni-1k-p").unwrap())
+        .collect();
+    let mut given = std::collections::HashMap::new();
+    for (p, pod) in pods.iter().enumerate() {
+        for i in 0..IFS {
+            let (id, ifname) = (format!("c{p}-{i}"), format!("eth{i}"));
+            let r = node
+                .cni("ADD", &id, &pod.path(), &ifname, &conf)
+                .expect_ok()
+                .clone();
+            let addr = r["ips"][0]["address"].as_str().unwrap().to_string();
+            assert!(
+                given.insert(addr, (id, ifname)).is_none(),
+                "address handed out twice"
+            );
+        }
+    }
+    assert_eq!(given.len(), PODS * IFS);
+
+    node.kill_agent(); // SIGKILL
+    node.start_agent();
+    let allocs = node.allocations();
+    assert_eq!(allocs.len(), PODS * IFS);
+    for a in &allocs {
+        let k = a.key.as_ref().unwrap();
+        assert_eq!(
+            given.get(&a.address),
+            Some(&(k.container_id.clone(), k.ifname.clone())),
+            "{a:?}"
+        );
+    }
+
+    for (p, pod) in pods.iter().enumerate() {
+        for i in 0..IFS {
+            node.cni(
+                "DEL",
+                &format!("c{p}-{i}"),
+                &pod.path(),
+                &format!("eth{i}"),
+                &conf,
+            )
+            .expect_ok();
+        }
+    }
+    assert!(node.allocations().is_empty());
+    assert!(node.pod_routes().is_empty());
+    assert!(node.wait_host_veths_gone().is_empty());
 }

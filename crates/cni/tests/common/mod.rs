@@ -142,6 +142,19 @@ impl Node {
             .collect()
     }
 
+    /// Waits (bounded: 5 s) until no host veth of this plugin is left: DEL hands veth deletion to a detached
+    /// reaper, and a deleted namespace takes its veths with it asynchronously. Returns what is left.
+    pub fn wait_host_veths_gone(&self) -> Vec<Link> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = self.host_veths();
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Routes to pod addresses (inside the pool) in the node's main table.
     pub fn pod_routes(&self) -> Vec<underlay_dataplane::Route> {
         let pool: ipnet::IpNet = self.pool.parse().unwrap();

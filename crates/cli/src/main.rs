@@ -18,6 +18,8 @@ enum Command {
     Names(commands::names::Args),
     /// Run the node agent: the IPAM service for underlay-cni, the CNI configuration and plugin install.
     Agent(commands::agent::Args),
+    /// Benchmarks, JSON on stdout.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -25,5 +27,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Names(args) => commands::names::exec(args),
         Command::Agent(args) => commands::agent::exec(args),
+        Command::Bench(args) => commands::bench::exec(args),
     }
 }

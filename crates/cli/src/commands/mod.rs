@@ -1,4 +1,6 @@
 //! One module per subcommand, each with `Args` and `exec`.
 
 pub mod agent;
+pub mod bench;
+pub mod bench_cni;
 pub mod names;

@@ -1,0 +1,19 @@
+//! `underlay bench <kind>`: benchmarks with JSON on stdout. Each kind lives in its own `bench_<kind>` module.
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    kind: Kind,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Kind {
+    /// Pod ADD/DEL latency: underlay-cni + agent against the reference ptp + host-local, same harness.
+    Cni(super::bench_cni::Args),
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    match args.kind {
+        Kind::Cni(a) => super::bench_cni::exec(a),
+    }
+}

@@ -16,18 +16,20 @@ struct Cli {
 enum Command {
     /// Print the names underlay owns in the kernel and in Kubernetes.
     Names(commands::names::Args),
+    /// Run the node agent: the IPAM service for underlay-cni, the CNI configuration and plugin install.
+    Agent(commands::agent::Args),
     /// Plan routed-mode pod blocks and VPC routes for a topology file or a synthetic cluster.
     Plan(commands::plan::Args),
-    /// Measurements, printed as JSON.
-    #[command(subcommand)]
-    Bench(commands::bench::Bench),
+    /// Benchmarks, JSON on stdout.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Names(args) => commands::names::exec(args),
+        Command::Agent(args) => commands::agent::exec(args),
         Command::Plan(args) => commands::plan::exec(args),
-        Command::Bench(b) => commands::bench::exec(b),
+        Command::Bench(args) => commands::bench::exec(args),
     }
 }

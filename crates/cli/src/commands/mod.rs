@@ -1,5 +1,8 @@
 //! One module per subcommand, each with `Args` and `exec`.
 
+pub mod agent;
 pub mod bench;
+pub mod bench_cni;
+pub mod bench_plan;
 pub mod names;
 pub mod plan;

@@ -13,7 +13,7 @@
 //! - **Pending**: a node added while the controller runs, not yet answered. It is not a forwarder candidate; misses
 //!   do not fail it (its agent may still be starting). Nodes known when the controller starts are seeded
 //!   `Healthy` instead, so that a controller restart does not move routes (see `docs/controller.md`).
-//! - **Healthy → Failed** after `misses_to_fail` consecutive misses (default 3); a single success resets the count,
+//! - **Healthy → Failed** after `misses_to_fail` consecutive misses (default 2); a single success resets the count,
 //!   so a node missing every other probe never fails.
 //! - **Failed → Healthy** only once probes have succeeded without a single miss for `hold_down` (default 30 s),
 //!   measured from the first success of the unbroken run to the latest one. One success does not restore a node
@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Consecutive misses that fail a healthy node.
-pub const DEFAULT_MISSES_TO_FAIL: u32 = 3;
+/// Consecutive misses that fail a healthy node. Two, not three: at a 1 s probe interval and a 0.5 s timeout a
+/// dead forwarder is failed 1.5–2.5 s after it dies (three misses would take up to 3.5 s, over the 3 s failover
+/// target); a false failure costs one ReplaceRoute away and one back after the hold-down.
+pub const DEFAULT_MISSES_TO_FAIL: u32 = 2;
 /// How long a failed node must answer every probe before it is healthy again.
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(30);
 

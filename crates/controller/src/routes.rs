@@ -1,0 +1,568 @@
+//! The routed-mode route reconciler: observe every managed route table → plan → apply only the diff.
+//!
+//! ```text
+//!   DescribeSubnets (cached) ─┐
+//!   DescribeRouteTables ──────┼─► managed_tables ─► build_topology ─► planner::plan(topo, previous)
+//!   nodes + healthy set ──────┘                                            │
+//!                                                  observed tables ─► routeops::diff ─► Vec<RouteOp>
+//!                                                                          │  (per table, in order)
+//!                                                  apply_route_op ◄────────┘  one task per table
+//! ```
+//!
+//! Ownership: only routes whose destination lies inside the pod CIDR, in managed tables, are underlay's
+//! ([`underlay_core::routeops::is_owned`]); every other route is foreign, counts against the table's limit and is
+//! never touched. `local` routes do not count (EC2 and vpcsim do not count them against the limit).
+//!
+//! Idempotency lives in [`apply_route_op`] only: a Create that finds the route already there becomes a Replace, a
+//! Replace that finds none becomes a Create, a Delete that finds none is done.
+//!
+//! Errors: a retryable error (throttling, EC2 5xx, transport) stops the pass (every table stops before its next
+//! call) and the report says `retryable`, so the caller requeues with backoff. Any other error stops the rest of
+//! that table's operations (they are ordered make-before-break: a Delete after a failed Create would break
+//! traffic) and the other tables go on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use underlay_cloud::{
+    CloudError, EniId, ErrorKind, RouteTable, RouteTableId, RouteTarget, Subnet, SubnetId,
+};
+use underlay_core::planner::{PlanError, RoutedPlan, plan};
+use underlay_core::routeops::{ObservedRoute, ObservedTable, RouteOp, diff, is_owned};
+use underlay_core::topology::{
+    ClusterConfig, ForeignRoute, Node, RouteTable as TopoTable, Subnet as TopoSubnet, Topology, Vpc,
+};
+
+use crate::config::{ClusterNode, ManagedTables, RoutedConfig};
+use crate::lanes::{CloudLanes, Priority};
+
+/// Why a pass (or part of it) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReconcileError {
+    #[error("describing {what}: {error}")]
+    Observe {
+        what: &'static str,
+        error: CloudError,
+    },
+    #[error("managed route table {table} is not in VPC {vpc}")]
+    UnknownRouteTable { table: RouteTableId, vpc: String },
+    #[error("planning: {0}")]
+    Plan(#[serde(serialize_with = "ser_display")] PlanError),
+    #[error("{op}: {error}")]
+    Apply { op: RouteOp, error: CloudError },
+}
+
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl ReconcileError {
+    /// Worth requeueing the pass with backoff.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReconcileError::Observe { error, .. } | ReconcileError::Apply { error, .. } => {
+                error.is_retryable()
+            }
+            ReconcileError::UnknownRouteTable { .. } | ReconcileError::Plan(_) => false,
+        }
+    }
+
+    /// Label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ReconcileError::Observe { .. } => "observe",
+            ReconcileError::UnknownRouteTable { .. } => "unknown_route_table",
+            ReconcileError::Plan(_) => "plan",
+            ReconcileError::Apply { .. } => "apply",
+        }
+    }
+}
+
+/// How an operation landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The call did what the operation says.
+    Done,
+    /// CreateRoute found the route already there (`RouteAlreadyExists`); ReplaceRoute set the target.
+    CreateBecameReplace,
+    /// ReplaceRoute found no route; CreateRoute made it.
+    ReplaceBecameCreate,
+    /// DeleteRoute found no route (`InvalidRoute.NotFound`): nothing to do.
+    AlreadyDeleted,
+}
+
+/// One applied operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    pub op: RouteOp,
+    pub priority: Priority,
+    pub outcome: Outcome,
+}
+
+/// What one pass observed, planned and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReconcileReport {
+    /// The pass's priority (a failure-triggered pass is `failover`).
+    pub priority: Priority,
+    pub managed_tables: Vec<RouteTableId>,
+    /// The plan this pass applied (also kept as the next pass's previous plan).
+    pub plan: Option<RoutedPlan>,
+    /// Operations the diff asked for, in order.
+    pub planned: Vec<RouteOp>,
+    pub applied: Vec<Applied>,
+    /// Operations not attempted: after a retryable error, or after an error earlier in their table.
+    pub skipped: Vec<RouteOp>,
+    pub errors: Vec<ReconcileError>,
+    /// Non-fatal findings: planner warnings, nodes left out.
+    pub warnings: Vec<String>,
+    /// The pass stopped on a retryable error: requeue it with backoff.
+    pub retryable: bool,
+}
+
+impl ReconcileReport {
+    /// No error and nothing skipped: the tables match the plan.
+    pub fn converged(&self) -> bool {
+        self.errors.is_empty() && self.skipped.is_empty() && self.plan.is_some()
+    }
+    /// EC2 mutating calls' worth of operations applied.
+    pub fn mutations(&self) -> usize {
+        self.applied.len()
+    }
+}
+
+fn target_string(t: &RouteTarget) -> String {
+    match t {
+        RouteTarget::Local => "local".to_string(),
+        RouteTarget::NetworkInterface(e) => e.0.clone(),
+        RouteTarget::Instance(i) => i.0.clone(),
+        RouteTarget::Gateway(g) => g.clone(),
+    }
+}
+
+/// The tables to manage, with the subnets each serves (explicit associations, plus the implicitly associated
+/// subnets for the main table). Pure.
+pub fn managed_tables(
+    config: &RoutedConfig,
+    tables: &[RouteTable],
+    subnets: &[Subnet],
+    nodes: &[ClusterNode],
+) -> (Vec<(RouteTable, Vec<SubnetId>)>, Vec<ReconcileError>) {
+    let explicit: BTreeSet<&SubnetId> = tables.iter().flat_map(|t| &t.subnets).collect();
+    let served = |t: &RouteTable| -> Vec<SubnetId> {
+        let mut s: Vec<SubnetId> = t.subnets.clone();
+        if t.main {
+            s.extend(
+                subnets
+                    .iter()
+                    .filter(|x| !explicit.contains(&x.id))
+                    .map(|x| x.id.clone()),
+            );
+        }
+        s.sort();
+        s.dedup();
+        s
+    };
+    let mut errors = Vec::new();
+    let chosen: Vec<&RouteTable> = match &config.route_tables {
+        ManagedTables::Explicit(ids) => ids
+            .iter()
+            .filter_map(|id| {
+                let t = tables.iter().find(|t| &t.id == id);
+                if t.is_none() {
+                    errors.push(ReconcileError::UnknownRouteTable {
+                        table: id.clone(),
+                        vpc: config.vpc.0.clone(),
+                    });
+                }
+                t
+            })
+            .collect(),
+        ManagedTables::NodeSubnets => {
+            let node_subnets: BTreeSet<&SubnetId> = nodes.iter().map(|n| &n.subnet).collect();
+            tables
+                .iter()
+                .filter(|t| {
+                    served(t).iter().any(|s| node_subnets.contains(s))
+                        || t.routes.iter().any(|r| {
+                            r.target != RouteTarget::Local
+                                && is_owned(config.pod_cidr, r.destination)
+                        })
+                })
+                .collect()
+        }
+    };
+    let mut out: Vec<(RouteTable, Vec<SubnetId>)> =
+        chosen.into_iter().map(|t| (t.clone(), served(t))).collect();
+    out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    out.dedup_by(|a, b| a.0.id == b.0.id);
+    (out, errors)
+}
+
+/// The planner's view and the diff's view of the world. Pure. Nodes whose subnet is not among `subnets` are left
+/// out and named in the returned warnings.
+pub fn build_topology(
+    config: &RoutedConfig,
+    subnets: &[Subnet],
+    managed: &[(RouteTable, Vec<SubnetId>)],
+    nodes: &[ClusterNode],
+    healthy: &BTreeSet<String>,
+) -> (Topology, Vec<ObservedTable>, Vec<String>) {
+    let known: BTreeSet<&SubnetId> = subnets.iter().map(|s| &s.id).collect();
+    let mut warnings = Vec::new();
+    let mut topo_nodes = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        if !known.contains(&n.subnet) {
+            warnings.push(format!(
+                "node {} left out: subnet {} is not in VPC {}",
+                n.name, n.subnet, config.vpc
+            ));
+            continue;
+        }
+        topo_nodes.push(Node {
+            id: n.name.clone(),
+            subnet: n.subnet.0.clone(),
+            ip: n.ip,
+            eni: n.eni.0.clone(),
+            healthy: healthy.contains(&n.name),
+        });
+    }
+    let mut topo_tables = Vec::with_capacity(managed.len());
+    let mut observed = Vec::with_capacity(managed.len());
+    for (t, served) in managed {
+        let limit = config.route_limit_of(&t.id);
+        let routes: Vec<ObservedRoute> = t
+            .routes
+            .iter()
+            .filter(|r| r.target != RouteTarget::Local)
+            .map(|r| ObservedRoute {
+                destination: r.destination,
+                target: target_string(&r.target),
+            })
+            .collect();
+        topo_tables.push(TopoTable {
+            id: t.id.0.clone(),
+            subnets: served
+                .iter()
+                .filter(|s| known.contains(s))
+                .map(|s| s.0.clone())
+                .collect(),
+            route_limit: limit,
+            foreign_routes: routes
+                .iter()
+                .filter(|r| !is_owned(config.pod_cidr, r.destination))
+                .map(|r| ForeignRoute {
+                    destination: r.destination,
+                    target: r.target.clone(),
+                })
+                .collect(),
+        });
+        observed.push(ObservedTable {
+            id: t.id.0.clone(),
+            route_limit: limit,
+            routes,
+        });
+    }
+    let topo = Topology {
+        cluster: ClusterConfig {
+            pod_cidr: config.pod_cidr,
+            block_prefix_len: config.block_prefix_len,
+            headroom: config.headroom,
+        },
+        vpc: Vpc {
+            id: config.vpc.0.clone(),
+            subnets: subnets
+                .iter()
+                .map(|s| TopoSubnet {
+                    id: s.id.0.clone(),
+                    zone: s.zone.clone(),
+                    cidr: s.cidr,
+                })
+                .collect(),
+            route_tables: topo_tables,
+        },
+        nodes: topo_nodes,
+    };
+    (topo, observed, warnings)
+}
+
+/// An operation that moves a route away from a target that is not a healthy node's ENI (a failed forwarder, a
+/// node that left) is a failover; everything else is normal.
+pub fn op_priority(op: &RouteOp, healthy_enis: &BTreeSet<&str>) -> Priority {
+    match op {
+        RouteOp::Replace { previous, .. } if !healthy_enis.contains(previous.as_str()) => {
+            Priority::Failover
+        }
+        _ => Priority::Normal,
+    }
+}
+
+/// Apply one operation. The only place where "already exists" and "not found" become success.
+pub async fn apply_route_op(
+    cloud: &dyn underlay_cloud::Cloud,
+    op: &RouteOp,
+) -> Result<Outcome, CloudError> {
+    match op {
+        RouteOp::Create {
+            route_table,
+            destination,
+            eni,
+        } => {
+            let (table, target) = (RouteTableId::new(route_table), eni_target(eni));
+            match cloud.create_route(&table, *destination, &target).await {
+                Ok(()) => Ok(Outcome::Done),
+                Err(e) if e.kind == ErrorKind::AlreadyExists => cloud
+                    .replace_route(&table, *destination, &target)
+                    .await
+                    .map(|()| Outcome::CreateBecameReplace),
+                Err(e) => Err(e),
+            }
+        }
+        RouteOp::Replace {
+            route_table,
+            destination,
+            eni,
+            ..
+        } => {
+            let (table, target) = (RouteTableId::new(route_table), eni_target(eni));
+            match cloud.replace_route(&table, *destination, &target).await {
+                Ok(()) => Ok(Outcome::Done),
+                // EC2 answers a ReplaceRoute of a missing route with InvalidParameterValue ("There is no route
+                // defined for …"); a route that vanished since the describe becomes a Create. If the parameter
+                // was wrong for another reason, CreateRoute rejects it too and its error is reported.
+                Err(e)
+                    if e.code == "InvalidParameterValue" || e.code == "InvalidRoute.NotFound" =>
+                {
+                    match cloud.create_route(&table, *destination, &target).await {
+                        Ok(()) => Ok(Outcome::ReplaceBecameCreate),
+                        Err(create) if create.kind == ErrorKind::AlreadyExists => Err(e),
+                        Err(create) => Err(create),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        RouteOp::Delete {
+            route_table,
+            destination,
+            ..
+        } => match cloud
+            .delete_route(&RouteTableId::new(route_table), *destination)
+            .await
+        {
+            Ok(()) => Ok(Outcome::Done),
+            Err(e) if e.kind == ErrorKind::NotFound && e.code == "InvalidRoute.NotFound" => {
+                Ok(Outcome::AlreadyDeleted)
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+fn eni_target(eni: &str) -> RouteTarget {
+    RouteTarget::NetworkInterface(EniId::new(eni))
+}
+
+#[derive(Debug, Default)]
+struct TableResult {
+    applied: Vec<Applied>,
+    skipped: Vec<RouteOp>,
+    errors: Vec<ReconcileError>,
+    retryable: bool,
+}
+
+/// Apply one table's operations in order; stop at the first error (and every table at a retryable one).
+async fn apply_table(
+    lanes: Arc<dyn CloudLanes>,
+    ops: Vec<(RouteOp, Priority)>,
+    stop: Arc<AtomicBool>,
+) -> TableResult {
+    let mut r = TableResult::default();
+    let mut ops = ops.into_iter();
+    for (op, priority) in ops.by_ref() {
+        if stop.load(Ordering::SeqCst) {
+            r.skipped.push(op);
+            break;
+        }
+        match apply_route_op(lanes.lane(priority), &op).await {
+            Ok(outcome) => {
+                tracing::info!(%op, priority = priority.as_str(), ?outcome, "route applied");
+                r.applied.push(Applied {
+                    op,
+                    priority,
+                    outcome,
+                });
+            }
+            Err(error) => {
+                let retryable = error.is_retryable();
+                tracing::warn!(%op, %error, retryable, "route operation failed");
+                if retryable {
+                    stop.store(true, Ordering::SeqCst);
+                    r.retryable = true;
+                }
+                r.errors.push(ReconcileError::Apply { op, error });
+                break;
+            }
+        }
+    }
+    r.skipped.extend(ops.map(|(op, _)| op));
+    r
+}
+
+/// Observes, plans and applies routed-mode VPC routes. Keeps the previous plan in memory (blocks never move
+/// while it is kept) and the VPC's subnets (refreshed on [`RouteReconciler::invalidate_subnets`] or when a node
+/// names a subnet not seen yet).
+#[derive(Debug)]
+pub struct RouteReconciler {
+    config: RoutedConfig,
+    lanes: Arc<dyn CloudLanes>,
+    previous: Option<RoutedPlan>,
+    subnets: Option<Vec<Subnet>>,
+}
+
+impl RouteReconciler {
+    pub fn new(config: RoutedConfig, lanes: Arc<dyn CloudLanes>) -> Self {
+        Self {
+            config,
+            lanes,
+            previous: None,
+            subnets: None,
+        }
+    }
+
+    pub fn config(&self) -> &RoutedConfig {
+        &self.config
+    }
+
+    /// The plan of the last pass that planned (the next pass's previous plan).
+    pub fn previous(&self) -> Option<&RoutedPlan> {
+        self.previous.as_ref()
+    }
+
+    /// Start from a persisted plan (e.g. read back from UnderlayNode status after a restart).
+    pub fn set_previous(&mut self, plan: Option<RoutedPlan>) {
+        self.previous = plan;
+    }
+
+    /// Describe the VPC's subnets again on the next pass.
+    pub fn invalidate_subnets(&mut self) {
+        self.subnets = None;
+    }
+
+    /// One pass: observe → plan → diff → apply. `healthy` names the nodes that may forward; `priority` is the
+    /// pass's (a failure-triggered pass describes on the failover lane). Never panics on cloud errors: everything
+    /// goes into the report.
+    pub async fn reconcile(
+        &mut self,
+        nodes: &[ClusterNode],
+        healthy: &BTreeSet<String>,
+        priority: Priority,
+    ) -> ReconcileReport {
+        let mut report = ReconcileReport {
+            priority,
+            ..Default::default()
+        };
+        let lane = self.lanes.lane(priority);
+        let vpc = self.config.vpc.clone();
+
+        // Observe.
+        let stale = match &self.subnets {
+            None => true,
+            Some(s) => nodes.iter().any(|n| !s.iter().any(|x| x.id == n.subnet)),
+        };
+        if stale {
+            match lane.describe_subnets(&vpc).await {
+                Ok(s) => self.subnets = Some(s),
+                Err(error) => {
+                    report.retryable = error.is_retryable();
+                    report.errors.push(ReconcileError::Observe {
+                        what: "subnets",
+                        error,
+                    });
+                    return report;
+                }
+            }
+        }
+        let subnets = self.subnets.as_deref().unwrap_or_default();
+        let tables = match lane.describe_route_tables(&vpc).await {
+            Ok(t) => t,
+            Err(error) => {
+                report.retryable = error.is_retryable();
+                report.errors.push(ReconcileError::Observe {
+                    what: "route tables",
+                    error,
+                });
+                return report;
+            }
+        };
+        let (managed, errors) = managed_tables(&self.config, &tables, subnets, nodes);
+        report.errors.extend(errors);
+        report.managed_tables = managed.iter().map(|(t, _)| t.id.clone()).collect();
+        if managed.is_empty() {
+            report
+                .warnings
+                .push("no managed route table: nothing to reconcile".to_string());
+            return report;
+        }
+
+        // Plan.
+        let (topo, observed, warnings) =
+            build_topology(&self.config, subnets, &managed, nodes, healthy);
+        report.warnings.extend(warnings);
+        let plan = match plan(&topo, self.previous.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                report.errors.push(ReconcileError::Plan(e));
+                return report;
+            }
+        };
+        report
+            .warnings
+            .extend(plan.warnings.iter().map(ToString::to_string));
+        let ops = diff(&plan, &observed);
+        self.previous = Some(plan.clone());
+        report.plan = Some(plan);
+        report.planned = ops.clone();
+
+        // Apply: one task per table, each in the diff's order.
+        let healthy_enis: BTreeSet<&str> = nodes
+            .iter()
+            .filter(|n| healthy.contains(&n.name))
+            .map(|n| n.eni.as_str())
+            .collect();
+        let mut by_table: BTreeMap<String, Vec<(RouteOp, Priority)>> = BTreeMap::new();
+        for op in ops {
+            let p = op_priority(&op, &healthy_enis);
+            by_table
+                .entry(op.route_table().to_string())
+                .or_default()
+                .push((op, p));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        let order: Vec<String> = by_table.keys().cloned().collect();
+        for (i, (_, ops)) in by_table.into_iter().enumerate() {
+            let (lanes, stop) = (self.lanes.clone(), stop.clone());
+            tasks.spawn(async move { (i, apply_table(lanes, ops, stop).await) });
+        }
+        let mut results: Vec<Option<TableResult>> = order.iter().map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, r)) => results[i] = Some(r),
+                Err(e) => report
+                    .warnings
+                    .push(format!("route table task ended abnormally: {e}")),
+            }
+        }
+        for r in results.into_iter().flatten() {
+            report.applied.extend(r.applied);
+            report.skipped.extend(r.skipped);
+            report.errors.extend(r.errors);
+            report.retryable |= r.retryable;
+        }
+        report
+    }
+}

@@ -1,0 +1,213 @@
+//! The run loop end to end against vpcsim on tokio's paused clock, with a scripted prober: converge, fail a
+//! forwarder (failover pass, Replace only, high priority), recover it (fail-back only after the hold-down), a
+//! node joining, shutdown. Times below are virtual (paused clock), so bounds on them are exact, not wall time.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{check_covered, mk_world};
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+use underlay_controller::{
+    Controller, ControllerConfig, ControllerEvent, PassReport, Priority, ProbeTarget, Prober,
+};
+use underlay_core::health::{HealthConfig, Probe};
+use underlay_core::routeops::RouteOp;
+
+/// Nodes in `down` miss every probe.
+#[derive(Debug, Default)]
+struct ScriptedProber {
+    down: Mutex<BTreeSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl Prober for ScriptedProber {
+    async fn probe(&self, t: &ProbeTarget) -> Probe {
+        if self.down.lock().unwrap().contains(&t.node) {
+            Probe::Miss
+        } else {
+            Probe::Success
+        }
+    }
+}
+
+/// The next pass report satisfying `f`, within `limit` of virtual time.
+async fn next_pass(
+    rx: &mut broadcast::Receiver<ControllerEvent>,
+    limit: Duration,
+    mut f: impl FnMut(&PassReport) -> bool,
+    seen: &mut Vec<Arc<PassReport>>,
+) -> Arc<PassReport> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("no such pass in time")
+            .unwrap();
+        if let ControllerEvent::Pass(p) = ev {
+            seen.push(p.clone());
+            if f(&p) {
+                return p;
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fails_over_fails_back_after_hold_down_and_takes_joins() {
+    let mut w = mk_world(21, 12, 50);
+    let mut cfg = ControllerConfig::new(w.config());
+    cfg.health = HealthConfig {
+        misses_to_fail: 2,
+        hold_down: Duration::from_secs(30),
+    };
+    let interval = cfg.probe.interval;
+    let prober = Arc::new(ScriptedProber::default());
+    let controller = Controller::new(cfg, w.lanes()).with_prober(prober.clone());
+    let tracker = controller.tracker();
+    let mut events = controller.subscribe();
+    let (nodes_tx, nodes_rx) = watch::channel(w.nodes.clone());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let run = tokio::spawn(controller.run(nodes_rx, shutdown_rx));
+    let mut seen = Vec::new();
+
+    // Converge: routes and source/dest check.
+    let first = next_pass(&mut events, Duration::from_secs(5), |_| true, &mut seen).await;
+    assert!(first.routes.converged(), "{:?}", first.routes.errors);
+    assert_eq!(first.routes.applied.len(), 36);
+    assert_eq!(first.srcdst.turned_off.len(), 12);
+    check_covered(&w, first.routes.plan.as_ref().unwrap(), &w.all_healthy());
+
+    // Kill a forwarder.
+    let victim = w.nodes[4].clone();
+    prober.down.lock().unwrap().insert(victim.name.clone());
+    let killed = Instant::now();
+    let failover = next_pass(
+        &mut events,
+        Duration::from_secs(10),
+        |p| !p.routes.applied.is_empty(),
+        &mut seen,
+    )
+    .await;
+    let detected = Instant::now() - killed;
+    eprintln!("virtual failover time: {detected:?}");
+    assert_eq!(failover.routes.priority, Priority::Failover);
+    assert_eq!(failover.routes.applied.len(), 3);
+    assert!(
+        failover
+            .routes
+            .applied
+            .iter()
+            .all(|a| a.priority == Priority::Failover
+                && matches!(&a.op, RouteOp::Replace { previous, .. } if *previous == victim.eni.0))
+    );
+    // 2 misses at a 1 s interval: the failure pass runs within 2 intervals of the kill (+ the next tick's phase).
+    assert!(
+        detected <= interval * 3,
+        "virtual detection time {detected:?}"
+    );
+
+    // Recover: no route moves until the hold-down has passed.
+    seen.clear();
+    prober.down.lock().unwrap().remove(&victim.name);
+    let recovered = Instant::now();
+    let back = next_pass(
+        &mut events,
+        Duration::from_secs(60),
+        |p| !p.routes.applied.is_empty(),
+        &mut seen,
+    )
+    .await;
+    assert!(
+        Instant::now() - recovered >= Duration::from_secs(30),
+        "failed back before the hold-down"
+    );
+    assert_eq!(back.routes.priority, Priority::Normal);
+    assert_eq!(back.routes.applied.len(), 3);
+    assert!(
+        back.routes
+            .applied
+            .iter()
+            .all(|a| matches!(&a.op, RouteOp::Replace { eni, .. } if *eni == victim.eni.0))
+    );
+    assert!(
+        seen[..seen.len() - 1]
+            .iter()
+            .all(|p| p.routes.applied.is_empty()),
+        "routes changed during the hold-down"
+    );
+
+    // A node joins: its source/dest check is turned off, it gets routes, and (pending until its first probe
+    // answers) it ends up forwarding its own block.
+    let joined = w.add_node();
+    nodes_tx.send(w.nodes.clone()).unwrap();
+    let join = next_pass(
+        &mut events,
+        Duration::from_secs(5),
+        |p| !p.srcdst.turned_off.is_empty(),
+        &mut seen,
+    )
+    .await;
+    assert_eq!(join.srcdst.turned_off, vec![joined.eni.clone()]);
+    let mut own = false;
+    for _ in 0..10 {
+        tokio::time::sleep(interval).await;
+        let t = w.table(&w.tables[0]);
+        if t.routes
+            .iter()
+            .any(|r| r.target == underlay_cloud::RouteTarget::NetworkInterface(joined.eni.clone()))
+        {
+            own = true;
+            break;
+        }
+    }
+    assert!(own, "the joined node never forwarded its own route");
+    assert!(tracker.lock().unwrap().is_healthy(&joined.name));
+
+    shutdown_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run loop did not stop")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_pass_is_retried_with_backoff_until_it_converges() {
+    let w = mk_world(22, 6, 50);
+    w.sim.update_faults(|f| {
+        f.throttled.insert(underlay_cloud::Operation::CreateRoute);
+    });
+    let controller = Controller::new(ControllerConfig::new(w.config()), w.lanes())
+        .with_prober(Arc::new(ScriptedProber::default()));
+    let mut events = controller.subscribe();
+    let (_nodes_tx, nodes_rx) = watch::channel(w.nodes.clone());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let run = tokio::spawn(controller.run(nodes_rx, shutdown_rx));
+    let mut seen = Vec::new();
+    let failed = next_pass(&mut events, Duration::from_secs(5), |_| true, &mut seen).await;
+    assert!(failed.retryable());
+    let throttled_at = Instant::now();
+    // Let a few retries fail, then lift the throttle: a retry (not the 30 s resync) converges.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.sim.update_faults(|f| f.throttled.clear());
+    let ok = next_pass(
+        &mut events,
+        Duration::from_secs(20),
+        |p| p.routes.converged(),
+        &mut seen,
+    )
+    .await;
+    assert_eq!(ok.routes.applied.len(), 18);
+    assert!(!ok.full, "converged by a retry, not by the periodic resync");
+    assert!(Instant::now() - throttled_at < Duration::from_secs(30));
+    assert!(
+        seen.len() >= 3,
+        "retried with backoff: {} passes",
+        seen.len()
+    );
+    shutdown_tx.send(true).unwrap();
+    run.await.unwrap();
+}

@@ -16,11 +16,14 @@ struct Cli {
 enum Command {
     /// Print the names underlay owns in the kernel and in Kubernetes.
     Names(commands::names::Args),
+    /// Run the node agent: the IPAM service for underlay-cni, the CNI configuration and plugin install.
+    Agent(commands::agent::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Names(args) => commands::names::exec(args),
+        Command::Agent(args) => commands::agent::exec(args),
     }
 }

@@ -9,4 +9,5 @@
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
 pub mod instance_types;
+pub mod ipam;
 pub mod names;

@@ -25,3 +25,15 @@ pub const CNI_CONFLIST: &str = "10-underlay.conflist";
 /// Name of the CNI network and of the plugin binary.
 pub const CNI_NETWORK: &str = "underlay";
 pub const CNI_PLUGIN: &str = "underlay-cni";
+
+/// Default path of the agent's IPAM checkpoint (versioned JSON, rewritten atomically on every change).
+pub const AGENT_CHECKPOINT: &str = "/var/lib/underlay/ipam.json";
+/// Default directories the agent writes the CNI configuration list to and installs the plugin into.
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// Fault-injection knob of `underlay agent`, for crash tests only (see docs/agent.md).
+pub const AGENT_FAULT_ENV: &str = "UNDERLAY_AGENT_FAULT";
+
+/// Priority of the per-pod `from <pod>/32 lookup <table>` rule underlay-cni adds in `eni` mode, so a pod's
+/// traffic leaves by the interface that owns its address (amazon-vpc-cni uses the same value).
+pub const RULE_PRIORITY_FROM_POD: u32 = 1536;

@@ -1,0 +1,208 @@
+//! The IPAM checkpoint: versioned JSON, replaced atomically on every change.
+//!
+//! ```json
+//! { "version": 1,
+//!   "allocations": [ { "key": {"container_id": "…", "ifname": "eth0"}, "address": "100.64.1.5",
+//!                      "netns": "/var/run/netns/cni-…", "pod_namespace": "default", "pod_name": "web-0" } ],
+//!   "cooling": [ { "address": "100.64.1.4", "until_unix_ms": 1800000060000 } ],
+//!   "cursor": 6 }
+//! ```
+//!
+//! Write: serialize → `<file>.tmp` → fsync(file) → rename over `<file>` → fsync(directory). A crash at any
+//! point leaves either the old or the new checkpoint, never a torn one. Load: a missing file is a first
+//! start (empty state); anything unreadable, unparsable or of an unknown version is an error, and the agent
+//! refuses to start rather than hand out addresses that live pods still hold.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use underlay_core::ipam::{Allocation, Cooling, IpamState};
+
+use crate::AgentError;
+
+/// The format version this build writes and reads.
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileV1 {
+    version: u32,
+    allocations: Vec<Allocation>,
+    cooling: Vec<Cooling>,
+    cursor: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct VersionOnly {
+    version: u32,
+}
+
+/// A checkpoint file on disk.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    path: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn new(path: impl Into<PathBuf>) -> Checkpoint {
+        let path = path.into();
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        Checkpoint {
+            path,
+            tmp: tmp.into(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the checkpoint. `Ok(None)` when there is none yet.
+    pub fn load(&self) -> Result<Option<IpamState>, AgentError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(AgentError::Io {
+                    what: "read the IPAM checkpoint",
+                    path: self.path.clone(),
+                    source: e,
+                });
+            }
+        };
+        let corrupt = |reason: String| AgentError::CorruptCheckpoint {
+            path: self.path.clone(),
+            reason,
+        };
+        let v: VersionOnly = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if v.version != CHECKPOINT_VERSION {
+            return Err(corrupt(format!(
+                "version {} is not supported (this agent reads version {CHECKPOINT_VERSION})",
+                v.version
+            )));
+        }
+        let f: FileV1 = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(IpamState {
+            allocations: f.allocations,
+            cooling: f.cooling,
+            cursor: f.cursor,
+        }))
+    }
+
+    /// Replaces the checkpoint with `state`, durably, before returning.
+    pub fn save(&self, state: &IpamState) -> Result<(), AgentError> {
+        let file = FileV1 {
+            version: CHECKPOINT_VERSION,
+            allocations: state.allocations.clone(),
+            cooling: state.cooling.clone(),
+            cursor: state.cursor,
+        };
+        let bytes = serde_json::to_vec(&file).expect("the checkpoint is plain data");
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| AgentError::Io { what, path, source }
+        };
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.tmp)
+            .map_err(io("create the checkpoint temp file", &self.tmp))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io("write the checkpoint temp file", &self.tmp))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.path).map_err(io("rename the checkpoint", &self.path))?;
+        sync_dir(&self.path).map_err(io("sync the checkpoint directory", &self.path))
+    }
+}
+
+/// fsyncs the directory holding `path`, so a rename into it survives a power loss.
+pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+    use underlay_core::ipam::{AttachmentKey, Ipam, PodInfo, PoolSpec};
+
+    fn mk_state() -> IpamState {
+        let mut ipam = Ipam::new(
+            PoolSpec::Block("100.64.1.0/29".parse().unwrap()),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for i in 0..4 {
+            ipam.allocate(
+                &AttachmentKey::new(format!("c{i}"), "eth0"),
+                PodInfo {
+                    netns: format!("/var/run/netns/p{i}"),
+                    pod_namespace: "default".into(),
+                    pod_name: format!("web-{i}"),
+                },
+                now,
+            )
+            .unwrap();
+        }
+        ipam.release(&AttachmentKey::new("c1", "eth0"), now);
+        ipam.snapshot()
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        assert_eq!(cp.load().unwrap(), None);
+        let state = mk_state();
+        cp.save(&state).unwrap();
+        assert_eq!(cp.load().unwrap(), Some(state.clone()));
+        assert!(!dir.path().join("ipam.json.tmp").exists());
+        let text = fs::read_to_string(cp.path()).unwrap();
+        assert!(text.starts_with("{\"version\":1,"), "{text}");
+        assert!(text.contains("\"until_unix_ms\":1800000060000"), "{text}");
+    }
+
+    #[test]
+    fn corrupt_or_unknown_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        for bad in [
+            "",
+            "{",
+            "{\"version\":1}",
+            "{\"version\":2,\"allocations\":[],\"cooling\":[],\"cursor\":0}",
+            "[]",
+        ] {
+            fs::write(cp.path(), bad).unwrap();
+            let err = cp.load().unwrap_err();
+            assert!(
+                matches!(err, AgentError::CorruptCheckpoint { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn leftover_temp_file_does_not_matter() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        let state = mk_state();
+        cp.save(&state).unwrap();
+        // A crash after writing the temp file but before the rename leaves this behind.
+        fs::write(dir.path().join("ipam.json.tmp"), "{ torn").unwrap();
+        assert_eq!(cp.load().unwrap(), Some(state.clone()));
+        cp.save(&state).unwrap();
+        assert_eq!(cp.load().unwrap(), Some(state));
+    }
+}

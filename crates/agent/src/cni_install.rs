@@ -1,0 +1,154 @@
+//! What the agent puts on the node for the container runtime: the CNI configuration list and the
+//! `underlay-cni` binary. Both are replaced atomically (temp file in the same directory + rename), so a
+//! runtime never reads a half-written file or executes a half-copied plugin.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use underlay_core::names;
+
+use crate::AgentError;
+use crate::checkpoint::sync_dir;
+
+/// CNI spec version of the configuration list the agent writes.
+pub const CNI_VERSION: &str = "1.1.0";
+
+/// The configuration list: `underlay-cni` first, then the reference `portmap` and `bandwidth` plugins.
+/// The plugin reads `socket` (the agent's IPAM socket) and `mtu` from its entry.
+pub fn conflist(socket: &Path, mtu: u32) -> serde_json::Value {
+    json!({
+        "cniVersion": CNI_VERSION,
+        "name": names::CNI_NETWORK,
+        "plugins": [
+            {
+                "type": names::CNI_PLUGIN,
+                "socket": socket,
+                "mtu": mtu,
+            },
+            {
+                "type": "portmap",
+                "capabilities": { "portMappings": true },
+                "snat": true,
+            },
+            {
+                "type": "bandwidth",
+                "capabilities": { "bandwidth": true },
+            },
+        ],
+    })
+}
+
+/// Writes `<conf_dir>/10-underlay.conflist`. Returns its path.
+pub fn write_conflist(conf_dir: &Path, socket: &Path, mtu: u32) -> Result<PathBuf, AgentError> {
+    let path = conf_dir.join(names::CNI_CONFLIST);
+    let mut text = serde_json::to_vec_pretty(&conflist(socket, mtu)).expect("plain JSON");
+    text.push(b'\n');
+    write_atomic(&path, &text, 0o644)?;
+    Ok(path)
+}
+
+/// Copies the plugin binary to `<bin_dir>/underlay-cni` (mode 0755). Returns its path.
+pub fn install_plugin(source: &Path, bin_dir: &Path) -> Result<PathBuf, AgentError> {
+    let bytes = fs::read(source).map_err(|e| AgentError::Io {
+        what: "read the CNI plugin binary",
+        path: source.to_owned(),
+        source: e,
+    })?;
+    let path = bin_dir.join(names::CNI_PLUGIN);
+    write_atomic(&path, &bytes, 0o755)?;
+    Ok(path)
+}
+
+/// Writes `bytes` to a temp file next to `path`, fsyncs, sets `mode`, renames over `path`, fsyncs the dir.
+/// Renaming over a running executable is safe: the old inode lives on until its last user exits.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
+    let io = |what: &'static str, p: &Path| {
+        let p = p.to_owned();
+        move |source| AgentError::Io {
+            what,
+            path: p,
+            source,
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(io("write", path)(e));
+    }
+    sync_dir(path).map_err(io("sync directory of", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflist_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let path = write_conflist(&dir.path().join("net.d"), &sock, 1500).unwrap();
+        assert_eq!(path.file_name().unwrap(), names::CNI_CONFLIST);
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["name"], "underlay");
+        let plugins = v["plugins"].as_array().unwrap();
+        let types: Vec<_> = plugins
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["underlay-cni", "portmap", "bandwidth"]);
+        assert_eq!(plugins[0]["socket"], sock.to_str().unwrap());
+        assert_eq!(plugins[0]["mtu"], 1500);
+        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
+        assert_eq!(plugins[2]["capabilities"]["bandwidth"], true);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        // No temp file left behind.
+        assert_eq!(fs::read_dir(dir.path().join("net.d")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn plugin_install_replaces_atomically_with_exec_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src-plugin");
+        fs::write(&src, b"#!/bin/sh\necho v1\n").unwrap();
+        let bin = dir.path().join("bin");
+        let path = install_plugin(&src, &bin).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"#!/bin/sh\necho v1\n");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let before = fs::metadata(&path).unwrap();
+        fs::write(&src, b"#!/bin/sh\necho v2\n").unwrap();
+        install_plugin(&src, &bin).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"#!/bin/sh\necho v2\n");
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(
+            before.ino(),
+            fs::metadata(&path).unwrap().ino(),
+            "replaced by rename, not rewritten in place"
+        );
+        assert!(install_plugin(&dir.path().join("missing"), &bin).is_err());
+    }
+}

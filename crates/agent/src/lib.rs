@@ -1,0 +1,101 @@
+//! underlay-agent: the node agent. For now it owns the node's pod address pool and serves it to the
+//! `underlay-cni` plugin; later it also converges routes, ENI devices and nftables from its UnderlayNode.
+//!
+//! ```text
+//!   AgentConfig (YAML) ──► run()
+//!                            ├─ IpamService = Mutex{ core::ipam::Ipam + Checkpoint }   load (refuse corrupt)
+//!                            ├─ install <cni_bin_dir>/underlay-cni                     atomic copy, 0755
+//!                            ├─ IpamListener on <socket> (0600)  ◄── underlay-cni: Allocate/Release/List/Gc
+//!                            │      each change: allocator → checkpoint (fsync, rename, fsync dir) → reply
+//!                            └─ write <cni_conf_dir>/10-underlay.conflist              once the socket answers
+//! ```
+//!
+//! The protocol and its schema live in `underlay-ipam-api`; the allocator is pure, in `underlay-core`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub mod checkpoint;
+pub mod cni_install;
+pub mod config;
+pub mod server;
+pub mod service;
+
+pub use config::AgentConfig;
+pub use service::{Fault, IpamService};
+
+/// Everything that stops the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The checkpoint cannot be trusted. Starting empty would hand out addresses that live pods hold, so the
+    /// agent refuses to start; an operator must repair or remove the file (after making sure no pod runs).
+    #[error(
+        "IPAM checkpoint {} is corrupt ({reason}); refusing to start: starting empty could give \
+         live pods' addresses to new pods. Repair the file, or remove it only if no pod on this node runs",
+        path.display()
+    )]
+    CorruptCheckpoint { path: PathBuf, reason: String },
+    #[error("another agent is already serving {}", .0.display())]
+    AlreadyRunning(PathBuf),
+}
+
+impl AgentError {
+    /// True when retrying the same start may succeed (transient I/O); configuration and corruption are not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, AgentError::Io { .. } | AgentError::AlreadyRunning(_))
+    }
+}
+
+/// Opens the IPAM service from `config` (loading the checkpoint).
+pub fn open_service(config: &AgentConfig, fault: Fault) -> Result<IpamService, AgentError> {
+    let spec = config.validate()?;
+    IpamService::open(
+        spec,
+        config.cooldown(),
+        checkpoint::Checkpoint::new(&config.checkpoint),
+        config.mtu,
+        fault,
+    )
+}
+
+/// Runs the agent until `shutdown` completes. Must run inside a tokio runtime.
+pub async fn run(
+    config: AgentConfig,
+    fault: Fault,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let service = Arc::new(open_service(&config, fault)?);
+    tracing::info!(
+        pool = %config.validate()?,
+        allocated = service.allocated(),
+        checkpoint = %config.checkpoint.display(),
+        cooldown_secs = config.cooldown_secs,
+        "IPAM state loaded"
+    );
+    match &config.plugin_source {
+        Some(src) => {
+            let installed = cni_install::install_plugin(src, &config.cni_bin_dir)?;
+            tracing::info!(from = %src.display(), to = %installed.display(), "CNI plugin installed");
+        }
+        None => tracing::info!("no plugin_source configured: CNI plugin not installed"),
+    }
+    let listener = server::IpamListener::bind(&config.socket)?;
+    tracing::info!(socket = %listener.path().display(), "IPAM socket listening");
+    let conflist = cni_install::write_conflist(&config.cni_conf_dir, &config.socket, config.mtu)?;
+    tracing::info!(path = %conflist.display(), "CNI configuration written");
+    tokio::select! {
+        () = listener.serve(service) => {}
+        () = shutdown => tracing::info!("shutting down"),
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! The IPAM socket server: length-prefixed prost frames (see `underlay_ipam_api::wire`) over a unix socket.
+//!
+//! The socket is bound under a temporary name, chmod 0600, then renamed into place, so no one can connect
+//! before the mode is right and a stale socket file from a crashed agent is replaced atomically. A socket
+//! file that still answers belongs to a running agent: starting a second one is refused.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use underlay_ipam_api::{pb, wire};
+
+use crate::AgentError;
+use crate::service::IpamService;
+
+/// Mode of the IPAM socket: only root (the container runtime that runs the plugin) may connect.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// A bound IPAM socket; removing the socket file on drop.
+#[derive(Debug)]
+pub struct IpamListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for IpamListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl IpamListener {
+    /// Binds `path` with mode 0600 (must be called inside a tokio runtime).
+    pub fn bind(path: &Path) -> Result<IpamListener, AgentError> {
+        let io = |what: &'static str| {
+            let path = path.to_owned();
+            move |source| AgentError::Io { what, path, source }
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io("create the socket directory"))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AgentError::AlreadyRunning(path.to_owned()));
+            }
+            tracing::info!(socket = %path.display(), "replacing a stale socket file");
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let std_listener =
+            std::os::unix::net::UnixListener::bind(&tmp).map_err(io("bind the IPAM socket"))?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io("place the IPAM socket")(e));
+        }
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io("configure the IPAM socket"))?;
+        let listener =
+            UnixListener::from_std(std_listener).map_err(io("register the IPAM socket"))?;
+        Ok(IpamListener {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts connections forever, one task per connection.
+    pub async fn serve(&self, service: Arc<IpamService>) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let service = service.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_connection(stream, service).await {
+                            tracing::debug!(error = %e, "IPAM connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the IPAM socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    mut stream: UnixStream,
+    service: Arc<IpamService>,
+) -> std::io::Result<()> {
+    loop {
+        let mut header = [0u8; wire::HEADER_LEN];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let mut body = vec![0u8; wire::body_len(header)?];
+        stream.read_exact(&mut body).await?;
+        let req = <pb::Request as prost::Message>::decode(body.as_slice())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let service = service.clone();
+        // The handler takes a lock and fsyncs: keep it off the async workers.
+        let reply = tokio::task::spawn_blocking(move || service.handle(req))
+            .await
+            .map_err(std::io::Error::other)?;
+        stream.write_all(&wire::encode_frame(&reply)).await?;
+    }
+}

@@ -1,0 +1,312 @@
+//! The IPAM service: the allocator and its checkpoint behind one lock, answering schema messages.
+//!
+//! Every request takes the lock, changes the allocator, writes the checkpoint, and only then builds the
+//! reply, so concurrent ADDs serialize and nothing is acknowledged that is not on disk. If the checkpoint
+//! write fails, the in-memory state is reloaded from the last checkpoint (what the disk says is the truth)
+//! and the caller gets a retryable internal error.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use underlay_core::ipam::{self, Ipam, IpamError, PodInfo, PoolSpec};
+use underlay_ipam_api::{self as api, ErrorCode, POD_GATEWAY, pb};
+
+use crate::AgentError;
+use crate::checkpoint::Checkpoint;
+
+/// Test-only fault injection, chosen by `underlay agent` from [`underlay_core::names::AGENT_FAULT_ENV`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Exit the process right after a change is checkpointed and before its reply is sent: what a crash
+    /// (kill -9) in that window looks like to the caller.
+    ExitAfterCheckpoint,
+}
+
+/// Exit status of the process when [`Fault::ExitAfterCheckpoint`] fires.
+pub const FAULT_EXIT_CODE: i32 = 86;
+
+impl std::str::FromStr for Fault {
+    type Err = AgentError;
+    fn from_str(s: &str) -> Result<Fault, AgentError> {
+        match s {
+            "" | "none" => Ok(Fault::None),
+            "exit-after-checkpoint" => Ok(Fault::ExitAfterCheckpoint),
+            other => Err(AgentError::Config(format!(
+                "unknown fault {other:?} (known: none, exit-after-checkpoint)"
+            ))),
+        }
+    }
+}
+
+type Clock = Box<dyn Fn() -> SystemTime + Send + Sync>;
+
+struct Inner {
+    ipam: Ipam,
+    checkpoint: Checkpoint,
+}
+
+/// The service the socket servers call.
+pub struct IpamService {
+    inner: Mutex<Inner>,
+    mtu: u32,
+    fault: Fault,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for IpamService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpamService")
+            .field("mtu", &self.mtu)
+            .field("fault", &self.fault)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IpamService {
+    /// Loads the checkpoint (refusing a corrupt one) and restores the allocator over `spec`.
+    pub fn open(
+        spec: PoolSpec,
+        cooldown: Duration,
+        checkpoint: Checkpoint,
+        mtu: u32,
+        fault: Fault,
+    ) -> Result<IpamService, AgentError> {
+        let ipam = load_ipam(&spec, cooldown, &checkpoint)?;
+        Ok(IpamService {
+            inner: Mutex::new(Inner { ipam, checkpoint }),
+            mtu,
+            fault,
+            clock: Box::new(SystemTime::now),
+        })
+    }
+
+    /// Replaces the wall clock (tests).
+    pub fn with_clock(mut self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.clock = Box::new(clock);
+        self
+    }
+
+    /// Number of live allocations.
+    pub fn allocated(&self) -> usize {
+        self.lock().ipam.allocations().count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the allocator possibly half-changed; the checkpoint is
+        // still consistent, so reload from it rather than propagate the poison.
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                let spec = g.ipam.spec().clone();
+                let cooldown = g.ipam.cooldown();
+                if let Ok(ipam) = load_ipam(&spec, cooldown, &g.checkpoint) {
+                    g.ipam = ipam;
+                }
+                self.inner.clear_poison();
+                g
+            }
+        }
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, req: pb::Request) -> pb::Reply {
+        use pb::reply::Method as R;
+        use pb::request::Method as Q;
+        let method = match req.method {
+            Some(Q::Allocate(r)) => R::Allocate(self.allocate(r)),
+            Some(Q::Release(r)) => R::Release(self.release(r)),
+            Some(Q::List(_)) => R::List(self.list()),
+            Some(Q::Gc(r)) => R::Gc(self.gc(r)),
+            None => R::Allocate(pb::AllocateReply {
+                result: Some(pb::allocate_reply::Result::Error(wire_error(
+                    ErrorCode::InvalidRequest,
+                    "request without a method (client newer than this agent?)".into(),
+                    false,
+                ))),
+            }),
+        };
+        pb::Reply {
+            method: Some(method),
+        }
+    }
+
+    pub fn allocate(&self, req: pb::AllocateRequest) -> pb::AllocateReply {
+        use pb::allocate_reply::Result as Res;
+        let Some(key) = req.key.map(from_wire_key) else {
+            return pb::AllocateReply {
+                result: Some(Res::Error(wire_error(
+                    ErrorCode::InvalidRequest,
+                    "allocate: missing attachment key".into(),
+                    false,
+                ))),
+            };
+        };
+        let pod = PodInfo {
+            netns: req.netns,
+            pod_namespace: req.pod_namespace,
+            pod_name: req.pod_name,
+        };
+        let now = (self.clock)();
+        let mut g = self.lock();
+        let result = match g.ipam.allocate(&key, pod, now) {
+            Ok((alloc, changed)) => match self.commit(&mut g, changed) {
+                Ok(()) => {
+                    if changed {
+                        tracing::info!(key = %key, address = %alloc.address, pod_namespace = %alloc.pod.pod_namespace, pod_name = %alloc.pod.pod_name, "allocated");
+                    } else {
+                        tracing::debug!(key = %key, address = %alloc.address, "allocate repeated: same address");
+                    }
+                    Res::Allocation(self.to_wire(&alloc))
+                }
+                Err(e) => Res::Error(e),
+            },
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "allocate refused");
+                Res::Error(ipam_error(&e))
+            }
+        };
+        pb::AllocateReply {
+            result: Some(result),
+        }
+    }
+
+    pub fn release(&self, req: pb::ReleaseRequest) -> pb::ReleaseReply {
+        let Some(key) = req.key.map(from_wire_key) else {
+            return pb::ReleaseReply {
+                released: None,
+                error: Some(wire_error(
+                    ErrorCode::InvalidRequest,
+                    "release: missing attachment key".into(),
+                    false,
+                )),
+            };
+        };
+        let now = (self.clock)();
+        let mut g = self.lock();
+        let released = g.ipam.release(&key, now);
+        match self.commit(&mut g, released.is_some()) {
+            Ok(()) => {
+                match &released {
+                    Some(a) => tracing::info!(key = %key, address = %a.address, "released"),
+                    None => tracing::debug!(key = %key, "release of an unknown attachment"),
+                }
+                pb::ReleaseReply {
+                    released: released.map(|a| self.to_wire(&a)),
+                    error: None,
+                }
+            }
+            Err(e) => pb::ReleaseReply {
+                released: None,
+                error: Some(e),
+            },
+        }
+    }
+
+    pub fn list(&self) -> pb::ListReply {
+        let g = self.lock();
+        pb::ListReply {
+            allocations: g.ipam.allocations().map(|a| self.to_wire(a)).collect(),
+            error: None,
+        }
+    }
+
+    pub fn gc(&self, req: pb::GcRequest) -> pb::GcReply {
+        let valid: BTreeSet<ipam::AttachmentKey> =
+            req.valid.into_iter().map(from_wire_key).collect();
+        let now = (self.clock)();
+        let mut g = self.lock();
+        let released = g.ipam.gc(&valid, now);
+        match self.commit(&mut g, !released.is_empty()) {
+            Ok(()) => {
+                for a in &released {
+                    tracing::info!(key = %a.key, address = %a.address, "released by gc");
+                }
+                pb::GcReply {
+                    released: released.iter().map(|a| self.to_wire(a)).collect(),
+                    error: None,
+                }
+            }
+            Err(e) => pb::GcReply {
+                released: vec![],
+                error: Some(e),
+            },
+        }
+    }
+
+    /// Writes the checkpoint after a change; on failure reloads the last good one.
+    fn commit(&self, g: &mut Inner, changed: bool) -> Result<(), pb::Error> {
+        if !changed {
+            return Ok(());
+        }
+        if let Err(e) = g.checkpoint.save(&g.ipam.snapshot()) {
+            tracing::error!(error = %e, "checkpoint write failed; change undone");
+            let spec = g.ipam.spec().clone();
+            let cooldown = g.ipam.cooldown();
+            match load_ipam(&spec, cooldown, &g.checkpoint) {
+                Ok(ipam) => g.ipam = ipam,
+                Err(e2) => tracing::error!(error = %e2, "reloading the checkpoint failed too"),
+            }
+            return Err(wire_error(ErrorCode::Internal, e.to_string(), true));
+        }
+        if self.fault == Fault::ExitAfterCheckpoint {
+            tracing::warn!("fault injection: exiting after the checkpoint, before the reply");
+            std::process::exit(FAULT_EXIT_CODE);
+        }
+        Ok(())
+    }
+
+    fn to_wire(&self, a: &ipam::Allocation) -> pb::Allocation {
+        pb::Allocation {
+            key: Some(api::AttachmentKey::new(&a.key.container_id, &a.key.ifname)),
+            address: format!("{}/32", a.address),
+            gateway: POD_GATEWAY.to_string(),
+            mtu: self.mtu,
+            egress_interface: a
+                .egress
+                .as_ref()
+                .map(|e| e.interface.clone())
+                .unwrap_or_default(),
+            route_table: a.egress.as_ref().map(|e| e.route_table).unwrap_or(0),
+            netns: a.pod.netns.clone(),
+            pod_namespace: a.pod.pod_namespace.clone(),
+            pod_name: a.pod.pod_name.clone(),
+        }
+    }
+}
+
+fn load_ipam(spec: &PoolSpec, cooldown: Duration, cp: &Checkpoint) -> Result<Ipam, AgentError> {
+    Ipam::new(spec.clone(), cooldown).map_err(|e| AgentError::Config(e.to_string()))?;
+    let state = cp.load()?.unwrap_or_default();
+    Ipam::restore(spec.clone(), cooldown, state).map_err(|e| match e {
+        IpamError::Inconsistent(reason) => AgentError::CorruptCheckpoint {
+            path: cp.path().to_owned(),
+            reason,
+        },
+        other => AgentError::Config(other.to_string()),
+    })
+}
+
+fn from_wire_key(k: api::AttachmentKey) -> ipam::AttachmentKey {
+    ipam::AttachmentKey::new(k.container_id, k.ifname)
+}
+
+fn wire_error(code: ErrorCode, message: String, retryable: bool) -> pb::Error {
+    pb::Error {
+        code: code as i32,
+        message,
+        retryable,
+    }
+}
+
+fn ipam_error(e: &IpamError) -> pb::Error {
+    let code = match e {
+        IpamError::Exhausted { .. } => ErrorCode::PoolExhausted,
+        IpamError::InvalidKey(_) => ErrorCode::InvalidRequest,
+        IpamError::Inconsistent(_) => ErrorCode::Internal,
+    };
+    wire_error(code, e.to_string(), e.is_retryable())
+}

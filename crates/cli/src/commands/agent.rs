@@ -1,0 +1,133 @@
+//! `underlay agent`: the node agent (for now: the IPAM service, the CNI configuration and plugin install).
+//!
+//! Configuration comes from `--config FILE` (YAML, see docs/agent.md), then the flags override single
+//! fields, which is what tests and local runs use. The test-only fault knob `UNDERLAY_AGENT_FAULT` is read
+//! here, at the edge, and handed to the library as data.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use underlay_agent::{AgentConfig, Fault};
+use underlay_core::names;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// YAML configuration file (pool, cooldown, socket, checkpoint, CNI dirs, MTU, plugin source).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Pod address block (routed mode), overriding the file's pool.
+    #[arg(long, value_name = "CIDR")]
+    pool: Option<Ipv4Net>,
+    /// IPAM socket path.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Directory of the IPAM checkpoint (`<dir>/ipam.json`).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Directory the CNI configuration list is written to.
+    #[arg(long, value_name = "DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// Directory the `underlay-cni` binary is installed into.
+    #[arg(long, value_name = "DIR")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The `underlay-cni` binary to install (default: `underlay-cni` next to this executable, if present).
+    #[arg(long, value_name = "FILE")]
+    plugin_source: Option<PathBuf>,
+    /// Seconds a released address waits before reuse.
+    #[arg(long, value_name = "SECS")]
+    cooldown_secs: Option<u64>,
+    /// Pod MTU.
+    #[arg(long)]
+    mtu: Option<u32>,
+}
+
+/// File name of the checkpoint inside `--state-dir`.
+const CHECKPOINT_FILE: &str = "ipam.json";
+
+fn resolve(args: Args) -> anyhow::Result<AgentConfig> {
+    let mut config = match &args.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(block) = args.pool {
+        config.pool.block = Some(block);
+        config.pool.addresses.clear();
+    }
+    if let Some(s) = args.socket {
+        config.socket = s;
+    }
+    if let Some(d) = args.state_dir {
+        config.checkpoint = d.join(CHECKPOINT_FILE);
+    }
+    if let Some(d) = args.cni_conf_dir {
+        config.cni_conf_dir = d;
+    }
+    if let Some(d) = args.cni_bin_dir {
+        config.cni_bin_dir = d;
+    }
+    if let Some(c) = args.cooldown_secs {
+        config.cooldown_secs = c;
+    }
+    if let Some(m) = args.mtu {
+        config.mtu = m;
+    }
+    if let Some(p) = args.plugin_source {
+        config.plugin_source = Some(p);
+    } else if config.plugin_source.is_none() {
+        config.plugin_source = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join(names::CNI_PLUGIN)))
+            .filter(|p| p.is_file());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let fault: Fault = std::env::var(names::AGENT_FAULT_ENV)
+        .unwrap_or_default()
+        .parse()?;
+    if fault != Fault::None {
+        tracing::warn!(
+            ?fault,
+            "fault injection enabled ({})",
+            names::AGENT_FAULT_ENV
+        );
+    }
+    let config = resolve(args)?;
+    if let Some(dir) = config.checkpoint.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(underlay_agent::run(config, fault, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -160,6 +160,19 @@ fn instances_reach_each_other_within_and_across_subnets() {
     let addrs = kernel::ip(&w.ns(&a), &["-br", "addr", "show", "eth0"]).unwrap();
     assert!(addrs.contains(&format!("{}/24", a.private_ip)), "{addrs}");
 
+    // Every permanent neighbour survived the later ports joining the bridge (a bridge MAC change would have
+    // flushed them).
+    let neigh = kernel::ip(
+        &w.fabric.fabric_netns(),
+        &["neigh", "show", "nud", "permanent"],
+    )
+    .unwrap();
+    assert_eq!(
+        neigh.lines().count(),
+        w.fabric.spec().neighbours.len(),
+        "{neigh}"
+    );
+
     assert!(reachable(&w.ns(&a), b.private_ip, None), "across subnets");
     assert!(reachable(&w.ns(&b), a.private_ip, None), "back");
     assert!(reachable(&w.ns(&a), c.private_ip, None), "same subnet");

@@ -37,3 +37,17 @@ pub const AGENT_FAULT_ENV: &str = "UNDERLAY_AGENT_FAULT";
 /// Priority of the per-pod `from <pod>/32 lookup <table>` rule underlay-cni adds in `eni` mode, so a pod's
 /// traffic leaves by the interface that owns its address (amazon-vpc-cni uses the same value).
 pub const RULE_PRIORITY_FROM_POD: u32 = 1536;
+
+/// The lab (`crates/lab`): every namespace it creates is called `<LAB_NETNS_PREFIX>-<lab id>-…`
+/// (`ul-<id>-fab`, `ul-<id>-inet`, `ul-<id>-i-…`), so one lab's objects can be found and removed by prefix.
+pub const LAB_NETNS_PREFIX: &str = "ul";
+/// nftables table (families `bridge` and `inet`) the lab fabric owns in its namespace: source/dest check
+/// and the internet gateway's filter.
+pub const LAB_NFT_TABLE: &str = "underlay_lab";
+/// Fabric routing table holding a route for every address an attached ENI owns (the VPC's `local` delivery).
+pub const LAB_TABLE_OWNED: u32 = 1000;
+/// Fabric routing tables mirroring VPC route tables are numbered from here (plus bits of the table id).
+pub const LAB_TABLE_VPC_BASE: u32 = 0x1000_0000;
+/// Priorities of the fabric's policy rules: ENI-owned addresses first, then the subnet's VPC route table.
+pub const LAB_RULE_PRIORITY_OWNED: u32 = 100;
+pub const LAB_RULE_PRIORITY_VPC: u32 = 200;

@@ -1,0 +1,304 @@
+//! [`Fabric`]: the VPC fabric namespace (and optional internet namespace) kept in step with a [`VpcSim`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast::{self, error::TryRecvError};
+use underlay_cloud::InstanceId;
+use underlay_vpcsim::{Change, VpcSim};
+
+use crate::error::{Error, Result};
+use crate::kernel;
+use crate::model::{Applied, Model};
+use crate::names::LabId;
+use crate::plan::{
+    FabricSpec, IGW_FABRIC_ADDR, IGW_INTERNET_ADDR, INTERNET_HOST, diff, plan_fabric, record,
+};
+
+/// How to build a fabric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FabricOptions {
+    /// Build the internet namespace behind an IGW (routes `→ igw-…` lead there).
+    pub internet: bool,
+}
+
+impl Default for FabricOptions {
+    fn default() -> Self {
+        Self { internet: true }
+    }
+}
+
+/// What one [`Fabric::catch_up`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Changes applied one by one.
+    pub applied: usize,
+    /// Whether the model was rebuilt from a snapshot (the receiver lagged, or a change was missed).
+    pub resynced: bool,
+    /// Kernel operations run.
+    pub ops: usize,
+}
+
+/// The fabric of one lab. Removes everything it created on [`Fabric::down`] or drop.
+#[derive(Debug)]
+pub struct Fabric {
+    lab: LabId,
+    sim: VpcSim,
+    rx: broadcast::Receiver<Change>,
+    model: Model,
+    applied: FabricSpec,
+    internet: bool,
+    torn_down: bool,
+}
+
+impl Fabric {
+    /// Creates the fabric namespace `ul-<lab>-fab` (and `ul-<lab>-inet`), then everything in the sim's current
+    /// state. Fails, leaving nothing behind, if any namespace of this lab exists already.
+    pub fn build(lab: &str, sim: &VpcSim, options: FabricOptions) -> Result<Fabric> {
+        let lab = LabId::new(lab)?;
+        if let Some(ns) = kernel::netns_with_prefix(&lab.netns_prefix())
+            .into_iter()
+            .next()
+        {
+            return Err(Error::LabExists(lab.as_str().to_owned(), ns));
+        }
+        // Subscribe before the snapshot: every change after it is in the channel, and older ones are skipped.
+        let rx = sim.subscribe();
+        let model = Model::from_snapshot(&sim.snapshot());
+        let mut fabric = Fabric {
+            lab,
+            sim: sim.clone(),
+            rx,
+            model,
+            applied: FabricSpec::default(),
+            internet: options.internet,
+            torn_down: false,
+        };
+        let built = fabric
+            .create_namespaces()
+            .and_then(|()| fabric.reconcile().map(|_| ()));
+        match built {
+            Ok(()) => Ok(fabric),
+            Err(cause) => match fabric.teardown() {
+                Ok(()) => Err(cause),
+                Err(t) => Err(Error::WithTeardown {
+                    cause: Box::new(cause),
+                    teardown: Box::new(t),
+                }),
+            },
+        }
+    }
+
+    fn create_namespaces(&mut self) -> Result<()> {
+        let fab = self.lab.fabric_netns();
+        kernel::netns_add(&fab)?;
+        // A router: forwards, sends no redirects (the VPC sends none), and has no reverse-path filter (the VPC
+        // routes by table, and routed mode makes paths asymmetric).
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+        ] {
+            kernel::sysctl(&fab, k, v)?;
+        }
+        if self.internet {
+            let inet = self.lab.internet_netns();
+            let igw = self.lab.igw_link();
+            kernel::netns_add(&inet)?;
+            kernel::ip(
+                &fab,
+                &[
+                    "link", "add", &igw, "type", "veth", "peer", "name", "eth0", "netns", &inet,
+                ],
+            )?;
+            kernel::ip(
+                &fab,
+                &["addr", "add", &IGW_FABRIC_ADDR.to_string(), "dev", &igw],
+            )?;
+            kernel::ip(&fab, &["link", "set", &igw, "up"])?;
+            kernel::ip(
+                &inet,
+                &["addr", "add", &IGW_INTERNET_ADDR.to_string(), "dev", "eth0"],
+            )?;
+            kernel::ip(
+                &inet,
+                &["addr", "add", &format!("{INTERNET_HOST}/32"), "dev", "lo"],
+            )?;
+            kernel::ip(&inet, &["link", "set", "eth0", "up"])?;
+            kernel::ip(
+                &inet,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &IGW_FABRIC_ADDR.addr().to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn lab(&self) -> &LabId {
+        &self.lab
+    }
+
+    /// `ul-<lab>-fab`
+    pub fn fabric_netns(&self) -> String {
+        self.lab.fabric_netns()
+    }
+
+    /// `ul-<lab>-inet`, when the internet is emulated.
+    pub fn internet_netns(&self) -> Option<String> {
+        self.internet.then(|| self.lab.internet_netns())
+    }
+
+    /// The namespace of a running instance (`/var/run/netns/<name>`), once the fabric has created it.
+    pub fn instance_netns(&self, instance: &InstanceId) -> Option<&str> {
+        self.applied.instances.get(instance).map(String::as_str)
+    }
+
+    /// What the fabric holds now (every op recorded here has succeeded).
+    pub fn spec(&self) -> &FabricSpec {
+        &self.applied
+    }
+
+    /// The fabric's view of the region.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Applies every change waiting in the channel, then converges the kernel. A lagged receiver or a gap in
+    /// the numbering resynchronises from a snapshot instead of dropping changes.
+    pub fn catch_up(&mut self) -> Result<CatchUp> {
+        let mut out = CatchUp::default();
+        loop {
+            match self.rx.try_recv() {
+                Ok(change) => match self.model.apply(&change) {
+                    Applied::Yes => out.applied += 1,
+                    Applied::Stale => {}
+                    Applied::Gap => {
+                        self.resync_model();
+                        out.resynced = true;
+                    }
+                },
+                Err(TryRecvError::Lagged(_)) => {
+                    self.resync_model();
+                    out.resynced = true;
+                }
+                Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
+            }
+        }
+        out.ops = self.reconcile()?;
+        Ok(out)
+    }
+
+    /// Rebuilds the model from a snapshot and converges the kernel to it (changes already in the channel and
+    /// included in the snapshot are skipped later).
+    pub fn resync(&mut self) -> Result<usize> {
+        self.resync_model();
+        self.reconcile()
+    }
+
+    fn resync_model(&mut self) {
+        self.model = Model::from_snapshot(&self.sim.snapshot());
+    }
+
+    /// Plan → diff → apply; returns the number of ops run. Stops at the first failing op (what ran is
+    /// recorded, so the next call carries on from there).
+    fn reconcile(&mut self) -> Result<usize> {
+        let want = plan_fabric(&self.lab, &self.model, self.internet)?;
+        let ops = diff(&self.applied, &want);
+        let fab = self.lab.fabric_netns();
+        for op in &ops {
+            tracing::debug!(lab = self.lab.as_str(), ?op, "fabric op");
+            kernel::apply(&fab, op)?;
+            record(&mut self.applied, op);
+        }
+        Ok(ops.len())
+    }
+
+    /// Applies changes as they come until `stop` returns true, checking it at least every `poll`.
+    /// For a background thread: `std::thread::spawn(move || fabric.follow(...))`.
+    pub fn follow(
+        &mut self,
+        applied_seq: &Arc<AtomicU64>,
+        poll: Duration,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        while !stop() {
+            let c = self.catch_up()?;
+            applied_seq.store(self.model.seq, Ordering::Release);
+            if c.applied == 0 && !c.resynced {
+                std::thread::sleep(poll);
+            }
+        }
+        Ok(())
+    }
+
+    /// Catches up until the fabric includes change `seq`, or `timeout` passes (then an error-free `false`).
+    pub fn wait_for(&mut self, seq: u64, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.catch_up()?;
+            if self.model.seq >= seq {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Removes every namespace of this lab (instances, internet, fabric: their links go with them). Every
+    /// error is collected; removal carries on past each.
+    pub fn down(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        self.torn_down = true;
+        let r = teardown_lab(&self.lab);
+        self.applied = FabricSpec::default();
+        r
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        if !self.torn_down
+            && let Err(e) = self.teardown()
+        {
+            tracing::warn!(lab = self.lab.as_str(), error = %e, "lab teardown on drop");
+        }
+    }
+}
+
+/// Removes every namespace whose name carries the lab's prefix: instances first, then the internet and the
+/// fabric. Usable on its own to clean up after a killed run.
+pub fn teardown_lab(lab: &LabId) -> Result<()> {
+    let (fab, inet) = (lab.fabric_netns(), lab.internet_netns());
+    let mut names = kernel::netns_with_prefix(&lab.netns_prefix());
+    // Instances first, the fabric last.
+    names.sort_by_key(|n| (*n == fab, *n == inet));
+    let errors: Vec<Error> = names
+        .iter()
+        .filter_map(|n| kernel::netns_del(n).err())
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Teardown(errors))
+    }
+}
+
+/// Removes a lab by id (e.g. `underlay lab down` after a crash).
+pub fn sweep(lab: &str) -> Result<()> {
+    teardown_lab(&LabId::new(lab)?)
+}

@@ -10,6 +10,7 @@
 //! buckets ([`ratelimit`]) that vpcsim enforces and the adapter's queue respects.
 
 pub mod error;
+pub mod queue;
 pub mod ratelimit;
 pub mod types;
 

@@ -161,3 +161,156 @@ impl Drop for MotoServer {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// A VPC built with raw EC2 calls for tests: 198.18.0.0/16, subnets 198.18.0.0/24 (us-east-1a) and
+/// 198.18.1.0/24 (us-east-1b), an internet gateway with a default route in the main table, one m5.large in
+/// subnet a.
+#[derive(Debug, Clone)]
+pub struct TestVpc {
+    pub vpc: underlay_cloud::VpcId,
+    pub subnet_a: underlay_cloud::SubnetId,
+    pub subnet_b: underlay_cloud::SubnetId,
+    pub main_table: underlay_cloud::RouteTableId,
+    pub igw: String,
+    pub instance: underlay_cloud::InstanceId,
+}
+
+type Fallible<T> = Result<T, underlay_cloud::CloudError>;
+
+fn missing(what: &str) -> underlay_cloud::CloudError {
+    underlay_cloud::CloudError::new(
+        underlay_cloud::ErrorKind::Service,
+        "MalformedReply",
+        format!("moto reply without {what}"),
+    )
+}
+
+impl TestVpc {
+    pub async fn create(cloud: &Ec2Cloud) -> Fallible<Self> {
+        use crate::classify_sdk_error as err;
+        use aws_sdk_ec2::types as ec2;
+        let c = cloud.client();
+        let vpc = c
+            .create_vpc()
+            .cidr_block("198.18.0.0/16")
+            .send()
+            .await
+            .map_err(err)?
+            .vpc
+            .and_then(|v| v.vpc_id)
+            .ok_or_else(|| missing("VpcId"))?;
+        let mut subnets = Vec::new();
+        for (cidr, zone) in [
+            ("198.18.0.0/24", "us-east-1a"),
+            ("198.18.1.0/24", "us-east-1b"),
+        ] {
+            subnets.push(
+                c.create_subnet()
+                    .vpc_id(&vpc)
+                    .cidr_block(cidr)
+                    .availability_zone(zone)
+                    .send()
+                    .await
+                    .map_err(err)?
+                    .subnet
+                    .and_then(|s| s.subnet_id)
+                    .ok_or_else(|| missing("SubnetId"))?,
+            );
+        }
+        let igw = c
+            .create_internet_gateway()
+            .send()
+            .await
+            .map_err(err)?
+            .internet_gateway
+            .and_then(|g| g.internet_gateway_id)
+            .ok_or_else(|| missing("InternetGatewayId"))?;
+        c.attach_internet_gateway()
+            .internet_gateway_id(&igw)
+            .vpc_id(&vpc)
+            .send()
+            .await
+            .map_err(err)?;
+        let main_table = c
+            .describe_route_tables()
+            .filters(ec2::Filter::builder().name("vpc-id").values(&vpc).build())
+            .send()
+            .await
+            .map_err(err)?
+            .route_tables
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .and_then(|t| t.route_table_id)
+            .ok_or_else(|| missing("RouteTableId"))?;
+        c.create_route()
+            .route_table_id(&main_table)
+            .destination_cidr_block("0.0.0.0/0")
+            .gateway_id(&igw)
+            .send()
+            .await
+            .map_err(err)?;
+        let subnet_a = underlay_cloud::SubnetId::new(&subnets[0]);
+        let instance = run_instance(cloud, &subnet_a).await?;
+        Ok(Self {
+            vpc: underlay_cloud::VpcId::new(vpc),
+            subnet_a,
+            subnet_b: underlay_cloud::SubnetId::new(&subnets[1]),
+            main_table: underlay_cloud::RouteTableId::new(main_table),
+            igw,
+            instance,
+        })
+    }
+
+    /// A route table of this VPC, associated with `subnet`.
+    pub async fn create_route_table(
+        &self,
+        cloud: &Ec2Cloud,
+        subnet: &underlay_cloud::SubnetId,
+    ) -> Fallible<underlay_cloud::RouteTableId> {
+        use crate::classify_sdk_error as err;
+        let c = cloud.client();
+        let table = c
+            .create_route_table()
+            .vpc_id(self.vpc.as_str())
+            .send()
+            .await
+            .map_err(err)?
+            .route_table
+            .and_then(|t| t.route_table_id)
+            .ok_or_else(|| missing("RouteTableId"))?;
+        c.associate_route_table()
+            .route_table_id(&table)
+            .subnet_id(subnet.as_str())
+            .send()
+            .await
+            .map_err(err)?;
+        Ok(underlay_cloud::RouteTableId::new(table))
+    }
+}
+
+/// Run one m5.large in `subnet`.
+pub async fn run_instance(
+    cloud: &Ec2Cloud,
+    subnet: &underlay_cloud::SubnetId,
+) -> Fallible<underlay_cloud::InstanceId> {
+    use aws_sdk_ec2::types as ec2;
+    let id = cloud
+        .client()
+        .run_instances()
+        .image_id(AMI)
+        .instance_type(ec2::InstanceType::M5Large)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(subnet.as_str())
+        .send()
+        .await
+        .map_err(crate::classify_sdk_error)?
+        .instances
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .and_then(|i| i.instance_id)
+        .ok_or_else(|| missing("InstanceId"))?;
+    Ok(underlay_cloud::InstanceId::new(id))
+}

@@ -7,7 +7,7 @@ use aws_sdk_ec2::types as ec2;
 use ipnet::Ipv4Net;
 use underlay_cloud::queue::QueueConfig;
 use underlay_cloud::*;
-use underlay_cloud_aws::moto::{AMI, MotoServer};
+use underlay_cloud_aws::moto::{MotoServer, TestVpc};
 use underlay_cloud_aws::{AwsOptions, Ec2Cloud, connect};
 use underlay_core::names;
 
@@ -15,95 +15,8 @@ fn moto() -> MotoServer {
     MotoServer::start().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A VPC 198.18.0.0/16 with two subnets in two zones, an IGW route in the main table, and one instance.
-struct Vpc1 {
-    vpc: VpcId,
-    subnet_a: SubnetId,
-    subnet_b: SubnetId,
-    main_table: RouteTableId,
-    igw: String,
-    instance: InstanceId,
-}
-
-async fn mk_vpc(cloud: &Ec2Cloud) -> anyhow::Result<Vpc1> {
-    let c = cloud.client();
-    let vpc = c
-        .create_vpc()
-        .cidr_block("198.18.0.0/16")
-        .send()
-        .await?
-        .vpc
-        .and_then(|v| v.vpc_id)
-        .unwrap();
-    let mut subnets = Vec::new();
-    for (cidr, zone) in [
-        ("198.18.0.0/24", "us-east-1a"),
-        ("198.18.1.0/24", "us-east-1b"),
-    ] {
-        subnets.push(
-            c.create_subnet()
-                .vpc_id(&vpc)
-                .cidr_block(cidr)
-                .availability_zone(zone)
-                .send()
-                .await?
-                .subnet
-                .and_then(|s| s.subnet_id)
-                .unwrap(),
-        );
-    }
-    let igw = c
-        .create_internet_gateway()
-        .send()
-        .await?
-        .internet_gateway
-        .and_then(|g| g.internet_gateway_id)
-        .unwrap();
-    c.attach_internet_gateway()
-        .internet_gateway_id(&igw)
-        .vpc_id(&vpc)
-        .send()
-        .await?;
-    let main_table = c
-        .describe_route_tables()
-        .filters(ec2::Filter::builder().name("vpc-id").values(&vpc).build())
-        .send()
-        .await?
-        .route_tables
-        .unwrap_or_default()
-        .into_iter()
-        .next()
-        .and_then(|t| t.route_table_id)
-        .unwrap();
-    c.create_route()
-        .route_table_id(&main_table)
-        .destination_cidr_block("0.0.0.0/0")
-        .gateway_id(&igw)
-        .send()
-        .await?;
-    let instance = c
-        .run_instances()
-        .image_id(AMI)
-        .instance_type(ec2::InstanceType::M5Large)
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(&subnets[0])
-        .send()
-        .await?
-        .instances
-        .unwrap_or_default()
-        .into_iter()
-        .next()
-        .and_then(|i| i.instance_id)
-        .unwrap();
-    Ok(Vpc1 {
-        vpc: VpcId::new(vpc),
-        subnet_a: SubnetId::new(&subnets[0]),
-        subnet_b: SubnetId::new(&subnets[1]),
-        main_table: RouteTableId::new(main_table),
-        igw,
-        instance: InstanceId::new(instance),
-    })
+async fn mk_vpc(cloud: &Ec2Cloud) -> anyhow::Result<TestVpc> {
+    Ok(TestVpc::create(cloud).await?)
 }
 
 fn mk_eni_request(subnet: &SubnetId, token: &str, node: &str) -> CreateEniRequest {

@@ -9,3 +9,4 @@
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
 pub mod names;
+pub mod owned;

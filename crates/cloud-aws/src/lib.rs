@@ -219,16 +219,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-/// EC2 answers ReplaceRoute on a missing destination with `InvalidParameterValue` ("There is no route defined
-/// for '…' in the route table. Use CreateRoute instead."); the port promises `InvalidRoute.NotFound`.
-fn missing_route(e: CloudError) -> CloudError {
-    if e.code == "InvalidParameterValue" && e.message.contains("no route defined") {
-        CloudError::from_code("InvalidRoute.NotFound", e.message)
-    } else {
-        e
-    }
-}
-
 fn unfiltered(what: &str) -> CloudError {
     CloudError::new(
         ErrorKind::InvalidRequest,
@@ -728,7 +718,7 @@ impl Cloud for Ec2Cloud {
             .set_gateway_id(gateway)
             .send()
             .await
-            .map_err(|e| missing_route(classify_sdk_error(e)))?;
+            .map_err(classify_sdk_error)?;
         Ok(())
     }
 

@@ -184,11 +184,16 @@ async fn routes_target_network_interfaces_and_errors_are_classified() -> anyhow:
     assert!(routes(cloud.describe_route_tables(&v.vpc).await?).is_empty());
     let err = cloud.delete_route(&v.main_table, block).await.unwrap_err();
     assert!(err.is_not_found(), "{err:?}");
+    // ReplaceRoute on a missing destination: EC2's InvalidParameterValue ("no route defined"), as the port says.
     let err = cloud
         .replace_route(&v.main_table, block, &to_a)
         .await
         .unwrap_err();
-    assert!(err.is_not_found(), "{err:?}");
+    assert_eq!(
+        (err.kind, err.code.as_str()),
+        (ErrorKind::InvalidRequest, "InvalidParameterValue"),
+        "{err:?}"
+    );
 
     // Routes are never created by instance id (EC2 refuses them on multi-ENI instances).
     let err = cloud

@@ -98,9 +98,10 @@ pub fn classify(code: &str) -> ErrorKind {
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled" => {
             ErrorKind::Throttled
         }
-        "RouteAlreadyExists" | "InvalidNetworkInterface.InUse" | "IdempotentParameterMismatch" => {
-            ErrorKind::AlreadyExists
-        }
+        "RouteAlreadyExists"
+        | "InvalidNetworkInterface.InUse"
+        | "IdempotentParameterMismatch"
+        | "InvalidIPAddress.InUse" => ErrorKind::AlreadyExists,
         "InsufficientFreeAddressesInSubnet" | "InsufficientCidrBlocks" => {
             ErrorKind::InsufficientAddresses
         }
@@ -133,6 +134,8 @@ mod tests {
             ("InvalidNetworkInterfaceID.NotFound", ErrorKind::NotFound),
             ("InvalidInstanceID.NotFound", ErrorKind::NotFound),
             ("RouteAlreadyExists", ErrorKind::AlreadyExists),
+            ("InvalidIPAddress.InUse", ErrorKind::AlreadyExists),
+            ("InsufficientCidrBlocks", ErrorKind::InsufficientAddresses),
             ("RouteLimitExceeded", ErrorKind::LimitExceeded),
             ("AttachmentLimitExceeded", ErrorKind::LimitExceeded),
             ("PrivateIpAddressLimitExceeded", ErrorKind::LimitExceeded),

@@ -7,8 +7,11 @@
 //!
 //! This crate holds only what both sides share: the [`Cloud`] trait and its data types ([`types`]), the error
 //! type that classifies AWS error codes in one place ([`error`]), and the model of AWS's per-account token
-//! buckets ([`ratelimit`]) that vpcsim enforces and the adapter's queue respects.
+//! buckets ([`ratelimit`]) that vpcsim enforces and the adapter's queue respects. With feature `contract`, the
+//! shared contract suite every implementation runs (`contract`).
 
+#[cfg(feature = "contract")]
+pub mod contract;
 pub mod error;
 pub mod queue;
 pub mod ratelimit;
@@ -53,7 +56,8 @@ pub trait Cloud: Send + Sync + std::fmt::Debug {
         destination: ipnet::Ipv4Net,
         target: &RouteTarget,
     ) -> Result<()>;
-    /// ReplaceRoute: retarget an existing route. `InvalidRoute.NotFound` when there is none.
+    /// ReplaceRoute: retarget an existing route. When there is none, EC2 answers `InvalidParameterValue`
+    /// ("There is no route defined for …"), not `InvalidRoute.NotFound` as DeleteRoute does.
     async fn replace_route(
         &self,
         table: &RouteTableId,

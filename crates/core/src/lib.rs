@@ -8,5 +8,6 @@
 //!
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
+pub mod instance_types;
 pub mod names;
 pub mod owned;

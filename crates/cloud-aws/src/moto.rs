@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -39,7 +39,11 @@ impl MotoServer {
     /// Start moto on a free port and wait (bounded) until it answers. Fails, with what to do, when the venv
     /// is missing.
     pub fn start() -> Result<Self, String> {
-        let binary = moto_binary();
+        Self::start_with(&moto_binary())
+    }
+
+    /// [`start`](Self::start) with another moto_server executable.
+    pub fn start_with(binary: &Path) -> Result<Self, String> {
         if !binary.exists() {
             return Err(format!(
                 "moto server not found at {}: run scripts/setup.sh (it builds the .venv with moto[server])",
@@ -49,7 +53,7 @@ impl MotoServer {
         // Several attempts: another process may take the port between our probe and moto's bind.
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::start_once(&binary) {
+            match Self::start_once(binary) {
                 Ok(server) => return Ok(server),
                 Err(e) => last = e,
             }
@@ -57,7 +61,7 @@ impl MotoServer {
         Err(last)
     }
 
-    fn start_once(binary: &PathBuf) -> Result<Self, String> {
+    fn start_once(binary: &Path) -> Result<Self, String> {
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port: {e}"))?
@@ -91,6 +95,11 @@ impl MotoServer {
             "moto server did not answer on {addr} within 60 s: {}",
             server.log_tail()
         ))
+    }
+
+    /// Process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn port(&self) -> u16 {

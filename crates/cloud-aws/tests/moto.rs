@@ -402,3 +402,28 @@ async fn the_queued_adapter_reaches_moto_and_counts_its_tokens() -> anyhow::Resu
     assert_eq!(cloud.stats().total_depth(), 0);
     Ok(())
 }
+
+#[test]
+fn a_missing_venv_fails_with_what_to_run() {
+    let err = MotoServer::start_with(std::path::Path::new("/nonexistent/.venv/bin/moto_server"))
+        .unwrap_err();
+    assert!(err.contains("run scripts/setup.sh"), "{err}");
+}
+
+#[test]
+fn the_server_is_killed_when_a_test_panics() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::thread::spawn(move || {
+        let server = moto();
+        tx.send((server.pid(), server.port())).unwrap();
+        panic!("a failing test");
+    })
+    .join();
+    assert!(result.is_err());
+    let (pid, port) = rx.recv().unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "moto server {pid} outlived the panic"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

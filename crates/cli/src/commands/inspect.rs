@@ -43,6 +43,7 @@ pub struct Args {
     /// Routes per route table allowed in this account (EC2 does not report it).
     #[arg(long, default_value_t = DEFAULT_ROUTE_LIMIT)]
     route_limit: usize,
+    /// Output: text for people, or JSON with the same data.
     #[arg(long, value_enum, default_value_t = Format::Human)]
     format: Format,
 }

@@ -22,6 +22,9 @@ enum Command {
     Plan(commands::plan::Args),
     /// Benchmarks, JSON on stdout.
     Bench(commands::bench::Args),
+    /// Show a cluster's VPC as underlay sees it: route tables and owned routes, ENIs (leaked ones marked),
+    /// free addresses per subnet.
+    Inspect(commands::inspect::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => commands::agent::exec(args),
         Command::Plan(args) => commands::plan::exec(args),
         Command::Bench(args) => commands::bench::exec(args),
+        Command::Inspect(args) => commands::inspect::exec(args),
     }
 }

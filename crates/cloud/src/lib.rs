@@ -13,6 +13,7 @@
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod error;
+pub mod queue;
 pub mod ratelimit;
 pub mod types;
 

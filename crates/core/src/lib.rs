@@ -14,6 +14,7 @@ pub mod health;
 pub mod instance_types;
 pub mod ipam;
 pub mod names;
+pub mod owned;
 pub mod planner;
 mod prefix;
 pub mod routeops;

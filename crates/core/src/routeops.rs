@@ -109,7 +109,7 @@ pub struct ObservedRoute {
 
 /// Whether `destination` is underlay's in a cluster with `pod_cidr`.
 pub fn is_owned(pod_cidr: Ipv4Net, destination: Ipv4Net) -> bool {
-    destination.prefix_len() >= pod_cidr.prefix_len() && pod_cidr.contains(&destination.network())
+    crate::owned::is_owned_route(destination, pod_cidr)
 }
 
 /// The operations that turn every observed table into the plan's routes.

@@ -4,5 +4,6 @@ pub mod agent;
 pub mod bench;
 pub mod bench_cni;
 pub mod bench_plan;
+pub mod inspect;
 pub mod names;
 pub mod plan;

@@ -40,7 +40,7 @@ pub fn cases() -> Vec<Case> {
         case!(describe_instance_types_reports_network_limits, []),
         case!(instance_types_report_prefix_support, [PrefixDelegation]),
         case!(create_replace_delete_route, []),
-        case!(create_route_twice_is_already_exists, []),
+        case!(create_route_twice_is_already_exists, [DuplicateRouteCheck]),
         case!(missing_routes_and_tables_are_errors, []),
         case!(route_limit_is_enforced, [RouteLimit]),
         case!(

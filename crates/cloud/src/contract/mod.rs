@@ -146,10 +146,13 @@ pub enum Capability {
     ClientToken,
     /// CreateRoute by instance id fails on an instance with several ENIs.
     InstanceRouteRule,
+    /// CreateRoute to a network interface on a taken destination answers `RouteAlreadyExists` (moto checks
+    /// this only for gateway targets and overwrites the route otherwise).
+    DuplicateRouteCheck,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 11] = [
+    pub const ALL: [Capability; 12] = [
         Capability::RouteLimit,
         Capability::InstanceLimits,
         Capability::PrefixDelegation,
@@ -161,6 +164,7 @@ impl Capability {
         Capability::SubnetExhaustion,
         Capability::ClientToken,
         Capability::InstanceRouteRule,
+        Capability::DuplicateRouteCheck,
     ];
 }
 
@@ -184,6 +188,7 @@ pub struct Capabilities {
     pub subnet_exhaustion: bool,
     pub client_token: bool,
     pub instance_route_rule: bool,
+    pub duplicate_route_check: bool,
 }
 
 impl Capabilities {
@@ -201,13 +206,15 @@ impl Capabilities {
             subnet_exhaustion: true,
             client_token: true,
             instance_route_rule: true,
+            duplicate_route_check: true,
         }
     }
 
     /// moto server 5.2 (read from its source): enforces no limits, no throttling, no prefix delegation
     /// (assignment succeeds and assigns nothing), ignores ClientToken and DeleteOnTermination changes, deletes
     /// attached ENIs, leaves a terminated instance's ENIs attached and its routes `active`, does not validate
-    /// explicit addresses, and hangs when a subnet runs out.
+    /// explicit addresses, overwrites a network-interface route on a taken destination, and hangs when a subnet
+    /// runs out.
     pub fn moto_5_2() -> Self {
         Self {
             route_limit: false,
@@ -221,6 +228,7 @@ impl Capabilities {
             subnet_exhaustion: false,
             client_token: false,
             instance_route_rule: false,
+            duplicate_route_check: false,
         }
     }
 
@@ -237,6 +245,7 @@ impl Capabilities {
             Capability::SubnetExhaustion => self.subnet_exhaustion,
             Capability::ClientToken => self.client_token,
             Capability::InstanceRouteRule => self.instance_route_rule,
+            Capability::DuplicateRouteCheck => self.duplicate_route_check,
         }
     }
 }

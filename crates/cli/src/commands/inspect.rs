@@ -1,0 +1,430 @@
+//! `underlay inspect`: what underlay owns in a VPC, read through the same EC2 adapter (and rate-aware queue) as
+//! the controller. For a person debugging a cluster: route tables against their limit with the routes underlay
+//! owns, the cluster's ENIs with the leaked ones (`available`, attached to nothing) marked, free addresses per
+//! subnet. Read-only: only scoped Describe calls.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use underlay_cloud::queue::QueueConfig;
+use underlay_cloud::{
+    Cloud, EniFilter, EniStatus, NetworkInterface, RouteState, RouteTable, RouteTarget, Subnet,
+    Tags, VpcId,
+};
+use underlay_cloud_aws::AwsOptions;
+use underlay_core::names;
+use underlay_core::owned::{DEFAULT_POD_CIDR, DEFAULT_ROUTE_LIMIT, is_owned_route};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// EC2 endpoint URL (a VPC interface endpoint, or an emulator); default: the region's public endpoint.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// AWS region; default: the standard chain (AWS_REGION, profile, instance metadata).
+    #[arg(long)]
+    region: Option<String>,
+    /// The cluster's VPC.
+    #[arg(long)]
+    vpc: String,
+    /// Cluster name, as in the ENI tag underlay.dev/cluster.
+    #[arg(long)]
+    cluster: String,
+    /// The cluster pod CIDR: routes inside it are underlay's.
+    #[arg(long, default_value_t = DEFAULT_POD_CIDR)]
+    pod_cidr: Ipv4Net,
+    /// Routes per route table allowed in this account (EC2 does not report it).
+    #[arg(long, default_value_t = DEFAULT_ROUTE_LIMIT)]
+    route_limit: usize,
+    /// Output: text for people, or JSON with the same data.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+/// Everything `inspect` prints, in both formats.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub vpc: String,
+    pub cluster: String,
+    pub pod_cidr: Ipv4Net,
+    pub route_tables: Vec<TableReport>,
+    pub enis: Vec<EniReport>,
+    pub subnets: Vec<SubnetReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableReport {
+    pub id: String,
+    pub main: bool,
+    pub subnets: Vec<String>,
+    /// Routes counted against the limit (every route but the VPC's `local` ones).
+    pub routes: usize,
+    pub route_limit: usize,
+    pub owned: Vec<OwnedRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OwnedRoute {
+    pub destination: Ipv4Net,
+    pub target: String,
+    pub blackhole: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EniReport {
+    pub id: String,
+    pub status: EniStatus,
+    /// The underlay.dev/node tag.
+    pub node: Option<String>,
+    pub instance: Option<String>,
+    pub device_index: Option<u32>,
+    pub subnet: String,
+    pub primary_ip: std::net::Ipv4Addr,
+    pub secondary_ips: usize,
+    pub prefixes: usize,
+    /// Tagged for this cluster but attached to nothing: nobody will use or delete it but the controller's GC.
+    pub leaked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubnetReport {
+    pub id: String,
+    pub zone: String,
+    pub cidr: Ipv4Net,
+    pub free: u32,
+}
+
+fn target_name(t: &RouteTarget) -> String {
+    match t {
+        RouteTarget::Local => "local".to_owned(),
+        RouteTarget::NetworkInterface(id) => id.to_string(),
+        RouteTarget::Instance(id) => id.to_string(),
+        RouteTarget::Gateway(id) => id.clone(),
+    }
+}
+
+/// Build the report from what EC2 returned. Pure.
+pub fn build_report(
+    vpc: &str,
+    cluster: &str,
+    pod_cidr: Ipv4Net,
+    route_limit: usize,
+    tables: &[RouteTable],
+    enis: &[NetworkInterface],
+    subnets: &[Subnet],
+) -> Report {
+    let mut route_tables: Vec<TableReport> = tables
+        .iter()
+        .map(|t| {
+            let mut owned: Vec<OwnedRoute> = t
+                .routes
+                .iter()
+                .filter(|r| is_owned_route(r.destination, pod_cidr))
+                .map(|r| OwnedRoute {
+                    destination: r.destination,
+                    target: target_name(&r.target),
+                    blackhole: r.state == RouteState::Blackhole,
+                })
+                .collect();
+            owned.sort_by_key(|r| r.destination);
+            TableReport {
+                id: t.id.to_string(),
+                main: t.main,
+                subnets: t.subnets.iter().map(ToString::to_string).collect(),
+                routes: t
+                    .routes
+                    .iter()
+                    .filter(|r| r.target != RouteTarget::Local)
+                    .count(),
+                route_limit,
+                owned,
+            }
+        })
+        .collect();
+    route_tables.sort_by(|a, b| b.main.cmp(&a.main).then_with(|| a.id.cmp(&b.id)));
+
+    let mut enis: Vec<EniReport> = enis
+        .iter()
+        .filter(|e| e.tags.get(names::TAG_CLUSTER).map(String::as_str) == Some(cluster))
+        .map(|e| EniReport {
+            id: e.id.to_string(),
+            status: e.status,
+            node: e.tags.get(names::TAG_NODE).cloned(),
+            instance: e.attachment.as_ref().map(|a| a.instance.to_string()),
+            device_index: e.attachment.as_ref().map(|a| a.device_index),
+            subnet: e.subnet.to_string(),
+            primary_ip: e.primary_ip,
+            secondary_ips: e.secondary_ips.len(),
+            prefixes: e.prefixes.len(),
+            leaked: e.status == EniStatus::Available,
+        })
+        .collect();
+    enis.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+
+    let mut subnets: Vec<SubnetReport> = subnets
+        .iter()
+        .map(|s| SubnetReport {
+            id: s.id.to_string(),
+            zone: s.zone.clone(),
+            cidr: s.cidr,
+            free: s.available_ips,
+        })
+        .collect();
+    subnets.sort_by(|a, b| (&a.zone, a.cidr).cmp(&(&b.zone, b.cidr)));
+
+    Report {
+        vpc: vpc.to_owned(),
+        cluster: cluster.to_owned(),
+        pod_cidr,
+        route_tables,
+        enis,
+        subnets,
+    }
+}
+
+fn status_name(s: EniStatus) -> &'static str {
+    match s {
+        EniStatus::Available => "available",
+        EniStatus::Attaching => "attaching",
+        EniStatus::InUse => "in-use",
+        EniStatus::Detaching => "detaching",
+    }
+}
+
+/// The human format.
+pub fn render_human(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "VPC {}  cluster {}  pod CIDR {}",
+        r.vpc, r.cluster, r.pod_cidr
+    );
+    let _ = writeln!(out, "\nRoute tables");
+    if r.route_tables.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for t in &r.route_tables {
+        let mut notes = Vec::new();
+        if t.main {
+            notes.push("main".to_owned());
+        }
+        if !t.subnets.is_empty() {
+            notes.push(format!("subnets {}", t.subnets.join(",")));
+        }
+        if t.routes >= t.route_limit {
+            notes.push("FULL".to_owned());
+        }
+        let _ = writeln!(
+            out,
+            "  {} {}/{} routes ({} owned){}",
+            t.id,
+            t.routes,
+            t.route_limit,
+            t.owned.len(),
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", notes.join("; "))
+            }
+        );
+        for o in &t.owned {
+            let _ = writeln!(
+                out,
+                "    {:<18} -> {}{}",
+                o.destination.to_string(),
+                o.target,
+                if o.blackhole { "  BLACKHOLE" } else { "" }
+            );
+        }
+    }
+    let _ = writeln!(out, "\nENIs tagged {}={}", names::TAG_CLUSTER, r.cluster);
+    if r.enis.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for e in &r.enis {
+        let _ = writeln!(
+            out,
+            "  {} {:<9} node={} {} {} {} +{} ips +{} prefixes{}",
+            e.id,
+            status_name(e.status),
+            e.node.as_deref().unwrap_or("-"),
+            match (&e.instance, e.device_index) {
+                (Some(i), Some(d)) => format!("{i}#{d}"),
+                _ => "-".to_owned(),
+            },
+            e.subnet,
+            e.primary_ip,
+            e.secondary_ips,
+            e.prefixes,
+            if e.leaked { "  LEAKED" } else { "" }
+        );
+    }
+    let leaked = r.enis.iter().filter(|e| e.leaked).count();
+    if leaked > 0 {
+        let _ = writeln!(
+            out,
+            "  {leaked} leaked ENI(s): available and tagged for this cluster"
+        );
+    }
+    let _ = writeln!(out, "\nSubnets");
+    for s in &r.subnets {
+        let _ = writeln!(
+            out,
+            "  {} {} {:<18} {} free",
+            s.id,
+            s.zone,
+            s.cidr.to_string(),
+            s.free
+        );
+    }
+    out
+}
+
+/// Read the VPC through the adapter and its queue.
+pub async fn inspect(cloud: &dyn Cloud, args: &Args) -> anyhow::Result<Report> {
+    let vpc = VpcId::new(&args.vpc);
+    // Fail early and clearly on a wrong VPC id.
+    cloud
+        .describe_vpc(&vpc)
+        .await
+        .with_context(|| format!("describing {vpc}"))?;
+    let tables = cloud
+        .describe_route_tables(&vpc)
+        .await
+        .context("describing route tables")?;
+    let enis = cloud
+        .describe_network_interfaces(&EniFilter {
+            vpc: Some(vpc.clone()),
+            tags: Tags::from([(names::TAG_CLUSTER.to_owned(), args.cluster.clone())]),
+            ..EniFilter::default()
+        })
+        .await
+        .context("describing the cluster's network interfaces")?;
+    let subnets = cloud
+        .describe_subnets(&vpc)
+        .await
+        .context("describing subnets")?;
+    Ok(build_report(
+        &args.vpc,
+        &args.cluster,
+        args.pod_cidr,
+        args.route_limit,
+        &tables,
+        &enis,
+        &subnets,
+    ))
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(async {
+        let options = AwsOptions {
+            region: args.region.clone(),
+            endpoint: args.endpoint.clone(),
+            ..AwsOptions::default()
+        };
+        let cloud = underlay_cloud_aws::connect(&options, QueueConfig::default()).await?;
+        inspect(&cloud, &args).await
+    })?;
+    match args.format {
+        Format::Human => print!("{}", render_human(&report)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use underlay_cloud::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn mk_eni(id: &str, cluster: &str, node: &str, status: EniStatus) -> NetworkInterface {
+        NetworkInterface {
+            id: EniId::new(id),
+            vpc: VpcId::new("vpc-1"),
+            subnet: SubnetId::new("subnet-a"),
+            zone: "us-east-1a".into(),
+            mac: "02:00:00:00:00:01".into(),
+            primary_ip: "198.18.0.10".parse().unwrap(),
+            secondary_ips: vec!["198.18.0.11".parse().unwrap()],
+            prefixes: vec![],
+            status,
+            attachment: (status == EniStatus::InUse).then(|| Attachment {
+                id: AttachmentId::new("eni-attach-1"),
+                instance: InstanceId::new("i-1"),
+                device_index: 1,
+                delete_on_termination: true,
+            }),
+            source_dest_check: false,
+            security_groups: vec![],
+            description: String::new(),
+            tags: Tags::from([
+                (names::TAG_CLUSTER.to_owned(), cluster.to_owned()),
+                (names::TAG_NODE.to_owned(), node.to_owned()),
+            ]),
+        }
+    }
+
+    fn route(dest: &str, target: RouteTarget) -> Route {
+        Route {
+            destination: net(dest),
+            target,
+            state: RouteState::Active,
+        }
+    }
+
+    #[test]
+    fn report_counts_owned_routes_and_marks_leaked_enis() {
+        let eni = RouteTarget::NetworkInterface(EniId::new("eni-a"));
+        let table = RouteTable {
+            id: RouteTableId::new("rtb-1"),
+            vpc: VpcId::new("vpc-1"),
+            main: true,
+            subnets: vec![],
+            routes: vec![
+                route("198.18.0.0/16", RouteTarget::Local),
+                route("0.0.0.0/0", RouteTarget::Gateway("igw-1".into())),
+                route("100.64.1.0/24", eni.clone()),
+                route("100.64.0.0/24", eni.clone()),
+                route("10.0.0.0/8", eni.clone()),
+            ],
+            tags: Tags::new(),
+        };
+        let enis = [
+            mk_eni("eni-a", "c1", "n1", EniStatus::InUse),
+            mk_eni("eni-b", "c1", "n2", EniStatus::Available),
+            mk_eni("eni-c", "other", "n3", EniStatus::Available),
+        ];
+        let r = build_report("vpc-1", "c1", DEFAULT_POD_CIDR, 50, &[table], &enis, &[]);
+        let t = &r.route_tables[0];
+        assert_eq!((t.routes, t.route_limit, t.owned.len()), (4, 50, 2));
+        assert_eq!(t.owned[0].destination, net("100.64.0.0/24"));
+        assert_eq!(t.owned[0].target, "eni-a");
+        assert_eq!(r.enis.len(), 2, "another cluster's ENI is not shown");
+        assert!(!r.enis[0].leaked && r.enis[1].leaked);
+
+        let human = render_human(&r);
+        assert!(
+            human.contains("rtb-1 4/50 routes (2 owned)  [main]"),
+            "{human}"
+        );
+        assert!(human.contains("100.64.0.0/24      -> eni-a\n"), "{human}");
+        assert!(!human.contains("10.0.0.0/8"));
+        assert!(human.contains("eni-b available node=n2"), "{human}");
+        assert_eq!(human.matches("LEAKED").count(), 1);
+    }
+}

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use underlay_cloud::Cloud;
+use underlay_cloud::queue::{Priority as QueuePriority, RateLimitedCloud};
 
 /// How urgent an EC2 call is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
@@ -61,6 +62,26 @@ impl CloudLanes for Arc<dyn Cloud> {
 pub struct TwoLanes {
     pub normal: Arc<dyn Cloud>,
     pub failover: Arc<dyn Cloud>,
+}
+
+impl TwoLanes {
+    /// Both lanes of one rate-aware queue: failover calls wait in the queue's failover lane, ahead of every
+    /// normal call, and all calls share the queue's token buckets.
+    pub fn over_queue<C: Cloud + 'static>(queue: RateLimitedCloud<C>) -> Self {
+        Self {
+            failover: Arc::new(queue.with_priority(Priority::Failover.into())),
+            normal: Arc::new(queue.with_priority(Priority::Normal.into())),
+        }
+    }
+}
+
+impl From<Priority> for QueuePriority {
+    fn from(p: Priority) -> Self {
+        match p {
+            Priority::Normal => QueuePriority::Normal,
+            Priority::Failover => QueuePriority::Failover,
+        }
+    }
 }
 
 impl CloudLanes for TwoLanes {

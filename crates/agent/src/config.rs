@@ -7,7 +7,7 @@
 //!   #   - { address: 198.18.1.10, egress_interface: eni1, route_table: 101 }
 //! cooldown_secs: 60
 //! socket: /run/underlay/agent.sock
-//! checkpoint: /var/lib/underlay/ipam.json
+//! checkpoint: /run/underlay/ipam.json
 //! cni_conf_dir: /etc/cni/net.d
 //! cni_bin_dir: /opt/cni/bin
 //! mtu: 9001

@@ -188,35 +188,42 @@ fn setup(
         })?;
     }
 
-    // Pod side.
-    let eth = pod
-        .link_by_name(&inv.ifname)
-        .map_err(|e| dp_error("reading the pod interface", e))?
-        .ok_or_else(|| {
-            CniError::new(
-                code::DATAPLANE,
-                format!("{} vanished from the pod namespace", inv.ifname),
-            )
-        })?;
-    pod.link_set_up(eth.index, true)
-        .map_err(|e| dp_error("setting the pod interface up", e))?;
-    pod.addr_add(eth.index, IpNet::V4(address))
-        .ignore_exists()
-        .map_err(|e| dp_error("adding the pod address", e))?;
-    pod.neigh_add_permanent(eth.index, IpAddr::V4(gateway), host_mac)
-        .map_err(|e| dp_error("adding the gateway neighbour", e))?;
-    pod.route_replace(&Route::via_onlink(
-        default_v4(),
-        IpAddr::V4(gateway),
-        eth.index,
-    ))
-    .map_err(|e| dp_error("adding the default route", e))?;
-
-    // Host side.
+    // The host end tells us the pod end's index (IFLA_LINK), which saves a lookup in the pod namespace.
     let hv = host
         .link_by_name(&host_name)
         .map_err(|e| dp_error("reading the host veth", e))?
         .ok_or_else(|| CniError::new(code::DATAPLANE, format!("{host_name} vanished")))?;
+    let eth_index = match hv.peer_index {
+        Some(i) => i,
+        None => {
+            pod.link_by_name(&inv.ifname)
+                .map_err(|e| dp_error("reading the pod interface", e))?
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::DATAPLANE,
+                        format!("{} vanished from the pod namespace", inv.ifname),
+                    )
+                })?
+                .index
+        }
+    };
+
+    // Pod side.
+    pod.link_set_up(eth_index, true)
+        .map_err(|e| dp_error("setting the pod interface up", e))?;
+    pod.addr_add(eth_index, IpNet::V4(address))
+        .ignore_exists()
+        .map_err(|e| dp_error("adding the pod address", e))?;
+    pod.neigh_add_permanent(eth_index, IpAddr::V4(gateway), host_mac)
+        .map_err(|e| dp_error("adding the gateway neighbour", e))?;
+    pod.route_replace(&Route::via_onlink(
+        default_v4(),
+        IpAddr::V4(gateway),
+        eth_index,
+    ))
+    .map_err(|e| dp_error("adding the default route", e))?;
+
+    // Host side.
     host.route_replace(&Route::link(IpNet::V4(address), hv.index))
         .map_err(|e| dp_error("adding the host route to the pod", e))?;
     if let Some(rule) = from_pod_rule(alloc, address) {

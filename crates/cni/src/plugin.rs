@@ -101,8 +101,9 @@ fn add(inv: &Invocation) -> Result<Value, CniError> {
     let client = connect(inv)?;
     let pod_ns = open_pod_netns(&inv.netns)?;
     let mut host = Netlink::open_here().map_err(|e| dp_error("netlink", e))?;
+    // The plugin is single-threaded: switching this thread in and out is cheaper than a helper thread.
     let mut pod = pod_ns
-        .netlink()
+        .netlink_in_place()
         .map_err(|e| dp_error("netlink in the pod namespace", e))?;
 
     let alloc = client

@@ -77,15 +77,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let service = Arc::new(open_service(&config, fault)?);
-    let owner = Arc::downgrade(&service);
-    match reaper::LinkReaper::spawn(Box::new(move || {
-        owner.upgrade().map(|s| s.owned_veth_names())
-    })) {
-        Ok(r) => {
-            service.set_reaper(r);
-            service.sweep_links();
+    if config.reap_links {
+        let owner = Arc::downgrade(&service);
+        match reaper::LinkReaper::spawn(Box::new(move || {
+            owner.upgrade().map(|s| s.owned_veth_names())
+        })) {
+            Ok(r) => {
+                service.set_reaper(r);
+                service.sweep_links();
+            }
+            Err(e) => tracing::warn!(error = %e, "no link reaper: DEL deletes pod veths itself"),
         }
-        Err(e) => tracing::warn!(error = %e, "no link reaper: DEL deletes pod veths itself"),
+    } else {
+        tracing::info!("link reaper off (reap_links: false): DEL deletes pod veths itself");
     }
     tracing::info!(
         pool = %config.validate()?,

@@ -217,7 +217,10 @@ impl IpamService {
         let now = (self.clock)();
         let mut g = self.lock();
         let released = g.ipam.release(&key, now);
-        match self.commit(&mut g, released.is_some()) {
+        let committed = self.commit(&mut g, released.is_some());
+        // The route deletion below takes the kernel's RTNL lock: never while holding the allocator's.
+        drop(g);
+        match committed {
             Ok(()) => {
                 match &released {
                     Some(a) => tracing::info!(key = %key, address = %a.address, "released"),

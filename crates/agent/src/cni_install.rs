@@ -13,8 +13,12 @@ use underlay_core::names;
 use crate::AgentError;
 use crate::checkpoint::sync_dir;
 
-/// CNI spec version of the configuration list the agent writes.
-pub const CNI_VERSION: &str = "1.1.0";
+/// CNI spec version of the configuration list the agent writes: 1.0.0, the newest the reference `portmap`
+/// and `bandwidth` of containernetworking-plugins 1.1.x (Debian 12) accept — given "1.1.0" they refuse ADD
+/// with `incompatible CNI versions` (code 1), and one refusal fails the whole list. underlay-cni speaks
+/// 1.1.0 but answers a 1.0.0 list in 1.0.0 terms; STATUS and GC, which only 1.1.0 defines, are then not
+/// called by runtimes (see docs/agent.md, "The conflist").
+pub const CNI_VERSION: &str = "1.0.0";
 
 /// The configuration list: `underlay-cni` first, then the reference `portmap` and `bandwidth` plugins.
 /// The plugin reads `socket` (the agent's IPAM socket) and `mtu` from its entry.
@@ -109,7 +113,7 @@ mod tests {
         let path = write_conflist(&dir.path().join("net.d"), &sock, 1500).unwrap();
         assert_eq!(path.file_name().unwrap(), names::CNI_CONFLIST);
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["name"], "underlay");
         let plugins = v["plugins"].as_array().unwrap();
         let types: Vec<_> = plugins

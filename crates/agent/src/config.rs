@@ -7,11 +7,12 @@
 //!   #   - { address: 198.18.1.10, egress_interface: eni1, route_table: 101 }
 //! cooldown_secs: 60
 //! socket: /run/underlay/agent.sock
-//! checkpoint: /var/lib/underlay/ipam.json
+//! checkpoint: /run/underlay/ipam.json
 //! cni_conf_dir: /etc/cni/net.d
 //! cni_bin_dir: /opt/cni/bin
 //! mtu: 9001
 //! plugin_source: /usr/local/lib/underlay/underlay-cni   # optional: no install when absent
+//! reap_links: true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -72,6 +73,11 @@ pub struct AgentConfig {
     /// The `underlay-cni` binary to install into `cni_bin_dir`; nothing is installed when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin_source: Option<PathBuf>,
+    /// Run the link reaper: delete the veths DEL hands over and sweep orphaned pod veths (`ul` + 11 hex
+    /// digits that no allocation owns) in the agent's network namespace. Off only for an agent that does
+    /// not own its namespace's pod veths (tests running it outside a node namespace).
+    #[serde(default = "default_true")]
+    pub reap_links: bool,
 }
 
 fn default_cooldown_secs() -> u64 {
@@ -92,6 +98,9 @@ fn default_cni_bin_dir() -> PathBuf {
 fn default_mtu() -> u32 {
     DEFAULT_MTU
 }
+fn default_true() -> bool {
+    true
+}
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -104,6 +113,7 @@ impl Default for AgentConfig {
             cni_bin_dir: default_cni_bin_dir(),
             mtu: default_mtu(),
             plugin_source: None,
+            reap_links: true,
         }
     }
 }
@@ -149,6 +159,7 @@ mod tests {
         assert_eq!(c.socket, Path::new(names::AGENT_SOCKET));
         assert_eq!(c.cooldown(), DEFAULT_COOLDOWN);
         assert_eq!(c.mtu, DEFAULT_MTU);
+        assert!(c.reap_links);
         assert_eq!(
             c.validate().unwrap(),
             PoolSpec::Block("100.64.1.0/26".parse().unwrap())

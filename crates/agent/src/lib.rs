@@ -7,6 +7,7 @@
 //!                            ├─ install <cni_bin_dir>/underlay-cni                     atomic copy, 0755
 //!                            ├─ IpamListener on <socket> (0600)  ◄── underlay-cni: Allocate/Release/List/Gc
 //!                            │      each change: allocator → checkpoint (fsync, rename, fsync dir) → reply
+//!                            ├─ LinkReaper thread: deletes the veths Release names, sweeps orphans
 //!                            └─ write <cni_conf_dir>/10-underlay.conflist              once the socket answers
 //! ```
 //!
@@ -19,6 +20,7 @@ use std::sync::Arc;
 pub mod checkpoint;
 pub mod cni_install;
 pub mod config;
+pub mod reaper;
 pub mod server;
 pub mod service;
 
@@ -75,6 +77,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let service = Arc::new(open_service(&config, fault)?);
+    if config.reap_links {
+        let owner = Arc::downgrade(&service);
+        match reaper::LinkReaper::spawn(Box::new(move || {
+            owner.upgrade().map(|s| s.owned_veth_names())
+        })) {
+            Ok(r) => {
+                service.set_reaper(r);
+                service.sweep_links();
+            }
+            Err(e) => tracing::warn!(error = %e, "no link reaper: DEL deletes pod veths itself"),
+        }
+    } else {
+        tracing::info!("link reaper off (reap_links: false): DEL deletes pod veths itself");
+    }
     tracing::info!(
         pool = %config.validate()?,
         allocated = service.allocated(),

@@ -110,11 +110,19 @@ async fn serve_connection(
         stream.read_exact(&mut body).await?;
         let req = <pb::Request as prost::Message>::decode(body.as_slice())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        let service = service.clone();
-        // The handler takes a lock and fsyncs: keep it off the async workers.
-        let reply = tokio::task::spawn_blocking(move || service.handle(req))
-            .await
-            .map_err(std::io::Error::other)?;
+        // The handler takes a lock and fsyncs. On a multi-thread runtime it runs in place (block_in_place
+        // hands this worker's other tasks to another worker): no hop to a blocking-pool thread, which costs a
+        // wake-up on a busy node on every ADD and DEL. A current-thread runtime cannot do that.
+        let reply = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(|| service.handle(req))
+        } else {
+            let service = service.clone();
+            tokio::task::spawn_blocking(move || service.handle(req))
+                .await
+                .map_err(std::io::Error::other)?
+        };
         stream.write_all(&wire::encode_frame(&reply)).await?;
     }
 }

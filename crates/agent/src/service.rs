@@ -5,15 +5,17 @@
 //! write fails, the in-memory state is reloaded from the last checkpoint (what the disk says is the truth)
 //! and the caller gets a retryable internal error.
 
-use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use ipnet::Ipv4Net;
 use underlay_core::ipam::{self, Ipam, IpamError, PodInfo, PoolSpec};
 use underlay_ipam_api::{self as api, ErrorCode, POD_GATEWAY, pb};
 
 use crate::AgentError;
 use crate::checkpoint::Checkpoint;
+use crate::reaper::LinkReaper;
 
 /// Test-only fault injection, chosen by `underlay agent` from [`underlay_core::names::AGENT_FAULT_ENV`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +56,8 @@ pub struct IpamService {
     mtu: u32,
     fault: Fault,
     clock: Clock,
+    /// Deletes the veths DEL hands over; absent until [`IpamService::set_reaper`] (then DEL deletes its own).
+    reaper: OnceLock<LinkReaper>,
 }
 
 impl std::fmt::Debug for IpamService {
@@ -80,7 +84,31 @@ impl IpamService {
             mtu,
             fault,
             clock: Box::new(SystemTime::now),
+            reaper: OnceLock::new(),
         })
+    }
+
+    /// Attaches the link reaper: from now on Release takes the veth it names, and GC sweeps orphaned veths.
+    pub fn set_reaper(&self, reaper: LinkReaper) {
+        if self.reaper.set(reaper).is_err() {
+            tracing::warn!("a link reaper is already attached; ignoring the second");
+        }
+    }
+
+    /// Queues a sweep of host veths no allocation owns (no-op without a reaper).
+    pub fn sweep_links(&self) {
+        if let Some(r) = self.reaper.get() {
+            r.sweep();
+        }
+    }
+
+    /// The host veth names of every live allocation.
+    pub fn owned_veth_names(&self) -> HashSet<String> {
+        self.lock()
+            .ipam
+            .allocations()
+            .map(|a| underlay_core::veth_names::host_veth_name(&a.key.container_id, &a.key.ifname))
+            .collect()
     }
 
     /// Replaces the wall clock (tests).
@@ -183,25 +211,39 @@ impl IpamService {
                     "release: missing attachment key".into(),
                     false,
                 )),
+                link_queued: false,
             };
         };
         let now = (self.clock)();
         let mut g = self.lock();
         let released = g.ipam.release(&key, now);
-        match self.commit(&mut g, released.is_some()) {
+        let committed = self.commit(&mut g, released.is_some());
+        // The route deletion below takes the kernel's RTNL lock: never while holding the allocator's.
+        drop(g);
+        match committed {
             Ok(()) => {
                 match &released {
                     Some(a) => tracing::info!(key = %key, address = %a.address, "released"),
                     None => tracing::debug!(key = %key, "release of an unknown attachment"),
                 }
+                // Route deleted now; the link queued (the reaper's thread waits out the kernel's grace period).
+                let link_queued = self.reaper.get().is_some_and(|r| {
+                    r.reap(
+                        req.host_ifindex,
+                        &req.host_ifname,
+                        released.as_ref().map(|a| Ipv4Net::from(a.address)),
+                    )
+                });
                 pb::ReleaseReply {
                     released: released.map(|a| self.to_wire(&a)),
                     error: None,
+                    link_queued,
                 }
             }
             Err(e) => pb::ReleaseReply {
                 released: None,
                 error: Some(e),
+                link_queued: false,
             },
         }
     }
@@ -225,6 +267,7 @@ impl IpamService {
                 for a in &released {
                     tracing::info!(key = %a.key, address = %a.address, "released by gc");
                 }
+                self.sweep_links();
                 pb::GcReply {
                     released: released.iter().map(|a| self.to_wire(a)).collect(),
                     error: None,

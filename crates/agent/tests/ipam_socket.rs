@@ -54,6 +54,8 @@ fn mk_config(dir: &Path, block: &str) -> AgentConfig {
         checkpoint: dir.join("state/ipam.json"),
         cni_conf_dir: dir.join("net.d"),
         cni_bin_dir: dir.join("bin"),
+        // These agents run in the test process's namespace (the host's): its veths are not theirs to sweep.
+        reap_links: false,
         ..AgentConfig::default()
     }
 }

@@ -62,6 +62,8 @@ fn agent_cmd(dir: &Path, pool: &str) -> Command {
         .arg(dir.join("net.d"))
         .arg("--cni-bin-dir")
         .arg(dir.join("bin"))
+        // This agent runs in the test process's namespace (the host's): its veths are not the agent's to sweep.
+        .arg("--no-link-reaper")
         .env("RUST_LOG", "warn")
         .env_remove("UNDERLAY_AGENT_FAULT")
         .stdin(Stdio::null())
@@ -239,6 +241,7 @@ fn config_file_is_read_and_conflist_written() {
     cmd.arg("agent")
         .arg("--config")
         .arg(d.join("agent.yaml"))
+        .arg("--no-link-reaper")
         .env("RUST_LOG", "warn")
         .env_remove("UNDERLAY_AGENT_FAULT")
         .stdout(Stdio::null())

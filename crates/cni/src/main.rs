@@ -4,18 +4,6 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() == Some(underlay_cni::plugin::REAP_LINK_ARG) {
-        // Detached helper started by DEL (see plugin::del): delete one veth, report nothing.
-        let index = args.next().and_then(|i| i.parse().ok());
-        let name = args.next();
-        return match (index, name) {
-            (Some(i), Some(n)) if underlay_cni::plugin::reap_link(i, &n).is_ok() => {
-                ExitCode::SUCCESS
-            }
-            _ => ExitCode::FAILURE,
-        };
-    }
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         let err = underlay_cni::CniError::new(underlay_cni::spec::code::IO, "cannot read stdin")

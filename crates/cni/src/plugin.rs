@@ -101,8 +101,9 @@ fn add(inv: &Invocation) -> Result<Value, CniError> {
     let client = connect(inv)?;
     let pod_ns = open_pod_netns(&inv.netns)?;
     let mut host = Netlink::open_here().map_err(|e| dp_error("netlink", e))?;
+    // The plugin is single-threaded: switching this thread in and out is cheaper than a helper thread.
     let mut pod = pod_ns
-        .netlink()
+        .netlink_in_place()
         .map_err(|e| dp_error("netlink in the pod namespace", e))?;
 
     let alloc = client
@@ -188,35 +189,42 @@ fn setup(
         })?;
     }
 
-    // Pod side.
-    let eth = pod
-        .link_by_name(&inv.ifname)
-        .map_err(|e| dp_error("reading the pod interface", e))?
-        .ok_or_else(|| {
-            CniError::new(
-                code::DATAPLANE,
-                format!("{} vanished from the pod namespace", inv.ifname),
-            )
-        })?;
-    pod.link_set_up(eth.index, true)
-        .map_err(|e| dp_error("setting the pod interface up", e))?;
-    pod.addr_add(eth.index, IpNet::V4(address))
-        .ignore_exists()
-        .map_err(|e| dp_error("adding the pod address", e))?;
-    pod.neigh_add_permanent(eth.index, IpAddr::V4(gateway), host_mac)
-        .map_err(|e| dp_error("adding the gateway neighbour", e))?;
-    pod.route_replace(&Route::via_onlink(
-        default_v4(),
-        IpAddr::V4(gateway),
-        eth.index,
-    ))
-    .map_err(|e| dp_error("adding the default route", e))?;
-
-    // Host side.
+    // The host end tells us the pod end's index (IFLA_LINK), which saves a lookup in the pod namespace.
     let hv = host
         .link_by_name(&host_name)
         .map_err(|e| dp_error("reading the host veth", e))?
         .ok_or_else(|| CniError::new(code::DATAPLANE, format!("{host_name} vanished")))?;
+    let eth_index = match hv.peer_index {
+        Some(i) => i,
+        None => {
+            pod.link_by_name(&inv.ifname)
+                .map_err(|e| dp_error("reading the pod interface", e))?
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::DATAPLANE,
+                        format!("{} vanished from the pod namespace", inv.ifname),
+                    )
+                })?
+                .index
+        }
+    };
+
+    // Pod side.
+    pod.link_set_up(eth_index, true)
+        .map_err(|e| dp_error("setting the pod interface up", e))?;
+    pod.addr_add(eth_index, IpNet::V4(address))
+        .ignore_exists()
+        .map_err(|e| dp_error("adding the pod address", e))?;
+    pod.neigh_add_permanent(eth_index, IpAddr::V4(gateway), host_mac)
+        .map_err(|e| dp_error("adding the gateway neighbour", e))?;
+    pod.route_replace(&Route::via_onlink(
+        default_v4(),
+        IpAddr::V4(gateway),
+        eth_index,
+    ))
+    .map_err(|e| dp_error("adding the default route", e))?;
+
+    // Host side.
     host.route_replace(&Route::link(IpNet::V4(address), hv.index))
         .map_err(|e| dp_error("adding the host route to the pod", e))?;
     if let Some(rule) = from_pod_rule(alloc, address) {
@@ -245,30 +253,31 @@ fn default_v4() -> IpNet {
 /// Tolerant of everything already gone: the netns, the veth, the allocation. Never enters the pod namespace.
 ///
 /// Deleting a veth costs the kernel an RCU grace period (~20 ms here) inside the netlink call. DEL does not
-/// wait for it: it releases the address, deletes the host route (so nothing is routed to the pod any more
-/// when DEL returns), then hands the veth, by ifindex, to a detached `underlay-cni reap-link` process and
-/// returns. A retried ADD for the same container cannot lose its new veth to that process: the new veth has
-/// a new ifindex. If the reaper cannot be started, the veth is deleted inline.
+/// wait for it: it finds the host veth, and its Release request names it (ifindex + name); the agent
+/// checkpoints the release, replies, and then deletes the host route and the veth on its reaper thread —
+/// only if that index still carries that name, so a retried ADD's new veth is never touched. An agent
+/// without a reaper says so (`link_queued = false`) and DEL deletes the veth itself. An agent that is not
+/// reachable fails DEL with 11 before anything changes; the runtime retries.
 fn del(inv: &Invocation) -> Result<(), CniError> {
     let client = connect(inv)?;
     let mut host = Netlink::open_here().map_err(|e| dp_error("netlink", e))?;
-    let released = client.release(&key(inv)).map_err(ipam_error)?;
     let host_name = naming::host_veth_name(&inv.container_id, &inv.ifname);
-    if let Some(link) = host
+    let link = host
         .link_by_name(&host_name)
-        .map_err(|e| dp_error("reading the host veth", e))?
+        .map_err(|e| dp_error("reading the host veth", e))?;
+    let (released, queued) = client
+        .release_with_link(
+            &key(inv),
+            link.as_ref().map(|l| (l.index, host_name.as_str())),
+        )
+        .map_err(ipam_error)?;
+    if let Some(link) = &link
+        && !queued
     {
-        if let Some(addr) = released.as_ref().and_then(|a| a.address_v4().ok()) {
-            host.route_del(&Route::link(IpNet::V4(addr), link.index))
-                .ignore_missing()
-                .map_err(|e| dp_error("deleting the host route", e))?;
-        }
-        if let Err(e) = spawn_reaper(link.index, &host_name) {
-            tracing::info!(error = %e, "cannot start the link reaper; deleting inline");
-            host.link_del(link.index)
-                .ignore_missing()
-                .map_err(|e| dp_error("deleting the veth", e))?;
-        }
+        // The host route goes with the link.
+        host.link_del(link.index)
+            .ignore_missing()
+            .map_err(|e| dp_error("deleting the veth", e))?;
     }
     if let Some(alloc) = released
         && let Ok(addr) = alloc.address_v4()
@@ -279,33 +288,6 @@ fn del(inv: &Invocation) -> Result<(), CniError> {
             .map_err(|e| dp_error("deleting the pod source rule", e))?;
     }
     Ok(())
-}
-
-/// First argument that makes `underlay-cni` a link reaper instead of a CNI plugin (runtimes pass none).
-pub const REAP_LINK_ARG: &str = "reap-link";
-
-fn spawn_reaper(index: u32, name: &str) -> std::io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
-    std::process::Command::new(exe)
-        .args([REAP_LINK_ARG, &index.to_string(), name])
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map(drop)
-}
-
-/// The reaper's work: delete link `index` if it still carries `name` (an ifindex is never reused while the
-/// link exists, and the name check covers reuse after it is gone).
-pub fn reap_link(index: u32, name: &str) -> Result<(), underlay_dataplane::Error> {
-    let mut nl = Netlink::open_here()?;
-    match nl.link_by_name(name)? {
-        Some(l) if l.index == index => nl.link_del(index).ignore_missing().map(drop),
-        _ => Ok(()),
-    }
 }
 
 // ---------------------------------------------------------------- CHECK

@@ -95,7 +95,7 @@ fn add_check_del(version: &str, prefix: &str, pool: &str) {
     }
     node.cni("DEL", "c1", &pod.path(), "eth0", &conf)
         .expect_ok();
-    // Address and route are gone when DEL returns; the veth shortly after (detached reaper).
+    // Address and route are gone when DEL returns; the veth shortly after (the agent's link reaper).
     assert!(node.pod_routes().is_empty());
     assert!(node.allocations().is_empty());
     assert!(node.wait_host_veths_gone().is_empty());
@@ -424,4 +424,62 @@ fn thousand_adds_survive_an_agent_kill_and_del_leaves_nothing() {
     assert!(node.allocations().is_empty());
     assert!(node.pod_routes().is_empty());
     assert!(node.wait_host_veths_gone().is_empty());
+}
+
+/// The agent's link reaper sweeps host veths no allocation owns when it starts (and after GC), and keeps
+/// every veth a live allocation owns, including across a kill -9 and restart.
+#[test]
+fn agent_sweeps_orphaned_veths_and_keeps_owned_ones() {
+    let mut node = Node::new("ulcni-sweep", "100.64.21.0/28");
+    let pod = TestNs::new("ulcni-sweep-p").unwrap();
+    let conf = node.conf("1.0.0");
+    node.cni("ADD", "c1", &pod.path(), "eth0", &conf)
+        .expect_ok();
+    let owned = host_veth_name("c1", "eth0");
+
+    node.kill_agent();
+    // Left by a crash between veth creation and rollback: named like ours, no allocation.
+    let orphan = host_veth_name("orphan", "eth0");
+    node.nl()
+        .veth_add(&VethSpec {
+            name: &orphan,
+            peer_name: "ulcni-sweep-o",
+            peer_netns: None,
+            mtu: None,
+            mac: None,
+            peer_mac: None,
+            up: false,
+        })
+        .unwrap();
+    // Not named like ours: never touched.
+    node.nl()
+        .veth_add(&VethSpec {
+            name: "ulcni-sweep-x",
+            peer_name: "ulcni-sweep-y",
+            peer_netns: None,
+            mtu: None,
+            mac: None,
+            peer_mac: None,
+            up: false,
+        })
+        .unwrap();
+    node.start_agent();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node.nl().link_by_name(&orphan).unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphan {orphan} not swept"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let veths: Vec<String> = node.host_veths().into_iter().map(|l| l.name).collect();
+    assert_eq!(veths, vec![owned.clone()]);
+    assert!(node.nl().link_by_name("ulcni-sweep-x").unwrap().is_some());
+    assert_eq!(node.allocations().len(), 1);
+
+    node.cni("DEL", "c1", &pod.path(), "eth0", &conf)
+        .expect_ok();
+    assert!(node.wait_host_veths_gone().is_empty());
+    node.nl().link_del_by_name("ulcni-sweep-x").unwrap();
 }

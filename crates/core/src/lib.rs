@@ -19,6 +19,7 @@ pub mod planner;
 mod prefix;
 pub mod routeops;
 pub mod topology;
+pub mod veth_names;
 
 pub use planner::{PlanError, PlanWarning, RoutedPlan, plan};
 pub use routeops::{RouteOp, diff};

@@ -26,8 +26,12 @@ pub const CNI_CONFLIST: &str = "10-underlay.conflist";
 pub const CNI_NETWORK: &str = "underlay";
 pub const CNI_PLUGIN: &str = "underlay-cni";
 
-/// Default path of the agent's IPAM checkpoint (versioned JSON, rewritten atomically on every change).
-pub const AGENT_CHECKPOINT: &str = "/var/lib/underlay/ipam.json";
+/// Default path of the agent's IPAM checkpoint (versioned JSON, rewritten atomically on every change). On
+/// tmpfs, as amazon-vpc-cni keeps its own: it must survive agent restarts, not reboots (no pod survives one).
+pub const AGENT_CHECKPOINT: &str = "/run/underlay/ipam.json";
+
+/// Prefix of every host-side veth underlay-cni creates (`ul` + 11 hex digits; see `veth_names`).
+pub const HOST_VETH_PREFIX: &str = "ul";
 /// Default directories the agent writes the CNI configuration list to and installs the plugin into.
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const CNI_BIN_DIR: &str = "/opt/cni/bin";

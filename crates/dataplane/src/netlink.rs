@@ -52,6 +52,9 @@ pub struct Link {
     pub up: bool,
     /// `veth`, `bridge`, … (None for devices without a kind, such as `lo`).
     pub kind: Option<String>,
+    /// IFLA_LINK when it differs from `index`: for a veth, the peer's ifindex *in the peer's namespace*, so the
+    /// creator of a pair learns the far end's index without a lookup there.
+    pub peer_index: Option<u32>,
 }
 
 /// A veth pair to create. The peer can be created directly inside another namespace, so it never appears in
@@ -745,11 +748,13 @@ fn link_from(l: &LinkMessage) -> Link {
         mtu: 0,
         up: l.header.flags.contains(LinkFlags::Up),
         kind: None,
+        peer_index: None,
     };
     for a in &l.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::Link(i) => link.peer_index = Some(*i),
             LinkAttribute::Address(mac) => link.mac = mac.as_slice().try_into().ok(),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {

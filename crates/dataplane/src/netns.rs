@@ -1,6 +1,7 @@
-//! Network namespace handles. Entering a namespace happens here and only here, always on a short-lived OS
-//! thread of our own: namespace membership is per thread, and a thread that has switched must never run
-//! anything else (a tokio worker, a pooled thread).
+//! Network namespace handles. Entering a namespace happens here and only here, on a short-lived OS thread of
+//! our own: namespace membership is per thread, and a thread that has switched must never run anything else
+//! (a tokio worker, a pooled thread). The one exception, [`Netns::netlink_in_place`], is for single-threaded
+//! synchronous processes and switches back before it returns.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -84,6 +85,29 @@ impl Netns {
     /// whichever thread uses it afterwards.
     pub fn netlink(&self) -> Result<Netlink> {
         self.run(Netlink::open_here)
+    }
+
+    /// Like [`Netns::netlink`] without the helper thread: the calling thread enters this namespace, opens the
+    /// socket and returns to the namespace it was in. For single-threaded, synchronous processes only (the CNI
+    /// plugin, where a thread spawn and join cost more than the whole switch), never on a tokio worker or
+    /// a pooled thread. If the return fails the thread is left in this namespace and the error says so; the
+    /// caller must then stop (sockets opened before stay bound to their own namespaces).
+    pub fn netlink_in_place(&self) -> Result<Netlink> {
+        let home = Netns::current()?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+            Error::kernel(format!("setns {}", self.path.display()), io::Error::from(e))
+        })?;
+        let opened = Netlink::open_here();
+        setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+            Error::kernel(
+                format!(
+                    "setns back from {} (this thread is left in it)",
+                    self.path.display()
+                ),
+                io::Error::from(e),
+            )
+        })?;
+        opened
     }
 
     /// The raw socket behind [`Netns::netlink`], for async callers (rtnetlink's `from_socket`).

@@ -192,3 +192,42 @@ fn test_namespace_is_gone_after_drop() {
     }
     assert!(!std::path::Path::new(&path).exists());
 }
+
+#[test]
+fn netlink_in_place_opens_in_the_target_and_returns_home() {
+    let ns = TestNs::new("uldp-inplace").unwrap();
+    // On a thread of our own, so the switch cannot affect other tests' threads.
+    let (home_before, home_after, links, peer_index) = std::thread::spawn(move || {
+        let before = Netns::current().unwrap().inode().unwrap();
+        let mut nl = ns.netns().netlink_in_place().unwrap();
+        let after = Netns::current().unwrap().inode().unwrap();
+        let links: Vec<String> = nl.links().unwrap().into_iter().map(|l| l.name).collect();
+        // IFLA_LINK: the creator learns the peer's index in the peer's namespace.
+        let mut here = ns.netns().netlink().unwrap();
+        let peer = TestNs::new("uldp-inplace-p").unwrap();
+        here.veth_add(&VethSpec {
+            name: "uldpip0",
+            peer_name: "uldpip1",
+            peer_netns: Some(peer.netns()),
+            mtu: None,
+            mac: None,
+            peer_mac: None,
+            up: false,
+        })
+        .unwrap();
+        let host = here.link_by_name("uldpip0").unwrap().unwrap();
+        let far = peer
+            .netns()
+            .netlink()
+            .unwrap()
+            .link_by_name("uldpip1")
+            .unwrap()
+            .unwrap();
+        (before, after, links, host.peer_index == Some(far.index))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(home_before, home_after, "thread did not return home");
+    assert_eq!(links, vec!["lo".to_string()]);
+    assert!(peer_index, "IFLA_LINK is not the peer's index");
+}

@@ -238,14 +238,35 @@ impl Client {
 
     /// Releases the address `key` holds. `Ok(None)` when it held none (DEL semantics: not an error).
     pub fn release(&self, key: &AttachmentKey) -> Result<Option<Allocation>, ClientError> {
+        self.release_with_link(key, None)
+            .map(|(released, _)| released)
+    }
+
+    /// Releases the address `key` holds and hands the agent the attachment's host veth `(ifindex, name)` to
+    /// delete after it replies. The `bool` is the agent's `link_queued`: when false, the caller must delete
+    /// the link itself.
+    pub fn release_with_link(
+        &self,
+        key: &AttachmentKey,
+        host_link: Option<(u32, &str)>,
+    ) -> Result<(Option<Allocation>, bool), ClientError> {
+        let (host_ifindex, host_ifname) = host_link
+            .map(|(i, n)| (i, n.to_string()))
+            .unwrap_or_default();
         let req = ReleaseRequest {
             key: Some(key.clone()),
+            host_ifindex,
+            host_ifname,
         };
         match self.call(pb::request::Method::Release(req))? {
             pb::reply::Method::Release(ReleaseReply { error: Some(e), .. }) => {
                 Err(ClientError::from_wire(e))
             }
-            pb::reply::Method::Release(ReleaseReply { released, .. }) => Ok(released),
+            pb::reply::Method::Release(ReleaseReply {
+                released,
+                link_queued,
+                ..
+            }) => Ok((released, link_queued)),
             other => Err(unexpected("release", &other)),
         }
     }

@@ -106,6 +106,7 @@ fn client_grpc(socket: &Path, id: &str) -> Result<(), Box<dyn std::error::Error>
         }
         c.release(pb::ReleaseRequest {
             key: Some(AttachmentKey::new(id, "eth0")),
+            ..Default::default()
         })
         .await?;
         Ok::<_, Box<dyn std::error::Error>>(())

@@ -40,6 +40,9 @@ pub struct Args {
     /// Pod MTU.
     #[arg(long)]
     mtu: Option<u32>,
+    /// Do not run the link reaper (DEL then deletes pod veths itself; nothing is swept).
+    #[arg(long)]
+    no_link_reaper: bool,
 }
 
 /// File name of the checkpoint inside `--state-dir`.
@@ -71,6 +74,9 @@ fn resolve(args: Args) -> anyhow::Result<AgentConfig> {
     }
     if let Some(m) = args.mtu {
         config.mtu = m;
+    }
+    if args.no_link_reaper {
+        config.reap_links = false;
     }
     if let Some(p) = args.plugin_source {
         config.plugin_source = Some(p);

@@ -22,6 +22,8 @@ const PREFIX: &str = "ulbench";
 const UNDERLAY_POOL: &str = "100.64.0.0/20";
 const REFERENCE_SUBNET: &str = "100.64.16.0/20";
 const MAX_PODS: usize = 4000;
+/// Where the agent's checkpoint goes: tmpfs, like its default under /run.
+const TMPFS: &str = "/dev/shm";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -80,7 +82,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         .map(|_| TestNs::new(&format!("{PREFIX}-pod")))
         .collect::<Result<_, _>>()?;
 
-    // underlay-cni + agent.
+    // underlay-cni + agent. The agent's checkpoint lives on tmpfs, as its default (/run) does on a node; the
+    // reference keeps host-local's state on disk, as its default (/var/lib/cni) does.
+    let state = tempfile::Builder::new()
+        .prefix("ulbench-state")
+        .tempdir_in(TMPFS)
+        .with_context(|| format!("temp dir under {TMPFS}"))?;
     let ul_node = TestNs::new(&format!("{PREFIX}-ul"))?;
     let socket = dir.path().join("agent.sock");
     let agent_log = std::fs::File::create(dir.path().join("agent.log"))?;
@@ -91,7 +98,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(state.path())
             .arg("--cni-conf-dir")
             .arg(dir.path().join("net.d"))
             .arg("--cni-bin-dir")

@@ -142,10 +142,10 @@ impl Node {
             .collect()
     }
 
-    /// Waits (bounded: 5 s) until no host veth of this plugin is left: DEL hands veth deletion to a detached
-    /// reaper, and a deleted namespace takes its veths with it asynchronously. Returns what is left.
+    /// Waits (bounded: 60 s; the kernel deletes a few hundred veths a second) until no host veth of this plugin is left: DEL hands veth deletion to the agent's
+    /// link reaper, and a deleted namespace takes its veths with it asynchronously. Returns what is left.
     pub fn wait_host_veths_gone(&self) -> Vec<Link> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = self.host_veths();
             if left.is_empty() || Instant::now() > deadline {

@@ -19,6 +19,8 @@ use std::sync::Arc;
 pub mod checkpoint;
 pub mod cni_install;
 pub mod config;
+pub mod health_http;
+pub mod routed;
 pub mod server;
 pub mod service;
 

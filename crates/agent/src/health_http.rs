@@ -135,6 +135,28 @@ impl HealthServer {
         })
     }
 
+    /// Wraps a listener created elsewhere (e.g. inside another network namespace); it must be non-blocking.
+    pub fn from_std(
+        listener: std::net::TcpListener,
+        ready: Ready,
+        ipam_socket: Option<PathBuf>,
+    ) -> Result<Self, AgentError> {
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let listener = TcpListener::from_std(listener).map_err(|source| AgentError::Io {
+            what: "register health endpoint",
+            path: PathBuf::from(addr),
+            source,
+        })?;
+        Ok(HealthServer {
+            listener,
+            ready,
+            ipam_socket,
+        })
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }

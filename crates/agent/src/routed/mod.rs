@@ -12,6 +12,7 @@
 //! Converging twice applies nothing the second time: the report's `ops` is empty.
 
 pub mod nft;
+pub mod runner;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -209,7 +209,7 @@ pub fn parse_request(head: &[u8]) -> Request<'_> {
     if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
         return Request::Malformed;
     }
-    if method != "GET" && method != "HEAD" {
+    if method != "GET" {
         return if method.bytes().all(|b| b.is_ascii_uppercase()) && !method.is_empty() {
             Request::OtherMethod
         } else {
@@ -316,6 +316,10 @@ mod tests {
         );
         assert_eq!(
             parse_request(b"POST /healthz HTTP/1.1\r\n\r\n"),
+            Request::OtherMethod
+        );
+        assert_eq!(
+            parse_request(b"HEAD /healthz HTTP/1.1\r\n\r\n"),
             Request::OtherMethod
         );
         assert_eq!(parse_request(b"GET /healthz\r\n\r\n"), Request::Malformed);

@@ -1,6 +1,7 @@
 //! Routed mode end to end on the lab's VPC: a forwarder converged by the agent carries traffic for a
 //! same-subnet peer's pod block (an aggregated VPC route points at the forwarder), replies take the direct
-//! path (asymmetric), and pod traffic to the internet leaves with the node's address. Needs root.
+//! path (asymmetric), transit TCP survives a host firewall that drops conntrack-invalid packets only thanks to
+//! the notrack rule, and pod traffic to the internet leaves with the node's address. Needs root.
 #![cfg(feature = "root-tests")]
 
 use std::net::Ipv4Addr;
@@ -207,6 +208,104 @@ fn a_forwarder_carries_a_peers_block_and_pods_reach_the_internet_through_snat() 
         "internet traffic not SNATed"
     );
 
+    // Why notrack: give A a host firewall that drops conntrack-invalid packets (a common host policy). A sees
+    // only the client's half of a TCP flow (SYN, then ACK and data, never the SYN-ACK), which conntrack calls
+    // invalid: transit TCP through A works only while the transit rule keeps it out of conntrack.
+    let ns_c_handle = Netns::named(&ns_c).unwrap();
+    nft::apply_batch(
+        agent_a.netns().path(),
+        "table inet hostfw {\n\tchain forward {\n\t\ttype filter hook forward priority 10; policy accept;\n\t\tct state invalid counter drop\n\t}\n}\n",
+    )
+    .unwrap();
+    assert!(
+        tcp_echo(pod.netns(), pod_ip, 7001, &ns_c_handle),
+        "TCP through A failed with notrack in place"
+    );
+    let handle = rule_handle(agent_a.netns(), "transit-notrack");
+    nft::nft_in(
+        agent_a.netns().path(),
+        &[
+            "delete",
+            "rule",
+            "inet",
+            "underlay",
+            "raw_prerouting",
+            "handle",
+            &handle.to_string(),
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(
+        !tcp_echo(pod.netns(), pod_ip, 7002, &ns_c_handle),
+        "TCP through A worked without notrack: the firewall did not see invalid state"
+    );
+    let repaired = agent_a.converge(&spec_a).unwrap();
+    assert_eq!(repaired.ops.len(), 1, "{:?}", repaired.ops);
+    assert!(
+        tcp_echo(pod.netns(), pod_ip, 7003, &ns_c_handle),
+        "TCP through A failed after the converge restored notrack"
+    );
+
     drop(pod);
     fabric.down().unwrap();
+}
+
+/// Handle of one of our nft rules (by id).
+fn rule_handle(ns: &Netns, rule_id: &str) -> u64 {
+    let json = nft::list_table_json(ns.path()).unwrap().unwrap();
+    let prefix = format!("{rule_id}@");
+    json["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .find(|r| r["comment"].as_str().unwrap_or("").starts_with(&prefix))
+        .unwrap()["handle"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A TCP connection from `client` to a listener at `ip:port` inside `server`, one 5-byte message echoed back.
+/// Every wait is bounded (2 s connect, 3 s per read, 5 s for the accept).
+fn tcp_echo(server: &Netns, ip: Ipv4Addr, port: u16, client: &Netns) -> bool {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+    let addr = SocketAddr::from((ip, port));
+    let listener = server
+        .run(move || Ok(TcpListener::bind(addr)))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let srv = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    let mut buf = [0u8; 5];
+                    if s.read_exact(&mut buf).is_ok() {
+                        let _ = s.write_all(&buf);
+                    }
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    let stream = client
+        .run(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(2))))
+        .unwrap();
+    let ok = match stream {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut buf = [0u8; 5];
+            s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+        }
+        Err(_) => false,
+    };
+    srv.join().unwrap();
+    ok
 }

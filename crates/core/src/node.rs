@@ -61,7 +61,13 @@ impl RoutedNodeSpec {
                 pod_cidr: self.pod_cidr,
             });
         }
-        for r in &self.peer_routes {
+        for (i, r) in self.peer_routes.iter().enumerate() {
+            if self.peer_routes[..i].iter().any(|o| {
+                o.destination.contains(&r.destination.network())
+                    || r.destination.contains(&o.destination.network())
+            }) {
+                return Err(NodeSpecError::PeerOverlap(r.destination));
+            }
             if !self.pod_cidr.contains(&r.destination) {
                 return Err(NodeSpecError::PeerOutsidePodCidr(r.destination));
             }
@@ -85,6 +91,8 @@ pub enum NodeSpecError {
     BlockOutsidePodCidr { block: Ipv4Net, pod_cidr: Ipv4Net },
     #[error("peer route {0} is outside the pod CIDR")]
     PeerOutsidePodCidr(Ipv4Net),
+    #[error("peer route {0} overlaps another peer route")]
+    PeerOverlap(Ipv4Net),
     #[error("peer route {0} overlaps the node's own block")]
     PeerOverlapsOwnBlock(Ipv4Net),
     #[error("the record lists no VPC CIDR")]

@@ -252,6 +252,9 @@ fn spec_validation_rejects_contradictions() {
         s.validate(),
         Err(NodeSpecError::PeerOverlapsOwnBlock(_))
     ));
+    let mut s = spec();
+    s.peer_routes[1].destination = s.peer_routes[0].destination;
+    assert!(matches!(s.validate(), Err(NodeSpecError::PeerOverlap(_))));
     assert_eq!(spec().validate(), Ok(()));
 }
 

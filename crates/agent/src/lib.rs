@@ -20,7 +20,9 @@ use std::sync::Arc;
 pub mod checkpoint;
 pub mod cni_install;
 pub mod config;
+pub mod health_http;
 pub mod reaper;
+pub mod routed;
 pub mod server;
 pub mod service;
 

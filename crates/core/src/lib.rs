@@ -14,6 +14,8 @@ pub mod health;
 pub mod instance_types;
 pub mod ipam;
 pub mod names;
+pub mod nft;
+pub mod node;
 pub mod owned;
 pub mod planner;
 mod prefix;

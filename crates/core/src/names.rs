@@ -55,3 +55,20 @@ pub const LAB_TABLE_VPC_BASE: u32 = 0x1000_0000;
 /// Priorities of the fabric's policy rules: ENI-owned addresses first, then the subnet's VPC route table.
 pub const LAB_RULE_PRIORITY_OWNED: u32 = 100;
 pub const LAB_RULE_PRIORITY_VPC: u32 = 200;
+
+/// Routed mode, on every node: the routing table holding the routes to same-subnet peers' blocks. Every route
+/// in it is underlay's (the agent deletes what its record does not list); no other table is touched.
+pub const AGENT_ROUTE_TABLE: u32 = 0x756c; // "ul"
+/// Priority of the `to <pod cidr> lookup AGENT_ROUTE_TABLE` rule: before `main` (32766), so a peer block's
+/// route wins over a default route; a lookup that finds nothing there falls through to `main`.
+pub const AGENT_RULE_PRIORITY_PEERS: u32 = 30000;
+/// Default TCP port of the agent's health endpoint (`/healthz`, `/readyz`); the controller probes it.
+pub const AGENT_HEALTH_PORT: u16 = 9650;
+/// nftables chains of the `inet underlay` table in routed mode.
+pub const NFT_CHAIN_RAW_PREROUTING: &str = "raw_prerouting";
+pub const NFT_CHAIN_FORWARD: &str = "forward";
+pub const NFT_CHAIN_NAT_POSTROUTING: &str = "nat_postrouting";
+/// Their hook priorities (the kernel's NF_IP_PRI_RAW, NF_IP_PRI_FILTER, NF_IP_PRI_NAT_SRC).
+pub const NFT_PRIORITY_RAW: i32 = -300;
+pub const NFT_PRIORITY_FILTER: i32 = 0;
+pub const NFT_PRIORITY_SRCNAT: i32 = 100;

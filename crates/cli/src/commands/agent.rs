@@ -1,4 +1,5 @@
-//! `underlay agent`: the node agent (for now: the IPAM service, the CNI configuration and plugin install).
+//! `underlay agent`: the node agent (the IPAM service, the CNI configuration and plugin install; with
+//! `--routed-spec`, also the routed-mode converge loop and the health endpoint).
 //!
 //! Configuration comes from `--config FILE` (YAML, see docs/agent.md), then the flags override single
 //! fields, which is what tests and local runs use. The test-only fault knob `UNDERLAY_AGENT_FAULT` is read
@@ -43,6 +44,16 @@ pub struct Args {
     /// Do not run the link reaper (DEL then deletes pod veths itself; nothing is swept).
     #[arg(long)]
     no_link_reaper: bool,
+    /// Routed mode: the node record (YAML or JSON) to converge the node to; its block becomes the pool and
+    /// its MTU the pod MTU. Also serves the health endpoint.
+    #[arg(long, value_name = "FILE")]
+    routed_spec: Option<PathBuf>,
+    /// Routed mode: the network namespace holding the node's uplink (default: the agent's own).
+    #[arg(long, value_name = "PATH", requires = "routed_spec")]
+    netns: Option<PathBuf>,
+    /// Routed mode: address of the health endpoint (default 0.0.0.0:9650).
+    #[arg(long, value_name = "ADDR", requires = "routed_spec")]
+    health_addr: Option<std::net::SocketAddr>,
 }
 
 /// File name of the checkpoint inside `--state-dir`.
@@ -108,6 +119,21 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             names::AGENT_FAULT_ENV
         );
     }
+    let mut args = args;
+    let routed = match args.routed_spec.take() {
+        Some(path) => {
+            let spec = underlay_agent::routed::runner::load_spec(&path)?;
+            args.pool = Some(spec.pod_block);
+            args.mtu = Some(spec.mtu);
+            let mut opts = underlay_agent::routed::runner::RoutedOptions::new(spec);
+            opts.netns = args.netns.take();
+            if let Some(a) = args.health_addr {
+                opts.health_addr = a;
+            }
+            Some(opts)
+        }
+        None => None,
+    };
     let config = resolve(args)?;
     if let Some(dir) = config.checkpoint.parent() {
         std::fs::create_dir_all(dir)
@@ -118,7 +144,15 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(underlay_agent::run(config, fault, shutdown_signal()))?;
+    match routed {
+        Some(opts) => runtime.block_on(underlay_agent::routed::runner::run_routed(
+            config,
+            opts,
+            fault,
+            shutdown_signal(),
+        ))?,
+        None => runtime.block_on(underlay_agent::run(config, fault, shutdown_signal()))?,
+    }
     Ok(())
 }
 

@@ -1,0 +1,136 @@
+//! nftables in a namespace: `nft` run with the namespace entered (`nsenter --net=<path> nft …`), since the
+//! dataplane crate has no nftables client yet. Every call names the namespace explicitly; nothing here ever
+//! runs `nft` in the caller's namespace unless the caller passes that namespace.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use underlay_core::names;
+use underlay_core::nft::ObservedNft;
+
+use super::RoutedError;
+
+/// Runs `nft <args>` inside the namespace at `netns`, feeding `stdin` if given; returns stdout.
+pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RoutedError> {
+    let what = format!("nft {}", args.join(" "));
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RoutedError::Nft {
+            what: what.clone(),
+            detail: format!("cannot run nsenter/nft: {e}"),
+        })?;
+    if let Some(text) = stdin {
+        // Dropping the handle closes the pipe so nft sees end of input.
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| RoutedError::Nft {
+                what: what.clone(),
+                detail: format!("writing the batch: {e}"),
+            })?;
+    }
+    let out = child.wait_with_output().map_err(|e| RoutedError::Nft {
+        what: what.clone(),
+        detail: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(RoutedError::Nft {
+            what,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Applies one `nft -f` batch (atomic: all of it or none).
+pub fn apply_batch(netns: &Path, script: &str) -> Result<(), RoutedError> {
+    nft_in(netns, &["-f", "-"], Some(script)).map(|_| ())
+}
+
+/// The `inet underlay` table as JSON (`nft -j list table inet underlay`), or `None` when it does not exist.
+pub fn list_table_json(netns: &Path) -> Result<Option<serde_json::Value>, RoutedError> {
+    match nft_in(
+        netns,
+        &["-j", "list", "table", names::NFT_FAMILY, names::NFT_TABLE],
+        None,
+    ) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| RoutedError::Nft {
+                what: "nft -j list table".into(),
+                detail: format!("unparsable JSON: {e}"),
+            }),
+        Err(RoutedError::Nft { detail, .. }) if detail.contains("No such file or directory") => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads `(chain, rule comment)` pairs of the `inet underlay` table out of `nft -j` output.
+pub fn observed_from_json(v: &serde_json::Value) -> ObservedNft {
+    let mut out = ObservedNft::default();
+    let Some(items) = v.get("nftables").and_then(|x| x.as_array()) else {
+        return out;
+    };
+    for item in items {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let field = |k: &str| rule.get(k).and_then(|x| x.as_str()).unwrap_or("");
+        if field("family") != names::NFT_FAMILY || field("table") != names::NFT_TABLE {
+            continue;
+        }
+        out.rules
+            .insert((field("chain").to_string(), field("comment").to_string()));
+    }
+    out
+}
+
+/// Observes the table: `None` when absent.
+pub fn observe(netns: &Path) -> Result<Option<ObservedNft>, RoutedError> {
+    Ok(list_table_json(netns)?.as_ref().map(observed_from_json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rule_comments_of_our_table_only() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+              {"table": {"family": "inet", "name": "underlay", "handle": 3}},
+              {"chain": {"family": "inet", "table": "underlay", "name": "forward", "handle": 2}},
+              {"rule": {"family": "inet", "table": "underlay", "chain": "forward", "handle": 5,
+                        "comment": "pod-dst-accept@00", "expr": []}},
+              {"rule": {"family": "inet", "table": "underlay", "chain": "forward", "handle": 6, "expr": []}},
+              {"rule": {"family": "inet", "table": "other", "chain": "forward", "handle": 7,
+                        "comment": "x", "expr": []}}]}"#,
+        )
+        .unwrap();
+        let o = observed_from_json(&v);
+        let want: std::collections::BTreeSet<(String, String)> = [
+            ("forward".to_string(), "pod-dst-accept@00".to_string()),
+            ("forward".to_string(), String::new()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(o.rules, want);
+        assert_eq!(
+            observed_from_json(&serde_json::json!({})),
+            ObservedNft::default()
+        );
+    }
+}

@@ -51,3 +51,18 @@ pub const LAB_TABLE_VPC_BASE: u32 = 0x1000_0000;
 /// Priorities of the fabric's policy rules: ENI-owned addresses first, then the subnet's VPC route table.
 pub const LAB_RULE_PRIORITY_OWNED: u32 = 100;
 pub const LAB_RULE_PRIORITY_VPC: u32 = 200;
+
+/// Version of underlay's Kubernetes objects in [`API_GROUP`].
+pub const API_VERSION: &str = "v1alpha1";
+/// Finalizer the controller puts on every UnderlayNode: the node's cloud resources (ENIs, routes) are released
+/// before the object goes away.
+pub const FINALIZER_CLEANUP: &str = "underlay.dev/cleanup";
+/// Field managers of underlay's writes to the Kubernetes API (server-side apply and patches).
+pub const FIELD_MANAGER_CONTROLLER: &str = "underlay-controller";
+pub const FIELD_MANAGER_AGENT: &str = "underlay-agent";
+/// Label on every UnderlayNode: the name of the Node it belongs to.
+pub const LABEL_NODE: &str = "underlay.dev/node";
+/// Label on every UnderlayNode: its address mode (`routed` or `eni`).
+pub const LABEL_MODE: &str = "underlay.dev/mode";
+/// Name of the `coordination.k8s.io` Lease the controller replicas elect a leader with.
+pub const LEADER_LEASE: &str = "underlay-controller";

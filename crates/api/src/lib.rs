@@ -39,6 +39,8 @@ pub enum Mode {
 }
 
 /// What the controller knows about a node's place in the VPC. Written by the controller only.
+// clippy reads kube's repeated `printcolumn(type_ = …)` items as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "underlay.dev",

@@ -597,3 +597,44 @@ async fn unreachable_mode_fails_every_request_and_recovers() -> anyhow::Result<(
     assert_eq!(nodes.get("a").await?.metadata.name.as_deref(), Some("a"));
     Ok(())
 }
+
+#[tokio::test]
+async fn watch_from_a_resource_version_replays_only_later_changes() -> anyhow::Result<()> {
+    let sim = ApiSim::new();
+    sim.insert(&node("a"));
+    let nodes: Api<Node> = Api::all(sim.client());
+    let listed = nodes.list(&ListParams::default()).await?;
+    let rv = listed
+        .metadata
+        .resource_version
+        .expect("list carries a resourceVersion");
+    sim.insert(&node("b"));
+    nodes
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "x": "y" } } })),
+        )
+        .await?;
+    let mut watch = nodes
+        .watch(&kube::api::WatchParams::default().labels("x=y"), &rv)
+        .await?
+        .boxed();
+    match tokio::time::timeout(STEP, watch.try_next())
+        .await??
+        .expect("event")
+    {
+        kube::api::WatchEvent::Modified(n) => assert_eq!(n.metadata.name.as_deref(), Some("a")),
+        other => panic!("want Modified(a) only (b does not match the selector), got {other:?}"),
+    }
+    // A watch with a timeout ends by itself; kube's watcher then re-watches from its last version.
+    let short = kube::api::WatchParams::default().timeout(1);
+    let rv_now = sim.resource_version().to_string();
+    let mut ending = nodes.watch(&short, &rv_now).await?.boxed();
+    assert!(
+        tokio::time::timeout(STEP, ending.try_next())
+            .await??
+            .is_none()
+    );
+    Ok(())
+}

@@ -25,6 +25,8 @@ enum Command {
     /// Show a cluster's VPC as underlay sees it: route tables and owned routes, ENIs (leaked ones marked),
     /// free addresses per subnet.
     Inspect(commands::inspect::Args),
+    /// Print the UnderlayNode CustomResourceDefinition (YAML), generated from the Rust types.
+    Crd(commands::crd::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +37,6 @@ fn main() -> anyhow::Result<()> {
         Command::Plan(args) => commands::plan::exec(args),
         Command::Bench(args) => commands::bench::exec(args),
         Command::Inspect(args) => commands::inspect::exec(args),
+        Command::Crd(args) => commands::crd::exec(args),
     }
 }

@@ -72,3 +72,17 @@ pub const NFT_CHAIN_NAT_POSTROUTING: &str = "nat_postrouting";
 pub const NFT_PRIORITY_RAW: i32 = -300;
 pub const NFT_PRIORITY_FILTER: i32 = 0;
 pub const NFT_PRIORITY_SRCNAT: i32 = 100;
+/// Version of underlay's Kubernetes objects in [`API_GROUP`].
+pub const API_VERSION: &str = "v1alpha1";
+/// Finalizer the controller puts on every UnderlayNode: the node's cloud resources (ENIs, routes) are released
+/// before the object goes away.
+pub const FINALIZER_CLEANUP: &str = "underlay.dev/cleanup";
+/// Field managers of underlay's writes to the Kubernetes API (server-side apply and patches).
+pub const FIELD_MANAGER_CONTROLLER: &str = "underlay-controller";
+pub const FIELD_MANAGER_AGENT: &str = "underlay-agent";
+/// Label on every UnderlayNode: the name of the Node it belongs to.
+pub const LABEL_NODE: &str = "underlay.dev/node";
+/// Label on every UnderlayNode: its address mode (`routed` or `eni`).
+pub const LABEL_MODE: &str = "underlay.dev/mode";
+/// Name of the `coordination.k8s.io` Lease the controller replicas elect a leader with.
+pub const LEADER_LEASE: &str = "underlay-controller";

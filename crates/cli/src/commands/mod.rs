@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod bench_cni;
 pub mod bench_plan;
+pub mod crd;
 pub mod inspect;
 pub mod names;
 pub mod plan;

@@ -8,6 +8,13 @@ pub struct Args {}
 pub fn exec(_args: Args) -> anyhow::Result<()> {
     let rows = [
         ("api group", names::API_GROUP),
+        ("api version", names::API_VERSION),
+        ("finalizer", names::FINALIZER_CLEANUP),
+        ("field manager (ctl)", names::FIELD_MANAGER_CONTROLLER),
+        ("field manager (agent)", names::FIELD_MANAGER_AGENT),
+        ("label (node)", names::LABEL_NODE),
+        ("label (mode)", names::LABEL_MODE),
+        ("leader lease", names::LEADER_LEASE),
         ("taint (until ready)", names::TAINT_NOT_READY),
         ("taint (pool empty)", names::TAINT_NO_FREE_IPS),
         ("ENI tag (cluster)", names::TAG_CLUSTER),

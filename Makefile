@@ -11,14 +11,13 @@ setup:
 build: setup
 	$(CARGO) build --release --workspace --bins
 
-# Until the lab exists, the demo is the routed-mode planner on a 5,000-node, 3-zone cluster at the default
-# 50-route VPC limit, then the same cluster with one forwarder failed, a 40-node cluster (one route per node) and
-# the documented example topology.
+# The routed-mode planner at scale (5,000 nodes, 50-route tables), then `underlay lab demo`: a 12-node cluster in
+# 3 zones on a VPC made of network namespaces, with the real controller, agents and CNI plugin; it checks every
+# pod pair, kills a forwarder, and exits non-zero if anything fails. It needs root (network namespaces).
 demo: build
-	$(UNDERLAY) plan --nodes 5000 --zones 3 --subnets-per-zone 2 --route-limit 50
-	$(UNDERLAY) plan --nodes 5000 --zones 3 --subnets-per-zone 2 --route-limit 50 --fail node-0001 --summary
-	$(UNDERLAY) plan --nodes 40 --zones 3 --subnets-per-zone 2 --route-limit 50 --summary
-	$(UNDERLAY) plan --topology examples/topology.yaml
+	$(UNDERLAY) plan --nodes 5000 --zones 3 --subnets-per-zone 2 --route-limit 50 --summary
+	$(UNDERLAY) lab down --name demo
+	$(UNDERLAY) lab demo
 
 # Every test, including the root tests in network namespaces (feature `root-tests`).
 test: setup

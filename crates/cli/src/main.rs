@@ -27,6 +27,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Print the UnderlayNode CustomResourceDefinition (YAML), generated from the Rust types.
     Crd(commands::crd::Args),
+    /// A routed-mode cluster on a VPC made of network namespaces: the real controller, agents and CNI plugin.
+    Lab(commands::lab::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::exec(args),
         Command::Inspect(args) => commands::inspect::exec(args),
         Command::Crd(args) => commands::crd::exec(args),
+        Command::Lab(args) => commands::lab::exec(args),
     }
 }

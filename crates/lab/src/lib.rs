@@ -25,6 +25,7 @@ pub mod kernel;
 pub mod model;
 pub mod names;
 pub mod plan;
+pub mod scenario;
 
 pub use error::{Error, Result};
 pub use fabric::{CatchUp, Fabric, FabricOptions, sweep, teardown_lab};

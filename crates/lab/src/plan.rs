@@ -17,7 +17,7 @@ pub const IGW_INTERNET_ADDR: Ipv4Net = ipnet_v4(169, 254, 0, 2, 30);
 /// A host on the emulated internet (on the internet namespace's loopback), e.g. a ping target.
 pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
-const fn ipnet_v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
+pub(crate) const fn ipnet_v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
     match Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len) {
         Ok(n) => n,
         Err(_) => panic!("invalid constant prefix"),

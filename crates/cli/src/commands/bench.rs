@@ -12,11 +12,14 @@ enum Kind {
     Plan(super::bench_plan::PlanArgs),
     /// Pod ADD/DEL latency: underlay-cni + agent against the reference ptp + host-local, same harness.
     Cni(super::bench_cni::Args),
+    /// A whole lab (60 nodes, 600 pods): build time, time to untaint, latency per path class, memory.
+    Lab(super::bench_lab::Args),
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     match args.kind {
         Kind::Plan(a) => super::bench_plan::exec(a),
         Kind::Cni(a) => super::bench_cni::exec(a),
+        Kind::Lab(a) => super::bench_lab::exec(a),
     }
 }

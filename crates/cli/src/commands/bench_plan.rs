@@ -126,7 +126,7 @@ fn topology(args: &PlanArgs, nodes: usize) -> anyhow::Result<Topology> {
     ))?)
 }
 
-fn status_kib(field: &str) -> anyhow::Result<u64> {
+pub(crate) fn status_kib(field: &str) -> anyhow::Result<u64> {
     let s = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = s
         .lines()

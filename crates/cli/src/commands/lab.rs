@@ -1,0 +1,406 @@
+//! `underlay lab …`: a routed-mode cluster on a VPC made of network namespaces.
+//!
+//! `demo` runs everything in one process (up, check, failover, down). `up` starts a lab in a background process
+//! (`lab serve`, detached with `setsid`) that holds the VPC, the controller and the agents; `status`, `check`,
+//! `fail`, `recover` and `failover` talk to it over `<state dir>/control.sock`; `down` stops it, or removes what
+//! a crashed lab left behind.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use underlay_core::names;
+use underlay_lab::scenario::{DemoReport, Lab, LabConfig, default_state_dir, progress};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct Shape {
+    /// Lab id (1–6 lowercase letters or digits); namespaces are `ul-<name>-…`.
+    #[arg(long, default_value = "demo")]
+    name: String,
+    #[arg(long, default_value_t = 3)]
+    zones: usize,
+    #[arg(long, default_value_t = 2)]
+    subnets_per_zone: usize,
+    #[arg(long, default_value_t = 12)]
+    nodes: usize,
+    #[arg(long, default_value_t = 4)]
+    pods_per_node: usize,
+    /// Routes per VPC route table (AWS: 50). Low enough that blocks are aggregated behind forwarders.
+    #[arg(long, default_value_t = 8)]
+    route_limit: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Pod block size per node (prefix length).
+    #[arg(long, default_value_t = 26)]
+    block: u8,
+    /// Forwarder health probe interval (ms).
+    #[arg(long, default_value_t = 1000)]
+    probe_interval_ms: u64,
+    /// How long a recovered forwarder must stay healthy before its routes return (s).
+    #[arg(long, default_value_t = 10)]
+    hold_down_s: u64,
+    /// The underlay-cni binary (default: next to this executable).
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct Target {
+    #[arg(long, default_value = "demo")]
+    name: String,
+    #[arg(long, value_enum, default_value = "human")]
+    format: Format,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Build a lab and leave it running in the background.
+    Up {
+        #[command(flatten)]
+        shape: Shape,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Nodes, pods, routes per table, readiness times, EC2 calls.
+    Status(Target),
+    /// Connectivity matrix across every path class, with latency, and the no-encapsulation check.
+    Check(Target),
+    /// Kill a node (agent stopped, uplink down).
+    Fail {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Bring a failed node back.
+    Recover {
+        node: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Kill a forwarder under a steady probe: blackhole, routes moved, time to fail back.
+    Failover(Target),
+    /// Stop the lab and remove every namespace, link and file it created.
+    Down {
+        #[arg(long, default_value = "demo")]
+        name: String,
+    },
+    /// up, status, check, failover, down; exits non-zero if anything fails.
+    Demo {
+        #[command(flatten)]
+        shape: Shape,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+        /// Skip the failover scenario.
+        #[arg(long)]
+        no_failover: bool,
+    },
+    /// The background process behind `up` (not for direct use).
+    #[command(hide = true)]
+    Serve {
+        #[command(flatten)]
+        shape: Shape,
+    },
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    init_tracing();
+    match args.cmd {
+        Cmd::Demo {
+            shape,
+            format,
+            no_failover,
+        } => demo(shape, format, no_failover),
+        Cmd::Up { shape, format } => up(shape, format),
+        Cmd::Serve { shape } => serve(shape),
+        Cmd::Status(t) => request(&t, json!({"cmd": "status"})),
+        Cmd::Check(t) => request(&t, json!({"cmd": "check"})),
+        Cmd::Failover(t) => request(&t, json!({"cmd": "failover"})),
+        Cmd::Fail { node, target } => request(&target, json!({"cmd": "fail", "node": node})),
+        Cmd::Recover { node, target } => request(&target, json!({"cmd": "recover", "node": node})),
+        Cmd::Down { name } => down(&name),
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+}
+
+fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
+    let plugin = match &shape.cni_plugin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable directory")?
+            .join(names::CNI_PLUGIN),
+    };
+    let mut c = LabConfig::demo(plugin);
+    c.name = shape.name.clone();
+    c.state_dir = default_state_dir(&shape.name);
+    c.zones = shape.zones;
+    c.subnets_per_zone = shape.subnets_per_zone;
+    c.nodes = shape.nodes;
+    c.pods_per_node = shape.pods_per_node;
+    c.route_limit = shape.route_limit;
+    c.seed = shape.seed;
+    c.block_prefix_len = shape.block;
+    c.probe_interval = Duration::from_millis(shape.probe_interval_ms);
+    c.hold_down = Duration::from_secs(shape.hold_down_s);
+    c.validate()?;
+    Ok(c)
+}
+
+fn print(format: Format, value: &Value, human: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Human => print!("{}", human()),
+    }
+    Ok(())
+}
+
+fn demo(shape: Shape, format: Format, no_failover: bool) -> anyhow::Result<()> {
+    let config = config(&shape)?;
+    eprintln!(
+        "underlay lab demo: {} zones × {} subnets, {} nodes, {} pods each, route limit {}",
+        config.zones, config.subnets_per_zone, config.nodes, config.pods_per_node, config.route_limit
+    );
+    let mut lab = Lab::up(config)?;
+    let run = || -> anyhow::Result<DemoReport> {
+        let check = lab.check()?;
+        let failover = if no_failover {
+            None
+        } else {
+            Some(lab.failover()?)
+        };
+        // After the fail-back the lab must be whole again.
+        let status = lab.status();
+        Ok(DemoReport::new(status, check, failover))
+    };
+    let report = run();
+    let down = lab.down();
+    let report = report?;
+    down?;
+    print(format, &serde_json::to_value(&report)?, || report.human())?;
+    if !report.passed {
+        bail!("lab demo failed: {}", report.failures.join("; "));
+    }
+    Ok(())
+}
+
+fn control_socket(name: &str) -> PathBuf {
+    default_state_dir(name).join("control.sock")
+}
+
+fn log_file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("underlay-lab-{name}.log"))
+}
+
+/// Starts `lab serve` detached, waits for its control socket, prints the status.
+fn up(shape: Shape, format: Format) -> anyhow::Result<()> {
+    config(&shape)?;
+    let sock = control_socket(&shape.name);
+    if UnixStream::connect(&sock).is_ok() {
+        bail!(
+            "lab {} is running already; `underlay lab down --name {}` first",
+            shape.name,
+            shape.name
+        );
+    }
+    let log = log_file(&shape.name);
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new("setsid");
+    cmd.arg(&exe).args(["lab", "serve"]).args(shape_args(&shape));
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let mut child = cmd.spawn().context("starting the lab process (setsid)")?;
+    eprintln!("building lab {} (log: {})", shape.name, log.display());
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut shown = 0usize;
+    loop {
+        // Relay the background process's progress.
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            for line in text.lines().skip(shown) {
+                eprintln!("{line}");
+                shown += 1;
+            }
+        }
+        if UnixStream::connect(&sock).is_ok() {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the lab process exited ({status}) before it was up; see {}", log.display());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the lab was not up within 15 minutes; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    request(
+        &Target {
+            name: shape.name,
+            format,
+        },
+        json!({"cmd": "status"}),
+    )
+}
+
+fn shape_args(s: &Shape) -> Vec<String> {
+    let mut v = vec![
+        format!("--name={}", s.name),
+        format!("--zones={}", s.zones),
+        format!("--subnets-per-zone={}", s.subnets_per_zone),
+        format!("--nodes={}", s.nodes),
+        format!("--pods-per-node={}", s.pods_per_node),
+        format!("--route-limit={}", s.route_limit),
+        format!("--seed={}", s.seed),
+        format!("--block={}", s.block),
+        format!("--probe-interval-ms={}", s.probe_interval_ms),
+        format!("--hold-down-s={}", s.hold_down_s),
+    ];
+    if let Some(p) = &s.cni_plugin {
+        v.push(format!("--cni-plugin={}", p.display()));
+    }
+    v
+}
+
+/// The background process: builds the lab, then answers one request per connection until `down`.
+fn serve(shape: Shape) -> anyhow::Result<()> {
+    let config = config(&shape)?;
+    let sock = control_socket(&shape.name);
+    let mut lab = Lab::up(config)?;
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    progress(format!("lab {} up; control socket {}", shape.name, sock.display()));
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let mut line = String::new();
+        if BufReader::new(&conn).read_line(&mut line).is_err() {
+            continue;
+        }
+        let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let cmd = req["cmd"].as_str().unwrap_or("");
+        let reply = match handle(&mut lab, cmd, &req) {
+            Ok(v) => json!({"ok": true, "result": v}),
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        };
+        let _ = writeln!(conn, "{reply}");
+        if cmd == "down" {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    lab.down()
+}
+
+fn handle(lab: &mut Lab, cmd: &str, req: &Value) -> anyhow::Result<Value> {
+    let node = || req["node"].as_str().context("no node given");
+    Ok(match cmd {
+        "status" => serde_json::to_value(lab.status())?,
+        "check" => serde_json::to_value(lab.check()?)?,
+        "failover" => serde_json::to_value(lab.failover()?)?,
+        "fail" => {
+            lab.fail_node(node()?)?;
+            json!({"failed": node()?})
+        }
+        "recover" => {
+            lab.recover_node(node()?)?;
+            json!({"recovered": node()?})
+        }
+        "down" => json!({"down": lab.config.name}),
+        other => bail!("unknown request {other:?}"),
+    })
+}
+
+fn request(t: &Target, req: Value) -> anyhow::Result<()> {
+    let sock = control_socket(&t.name);
+    let mut conn = UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "lab {} is not running (no {}); start it with `underlay lab up --name {}`",
+            t.name,
+            sock.display(),
+            t.name
+        )
+    })?;
+    writeln!(conn, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let reply: Value = serde_json::from_str(&line).context("the lab process gave no answer")?;
+    if reply["ok"] != Value::Bool(true) {
+        bail!("{}", reply["error"].as_str().unwrap_or("lab request failed"));
+    }
+    let result = &reply["result"];
+    print(t.format, result, || human(result))?;
+    if req["cmd"] == "check"
+        && (result["pairs_ok"] != result["pairs_checked"]
+            || result["encap_devices"].as_array().is_some_and(|a| !a.is_empty()))
+    {
+        bail!("check failed");
+    }
+    Ok(())
+}
+
+/// Indented key: value lines (the status and check reports are small).
+fn human(v: &Value) -> String {
+    fn walk(v: &Value, indent: usize, out: &mut String) {
+        if let Value::Object(m) = v {
+            for (k, x) in m {
+                match x {
+                    Value::Object(_) => {
+                        out.push_str(&format!("{:indent$}{k}:\n", ""));
+                        walk(x, indent + 2, out);
+                    }
+                    _ => out.push_str(&format!("{:indent$}{k}: {x}\n", "")),
+                }
+            }
+        }
+    }
+    let mut s = String::new();
+    walk(v, 0, &mut s);
+    s
+}
+
+/// Stops a running lab; removes whatever a crashed one left behind either way.
+fn down(name: &str) -> anyhow::Result<()> {
+    let sock = control_socket(name);
+    if let Ok(mut conn) = UnixStream::connect(&sock) {
+        writeln!(conn, "{}", json!({"cmd": "down"}))?;
+        let mut line = String::new();
+        let _ = BufReader::new(&conn).read_line(&mut line);
+        // The serve process tears down after answering; wait for its socket to go.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sock.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    sweep(name, &default_state_dir(name))
+}
+
+fn sweep(name: &str, state: &Path) -> anyhow::Result<()> {
+    underlay_lab::sweep(name)?;
+    let _ = std::fs::remove_dir_all(state);
+    eprintln!("lab {name} removed");
+    Ok(())
+}

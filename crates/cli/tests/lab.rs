@@ -1,0 +1,170 @@
+//! `underlay lab` end to end: the demo on a small cluster (every pair reachable, no encapsulation, a forwarder
+//! killed and its routes moved and returned after the hold-down), the background lab driven command by command,
+//! and `lab down` cleaning up after a lab whose process was killed. Needs root.
+#![cfg(feature = "root-tests")]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn underlay() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_underlay"))
+}
+
+/// underlay-cni next to the underlay binary (a workspace test run builds it; a lone package run builds it here).
+fn plugin() -> PathBuf {
+    let p = underlay().parent().unwrap().join("underlay-cni");
+    if !p.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "underlay-cni"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    assert!(p.is_file(), "{} missing", p.display());
+    p
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(underlay()).args(args).output().unwrap();
+    eprintln!("underlay {}:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn lab_namespaces(name: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("ul-{name}-")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Removes the lab whatever happens to the test.
+struct Guard(String);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new(underlay())
+            .args(["lab", "down", "--name", &self.0])
+            .output();
+    }
+}
+
+/// The labs run one at a time: each is a whole cluster, and the failover timing wants the machine to itself.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn name(tag: &str) -> String {
+    format!("{tag}{:03x}", std::process::id() % 4096)
+}
+
+#[test]
+fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
+    let _s = serial();
+    let plugin = plugin();
+    let lab = name("d");
+    let _g = Guard(lab.clone());
+    let out = run(&[
+        "lab", "demo", "--name", &lab, "--zones", "2", "--subnets-per-zone", "1", "--nodes", "4",
+        "--pods-per-node", "2", "--route-limit", "3", "--hold-down-s", "3", "--format", "json",
+        "--cni-plugin", plugin.to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["nodes"], 4);
+    assert_eq!(report["pods"], 8);
+    assert!(report["pairs_checked"].as_u64().unwrap() > 0);
+    assert_eq!(report["pairs_ok"], report["pairs_checked"]);
+    for (_, n) in report["routes_per_table"].as_object().unwrap() {
+        assert!(n.as_u64().unwrap() <= 3);
+    }
+    // Two subnets of two nodes, one pod route per table: one block of each subnet sits behind a forwarder.
+    assert!(report["check"]["classes"]["other_subnet_forwarder"]["pairs"].as_u64().unwrap() > 0);
+    assert!(report["check"]["encap_devices"].as_array().unwrap().is_empty());
+    let f = &report["failover"];
+    assert!(f["blackhole_ms"].as_f64().unwrap() < 3000.0, "{f:#}");
+    assert_eq!(f["only_its_routes_moved"], true);
+    assert!(f["failback_ms"].as_f64().unwrap() >= 3000.0, "{f:#}");
+    assert!(report["api_calls"]["CreateRoute"].as_u64().unwrap() > 0);
+    assert!(lab_namespaces(&lab).is_empty());
+}
+
+#[test]
+fn a_background_lab_answers_each_command_and_down_removes_it() {
+    let _s = serial();
+    let plugin = plugin();
+    let lab = name("b");
+    let _g = Guard(lab.clone());
+    let p = plugin.to_str().unwrap();
+    let shape = [
+        "--name", &lab, "--zones", "1", "--subnets-per-zone", "2", "--nodes", "3", "--pods-per-node", "1",
+        "--route-limit", "3", "--hold-down-s", "2",
+    ];
+    let up = run(&[&["lab", "up"][..], &shape[..], &["--format", "json", "--cni-plugin", p]].concat());
+    assert!(up.status.success());
+    let status: Value = serde_json::from_slice(&up.stdout).unwrap();
+    assert_eq!(status["nodes"], 3);
+    // A second `up` of the same lab is refused.
+    let again = run(&[&["lab", "up"][..], &shape[..], &["--cni-plugin", p]].concat());
+    assert!(!again.status.success());
+
+    let check = run(&["lab", "check", "--name", &lab, "--format", "json"]);
+    assert!(check.status.success());
+    let check: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(check["pairs_ok"], check["pairs_checked"]);
+
+    let st: Value = serde_json::from_slice(&run(&["lab", "status", "--name", &lab, "--format", "json"]).stdout)
+        .unwrap();
+    assert_eq!(st["pods"], 3);
+    // Failing a node the lab does not have is an error, and the lab carries on.
+    assert!(!run(&["lab", "fail", "--name", &lab, "no-such-node"]).status.success());
+    // A failed node's pod is unreachable; recovered, every pair is reachable again.
+    let victim = st["node_names"][2].as_str().unwrap().to_owned();
+    assert!(run(&["lab", "fail", "--name", &lab, &victim]).status.success());
+    assert!(!run(&["lab", "check", "--name", &lab]).status.success());
+    assert!(run(&["lab", "recover", "--name", &lab, &victim]).status.success());
+    let healed = (0..10).any(|_| {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        run(&["lab", "check", "--name", &lab]).status.success()
+    });
+    assert!(healed, "pairs still unreachable 20 s after {victim} recovered");
+
+    let down = run(&["lab", "down", "--name", &lab]);
+    assert!(down.status.success());
+    assert!(lab_namespaces(&lab).is_empty());
+    assert!(!run(&["lab", "status", "--name", &lab]).status.success());
+}
+
+#[test]
+fn down_cleans_up_after_a_killed_lab_process() {
+    let _s = serial();
+    let plugin = plugin();
+    let lab = name("k");
+    let _g = Guard(lab.clone());
+    let up = run(&[
+        "lab", "up", "--name", &lab, "--zones", "1", "--subnets-per-zone", "1", "--nodes", "1",
+        "--pods-per-node", "1", "--cni-plugin", plugin.to_str().unwrap(),
+    ]);
+    assert!(up.status.success());
+    assert!(!lab_namespaces(&lab).is_empty());
+    // Kill the background process the hard way: nothing of its own teardown runs.
+    let pids = Command::new("pgrep")
+        .args(["-f", &format!("lab serve --name={lab} ")])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).to_string();
+    assert!(!pids.trim().is_empty(), "no serve process found");
+    for pid in pids.split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    let down = run(&["lab", "down", "--name", &lab]);
+    assert!(down.status.success());
+    assert!(lab_namespaces(&lab).is_empty());
+}

@@ -1,0 +1,352 @@
+//! `lab check`: a connectivity matrix over every path class, with per-class latency, and the proof that no
+//! encapsulation device exists anywhere in the lab.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use serde::Serialize;
+use underlay_cloud::RouteTarget;
+
+use super::echo::{EchoClient, EchoServers};
+use super::{Lab, progress};
+use crate::{INTERNET_HOST, kernel};
+
+/// How a packet travels between two endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathClass {
+    /// Pod → pod on the same node (through the node, no fabric).
+    SameNode,
+    /// Pod → pod on a peer in the same subnet (the agent's peer route, one hop through the fabric).
+    SameSubnet,
+    /// Pod → pod in another subnet whose VPC route targets the destination's own node.
+    OtherSubnetDirect,
+    /// Pod → pod in another subnet through an aggregated VPC route to a forwarder.
+    OtherSubnetForwarder,
+    /// Pod → a node's address (its own and others).
+    PodToNode,
+    /// Pod → the internet host (SNAT to the node's address, through the IGW).
+    PodToInternet,
+    /// Reference: node → node in the same subnet.
+    NodeNodeSameSubnet,
+    /// Reference: node → node in another subnet.
+    NodeNodeOtherSubnet,
+}
+
+impl PathClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathClass::SameNode => "same_node",
+            PathClass::SameSubnet => "same_subnet",
+            PathClass::OtherSubnetDirect => "other_subnet_direct",
+            PathClass::OtherSubnetForwarder => "other_subnet_forwarder",
+            PathClass::PodToNode => "pod_to_node",
+            PathClass::PodToInternet => "pod_to_internet",
+            PathClass::NodeNodeSameSubnet => "node_node_same_subnet",
+            PathClass::NodeNodeOtherSubnet => "node_node_other_subnet",
+        }
+    }
+}
+
+/// Reachability and latency of one class.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClassResult {
+    pub pairs: usize,
+    pub ok: usize,
+    /// Median and 99th percentile round trip (µs) over timed exchanges on reachable pairs.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// A few pairs that failed, for the report.
+    pub failed: Vec<String>,
+}
+
+/// What `lab check` found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub pairs_checked: usize,
+    pub pairs_ok: usize,
+    /// Some classes were sampled rather than checked pair by pair (large labs).
+    pub sampled: bool,
+    pub classes: BTreeMap<&'static str, ClassResult>,
+    /// Median round trip per class (µs).
+    pub latency_us: BTreeMap<&'static str, f64>,
+    /// Pod↔pod on the same-subnet direct path over node↔node in the same subnet (medians).
+    pub direct_vs_node_ratio: Option<f64>,
+    /// Encapsulation devices found (vxlan, geneve, ipip, gre, sit…): must be empty.
+    pub encap_devices: Vec<String>,
+    /// Namespaces whose links were inspected.
+    pub namespaces_inspected: usize,
+}
+
+impl CheckReport {
+    pub fn passed(&self) -> bool {
+        self.pairs_checked > 0 && self.pairs_ok == self.pairs_checked && self.encap_devices.is_empty()
+    }
+}
+
+/// Full pod×pod matrices up to this many pairs; beyond it, each pod checks a sample per class.
+const FULL_MATRIX_MAX: usize = 20_000;
+/// Per source pod and class when sampling.
+const SAMPLE_PER_CLASS: usize = 6;
+/// Timed round trips per pair on the latency sample, and pairs per class in it.
+const LATENCY_ROUNDS: usize = 20;
+const LATENCY_PAIRS: usize = 12;
+
+struct Endpoint {
+    netns: String,
+    ip: Ipv4Addr,
+    node: usize,
+}
+
+impl Lab {
+    /// The path class of pod `a` → pod `b`, from the VPC route tables as they are now.
+    pub fn pod_class(&self, snap: &underlay_vpcsim::Snapshot, a: usize, b: usize) -> PathClass {
+        let (pa, pb) = (&self.pods[a], &self.pods[b]);
+        let (na, nb) = (&self.nodes[pa.node], &self.nodes[pb.node]);
+        if pa.node == pb.node {
+            return PathClass::SameNode;
+        }
+        if na.subnet == nb.subnet {
+            return PathClass::SameSubnet;
+        }
+        let table = &self.subnets[na.subnet].table;
+        let target = snap
+            .route_tables
+            .iter()
+            .find(|t| &t.id == table)
+            .and_then(|t| {
+                t.routes
+                    .iter()
+                    .filter(|r| r.destination.contains(&pb.ip))
+                    .max_by_key(|r| r.destination.prefix_len())
+            })
+            .map(|r| r.target.clone());
+        let own = nb.instance.primary_eni().map(|e| e.id.clone());
+        match (target, own) {
+            (Some(RouteTarget::NetworkInterface(eni)), Some(own)) if eni == own => {
+                PathClass::OtherSubnetDirect
+            }
+            _ => PathClass::OtherSubnetForwarder,
+        }
+    }
+
+    /// Runs the connectivity matrix and the encapsulation check.
+    pub fn check(&self) -> anyhow::Result<CheckReport> {
+        self.wait_fabric()?;
+        let snap = self.sim.snapshot();
+        let pods: Vec<Endpoint> = self
+            .pods
+            .iter()
+            .map(|p| Endpoint {
+                netns: p.netns.clone(),
+                ip: p.ip,
+                node: p.node,
+            })
+            .collect();
+        let nodes: Vec<Endpoint> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Endpoint {
+                netns: n.netns.clone(),
+                ip: n.instance.private_ip,
+                node: i,
+            })
+            .collect();
+        let mut servers: Vec<(String, Ipv4Addr)> = pods
+            .iter()
+            .chain(nodes.iter())
+            .map(|e| (e.netns.clone(), e.ip))
+            .collect();
+        servers.push((self.id().internet_netns(), INTERNET_HOST));
+        let _echo = EchoServers::start(&servers)?;
+
+        // Pairs per class: (source endpoint, destination ip).
+        let mut pairs: BTreeMap<PathClass, Vec<(usize, bool, Ipv4Addr, String)>> = BTreeMap::new();
+        let n = pods.len();
+        let sampled = n * n > FULL_MATRIX_MAX;
+        for a in 0..n {
+            let mut per_class: BTreeMap<PathClass, usize> = BTreeMap::new();
+            // Deterministic rotation so samples differ between sources.
+            for step in 1..n {
+                let b = (a + step * 7919) % n;
+                if b == a {
+                    continue;
+                }
+                let class = self.pod_class(&snap, a, b);
+                let count = per_class.entry(class).or_default();
+                if sampled && class != PathClass::SameNode && *count >= SAMPLE_PER_CLASS {
+                    continue;
+                }
+                *count += 1;
+                pairs.entry(class).or_default().push((
+                    a,
+                    false,
+                    pods[b].ip,
+                    format!("{}→{}", self.pods[a].name, self.pods[b].name),
+                ));
+            }
+            // Its own node, and one node in every other subnet.
+            let mut seen_subnets = std::collections::BTreeSet::new();
+            for (i, node) in nodes.iter().enumerate() {
+                let s = self.nodes[i].subnet;
+                if i == pods[a].node || (!sampled || seen_subnets.insert(s)) {
+                    pairs.entry(PathClass::PodToNode).or_default().push((
+                        a,
+                        false,
+                        node.ip,
+                        format!("{}→{}", self.pods[a].name, self.nodes[i].name),
+                    ));
+                }
+            }
+            pairs.entry(PathClass::PodToInternet).or_default().push((
+                a,
+                false,
+                INTERNET_HOST,
+                format!("{}→internet", self.pods[a].name),
+            ));
+        }
+        for (i, ni) in self.nodes.iter().enumerate() {
+            for (j, nj) in self.nodes.iter().enumerate() {
+                if i == j || (sampled && (i + j) % 5 != 0) {
+                    continue;
+                }
+                let class = if ni.subnet == nj.subnet {
+                    PathClass::NodeNodeSameSubnet
+                } else {
+                    PathClass::NodeNodeOtherSubnet
+                };
+                pairs.entry(class).or_default().push((
+                    i,
+                    true,
+                    nj.instance.private_ip,
+                    format!("{}→{}", ni.name, nj.name),
+                ));
+            }
+        }
+
+        let total: usize = pairs.values().map(Vec::len).sum();
+        progress(format!(
+            "checking {total} pairs over {} path classes{}",
+            pairs.len(),
+            if sampled { " (sampled)" } else { "" }
+        ));
+        let mut clients: Vec<Option<EchoClient>> = (0..n).map(|_| None).collect();
+        let mut node_clients: Vec<Option<EchoClient>> = (0..nodes.len()).map(|_| None).collect();
+        let mut report = CheckReport {
+            sampled,
+            ..Default::default()
+        };
+        for (class, list) in &pairs {
+            let mut result = ClassResult {
+                pairs: list.len(),
+                ..Default::default()
+            };
+            let mut rtts = Vec::new();
+            let mut timed = 0usize;
+            for (src, is_node, dst, label) in list {
+                let client = if *is_node {
+                    let e = &nodes[*src];
+                    slot(&mut node_clients[*src], &e.netns, e.ip)?
+                } else {
+                    let e = &pods[*src];
+                    slot(&mut clients[*src], &e.netns, e.ip)?
+                };
+                match client.reach(*dst, 3, Duration::from_millis(700)) {
+                    Some(_) => {
+                        result.ok += 1;
+                        // Timed rounds on a spread of pairs, each after the reachability exchange.
+                        if timed < LATENCY_PAIRS && (result.ok % (list.len() / LATENCY_PAIRS).max(1) == 0) {
+                            timed += 1;
+                            for _ in 0..LATENCY_ROUNDS {
+                                if let Some(r) = client.round_trip(*dst, Duration::from_millis(500)) {
+                                    rtts.push(r.as_secs_f64() * 1e6);
+                                }
+                            }
+                        }
+                    }
+                    None => {
+                        if result.failed.len() < 5 {
+                            result.failed.push(label.clone());
+                        }
+                    }
+                }
+            }
+            rtts.sort_by(f64::total_cmp);
+            result.p50_us = percentile(&rtts, 0.50);
+            result.p99_us = percentile(&rtts, 0.99);
+            report.pairs_checked += result.pairs;
+            report.pairs_ok += result.ok;
+            report.latency_us.insert(class.as_str(), result.p50_us);
+            progress(format!(
+                "{:<24} {:>6}/{:<6} reachable, p50 {:>7.1} µs",
+                class.as_str(),
+                result.ok,
+                result.pairs,
+                result.p50_us
+            ));
+            report.classes.insert(class.as_str(), result);
+        }
+        let _ = pods.iter().map(|p| p.node).count();
+        if let (Some(pod), Some(node)) = (
+            report.latency_us.get(PathClass::SameSubnet.as_str()),
+            report.latency_us.get(PathClass::NodeNodeSameSubnet.as_str()),
+        ) && *node > 0.0
+        {
+            report.direct_vs_node_ratio = Some(pod / node);
+        }
+        let (devices, inspected) = encapsulation_devices(&self.id().netns_prefix())?;
+        report.encap_devices = devices;
+        report.namespaces_inspected = inspected;
+        Ok(report)
+    }
+}
+
+fn slot<'a>(
+    slot: &'a mut Option<EchoClient>,
+    netns: &str,
+    ip: Ipv4Addr,
+) -> anyhow::Result<&'a mut EchoClient> {
+    if slot.is_none() {
+        *slot = Some(EchoClient::new(netns, ip)?);
+    }
+    Ok(slot.as_mut().expect("just set"))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Link kinds that would mean encapsulation.
+const ENCAP_KINDS: [&str; 9] = [
+    "vxlan", "geneve", "ipip", "gre", "gretap", "sit", "ip6tnl", "ip6gre", "wireguard",
+];
+
+/// Devices the kernel creates in every namespace once a tunnel module is loaded; they carry nothing unless
+/// configured, so they are not counted (any other device of an encapsulating kind is).
+const FALLBACK_DEVICES: [&str; 9] = [
+    "tunl0", "gre0", "gretap0", "erspan0", "sit0", "ip6tnl0", "ip6gre0", "ip_vti0", "ip6_vti0",
+];
+
+/// Every link of every namespace carrying `prefix` whose kind is an encapsulation; and how many namespaces.
+pub fn encapsulation_devices(prefix: &str) -> anyhow::Result<(Vec<String>, usize)> {
+    let namespaces = kernel::netns_with_prefix(prefix);
+    let mut found = Vec::new();
+    for ns in &namespaces {
+        let out = kernel::ip(ns, &["-d", "-j", "link", "show"])?;
+        let links: serde_json::Value = serde_json::from_str(&out)?;
+        for l in links.as_array().into_iter().flatten() {
+            let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or("");
+            let name = l["ifname"].as_str().unwrap_or("?");
+            if ENCAP_KINDS.contains(&kind) && !FALLBACK_DEVICES.contains(&name) {
+                found.push(format!("{ns}/{name} ({kind})"));
+            }
+        }
+    }
+    Ok((found, namespaces.len()))
+}

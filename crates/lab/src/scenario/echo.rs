@@ -1,0 +1,166 @@
+//! Sockets inside lab namespaces: UDP echo servers and clients (the connectivity matrix, the failover probe) and
+//! the controller's health prober, which connects from the controller host's namespace as a controller pod on a
+//! node would.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use underlay_controller::probe::{ProbeTarget, Prober};
+use underlay_core::health::Probe;
+use underlay_dataplane::Netns;
+
+/// UDP port every lab echo server listens on.
+pub const ECHO_PORT: u16 = 7007;
+
+/// A UDP socket bound inside `netns` (it stays in that namespace whichever thread uses it).
+pub fn udp_in(netns: &str, addr: SocketAddrV4) -> anyhow::Result<UdpSocket> {
+    let ns = Netns::named(netns).with_context(|| format!("opening namespace {netns}"))?;
+    let sock = ns
+        .run(move || Ok(UdpSocket::bind(addr)))
+        .with_context(|| format!("entering {netns}"))?
+        .with_context(|| format!("binding {addr} in {netns}"))?;
+    Ok(sock)
+}
+
+/// Echo servers: one thread per socket, answering every datagram with itself until stopped.
+pub struct EchoServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServers {
+    /// Starts a server on `ip:ECHO_PORT` in each `(netns, ip)`.
+    pub fn start(endpoints: &[(String, Ipv4Addr)]) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut servers = EchoServers {
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
+        for (ns, ip) in endpoints {
+            let sock = udp_in(ns, SocketAddrV4::new(*ip, ECHO_PORT))?;
+            sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let stop = stop.clone();
+            let t = std::thread::Builder::new()
+                .name("lab-echo".into())
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                            let _ = sock.send_to(&buf[..n], from);
+                        }
+                    }
+                })?;
+            servers.threads.push(t);
+        }
+        Ok(servers)
+    }
+}
+
+impl Drop for EchoServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client socket in a namespace, sending numbered datagrams and matching replies.
+pub struct EchoClient {
+    sock: UdpSocket,
+    seq: u64,
+}
+
+impl EchoClient {
+    pub fn new(netns: &str, ip: Ipv4Addr) -> anyhow::Result<Self> {
+        Ok(Self {
+            sock: udp_in(netns, SocketAddrV4::new(ip, 0))?,
+            seq: 0,
+        })
+    }
+
+    /// One round trip to `dst`: the RTT, or `None` when no matching reply came within `timeout`.
+    pub fn round_trip(&mut self, dst: Ipv4Addr, timeout: Duration) -> Option<Duration> {
+        self.seq += 1;
+        let msg = self.seq.to_be_bytes();
+        let to = SocketAddr::V4(SocketAddrV4::new(dst, ECHO_PORT));
+        let start = Instant::now();
+        self.sock.send_to(&msg, to).ok()?;
+        let mut buf = [0u8; 64];
+        loop {
+            let left = timeout.checked_sub(start.elapsed())?;
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_micros(100))))
+                .ok()?;
+            match self.sock.recv_from(&mut buf) {
+                Ok((8, from)) if from == to && buf[..8] == msg => return Some(start.elapsed()),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Reachability: up to `attempts` round trips (the first may wait for neighbour resolution).
+    pub fn reach(&mut self, dst: Ipv4Addr, attempts: usize, timeout: Duration) -> Option<Duration> {
+        (0..attempts).find_map(|_| self.round_trip(dst, timeout))
+    }
+}
+
+/// The controller's health prober in the lab: `GET <path>` from the controller host's namespace.
+#[derive(Debug, Clone)]
+pub struct NetnsProber {
+    pub netns: String,
+    pub path: String,
+    pub timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl Prober for NetnsProber {
+    async fn probe(&self, target: &ProbeTarget) -> Probe {
+        let (ns, path, timeout, addr) = (
+            self.netns.clone(),
+            self.path.clone(),
+            self.timeout,
+            target.addr,
+        );
+        let ok = tokio::task::spawn_blocking(move || http_get_in(&ns, addr, &path, timeout))
+            .await
+            .unwrap_or(false);
+        if ok { Probe::Success } else { Probe::Miss }
+    }
+}
+
+fn http_get_in(netns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+    let Ok(ns) = Netns::named(netns) else {
+        return false;
+    };
+    let start = Instant::now();
+    let Ok(Ok(mut s)) = ns.run(move || Ok(TcpStream::connect_timeout(&addr, timeout))) else {
+        return false;
+    };
+    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+    if s.set_read_timeout(Some(left)).is_err() || s.set_write_timeout(Some(left)).is_err() {
+        return false;
+    }
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: underlay-controller\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    let mut got = 0;
+    while got < 12 {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let head = &buf[..got];
+    head.starts_with(b"HTTP/1.") && head.len() >= 12 && head[9] == b'2'
+}

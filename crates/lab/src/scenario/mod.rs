@@ -1,0 +1,785 @@
+//! A whole routed-mode cluster in the lab: vpcsim + fabric, a Kubernetes API stand-in, the real controller and
+//! one real agent per node (in this process, each agent bound to its node's namespace), and pods wired by the
+//! real `underlay-cni` binary.
+//!
+//! ```text
+//!   LabConfig ──up──► VpcSim ──events──► Fabric (follower thread)
+//!                       ▲ EC2 calls (rate-aware queue)
+//!                  controller ──kube::Client──► ApiSim ◄──kube::Client── agent × nodes (node netns)
+//!                       │ probes /healthz over the VPC from the controller host's namespace
+//!   pods: nsenter --net=<node> underlay-cni ADD  ──unix socket──► that node's agent (IPAM)
+//! ```
+//!
+//! [`Lab::check`] measures a connectivity matrix with UDP echo across every path class; [`Lab::failover`] kills a
+//! forwarder under a steady probe. Everything the lab creates carries its prefix and goes on [`Lab::down`] or drop.
+
+mod check;
+mod echo;
+mod failover;
+mod report;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use tokio::sync::watch;
+use underlay_cloud::queue::{QueueConfig, RateLimitedCloud};
+use underlay_cloud::{Cloud, Instance, RouteTableId, SubnetId, VpcId};
+use underlay_core::names;
+use underlay_vpcsim::{AddressOrder, RunInstance, VpcSim};
+
+use crate::{Fabric, FabricOptions, LabId, kernel};
+
+pub use check::{CheckReport, PathClass};
+pub use failover::FailoverReport;
+pub use report::{DemoReport, StatusReport};
+
+/// Zones of the lab's region, in order.
+pub const ZONES: [&str; 3] = ["us-east-1a", "us-east-1b", "us-east-1c"];
+/// The lab VPC.
+pub const VPC_CIDR: Ipv4Net = crate::plan::ipnet_v4(198, 18, 0, 0, 16);
+/// The lab cluster's pod CIDR.
+pub const POD_CIDR: Ipv4Net = crate::plan::ipnet_v4(100, 64, 0, 0, 16);
+/// Instance type of every lab node.
+pub const NODE_TYPE: &str = "m5.large";
+/// Pod MTU in the lab (veths carry 1500 by default; the fabric does not model jumbo frames).
+pub const LAB_MTU: u32 = 1500;
+
+/// What `underlay lab up` builds.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Lab id: 1–6 lowercase letters or digits; every namespace is `ul-<name>-…`.
+    pub name: String,
+    pub zones: usize,
+    pub subnets_per_zone: usize,
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// Route limit of every VPC route table (AWS's default is 50; lower makes aggregation visible).
+    pub route_limit: usize,
+    pub seed: u64,
+    pub block_prefix_len: u8,
+    pub probe_interval: Duration,
+    /// How long a recovered forwarder must stay healthy before routes fail back to it.
+    pub hold_down: Duration,
+    /// The `underlay-cni` binary pods are wired with.
+    pub cni_plugin: PathBuf,
+    /// Agents' sockets, checkpoints and CNI configuration.
+    pub state_dir: PathBuf,
+}
+
+impl LabConfig {
+    /// The demo's shape: 3 zones × 2 subnets, 12 nodes, 4 pods each, 8 routes per table.
+    pub fn demo(cni_plugin: PathBuf) -> Self {
+        let name = "demo".to_string();
+        Self {
+            state_dir: default_state_dir(&name),
+            name,
+            zones: 3,
+            subnets_per_zone: 2,
+            nodes: 12,
+            pods_per_node: 4,
+            route_limit: 8,
+            seed: 1,
+            block_prefix_len: 26,
+            probe_interval: Duration::from_secs(1),
+            hold_down: Duration::from_secs(10),
+            cni_plugin,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        LabId::new(&self.name)?;
+        if self.zones == 0 || self.zones > ZONES.len() {
+            bail!("--zones must be 1 to {}", ZONES.len());
+        }
+        if self.subnets_per_zone == 0 || self.zones * self.subnets_per_zone > 64 {
+            bail!("--subnets-per-zone must be at least 1, and zones × subnets at most 64");
+        }
+        if self.nodes == 0 || self.nodes > 200 {
+            bail!("--nodes must be 1 to 200");
+        }
+        let block = 1usize << (32 - u32::from(self.block_prefix_len));
+        if self.pods_per_node + 2 > block {
+            bail!(
+                "--pods-per-node {} does not fit a /{} block",
+                self.pods_per_node,
+                self.block_prefix_len
+            );
+        }
+        if self.route_limit < 3 {
+            bail!("--route-limit must be at least 3 (the IGW default route, headroom, one pod route)");
+        }
+        if !self.cni_plugin.is_file() {
+            bail!(
+                "CNI plugin {} not found (build it: cargo build -p underlay-cni)",
+                self.cni_plugin.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where a lab keeps its agents' state: `<tmp>/underlay-lab-<name>`.
+pub fn default_state_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("underlay-lab-{name}"))
+}
+
+/// One subnet of the lab VPC.
+#[derive(Debug, Clone)]
+pub struct LabSubnet {
+    pub id: SubnetId,
+    pub zone: String,
+    pub cidr: Ipv4Net,
+    pub table: RouteTableId,
+}
+
+/// One node: its instance, namespace and agent.
+#[derive(Debug)]
+pub struct LabNode {
+    pub name: String,
+    pub instance: Instance,
+    pub subnet: usize,
+    pub netns: String,
+    agent: Option<AgentHandle>,
+    dir: PathBuf,
+    /// From the Node's creation to its taint's removal.
+    pub ready_after: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct AgentHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One pod: its namespace, address and node.
+#[derive(Debug, Clone)]
+pub struct LabPod {
+    pub name: String,
+    pub netns: String,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub container_id: String,
+}
+
+/// A running lab.
+pub struct Lab {
+    pub config: LabConfig,
+    id: LabId,
+    rt: tokio::runtime::Runtime,
+    pub sim: VpcSim,
+    pub vpc: VpcId,
+    pub subnets: Vec<LabSubnet>,
+    fabric: Option<FabricFollower>,
+    api: underlay_apisim::ApiSim,
+    controller: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    controller_events: tokio::sync::broadcast::Sender<underlay_controller::ControllerEvent>,
+    pub controller_host: Instance,
+    pub nodes: Vec<LabNode>,
+    pub pods: Vec<LabPod>,
+    /// Time `up` took, by step.
+    pub build_steps: Vec<(String, Duration)>,
+}
+
+struct FabricFollower {
+    stop: Arc<AtomicBool>,
+    seq: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<(Fabric, crate::Result<()>)>,
+}
+
+/// Progress lines on stderr (stdout carries the report).
+pub fn progress(msg: impl AsRef<str>) {
+    eprintln!("  {}", msg.as_ref());
+}
+
+impl Lab {
+    /// Builds the VPC, the fabric, the control plane, the nodes and their pods; waits until every node is
+    /// untainted and every pod wired. On any failure everything built so far is removed.
+    pub fn up(config: LabConfig) -> anyhow::Result<Lab> {
+        config.validate()?;
+        let id = LabId::new(&config.name)?;
+        if let Some(ns) = kernel::netns_with_prefix(&id.netns_prefix())
+            .into_iter()
+            .next()
+        {
+            bail!(
+                "lab {} exists already ({ns}); remove it with `underlay lab down --name {}`",
+                config.name,
+                config.name
+            );
+        }
+        let _ = std::fs::remove_dir_all(&config.state_dir);
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let sim = VpcSim::builder(config.seed)
+            .route_limit(config.route_limit)
+            .address_order(AddressOrder::Lowest)
+            .build();
+        let started = Instant::now();
+        progress(format!(
+            "VPC {VPC_CIDR}: {} zones × {} subnets, route limit {} per table",
+            config.zones, config.subnets_per_zone, config.route_limit
+        ));
+        let (vpc, subnets) = build_vpc(&sim, &config)?;
+        let ctl_subnet = subnets[0].id.clone();
+        let controller_host = sim
+            .run_instance(RunInstance::new(NODE_TYPE, &ctl_subnet))
+            .context("launching the controller host")?;
+        let mut lab = Lab {
+            id,
+            rt,
+            sim: sim.clone(),
+            vpc,
+            subnets,
+            fabric: None,
+            api: underlay_apisim::ApiSim::new(),
+            controller: None,
+            controller_events: tokio::sync::broadcast::channel(4096).0,
+            controller_host,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            build_steps: Vec::new(),
+            config,
+        };
+        match lab.build(started) {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                progress(format!("lab up failed: {e:#}; removing what was built"));
+                if let Err(t) = lab.teardown() {
+                    progress(format!("teardown: {t:#}"));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn step(&mut self, name: &str, since: Instant) {
+        self.build_steps.push((name.to_string(), since.elapsed()));
+    }
+
+    fn build(&mut self, started: Instant) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let fabric = Fabric::build(self.id.as_str(), &self.sim, FabricOptions { internet: true })?;
+        self.fabric = Some(FabricFollower::start(fabric));
+        self.wait_fabric()?;
+        self.step("fabric", t);
+        progress(format!(
+            "fabric {} and internet {} up",
+            self.id.fabric_netns(),
+            self.id.internet_netns()
+        ));
+
+        let t = Instant::now();
+        self.start_controller();
+        self.step("controller", t);
+
+        let t = Instant::now();
+        let n = self.config.nodes;
+        let mut created = Vec::with_capacity(n);
+        for i in 0..n {
+            let subnet = i % self.subnets.len();
+            let inst = self
+                .sim
+                .run_instance(RunInstance::new(NODE_TYPE, &self.subnets[subnet].id))
+                .with_context(|| format!("launching node {i}"))?;
+            let name = node_name(inst.private_ip);
+            created.push((name, inst, subnet));
+        }
+        self.wait_fabric()?;
+        for (name, inst, subnet) in created {
+            let netns = self.id.instance_netns(&inst.id);
+            let dir = self.config.state_dir.join(&name);
+            let node = LabNode {
+                name: name.clone(),
+                instance: inst,
+                subnet,
+                netns,
+                agent: None,
+                dir,
+                ready_after: None,
+            };
+            self.nodes.push(node);
+        }
+        let appeared = Instant::now();
+        for i in 0..self.nodes.len() {
+            self.api.insert(&kube_node(&self.nodes[i]));
+            self.start_agent(i)?;
+        }
+        progress(format!(
+            "{} nodes launched, agents started; waiting for the controller to untaint them",
+            self.nodes.len()
+        ));
+        self.wait_untainted(appeared, Duration::from_secs(60 + 2 * n as u64))?;
+        self.step("nodes ready", t);
+
+        let t = Instant::now();
+        self.wait_fabric()?;
+        self.add_pods()?;
+        self.step("pods", t);
+        self.step("total", started);
+        Ok(())
+    }
+
+    /// Waits until the fabric has applied every change the sim has made.
+    pub fn wait_fabric(&self) -> anyhow::Result<()> {
+        let target = self.sim.snapshot().seq;
+        let f = self.fabric.as_ref().context("no fabric")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while f.seq.load(Ordering::Acquire) < target {
+            if f.thread.is_finished() {
+                bail!("the fabric follower stopped");
+            }
+            if Instant::now() > deadline {
+                bail!("the fabric did not catch up with the VPC within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    pub fn id(&self) -> &LabId {
+        &self.id
+    }
+
+    pub fn api(&self) -> &underlay_apisim::ApiSim {
+        &self.api
+    }
+
+    pub fn subscribe_controller(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<underlay_controller::ControllerEvent> {
+        self.controller_events.subscribe()
+    }
+
+    fn start_controller(&mut self) {
+        let mut routed = underlay_controller::RoutedConfig::new(self.vpc.clone(), POD_CIDR);
+        routed.block_prefix_len = self.config.block_prefix_len;
+        routed.route_limit = self.config.route_limit as u32;
+        let mut config = underlay_controller::ControllerConfig::new(routed);
+        config.probe.interval = self.config.probe_interval;
+        config.health.hold_down = self.config.hold_down;
+        let queue = RateLimitedCloud::new(self.sim.clone(), QueueConfig::default());
+        let lanes: Arc<dyn underlay_controller::CloudLanes> =
+            Arc::new(underlay_controller::TwoLanes::over_queue(queue));
+        let cloud: Arc<dyn Cloud> = Arc::new(self.sim.clone());
+        let prober: Arc<dyn underlay_controller::probe::Prober> = Arc::new(echo::NetnsProber {
+            netns: self.id.instance_netns(&self.controller_host.id),
+            path: config.probe.path.clone(),
+            timeout: config.probe.timeout.min(config.probe.interval),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let client = self.api.client();
+        let events = self.controller_events.clone();
+        let opts = underlay_controller::kube::KubeOptions {
+            identity: format!("lab-{}-controller", self.id.as_str()),
+            ..Default::default()
+        };
+        let task = self.rt.spawn(async move {
+            if let Err(e) = underlay_controller::kube::run_routed_on_kube(
+                client,
+                cloud,
+                lanes,
+                config,
+                Some(prober),
+                opts,
+                stop_rx,
+                Some(events),
+            )
+            .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "lab controller stopped");
+            }
+        });
+        self.controller = Some((stop_tx, task));
+    }
+
+    /// Starts (or restarts) node `i`'s agent in its namespace.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        std::fs::create_dir_all(&node.dir)?;
+        let mut config = underlay_agent::AgentConfig::default();
+        config.socket = node.dir.join("agent.sock");
+        config.checkpoint = node.dir.join("ipam.json");
+        config.cni_conf_dir = node.dir.join("net.d");
+        config.cni_bin_dir = node.dir.join("bin");
+        config.mtu = LAB_MTU;
+        config.plugin_source = None;
+        // DEL deletes the pod's veth itself: the agent runs outside the node namespace.
+        config.reap_links = false;
+        let opts = underlay_agent::routed::kube::KubeAgentOptions {
+            node_name: node.name.clone(),
+            pod_cidr: POD_CIDR,
+            vpc_cidrs: vec![VPC_CIDR],
+            mtu: LAB_MTU,
+            netns: Some(PathBuf::from(format!("/var/run/netns/{}", node.netns))),
+            health_addr: SocketAddr::new(
+                node.instance.private_ip.into(),
+                names::AGENT_HEALTH_PORT,
+            ),
+            converge_interval: Duration::from_secs(5),
+            status_interval: Duration::from_millis(200),
+        };
+        let (stop, mut rx) = watch::channel(false);
+        let client = self.api.client();
+        let name = node.name.clone();
+        let task = self.rt.spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = underlay_agent::routed::kube::run_routed_on_kube(
+                config,
+                client,
+                opts,
+                underlay_agent::Fault::None,
+                shutdown,
+            )
+            .await
+            {
+                tracing::error!(node = %name, error = %e, "lab agent stopped");
+            }
+        });
+        self.nodes[i].agent = Some(AgentHandle { stop, task });
+        Ok(())
+    }
+
+    /// Stops node `i`'s agent and waits for it to finish.
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(a) = self.nodes[i].agent.take() {
+            let _ = a.stop.send(true);
+            let task = a.task;
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), task).await
+            });
+        }
+    }
+
+    fn wait_untainted(&mut self, since: Instant, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last_report = Instant::now();
+        loop {
+            let mut pending = 0;
+            for n in &mut self.nodes {
+                if n.ready_after.is_some() {
+                    continue;
+                }
+                let node: Option<Node> = self.api.get(None, &n.name);
+                let tainted = node.as_ref().is_none_or(|node| {
+                    node.spec
+                        .as_ref()
+                        .and_then(|s| s.taints.as_ref())
+                        .is_some_and(|t| t.iter().any(|t| t.key == names::TAINT_NOT_READY))
+                        // A node the controller has not looked at yet carries no taint and no pod CIDR.
+                        || node.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_none()
+                });
+                if tainted {
+                    pending += 1;
+                } else {
+                    n.ready_after = Some(since.elapsed());
+                }
+            }
+            if pending == 0 {
+                progress(format!(
+                    "all {} nodes ready (untainted) after {:.1} s",
+                    self.nodes.len(),
+                    since.elapsed().as_secs_f64()
+                ));
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let names: Vec<&str> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.ready_after.is_none())
+                    .map(|n| n.name.as_str())
+                    .take(5)
+                    .collect();
+                bail!(
+                    "{pending} node(s) still tainted {} after {:?}: {}",
+                    names::TAINT_NOT_READY,
+                    timeout,
+                    names.join(", ")
+                );
+            }
+            if last_report.elapsed() > Duration::from_secs(3) {
+                progress(format!(
+                    "{} of {} nodes ready",
+                    self.nodes.len() - pending,
+                    self.nodes.len()
+                ));
+                last_report = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn add_pods(&mut self) -> anyhow::Result<()> {
+        let total = self.nodes.len() * self.config.pods_per_node;
+        let mut last = Instant::now();
+        for n in 0..self.nodes.len() {
+            for k in 0..self.config.pods_per_node {
+                let pod = self.add_pod(n, k)?;
+                self.pods.push(pod);
+                if last.elapsed() > Duration::from_secs(3) {
+                    progress(format!("{} of {total} pods wired", self.pods.len()));
+                    last = Instant::now();
+                }
+            }
+        }
+        progress(format!("{total} pods wired by underlay-cni"));
+        Ok(())
+    }
+
+    fn add_pod(&self, n: usize, k: usize) -> anyhow::Result<LabPod> {
+        let node = &self.nodes[n];
+        let name = format!("pod-{n}-{k}");
+        let netns = format!("{}p{n}x{k}", self.id.netns_prefix());
+        kernel::netns_add(&netns)?;
+        let container_id = format!("{:0>12x}{:0>4x}{:0>4x}", self.config.seed, n, k);
+        let reply = cni(
+            &self.config.cni_plugin,
+            &node.netns,
+            &node.dir.join("net.d").join(names::CNI_CONFLIST),
+            "ADD",
+            &container_id,
+            &netns,
+        )
+        .with_context(|| format!("wiring {name} on {}", node.name))?;
+        let ip = reply["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in the CNI result: {reply}"))?;
+        Ok(LabPod {
+            name,
+            netns,
+            node: n,
+            ip,
+            container_id,
+        })
+    }
+
+    /// Counts of VPC routes inside the pod CIDR per managed table, and their limit.
+    pub fn routes_per_table(&self) -> BTreeMap<String, usize> {
+        let snap = self.sim.snapshot();
+        snap.route_tables
+            .iter()
+            .filter(|t| self.subnets.iter().any(|s| s.table == t.id))
+            .map(|t| {
+                let n = t
+                    .routes
+                    .iter()
+                    .filter(|r| r.target != underlay_cloud::RouteTarget::Local)
+                    .count();
+                (t.id.to_string(), n)
+            })
+            .collect()
+    }
+
+    /// EC2 calls seen by the VPC, by operation.
+    pub fn api_calls(&self) -> BTreeMap<String, u64> {
+        self.sim
+            .counters()
+            .calls
+            .iter()
+            .map(|(op, n)| (op.to_string(), *n))
+            .collect()
+    }
+
+    /// Removes everything: agents, controller, pods, instances, fabric, state directory.
+    pub fn down(mut self) -> anyhow::Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.stop_agent(i);
+        }
+        if let Some((stop, task)) = self.controller.take() {
+            let _ = stop.send(true);
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), task).await
+            });
+        }
+        let mut errors = Vec::new();
+        if let Some(f) = self.fabric.take() {
+            match f.stop() {
+                Ok(fabric) => {
+                    if let Err(e) = fabric.down() {
+                        errors.push(format!("{e}"));
+                    }
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if let Err(e) = crate::teardown_lab(&self.id) {
+            errors.push(format!("{e}"));
+        }
+        let _ = std::fs::remove_dir_all(&self.config.state_dir);
+        self.pods.clear();
+        self.nodes.clear();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("lab teardown: {}", errors.join("; "))
+        }
+    }
+
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if (self.fabric.is_some() || !self.nodes.is_empty())
+            && let Err(e) = self.teardown()
+        {
+            eprintln!("lab teardown on drop: {e:#}");
+        }
+    }
+}
+
+impl FabricFollower {
+    fn start(mut fabric: Fabric) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seq = Arc::new(AtomicU64::new(0));
+        let (s, q) = (stop.clone(), seq.clone());
+        let thread = std::thread::Builder::new()
+            .name("lab-fabric".into())
+            .spawn(move || {
+                let r = fabric.follow(&q, Duration::from_millis(2), &|| s.load(Ordering::Relaxed));
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "fabric follower stopped");
+                }
+                (fabric, r)
+            })
+            .expect("spawning the fabric thread");
+        Self { stop, seq, thread }
+    }
+
+    fn stop(self) -> anyhow::Result<Fabric> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (fabric, r) = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("fabric thread panicked"))?;
+        if let Err(e) = r {
+            progress(format!("fabric follower had stopped: {e}"));
+        }
+        Ok(fabric)
+    }
+}
+
+/// The VPC, one subnet (/24) per zone × subnets-per-zone with a route table each, an IGW and a default route to it.
+fn build_vpc(sim: &VpcSim, config: &LabConfig) -> anyhow::Result<(VpcId, Vec<LabSubnet>)> {
+    let vpc = sim.create_vpc(VPC_CIDR, Default::default())?;
+    let igw = sim.create_internet_gateway(&vpc)?;
+    let mut subnets = Vec::new();
+    for z in 0..config.zones {
+        for s in 0..config.subnets_per_zone {
+            let k = (z * config.subnets_per_zone + s) as u8;
+            let cidr = crate::plan::ipnet_v4(198, 18, k, 0, 24);
+            let id = sim.create_subnet(&vpc, ZONES[z], cidr)?;
+            let table = sim.create_route_table(&vpc, Default::default())?;
+            sim.associate_route_table(&table, &id)?;
+            sim.add_route(
+                &table,
+                "0.0.0.0/0".parse().expect("literal"),
+                &underlay_cloud::RouteTarget::Gateway(igw.clone()),
+            )?;
+            subnets.push(LabSubnet {
+                id,
+                zone: ZONES[z].to_string(),
+                cidr,
+                table,
+            });
+        }
+    }
+    Ok((vpc, subnets))
+}
+
+/// Kubernetes node name of an instance, as EKS names them.
+pub fn node_name(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("ip-{}-{}-{}-{}", o[0], o[1], o[2], o[3])
+}
+
+/// The Node object kubelet would register for a lab node.
+fn kube_node(n: &LabNode) -> Node {
+    let mut node = Node::default();
+    node.metadata.name = Some(n.name.clone());
+    node.metadata.labels = Some(
+        [
+            ("topology.kubernetes.io/zone".to_string(), n.instance.zone.clone()),
+            ("node.kubernetes.io/instance-type".to_string(), NODE_TYPE.to_string()),
+        ]
+        .into(),
+    );
+    node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+        provider_id: Some(format!("aws:///{}/{}", n.instance.zone, n.instance.id)),
+        ..Default::default()
+    });
+    node
+}
+
+/// Runs the CNI plugin in `node_ns` for `command` on the pod namespace `pod_ns`; returns its JSON result.
+fn cni(
+    plugin: &std::path::Path,
+    node_ns: &str,
+    conflist: &std::path::Path,
+    command: &str,
+    container_id: &str,
+    pod_ns: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use std::io::Write;
+    let list: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(conflist).with_context(|| format!("reading {}", conflist.display()))?,
+    )?;
+    let mut conf = list["plugins"][0].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf["name"] = list["name"].clone();
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{node_ns}"))
+        .arg(plugin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_PATH",
+            plugin.parent().unwrap_or(std::path::Path::new("/")),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running the CNI plugin")?;
+    child
+        .stdin
+        .take()
+        .context("plugin stdin")?
+        .write_all(&serde_json::to_vec(&conf)?)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "underlay-cni {command} failed: {} {}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if out.stdout.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}

@@ -1,0 +1,241 @@
+//! The reports `lab status` and `lab demo` print (human text, or JSON with `--format json`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::Lab;
+use super::check::CheckReport;
+use super::failover::FailoverReport;
+
+/// `lab status`: the lab's shape and the VPC's route tables.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub lab: String,
+    pub nodes: usize,
+    pub pods: usize,
+    /// Node names, in launch order.
+    pub node_names: Vec<String>,
+    pub subnets: usize,
+    pub route_limit: usize,
+    pub routes_per_table: BTreeMap<String, usize>,
+    /// Nodes that forward for at least one other node's block.
+    pub forwarders: usize,
+    /// Milliseconds from each node's Node object to its taint's removal: p50 and max.
+    pub ready_ms_p50: f64,
+    pub ready_ms_max: f64,
+    /// Seconds each build step took.
+    pub build_s: BTreeMap<String, f64>,
+    pub api_calls: BTreeMap<String, u64>,
+    pub throttled: u64,
+}
+
+impl Lab {
+    pub fn status(&self) -> StatusReport {
+        let mut ready: Vec<f64> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.ready_after.map(|d| d.as_secs_f64() * 1e3))
+            .collect();
+        ready.sort_by(f64::total_cmp);
+        let snap = self.sim.snapshot();
+        let targets: std::collections::BTreeSet<String> = snap
+            .route_tables
+            .iter()
+            .flat_map(|t| t.routes.iter())
+            .filter(|r| super::POD_CIDR.contains(&r.destination))
+            .filter_map(|r| match &r.target {
+                underlay_cloud::RouteTarget::NetworkInterface(e) => Some(e.to_string()),
+                _ => None,
+            })
+            .collect();
+        let forwarders = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.instance
+                    .primary_eni()
+                    .is_some_and(|e| targets.contains(e.id.as_str()))
+            })
+            .count();
+        StatusReport {
+            lab: self.config.name.clone(),
+            nodes: self.nodes.len(),
+            pods: self.pods.len(),
+            node_names: self.nodes.iter().map(|n| n.name.clone()).collect(),
+            subnets: self.subnets.len(),
+            route_limit: self.config.route_limit,
+            routes_per_table: self.routes_per_table(),
+            forwarders,
+            ready_ms_p50: ready.get(ready.len() / 2).copied().unwrap_or(0.0),
+            ready_ms_max: ready.last().copied().unwrap_or(0.0),
+            build_s: self
+                .build_steps
+                .iter()
+                .map(|(k, d)| (k.clone(), d.as_secs_f64()))
+                .collect(),
+            api_calls: self.api_calls(),
+            throttled: self.sim.counters().total_throttled(),
+        }
+    }
+}
+
+/// `lab demo`: everything, with the fields a reader compares against kubenet and amazon-vpc-cni.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    pub passed: bool,
+    pub nodes: usize,
+    pub pods: usize,
+    pub route_limit: usize,
+    pub routes_per_table: BTreeMap<String, usize>,
+    pub routes_within_limit: bool,
+    pub pairs_checked: usize,
+    pub pairs_ok: usize,
+    pub latency_us: BTreeMap<&'static str, f64>,
+    pub failover_blackhole_ms: Option<f64>,
+    pub api_calls: BTreeMap<String, u64>,
+    pub status: StatusReport,
+    pub check: CheckReport,
+    pub failover: Option<FailoverReport>,
+    /// Why it failed, when it did.
+    pub failures: Vec<String>,
+}
+
+impl DemoReport {
+    pub fn new(status: StatusReport, check: CheckReport, failover: Option<FailoverReport>) -> Self {
+        let within = status
+            .routes_per_table
+            .values()
+            .all(|n| *n <= status.route_limit);
+        let mut failures = Vec::new();
+        if !within {
+            failures.push("a route table exceeds its limit".to_string());
+        }
+        if check.pairs_ok != check.pairs_checked || check.pairs_checked == 0 {
+            failures.push(format!(
+                "{} of {} pairs unreachable",
+                check.pairs_checked - check.pairs_ok,
+                check.pairs_checked
+            ));
+        }
+        if !check.encap_devices.is_empty() {
+            failures.push(format!("encapsulation devices: {}", check.encap_devices.join(", ")));
+        }
+        match &failover {
+            Some(f) if !f.passed() => failures.push(format!(
+                "failover: blackhole {:.0} ms, {} route(s) moved, only its routes {}, fail-back {:?} ms after a {:.0} ms hold-down",
+                f.blackhole_ms,
+                f.routes_moved.len(),
+                f.only_its_routes_moved,
+                f.failback_ms,
+                f.hold_down_ms
+            )),
+            _ => {}
+        }
+        DemoReport {
+            passed: failures.is_empty(),
+            nodes: status.nodes,
+            pods: status.pods,
+            route_limit: status.route_limit,
+            routes_per_table: status.routes_per_table.clone(),
+            routes_within_limit: within,
+            pairs_checked: check.pairs_checked,
+            pairs_ok: check.pairs_ok,
+            latency_us: check.latency_us.clone(),
+            failover_blackhole_ms: failover.as_ref().map(|f| f.blackhole_ms),
+            api_calls: status.api_calls.clone(),
+            status,
+            check,
+            failover,
+            failures,
+        }
+    }
+
+    /// The human report.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "underlay lab: {} nodes, {} pods, {} subnets in {} tables",
+            self.nodes,
+            self.pods,
+            self.status.subnets,
+            self.routes_per_table.len()
+        );
+        let counts: Vec<String> = self.routes_per_table.values().map(|n| n.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "  routes per table: {} (limit {}, {} forwarders)",
+            counts.join(" "),
+            self.route_limit,
+            self.status.forwarders
+        );
+        let _ = writeln!(
+            s,
+            "  nodes ready (taint removed): p50 {:.0} ms, max {:.0} ms after their Node appeared",
+            self.status.ready_ms_p50, self.status.ready_ms_max
+        );
+        let _ = writeln!(
+            s,
+            "  connectivity: {}/{} pairs{}",
+            self.pairs_ok,
+            self.pairs_checked,
+            if self.check.sampled { " (sampled)" } else { "" }
+        );
+        for (class, r) in &self.check.classes {
+            let _ = writeln!(
+                s,
+                "    {:<24} {:>6}/{:<6} p50 {:>7.1} µs  p99 {:>7.1} µs",
+                class, r.ok, r.pairs, r.p50_us, r.p99_us
+            );
+            for f in &r.failed {
+                let _ = writeln!(s, "      unreachable: {f}");
+            }
+        }
+        if let Some(r) = self.check.direct_vs_node_ratio {
+            let _ = writeln!(s, "  pod↔pod same-subnet / node↔node same-subnet latency: {r:.2}×");
+        }
+        let _ = writeln!(
+            s,
+            "  encapsulation devices in {} namespaces: {}",
+            self.check.namespaces_inspected,
+            if self.check.encap_devices.is_empty() {
+                "none".to_string()
+            } else {
+                self.check.encap_devices.join(", ")
+            }
+        );
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                s,
+                "  failover of {}: blackhole {:.0} ms ({} of {} probes lost), {} route(s) moved, only its own: {}",
+                f.forwarder,
+                f.blackhole_ms,
+                f.probes_lost,
+                f.probes_sent,
+                f.routes_moved.len(),
+                f.only_its_routes_moved
+            );
+            let _ = writeln!(
+                s,
+                "  fail-back: {} (hold-down {:.0} s)",
+                f.failback_ms
+                    .map(|m| format!("{:.1} s after recovery", m / 1e3))
+                    .unwrap_or_else(|| "did not happen".into()),
+                f.hold_down_ms / 1e3
+            );
+        }
+        let calls: Vec<String> = self
+            .api_calls
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(s, "  EC2 calls: {} (throttled {})", calls.join(", "), self.status.throttled);
+        let _ = writeln!(s, "{}", if self.passed { "PASS" } else { "FAIL" });
+        for f in &self.failures {
+            let _ = writeln!(s, "  {f}");
+        }
+        s
+    }
+}

@@ -79,6 +79,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let service = Arc::new(open_service(&config, fault)?);
+    serve(config, service, shutdown).await
+}
+
+/// Serves an opened `service` (from [`open_service`] over the same `config`) until `shutdown` completes: link
+/// reaper, plugin install, IPAM socket, conflist. A caller that keeps the `Arc` can read the service meanwhile
+/// (the Kubernetes status writer reports [`IpamService::allocated`]).
+pub async fn serve(
+    config: AgentConfig,
+    service: Arc<IpamService>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     if config.reap_links {
         let owner = Arc::downgrade(&service);
         match reaper::LinkReaper::spawn(Box::new(move || {

@@ -11,6 +11,7 @@
 //!
 //! Converging twice applies nothing the second time: the report's `ops` is empty.
 
+pub mod kube;
 pub mod nft;
 pub mod runner;
 

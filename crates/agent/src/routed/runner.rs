@@ -150,7 +150,7 @@ pub async fn run_routed(
 }
 
 /// A listening TCP socket created inside `ns` (it stays there whichever thread uses it).
-fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<std::net::TcpListener, AgentError> {
+pub(crate) fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<std::net::TcpListener, AgentError> {
     let io = |source| AgentError::Io {
         what: "bind the health endpoint",
         path: PathBuf::from(addr.to_string()),

@@ -313,6 +313,7 @@ mod root {
         ));
         sim.insert(&record(&name, None, &[]));
         let config = config(dir.path());
+        let config_again = config.clone();
         let socket = config.socket.clone();
         let conflist = config.cni_conf_dir.join(names::CNI_CONFLIST);
         let agent = start(&sim, config, node.path().into(), &name);
@@ -403,6 +404,27 @@ mod root {
         wait_for("poolUsed=2 after the API returns", || {
             let n: UnderlayNode = sim.get(None, &name)?;
             (n.status?.pool_used == 2).then_some(())
+        });
+        agent.stop().unwrap();
+
+        // A restart while the API is unreachable resumes from the cached record: the same block, the
+        // checkpoint's allocations kept, new pods served.
+        sim.set_unreachable(true);
+        let agent = start(&sim, config_again, node.path().into(), &name);
+        let third = wait_for("the restarted agent's IPAM socket", || {
+            Client::connect(&socket).ok()?;
+            Some(allocate(&socket, "agk-pod-3"))
+        });
+        assert!(
+            block.contains(&third.addr()) && third != first && third != second,
+            "{third}"
+        );
+        let c = Client::connect(&socket).unwrap();
+        assert_eq!(c.list().unwrap().len(), 3);
+        sim.set_unreachable(false);
+        wait_for("poolUsed=3 after the restart", || {
+            let n: UnderlayNode = sim.get(None, &name)?;
+            (n.status?.pool_used == 3).then_some(())
         });
         agent.stop().unwrap();
         assert!(sim.take_unexpected().is_empty());

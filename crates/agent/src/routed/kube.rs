@@ -12,6 +12,10 @@
 //!                                                                       conditions + poolUsed + observedGeneration
 //! ```
 //!
+//! Each new record is also written beside the IPAM checkpoint ([`names::AGENT_RECORD_CACHE`]); an agent that
+//! restarts while the API server is unreachable starts from it, so it serves the same block from the checkpoint
+//! instead of waiting for the API.
+//!
 //! The controller owns `spec` and `status.{pool,poolSize,routes,forwarder}`; the agent writes only
 //! `status.{conditions,poolUsed,observedGeneration}`. The record → spec conversion ([`spec_from_record`]) and
 //! the status computation ([`desired_status`]) are pure; the rest is I/O around them.
@@ -358,10 +362,20 @@ pub async fn run_routed_on_kube(
     tracing::info!(addr = %opts.health_addr, node = %opts.node_name, "health endpoint listening");
 
     let api: Api<UnderlayNode> = Api::all(client);
-    let (tx, rx) = watch::channel::<Record>(None);
+    let cache = RecordCache::beside(&config.checkpoint);
+    let cached = cache.load(&opts.node_name);
+    if let Some(n) = &cached {
+        tracing::info!(
+            node = %opts.node_name,
+            path = %cache.0.display(),
+            resource_version = n.metadata.resource_version.as_deref().unwrap_or(""),
+            "resuming from the last UnderlayNode seen until the API answers"
+        );
+    }
+    let (tx, rx) = watch::channel::<Record>(cached.map(Arc::new));
     let mut tasks = vec![
         tokio::spawn(health.serve()),
-        tokio::spawn(watch_record(api.clone(), opts.node_name.clone(), tx)),
+        tokio::spawn(watch_record(api.clone(), opts.node_name.clone(), tx, cache)),
         tokio::spawn(converge_loop(
             Arc::new(RoutedAgent::new(ns)),
             rx.clone(),
@@ -422,7 +436,12 @@ async fn first_spec(mut rx: watch::Receiver<Record>, opts: &KubeAgentOptions) ->
 /// Follows the node's own `UnderlayNode`, publishing each new version. API errors are logged and retried with
 /// kube-runtime's default backoff; the channel keeps the last record meanwhile. A deleted record is kept too:
 /// the node goes on running its pods until the agent is stopped.
-async fn watch_record(api: Api<UnderlayNode>, name: String, tx: watch::Sender<Record>) {
+async fn watch_record(
+    api: Api<UnderlayNode>,
+    name: String,
+    tx: watch::Sender<Record>,
+    cache: RecordCache,
+) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     let mut failing = false;
@@ -433,16 +452,24 @@ async fn watch_record(api: Api<UnderlayNode>, name: String, tx: watch::Sender<Re
                     tracing::info!(node = %name, "API reachable again");
                     failing = false;
                 }
-                tx.send_if_modified(|cur| {
+                let node = Arc::new(node);
+                let changed = tx.send_if_modified(|cur| {
                     let same = cur.as_ref().is_some_and(|c| {
                         c.metadata.resource_version.is_some()
                             && c.metadata.resource_version == node.metadata.resource_version
                     });
                     if !same {
-                        *cur = Some(Arc::new(node));
+                        *cur = Some(node.clone());
                     }
                     !same
                 });
+                if changed {
+                    let (cache, node) = (cache.clone(), node.clone());
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.save(&node)).await
+                    {
+                        tracing::warn!(error = %e, "cannot cache the UnderlayNode; a restart will wait for the API");
+                    }
+                }
             }
             Ok(Event::Delete(_)) => {
                 tracing::warn!(node = %name, "UnderlayNode deleted; keeping the last record")
@@ -454,6 +481,51 @@ async fn watch_record(api: Api<UnderlayNode>, name: String, tx: watch::Sender<Re
             }
             Err(e) => tracing::debug!(node = %name, error = %e, "watch retry failed"),
         }
+    }
+}
+
+/// The last record seen, on disk beside the IPAM checkpoint (same lifetime: tmpfs, survives agent restarts).
+#[derive(Debug, Clone)]
+struct RecordCache(PathBuf);
+
+impl RecordCache {
+    fn beside(checkpoint: &std::path::Path) -> RecordCache {
+        RecordCache(checkpoint.with_file_name(names::AGENT_RECORD_CACHE))
+    }
+
+    /// The cached record of `node`, if there is a readable one (anything else is ignored: the API decides).
+    fn load(&self, node: &str) -> Option<UnderlayNode> {
+        let bytes = match std::fs::read(&self.0) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.0.display(), error = %e, "cannot read the cached UnderlayNode");
+                return None;
+            }
+        };
+        match serde_json::from_slice::<UnderlayNode>(&bytes) {
+            Ok(n) if n.metadata.name.as_deref() == Some(node) => Some(n),
+            Ok(n) => {
+                tracing::warn!(path = %self.0.display(), cached = n.metadata.name.as_deref().unwrap_or(""), "the cached UnderlayNode is another node's; ignoring it");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.0.display(), error = %e, "the cached UnderlayNode does not parse; ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Writes `node` atomically (temp file, fsync, rename).
+    fn save(&self, node: &UnderlayNode) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.0.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(node).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &self.0)?;
+        crate::checkpoint::sync_dir(&self.0)
     }
 }
 

@@ -23,7 +23,7 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ::kube::api::{Api, Patch, PatchParams};
@@ -36,6 +36,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
 use underlay_api::{Mode, UnderlayNode, UnderlayNodeStatus, conditions};
+use underlay_core::ipam::PoolSpec;
 use underlay_core::names;
 use underlay_core::node::{NodeSpecError, RoutedNodeSpec};
 use underlay_core::planner::PeerRoute;
@@ -241,7 +242,7 @@ pub fn desired_status(
             "BlockChanged",
             format!(
                 "the record's block is {record} but the agent serves {served}; a running node's block is \
-                 not changed (restart the agent once no pod uses {served})"
+                 moved while pods hold addresses in it (it moves once none does)"
             ),
         ),
     };
@@ -317,13 +318,23 @@ pub fn desired_status(
 #[derive(Debug, Default)]
 struct Shared {
     ready: Ready,
-    /// The block the IPAM service serves and the service, once started.
-    ipam: OnceLock<(Ipv4Net, Arc<IpamService>)>,
+    /// The IPAM service, once started.
+    ipam: OnceLock<Arc<IpamService>>,
+    /// The block it serves.
+    served: Mutex<Option<Ipv4Net>>,
 }
 
 impl Shared {
+    fn served(&self) -> Option<Ipv4Net> {
+        *self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_served(&self, block: Ipv4Net) {
+        *self.served.lock().unwrap_or_else(|p| p.into_inner()) = Some(block);
+    }
+
     fn pool_fact(&self, record: Option<&Result<Option<RoutedNodeSpec>, RecordError>>) -> PoolFact {
-        let served = self.ipam.get().map(|(b, _)| *b);
+        let served = self.served();
         match (served, record) {
             (Some(served), Some(Ok(Some(spec)))) if spec.pod_block != served => {
                 PoolFact::BlockChanged {
@@ -403,7 +414,8 @@ pub async fn run_routed_on_kube(
             match crate::open_service(&config, fault) {
                 Ok(service) => {
                     let service = Arc::new(service);
-                    let _ = shared.ipam.set((spec.pod_block, service.clone()));
+                    shared.set_served(spec.pod_block);
+                    let _ = shared.ipam.set(service.clone());
                     shared.ready.update(|s| s.pool_present = true);
                     tracing::info!(block = %spec.pod_block, "pod block known: starting the IPAM service");
                     crate::serve(config, service, &mut shutdown).await
@@ -563,15 +575,24 @@ async fn converge_loop(
         let Some(mut spec) = last.clone() else {
             continue;
         };
-        if let Some((served, _)) = shared.ipam.get()
-            && *served != spec.pod_block
+        if let (Some(service), Some(served)) = (shared.ipam.get(), shared.served())
+            && served != spec.pod_block
         {
-            let msg = format!("block changed to {} while serving {served}", spec.pod_block);
-            if logged_error.as_ref() != Some(&msg) {
-                tracing::error!(record = %spec.pod_block, served = %served, "the record's pod block changed for a running node; keeping the served block");
-                logged_error = Some(msg);
+            // Free to move while no pod holds an address; otherwise reported (PoolReady=False), not applied.
+            match service.replace_pool(PoolSpec::Block(spec.pod_block)) {
+                Ok(()) => {
+                    tracing::info!(from = %served, to = %spec.pod_block, "the record's pod block changed while no address was allocated; serving the new block");
+                    shared.set_served(spec.pod_block);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if logged_error.as_ref() != Some(&msg) {
+                        tracing::error!(record = %spec.pod_block, served = %served, error = %msg, "the record's pod block changed for a running node; keeping the served block");
+                        logged_error = Some(msg);
+                    }
+                    spec.pod_block = served;
+                }
             }
-            spec.pod_block = *served;
         }
         let a = agent.clone();
         let r = tokio::task::spawn_blocking(move || a.converge(&spec))
@@ -633,7 +654,7 @@ async fn status_loop(
             pool_used: shared
                 .ipam
                 .get()
-                .map(|(_, s)| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
+                .map(|s| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
                 .unwrap_or(0),
         };
         let generation = node.metadata.generation;

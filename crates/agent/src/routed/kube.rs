@@ -7,7 +7,8 @@
 //!      unreachable: keep the last)                                │
 //!                                                                 ├─► start IPAM once status.pool.block is known
 //!                                                                 │     (crate::serve; a later block change is
-//!                                                                 │      reported, never applied)
+//!                                                                 │      applied only while no pod holds an
+//!                                                                 │      address, else reported)
 //!   health endpoint (node netns) ◄── Ready ◄──────────────────────┴─► status writer: merge patch of
 //!                                                                       conditions + poolUsed + observedGeneration
 //! ```
@@ -554,13 +555,16 @@ async fn converge_loop(
     let mut last: Option<RoutedNodeSpec> = None;
     let mut logged_error: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            r = rx.changed() => if r.is_err() { return },
-        }
+        let woken_by_change = tokio::select! {
+            _ = tick.tick() => false,
+            r = rx.changed() => if r.is_err() { return } else { true },
+        };
         let record = rx.borrow_and_update().clone();
         if let Some(node) = record {
             match spec_from_record(&node, &opts) {
+                // A new version that changes nothing converged (the agent's own status writes, the
+                // controller's forwarder role) waits for the next tick.
+                Ok(Some(spec)) if woken_by_change && last.as_ref() == Some(&spec) => continue,
                 Ok(Some(spec)) => last = Some(spec),
                 Ok(None) => {}
                 Err(e) => {

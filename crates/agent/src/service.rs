@@ -122,6 +122,25 @@ impl IpamService {
         self.lock().ipam.allocations().count()
     }
 
+    /// Serves `spec` from now on instead of the current pool, but only while no address is allocated (a live
+    /// pod's address must stay in the pool). Cooling addresses of the old pool are forgotten. The empty state is
+    /// checkpointed before the swap takes effect.
+    pub fn replace_pool(&self, spec: PoolSpec) -> Result<(), AgentError> {
+        let mut g = self.lock();
+        let allocated = g.ipam.allocations().count();
+        if allocated > 0 {
+            return Err(AgentError::Config(format!(
+                "cannot replace {} with {spec}: {allocated} address(es) allocated",
+                g.ipam.spec()
+            )));
+        }
+        let ipam =
+            Ipam::new(spec, g.ipam.cooldown()).map_err(|e| AgentError::Config(e.to_string()))?;
+        g.checkpoint.save(&ipam.snapshot())?;
+        g.ipam = ipam;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the allocator possibly half-changed; the checkpoint is
         // still consistent, so reload from it rather than propagate the poison.
@@ -352,4 +371,62 @@ fn ipam_error(e: &IpamError) -> pb::Error {
         IpamError::Inconsistent(_) => ErrorCode::Internal,
     };
     wire_error(code, e.to_string(), e.is_retryable())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc_req(id: &str) -> pb::AllocateRequest {
+        pb::AllocateRequest {
+            key: Some(api::AttachmentKey::new(id, "eth0")),
+            netns: format!("/var/run/netns/{id}"),
+            pod_namespace: "default".into(),
+            pod_name: id.into(),
+        }
+    }
+
+    fn allocated_ip(r: pb::AllocateReply) -> String {
+        match r.result {
+            Some(pb::allocate_reply::Result::Allocation(a)) => a.address,
+            other => panic!("allocation failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_pool_is_replaced_only_while_nothing_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        let block = |s: &str| PoolSpec::Block(s.parse().unwrap());
+        let svc = IpamService::open(
+            block("100.64.0.0/28"),
+            Duration::from_secs(60),
+            cp,
+            1500,
+            Fault::None,
+        )
+        .unwrap();
+        svc.replace_pool(block("100.64.0.16/28")).unwrap();
+        let ip = allocated_ip(svc.allocate(alloc_req("a")));
+        let net: Ipv4Net = ip.parse().unwrap();
+        assert!(
+            "100.64.0.16/28"
+                .parse::<Ipv4Net>()
+                .unwrap()
+                .contains(&net.addr()),
+            "{ip}"
+        );
+        let e = svc.replace_pool(block("100.64.0.32/28")).unwrap_err();
+        assert!(e.to_string().contains("1 address"), "{e}");
+        // The allocation and its pool survive a reopen from the checkpoint.
+        let reopened = IpamService::open(
+            block("100.64.0.16/28"),
+            Duration::from_secs(60),
+            Checkpoint::new(dir.path().join("ipam.json")),
+            1500,
+            Fault::None,
+        )
+        .unwrap();
+        assert_eq!(reopened.allocated(), 1);
+    }
 }

@@ -274,6 +274,24 @@ mod root {
             .map(|c| (c.status, c.reason))
     }
 
+    fn set_block(sim: &ApiSim, name: &str, block: ipnet::Ipv4Net) {
+        assert!(sim.modify::<UnderlayNode>(None, name, |n| {
+            n.status.as_mut().unwrap().pool = Some(Pool {
+                block: Some(block.to_string()),
+                enis: vec![],
+            });
+        }));
+    }
+
+    fn pool_message(sim: &ApiSim, name: &str) -> Option<String> {
+        let n: UnderlayNode = sim.get(None, name)?;
+        n.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == conditions::POOL_READY && c.status == "True")
+            .map(|c| c.message)
+    }
+
     fn allocate(socket: &Path, id: &str) -> ipnet::Ipv4Net {
         let c = Client::connect(socket).unwrap();
         c.set_timeout(Duration::from_secs(5)).unwrap();
@@ -313,6 +331,7 @@ mod root {
         ));
         sim.insert(&record(&name, None, &[]));
         let config = config(dir.path());
+        let config_again = config.clone();
         let socket = config.socket.clone();
         let conflist = config.cni_conf_dir.join(names::CNI_CONFLIST);
         let agent = start(&sim, config, node.path().into(), &name);
@@ -374,12 +393,34 @@ mod root {
         assert!(conflist.is_file());
         let (code, body) = health(node.netns(), "/readyz").unwrap();
         assert_eq!(code, 200, "{body}");
-        let block: ipnet::Ipv4Net = "100.64.0.0/26".parse().unwrap();
+
+        // While no pod holds an address, a new block is taken at once.
+        let block: ipnet::Ipv4Net = "100.64.0.192/26".parse().unwrap();
+        set_block(&sim, &name, block);
+        wait_for("PoolReady on the new block", || {
+            pool_message(&sim, &name).filter(|m| m.contains("100.64.0.192/26"))
+        });
         let first = allocate(&socket, "agk-pod-1");
         assert!(block.contains(&first.addr()), "{first}");
         wait_for("poolUsed=1", || {
             let n: UnderlayNode = sim.get(None, &name)?;
             (n.status?.pool_used == 1).then_some(())
+        });
+        // With a pod on it, a block change is reported and not applied.
+        set_block(&sim, &name, "100.64.1.0/26".parse().unwrap());
+        let changed = wait_for("PoolReady=False on a block change", || {
+            condition(&sim, &name, conditions::POOL_READY).filter(|c| c.0 == "False")
+        });
+        assert_eq!(changed.1, "BlockChanged");
+        assert_eq!(
+            condition(&sim, &name, conditions::READY).unwrap().0,
+            "False"
+        );
+        let c = Client::connect(&socket).unwrap();
+        assert_eq!(c.list().unwrap().len(), 1);
+        set_block(&sim, &name, block);
+        wait_for("Ready=True on the served block again", || {
+            condition(&sim, &name, conditions::READY).filter(|c| c.0 == "True")
         });
         let written: UnderlayNode = sim.get(None, &name).unwrap();
         assert_eq!(
@@ -403,6 +444,27 @@ mod root {
         wait_for("poolUsed=2 after the API returns", || {
             let n: UnderlayNode = sim.get(None, &name)?;
             (n.status?.pool_used == 2).then_some(())
+        });
+        agent.stop().unwrap();
+
+        // A restart while the API is unreachable resumes from the cached record: the same block, the
+        // checkpoint's allocations kept, new pods served.
+        sim.set_unreachable(true);
+        let agent = start(&sim, config_again, node.path().into(), &name);
+        let third = wait_for("the restarted agent's IPAM socket", || {
+            Client::connect(&socket).ok()?;
+            Some(allocate(&socket, "agk-pod-3"))
+        });
+        assert!(
+            block.contains(&third.addr()) && third != first && third != second,
+            "{third}"
+        );
+        let c = Client::connect(&socket).unwrap();
+        assert_eq!(c.list().unwrap().len(), 3);
+        sim.set_unreachable(false);
+        wait_for("poolUsed=3 after the restart", || {
+            let n: UnderlayNode = sim.get(None, &name)?;
+            (n.status?.pool_used == 3).then_some(())
         });
         agent.stop().unwrap();
         assert!(sim.take_unexpected().is_empty());

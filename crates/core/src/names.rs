@@ -29,6 +29,9 @@ pub const CNI_PLUGIN: &str = "underlay-cni";
 /// Default path of the agent's IPAM checkpoint (versioned JSON, rewritten atomically on every change). On
 /// tmpfs, as amazon-vpc-cni keeps its own: it must survive agent restarts, not reboots (no pod survives one).
 pub const AGENT_CHECKPOINT: &str = "/run/underlay/ipam.json";
+/// File name, next to the IPAM checkpoint, of the last UnderlayNode the agent saw: a restart while the API
+/// server is unreachable resumes from it (serving the same block) instead of waiting for the API.
+pub const AGENT_RECORD_CACHE: &str = "node-record.json";
 
 /// Prefix of every host-side veth underlay-cni creates (`ul` + 11 hex digits; see `veth_names`).
 pub const HOST_VETH_PREFIX: &str = "ul";

@@ -7,10 +7,15 @@
 //!      unreachable: keep the last)                                │
 //!                                                                 ├─► start IPAM once status.pool.block is known
 //!                                                                 │     (crate::serve; a later block change is
-//!                                                                 │      reported, never applied)
+//!                                                                 │      applied only while no pod holds an
+//!                                                                 │      address, else reported)
 //!   health endpoint (node netns) ◄── Ready ◄──────────────────────┴─► status writer: merge patch of
 //!                                                                       conditions + poolUsed + observedGeneration
 //! ```
+//!
+//! Each new record is also written beside the IPAM checkpoint ([`names::AGENT_RECORD_CACHE`]); an agent that
+//! restarts while the API server is unreachable starts from it, so it serves the same block from the checkpoint
+//! instead of waiting for the API.
 //!
 //! The controller owns `spec` and `status.{pool,poolSize,routes,forwarder}`; the agent writes only
 //! `status.{conditions,poolUsed,observedGeneration}`. The record → spec conversion ([`spec_from_record`]) and
@@ -19,7 +24,7 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ::kube::api::{Api, Patch, PatchParams};
@@ -32,6 +37,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
 use underlay_api::{Mode, UnderlayNode, UnderlayNodeStatus, conditions};
+use underlay_core::ipam::PoolSpec;
 use underlay_core::names;
 use underlay_core::node::{NodeSpecError, RoutedNodeSpec};
 use underlay_core::planner::PeerRoute;
@@ -237,7 +243,7 @@ pub fn desired_status(
             "BlockChanged",
             format!(
                 "the record's block is {record} but the agent serves {served}; a running node's block is \
-                 not changed (restart the agent once no pod uses {served})"
+                 moved while pods hold addresses in it (it moves once none does)"
             ),
         ),
     };
@@ -313,13 +319,23 @@ pub fn desired_status(
 #[derive(Debug, Default)]
 struct Shared {
     ready: Ready,
-    /// The block the IPAM service serves and the service, once started.
-    ipam: OnceLock<(Ipv4Net, Arc<IpamService>)>,
+    /// The IPAM service, once started.
+    ipam: OnceLock<Arc<IpamService>>,
+    /// The block it serves.
+    served: Mutex<Option<Ipv4Net>>,
 }
 
 impl Shared {
+    fn served(&self) -> Option<Ipv4Net> {
+        *self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_served(&self, block: Ipv4Net) {
+        *self.served.lock().unwrap_or_else(|p| p.into_inner()) = Some(block);
+    }
+
     fn pool_fact(&self, record: Option<&Result<Option<RoutedNodeSpec>, RecordError>>) -> PoolFact {
-        let served = self.ipam.get().map(|(b, _)| *b);
+        let served = self.served();
         match (served, record) {
             (Some(served), Some(Ok(Some(spec)))) if spec.pod_block != served => {
                 PoolFact::BlockChanged {
@@ -358,10 +374,20 @@ pub async fn run_routed_on_kube(
     tracing::info!(addr = %opts.health_addr, node = %opts.node_name, "health endpoint listening");
 
     let api: Api<UnderlayNode> = Api::all(client);
-    let (tx, rx) = watch::channel::<Record>(None);
+    let cache = RecordCache::beside(&config.checkpoint);
+    let cached = cache.load(&opts.node_name);
+    if let Some(n) = &cached {
+        tracing::info!(
+            node = %opts.node_name,
+            path = %cache.0.display(),
+            resource_version = n.metadata.resource_version.as_deref().unwrap_or(""),
+            "resuming from the last UnderlayNode seen until the API answers"
+        );
+    }
+    let (tx, rx) = watch::channel::<Record>(cached.map(Arc::new));
     let mut tasks = vec![
         tokio::spawn(health.serve()),
-        tokio::spawn(watch_record(api.clone(), opts.node_name.clone(), tx)),
+        tokio::spawn(watch_record(api.clone(), opts.node_name.clone(), tx, cache)),
         tokio::spawn(converge_loop(
             Arc::new(RoutedAgent::new(ns)),
             rx.clone(),
@@ -389,7 +415,8 @@ pub async fn run_routed_on_kube(
             match crate::open_service(&config, fault) {
                 Ok(service) => {
                     let service = Arc::new(service);
-                    let _ = shared.ipam.set((spec.pod_block, service.clone()));
+                    shared.set_served(spec.pod_block);
+                    let _ = shared.ipam.set(service.clone());
                     shared.ready.update(|s| s.pool_present = true);
                     tracing::info!(block = %spec.pod_block, "pod block known: starting the IPAM service");
                     crate::serve(config, service, &mut shutdown).await
@@ -422,7 +449,12 @@ async fn first_spec(mut rx: watch::Receiver<Record>, opts: &KubeAgentOptions) ->
 /// Follows the node's own `UnderlayNode`, publishing each new version. API errors are logged and retried with
 /// kube-runtime's default backoff; the channel keeps the last record meanwhile. A deleted record is kept too:
 /// the node goes on running its pods until the agent is stopped.
-async fn watch_record(api: Api<UnderlayNode>, name: String, tx: watch::Sender<Record>) {
+async fn watch_record(
+    api: Api<UnderlayNode>,
+    name: String,
+    tx: watch::Sender<Record>,
+    cache: RecordCache,
+) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     let mut failing = false;
@@ -433,16 +465,24 @@ async fn watch_record(api: Api<UnderlayNode>, name: String, tx: watch::Sender<Re
                     tracing::info!(node = %name, "API reachable again");
                     failing = false;
                 }
-                tx.send_if_modified(|cur| {
+                let node = Arc::new(node);
+                let changed = tx.send_if_modified(|cur| {
                     let same = cur.as_ref().is_some_and(|c| {
                         c.metadata.resource_version.is_some()
                             && c.metadata.resource_version == node.metadata.resource_version
                     });
                     if !same {
-                        *cur = Some(Arc::new(node));
+                        *cur = Some(node.clone());
                     }
                     !same
                 });
+                if changed {
+                    let (cache, node) = (cache.clone(), node.clone());
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.save(&node)).await
+                    {
+                        tracing::warn!(error = %e, "cannot cache the UnderlayNode; a restart will wait for the API");
+                    }
+                }
             }
             Ok(Event::Delete(_)) => {
                 tracing::warn!(node = %name, "UnderlayNode deleted; keeping the last record")
@@ -454,6 +494,51 @@ async fn watch_record(api: Api<UnderlayNode>, name: String, tx: watch::Sender<Re
             }
             Err(e) => tracing::debug!(node = %name, error = %e, "watch retry failed"),
         }
+    }
+}
+
+/// The last record seen, on disk beside the IPAM checkpoint (same lifetime: tmpfs, survives agent restarts).
+#[derive(Debug, Clone)]
+struct RecordCache(PathBuf);
+
+impl RecordCache {
+    fn beside(checkpoint: &std::path::Path) -> RecordCache {
+        RecordCache(checkpoint.with_file_name(names::AGENT_RECORD_CACHE))
+    }
+
+    /// The cached record of `node`, if there is a readable one (anything else is ignored: the API decides).
+    fn load(&self, node: &str) -> Option<UnderlayNode> {
+        let bytes = match std::fs::read(&self.0) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.0.display(), error = %e, "cannot read the cached UnderlayNode");
+                return None;
+            }
+        };
+        match serde_json::from_slice::<UnderlayNode>(&bytes) {
+            Ok(n) if n.metadata.name.as_deref() == Some(node) => Some(n),
+            Ok(n) => {
+                tracing::warn!(path = %self.0.display(), cached = n.metadata.name.as_deref().unwrap_or(""), "the cached UnderlayNode is another node's; ignoring it");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.0.display(), error = %e, "the cached UnderlayNode does not parse; ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Writes `node` atomically (temp file, fsync, rename).
+    fn save(&self, node: &UnderlayNode) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.0.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(node).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &self.0)?;
+        crate::checkpoint::sync_dir(&self.0)
     }
 }
 
@@ -470,13 +555,16 @@ async fn converge_loop(
     let mut last: Option<RoutedNodeSpec> = None;
     let mut logged_error: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            r = rx.changed() => if r.is_err() { return },
-        }
+        let woken_by_change = tokio::select! {
+            _ = tick.tick() => false,
+            r = rx.changed() => if r.is_err() { return } else { true },
+        };
         let record = rx.borrow_and_update().clone();
         if let Some(node) = record {
             match spec_from_record(&node, &opts) {
+                // A new version that changes nothing converged (the agent's own status writes, the
+                // controller's forwarder role) waits for the next tick.
+                Ok(Some(spec)) if woken_by_change && last.as_ref() == Some(&spec) => continue,
                 Ok(Some(spec)) => last = Some(spec),
                 Ok(None) => {}
                 Err(e) => {
@@ -491,15 +579,24 @@ async fn converge_loop(
         let Some(mut spec) = last.clone() else {
             continue;
         };
-        if let Some((served, _)) = shared.ipam.get()
-            && *served != spec.pod_block
+        if let (Some(service), Some(served)) = (shared.ipam.get(), shared.served())
+            && served != spec.pod_block
         {
-            let msg = format!("block changed to {} while serving {served}", spec.pod_block);
-            if logged_error.as_ref() != Some(&msg) {
-                tracing::error!(record = %spec.pod_block, served = %served, "the record's pod block changed for a running node; keeping the served block");
-                logged_error = Some(msg);
+            // Free to move while no pod holds an address; otherwise reported (PoolReady=False), not applied.
+            match service.replace_pool(PoolSpec::Block(spec.pod_block)) {
+                Ok(()) => {
+                    tracing::info!(from = %served, to = %spec.pod_block, "the record's pod block changed while no address was allocated; serving the new block");
+                    shared.set_served(spec.pod_block);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if logged_error.as_ref() != Some(&msg) {
+                        tracing::error!(record = %spec.pod_block, served = %served, error = %msg, "the record's pod block changed for a running node; keeping the served block");
+                        logged_error = Some(msg);
+                    }
+                    spec.pod_block = served;
+                }
             }
-            spec.pod_block = *served;
         }
         let a = agent.clone();
         let r = tokio::task::spawn_blocking(move || a.converge(&spec))
@@ -561,7 +658,7 @@ async fn status_loop(
             pool_used: shared
                 .ipam
                 .get()
-                .map(|(_, s)| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
+                .map(|s| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
                 .unwrap_or(0),
         };
         let generation = node.metadata.generation;

@@ -1,5 +1,6 @@
 //! `underlay agent`: the node agent (the IPAM service, the CNI configuration and plugin install; with
-//! `--routed-spec`, also the routed-mode converge loop and the health endpoint).
+//! `--routed-spec`, also the routed-mode converge loop and the health endpoint; with `--kube`, the same
+//! driven by the node's UnderlayNode, whose status it writes).
 //!
 //! Configuration comes from `--config FILE` (YAML, see docs/agent.md), then the flags override single
 //! fields, which is what tests and local runs use. The test-only fault knob `UNDERLAY_AGENT_FAULT` is read
@@ -13,6 +14,7 @@ use underlay_agent::{AgentConfig, Fault};
 use underlay_core::names;
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("routed_mode").args(["routed_spec", "kube"]).multiple(false)))]
 pub struct Args {
     /// YAML configuration file (pool, cooldown, socket, checkpoint, CNI dirs, MTU, plugin source).
     #[arg(long, value_name = "FILE")]
@@ -48,18 +50,32 @@ pub struct Args {
     /// its MTU the pod MTU. Also serves the health endpoint.
     #[arg(long, value_name = "FILE")]
     routed_spec: Option<PathBuf>,
+    /// Routed mode from the Kubernetes API: follow this node's UnderlayNode (pool, peer routes) and write its
+    /// status. Uses the standard client configuration (in-cluster service account, or KUBECONFIG).
+    #[arg(long, requires_all = ["node_name", "pod_cidr", "vpc_cidr"])]
+    kube: bool,
+    /// With --kube: this node's name (the UnderlayNode's).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// With --kube: the cluster's pod CIDR.
+    #[arg(long, value_name = "CIDR", requires = "kube")]
+    pod_cidr: Option<Ipv4Net>,
+    /// With --kube: a VPC CIDR (repeat for each).
+    #[arg(long, value_name = "CIDR", requires = "kube")]
+    vpc_cidr: Vec<Ipv4Net>,
     /// Routed mode: the network namespace holding the node's uplink (default: the agent's own).
-    #[arg(long, value_name = "PATH", requires = "routed_spec")]
+    #[arg(long, value_name = "PATH", requires = "routed_mode")]
     netns: Option<PathBuf>,
     /// Routed mode: address of the health endpoint (default 0.0.0.0:9650).
-    #[arg(long, value_name = "ADDR", requires = "routed_spec")]
+    #[arg(long, value_name = "ADDR", requires = "routed_mode")]
     health_addr: Option<std::net::SocketAddr>,
 }
 
 /// File name of the checkpoint inside `--state-dir`.
 const CHECKPOINT_FILE: &str = "ipam.json";
 
-fn resolve(args: Args) -> anyhow::Result<AgentConfig> {
+/// The configuration from the file and flags. `needs_pool` is false with --kube: the pool comes from the record.
+fn resolve(args: Args, needs_pool: bool) -> anyhow::Result<AgentConfig> {
     let mut config = match &args.config {
         Some(path) => AgentConfig::load(path)?,
         None => AgentConfig::default(),
@@ -97,7 +113,9 @@ fn resolve(args: Args) -> anyhow::Result<AgentConfig> {
             .and_then(|exe| Some(exe.parent()?.join(names::CNI_PLUGIN)))
             .filter(|p| p.is_file());
     }
-    config.validate()?;
+    if needs_pool {
+        config.validate()?;
+    }
     Ok(config)
 }
 
@@ -120,6 +138,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         );
     }
     let mut args = args;
+    if args.kube {
+        return exec_kube(args, fault);
+    }
     let routed = match args.routed_spec.take() {
         Some(path) => {
             let spec = underlay_agent::routed::runner::load_spec(&path)?;
@@ -134,16 +155,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let config = resolve(args)?;
-    if let Some(dir) = config.checkpoint.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating state directory {}", dir.display()))?;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let config = resolve(args, true)?;
+    let runtime = prepare(&config)?;
     match routed {
         Some(opts) => runtime.block_on(underlay_agent::routed::runner::run_routed(
             config,
@@ -154,6 +167,42 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         None => runtime.block_on(underlay_agent::run(config, fault, shutdown_signal()))?,
     }
     Ok(())
+}
+
+/// `--kube`: routed mode from the node's UnderlayNode.
+fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
+    use underlay_agent::routed::kube::{KubeAgentOptions, run_routed_on_kube};
+    // clap enforces these with --kube.
+    let node_name = args.node_name.take().context("--node-name is required")?;
+    let pod_cidr = args.pod_cidr.context("--pod-cidr is required")?;
+    let mut opts = KubeAgentOptions::new(node_name, pod_cidr, std::mem::take(&mut args.vpc_cidr));
+    opts.netns = args.netns.take();
+    if let Some(a) = args.health_addr {
+        opts.health_addr = a;
+    }
+    let config = resolve(args, false)?;
+    opts.mtu = config.mtu;
+    let runtime = prepare(&config)?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("building the Kubernetes client (in-cluster or KUBECONFIG)")?;
+        run_routed_on_kube(config, client, opts, fault, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Creates the state directory and the runtime.
+fn prepare(config: &AgentConfig) -> anyhow::Result<tokio::runtime::Runtime> {
+    if let Some(dir) = config.checkpoint.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 async fn shutdown_signal() {

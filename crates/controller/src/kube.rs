@@ -453,6 +453,112 @@ pub fn status_fields(
     ))
 }
 
+/// The previous plan as the UnderlayNodes record it (block, subnet, forwarder routes in status; subnet region in
+/// the [`names::ANNOTATION_SUBNET_REGION`] annotation), for a new leader to plan from so blocks never move. Only
+/// what the planner reads back is filled in (subnet regions, blocks, routes and their forwarders); the figures
+/// are zero. `None` when no UnderlayNode has a block.
+pub fn previous_plan(
+    pod_cidr: ipnet::Ipv4Net,
+    block_prefix_len: u8,
+    uns: &[UnderlayNode],
+) -> Option<RoutedPlan> {
+    use underlay_core::planner::{BlockAssignment, PlanMode, SubnetPlan, VpcRoute};
+    let mut blocks = Vec::new();
+    let mut routes: BTreeMap<ipnet::Ipv4Net, VpcRoute> = BTreeMap::new();
+    let mut subnets: BTreeMap<String, SubnetPlan> = BTreeMap::new();
+    for un in uns.iter().filter(|u| u.spec.mode == Mode::Routed) {
+        let name = un.name_any();
+        let Some(st) = &un.status else { continue };
+        let Some(block) = st
+            .pool
+            .as_ref()
+            .and_then(|p| p.block.as_deref())
+            .and_then(|b| b.parse::<ipnet::Ipv4Net>().ok())
+        else {
+            continue;
+        };
+        let Ok(node_ip) = un.spec.node_ip.parse() else {
+            continue;
+        };
+        let region = un
+            .annotations()
+            .get(names::ANNOTATION_SUBNET_REGION)
+            .and_then(|r| r.parse().ok());
+        let sp = subnets
+            .entry(un.spec.subnet_id.clone())
+            .or_insert_with(|| SubnetPlan {
+                id: un.spec.subnet_id.clone(),
+                zone: un.spec.zone.clone(),
+                region: None,
+                route_table: None,
+                nodes: 0,
+                healthy_nodes: 0,
+                routes: 0,
+                forwarders: 0,
+                max_nodes_per_forwarder: 0,
+                balanced_bound: 0,
+                extra_hop_nodes: 0,
+            });
+        sp.region = sp.region.or(region);
+        blocks.push(BlockAssignment {
+            node: name.clone(),
+            subnet: un.spec.subnet_id.clone(),
+            zone: un.spec.zone.clone(),
+            node_ip,
+            eni: un.spec.primary_eni_id.clone(),
+            healthy: true,
+            block,
+            route: None,
+            via: None,
+            extra_hop: false,
+        });
+        for r in st.forwarder.iter().flat_map(|f| &f.routes) {
+            let Ok(destination) = r.destination.parse() else {
+                continue;
+            };
+            routes.entry(destination).or_insert_with(|| VpcRoute {
+                destination,
+                subnet: un.spec.subnet_id.clone(),
+                zone: un.spec.zone.clone(),
+                forwarder: Some(name.clone()),
+                eni: Some(un.spec.primary_eni_id.clone()),
+                forwarder_ip: Some(node_ip),
+                nodes: 0,
+                forwarder_inside: false,
+            });
+        }
+    }
+    if blocks.is_empty() {
+        return None;
+    }
+    Some(RoutedPlan {
+        pod_cidr,
+        block_prefix_len,
+        mode: PlanMode::Aggregated,
+        route_limit: 0,
+        foreign_routes: 0,
+        headroom: 0,
+        budget: 0,
+        routes_per_table: 0,
+        nodes: u32::try_from(blocks.len()).unwrap_or(u32::MAX),
+        healthy_nodes: 0,
+        forwarders: 0,
+        max_nodes_per_forwarder: 0,
+        extra_hop_fraction: 0.0,
+        route_tables: vec![],
+        subnets: subnets.into_values().collect(),
+        routes: routes.into_values().collect(),
+        blocks,
+        warnings: vec![],
+    })
+}
+
+/// The region of `node`'s subnet in `plan`.
+fn region_of(plan: &RoutedPlan, node: &str) -> Option<ipnet::Ipv4Net> {
+    let subnet = &plan.blocks.iter().find(|b| b.node == node)?.subnet;
+    plan.subnets.iter().find(|s| &s.id == subnet)?.region
+}
+
 /// The plan still gives `node` a block or makes it a forwarder.
 pub fn in_plan(plan: &RoutedPlan, node: &str) -> bool {
     plan.blocks.iter().any(|b| b.node == node)
@@ -677,6 +783,19 @@ impl Leader {
                     let set = self.cluster_nodes();
                     let (tx, rx) = watch::channel(set);
                     let mut controller = Controller::new(self.config.clone(), self.lanes.clone());
+                    let recorded: Vec<UnderlayNode> = self.uns.values().cloned().collect();
+                    let previous = previous_plan(
+                        self.config.routed.pod_cidr,
+                        self.config.routed.block_prefix_len,
+                        &recorded,
+                    );
+                    if let Some(p) = &previous {
+                        tracing::info!(
+                            blocks = p.blocks.len(),
+                            "planning from the blocks UnderlayNodes record"
+                        );
+                    }
+                    controller.routes().set_previous(previous);
                     if let Some(p) = &self.prober {
                         controller = controller.with_prober(p.clone());
                     }
@@ -1027,6 +1146,28 @@ impl Leader {
             let Some((pool, size, routes, forwarder)) = status_fields(&plan, &name) else {
                 continue;
             };
+            // The subnet's region first: with it, the status lets a later leader rebuild this plan.
+            let region = region_of(&plan, &name).map(|r| r.to_string());
+            let stale = self.uns.get(&name).is_some_and(|u| {
+                u.meta().deletion_timestamp.is_none()
+                    && region.is_some()
+                    && u.annotations().get(names::ANNOTATION_SUBNET_REGION) != region.as_ref()
+            });
+            if stale {
+                let patch = json!({
+                    "metadata": { "annotations": { names::ANNOTATION_SUBNET_REGION: region } }
+                });
+                match self.patch_un(&name, &patch).await {
+                    Ok(u) => {
+                        self.uns.insert(name.clone(), u);
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, "annotating UnderlayNode");
+                        ok = false;
+                        continue;
+                    }
+                }
+            }
             let patch = json!({
                 "status": {
                     "pool": pool,

@@ -524,3 +524,57 @@ async fn only_the_lease_holder_writes() {
     let lease: Lease = api.get(Some("kube-system"), names::LEADER_LEASE).unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_every_block() {
+    let w = mk_world(35, 0, 50);
+    let api = ApiSim::new();
+    // Three nodes of one subnet; the first leaves, so a plan from scratch would lay the others out anew.
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), 0);
+    }
+    let (lease, renew) = (Duration::from_secs(2), Duration::from_millis(200));
+    let a = start(&w, &api, "replica-a", lease, renew);
+    converged(&api, 3).await;
+    assert!(api.remove::<Node>(None, "node-0"));
+    wait_for("node-0's UnderlayNode gone", || {
+        api.get::<UnderlayNode>(None, "node-0")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let before = converged(&api, 2).await;
+    let blocks = |uns: &BTreeMap<String, UnderlayNode>| -> BTreeMap<String, String> {
+        uns.iter()
+            .map(|(n, u)| {
+                let b = u.status.as_ref().unwrap().pool.as_ref().unwrap();
+                (n.clone(), b.block.clone().unwrap())
+            })
+            .collect()
+    };
+    let tables_before: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
+    a.stop().await;
+
+    let mut b = start(&w, &api, "replica-b", lease, renew);
+    let pass = with_timeout(async {
+        loop {
+            if let ControllerEvent::Pass(p) = b.events.recv().await.unwrap() {
+                break p;
+            }
+        }
+    })
+    .await;
+    let plan = pass.routes.plan.clone().unwrap();
+    for (node, block) in blocks(&before) {
+        assert_eq!(
+            plan.block_of(&node).unwrap().to_string(),
+            block,
+            "{node}'s block moved"
+        );
+    }
+    assert!(pass.routes.planned.is_empty(), "{:?}", pass.routes.planned);
+    let tables_after: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
+    assert_eq!(tables_before, tables_after);
+    assert_eq!(blocks(&converged(&api, 2).await), blocks(&before));
+    b.stop().await;
+}

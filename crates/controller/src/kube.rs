@@ -42,11 +42,13 @@ use underlay_cloud::{Cloud, InstanceFilter, InstanceId, InstanceState};
 use underlay_core::health::{HealthState, Transition};
 use underlay_core::names;
 use underlay_core::planner::RoutedPlan;
+use underlay_core::routeops::RouteOp;
 
 use crate::config::{ClusterNode, ControllerConfig};
 use crate::controller::{Controller, ControllerEvent};
-use crate::lanes::CloudLanes;
+use crate::lanes::{CloudLanes, Priority};
 use crate::probe::Prober;
+use crate::routes::ReconcileReport;
 
 /// Default lease duration: a new leader takes over this long after the last renewal it saw.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -56,6 +58,13 @@ pub const DEFAULT_RENEW_EVERY: Duration = Duration::from_secs(5);
 pub const DEFAULT_RETRY_EVERY: Duration = Duration::from_secs(2);
 /// Default namespace of the leader Lease.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "kube-system";
+/// Reasons and action of the Kubernetes Events the leader records on Nodes.
+pub const REASON_FORWARDER_FAILED: &str = "ForwarderFailed";
+pub const REASON_FORWARDER_HEALTHY: &str = "ForwarderHealthy";
+pub const REASON_ROUTES_MOVED: &str = "RoutesMoved";
+pub const ACTION_FAILOVER: &str = "Failover";
+/// A missing instance is described again after this many retry periods.
+const MISSING_RECHECK: u32 = 5;
 /// Attempts of one status or Node write answered 409 Conflict (each after re-reading the object).
 const CONFLICT_ATTEMPTS: usize = 4;
 
@@ -640,6 +649,10 @@ struct Leader {
     uns_synced: bool,
     /// Described instances by id; `None`: the instance does not exist or is not running.
     instances: HashMap<InstanceId, Option<NodeInstance>>,
+    /// When each missing instance was last described.
+    missing_checked: HashMap<InstanceId, Instant>,
+    /// Nodes already reported as not on AWS.
+    foreign: BTreeSet<String>,
     plan: Option<RoutedPlan>,
     nodes_tx: Option<watch::Sender<Vec<ClusterNode>>>,
 }
@@ -714,6 +727,8 @@ impl Leader {
             nodes_synced: false,
             uns_synced: false,
             instances: HashMap::new(),
+            missing_checked: HashMap::new(),
+            foreign: BTreeSet::new(),
             plan: None,
             nodes_tx: None,
         }
@@ -728,7 +743,8 @@ impl Leader {
         futures::pin_mut!(node_events, un_events);
         let (mut node_buf, mut un_buf) = (None, None);
         let mut controller_events: Option<broadcast::Receiver<ControllerEvent>> = None;
-        let mut controller_task: Option<tokio::task::JoinHandle<()>> = None;
+        // Aborted when this task is (losing the lease drops it mid-await): no pass outlives leadership.
+        let mut controller_task: Option<AbortOnDrop> = None;
         let mut stop_rx = stop.clone();
         let mut retry = tokio::time::interval(self.retry_every);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -762,6 +778,7 @@ impl Leader {
                                     self.plan = Some(plan.clone());
                                     dirty = true;
                                 }
+                                self.record_route_moves(&report.routes).await;
                             }
                             ControllerEvent::Health(t) => self.record_transition(&t).await,
                         }
@@ -800,7 +817,8 @@ impl Leader {
                         controller = controller.with_prober(p.clone());
                     }
                     controller_events = Some(controller.subscribe());
-                    controller_task = Some(tokio::spawn(controller.run(rx, stop.clone())));
+                    controller_task =
+                        Some(AbortOnDrop(tokio::spawn(controller.run(rx, stop.clone()))));
                     self.nodes_tx = Some(tx);
                     tracing::info!(
                         nodes = self.nodes.len(),
@@ -809,9 +827,9 @@ impl Leader {
                 }
             }
         }
-        if let Some(t) = controller_task {
-            t.abort();
-            let _ = t.await;
+        if let Some(mut t) = controller_task {
+            t.0.abort();
+            let _ = (&mut t.0).await;
         }
     }
 
@@ -869,31 +887,59 @@ impl Leader {
         ok
     }
 
+    /// Describe the instances of Nodes not seen yet (one batched call), and again, every
+    /// [`MISSING_RECHECK`] retry periods, those found missing (describes are eventually consistent). Returns false
+    /// when the call failed or an instance is still missing.
     async fn describe_new_instances(&mut self) -> bool {
         let mut wanted: BTreeSet<InstanceId> = BTreeSet::new();
+        let recheck = self.retry_every * MISSING_RECHECK;
         for n in self.nodes.values() {
-            match n.spec.as_ref().and_then(|s| s.provider_id.as_deref()) {
-                None => {}
-                Some(pid) => match instance_id_of(pid) {
-                    Some(id) if !self.instances.contains_key(&id) => {
+            let Some(pid) = n.spec.as_ref().and_then(|s| s.provider_id.as_deref()) else {
+                continue;
+            };
+            match instance_id_of(pid) {
+                Some(id) => match self.instances.get(&id) {
+                    None => {
+                        wanted.insert(id);
+                    }
+                    Some(None)
+                        if self
+                            .missing_checked
+                            .get(&id)
+                            .is_none_or(|at| at.elapsed() >= recheck) =>
+                    {
                         wanted.insert(id);
                     }
                     Some(_) => {}
-                    None => {
-                        tracing::warn!(node = %n.name_any(), provider_id = pid, "not an AWS provider id; node ignored")
-                    }
                 },
+                None => {
+                    if self.foreign.insert(n.name_any()) {
+                        tracing::warn!(node = %n.name_any(), provider_id = pid, "not an AWS provider id; node left out");
+                    }
+                }
             }
         }
         if wanted.is_empty() {
-            return true;
+            return !self.any_missing();
         }
-        let filter = InstanceFilter {
-            ids: wanted.iter().cloned().collect(),
-            vpc: None,
-        };
-        let found = match self.cloud.describe_instances(&filter).await {
+        let described = self.describe(wanted.iter().cloned().collect()).await;
+        let found = match described {
             Ok(found) => found,
+            // EC2 fails the whole call when one id is unknown: describe them one by one.
+            Err(e) if e.kind == underlay_cloud::ErrorKind::NotFound && wanted.len() > 1 => {
+                let mut found = Vec::new();
+                for id in &wanted {
+                    match self.describe(vec![id.clone()]).await {
+                        Ok(f) => found.extend(f),
+                        Err(e) if e.kind == underlay_cloud::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, instance = %id.0, "describing node instance");
+                            return false;
+                        }
+                    }
+                }
+                found
+            }
             Err(e) if e.kind == underlay_cloud::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
                 tracing::warn!(error = %e, instances = wanted.len(), "describing node instances");
@@ -923,10 +969,29 @@ impl Leader {
             });
             if resolved.is_none() {
                 tracing::warn!(instance = %id.0, "node instance not found, not running or without primary ENI; node left out");
+                self.missing_checked.insert(id.clone(), Instant::now());
+            } else {
+                self.missing_checked.remove(&id);
             }
             self.instances.insert(id, resolved);
         }
-        true
+        !self.any_missing()
+    }
+
+    async fn describe(
+        &self,
+        ids: Vec<InstanceId>,
+    ) -> Result<Vec<underlay_cloud::Instance>, underlay_cloud::CloudError> {
+        let filter = InstanceFilter { ids, vpc: None };
+        self.cloud.describe_instances(&filter).await
+    }
+
+    /// A current Node's instance was found missing.
+    fn any_missing(&self) -> bool {
+        self.nodes.values().any(|n| {
+            self.instance_of(n)
+                .is_some_and(|id| matches!(self.instances.get(&id), Some(None)))
+        })
     }
 
     /// An UnderlayNode for every Node whose instance is known, with the spec, labels, owner and finalizer.
@@ -1297,30 +1362,99 @@ impl Leader {
         ok
     }
 
+    /// A Kubernetes Event on each Node that took over VPC routes in a failover pass (best effort).
+    async fn record_route_moves(&self, report: &ReconcileReport) {
+        if report.priority != Priority::Failover {
+            return;
+        }
+        let mut moved: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for a in &report.applied {
+            if let RouteOp::Replace {
+                route_table,
+                destination,
+                eni,
+                previous,
+            } = &a.op
+            {
+                moved
+                    .entry(eni.as_str())
+                    .or_default()
+                    .push(format!("{destination} in {route_table} (from {previous})"));
+            }
+        }
+        for (eni, routes) in moved {
+            let Some(node) = self
+                .nodes
+                .values()
+                .find(|n| self.resolved(n).is_some_and(|i| i.node.eni.0 == eni))
+            else {
+                continue;
+            };
+            let ev = KubeEvent {
+                type_: EventType::Normal,
+                reason: REASON_ROUTES_MOVED.to_string(),
+                note: Some(truncate_note(format!(
+                    "failover: {} VPC route(s) now target this node: {}",
+                    routes.len(),
+                    routes.join(", ")
+                ))),
+                action: ACTION_FAILOVER.to_string(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&ev, &node.object_ref(&())).await {
+                tracing::debug!(error = %e, "recording event");
+            }
+        }
+    }
+
     /// A Kubernetes Event on the Node for a forwarder health transition (best effort).
     async fn record_transition(&self, t: &Transition) {
         let Some(node) = self.nodes.get(&t.node) else {
             return;
         };
         let (type_, reason) = match t.to {
-            HealthState::Failed => (EventType::Warning, "ForwarderFailed"),
-            HealthState::Healthy => (EventType::Normal, "ForwarderHealthy"),
+            HealthState::Failed => (EventType::Warning, REASON_FORWARDER_FAILED),
+            HealthState::Healthy => (EventType::Normal, REASON_FORWARDER_HEALTHY),
             HealthState::Pending => return,
         };
         let ev = KubeEvent {
             type_,
             reason: reason.to_string(),
             note: Some(format!(
-                "forwarder health {} -> {}: VPC routes targeting this node are re-planned",
+                "forwarder health {} -> {}: the VPC routes targeting this node are planned again",
                 t.from, t.to
             )),
-            action: "Failover".to_string(),
+            action: ACTION_FAILOVER.to_string(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &node.object_ref(&())).await {
             tracing::debug!(error = %e, "recording event");
         }
     }
+}
+
+/// A task aborted when its handle is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An Event note fits in 1 kB.
+fn truncate_note(mut s: String) -> String {
+    const MAX: usize = 1000;
+    if s.len() > MAX {
+        let mut end = MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 /// Receive from an optional broadcast receiver; pending forever when there is none.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -149,8 +149,36 @@ impl Replica {
     }
 }
 
+/// Nodes in `down` miss every probe.
+#[derive(Debug, Default)]
+struct ScriptedProber {
+    down: Mutex<BTreeSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl Prober for ScriptedProber {
+    async fn probe(&self, t: &ProbeTarget) -> Probe {
+        if self.down.lock().unwrap().contains(&t.node) {
+            Probe::Miss
+        } else {
+            Probe::Success
+        }
+    }
+}
+
 /// Start a controller replica on its own kube::Client (recording its requests) over the shared apisim.
 fn start(w: &World, api: &ApiSim, identity: &str, lease: Duration, renew: Duration) -> Replica {
+    start_with(w, api, identity, lease, renew, Arc::new(AlwaysUp))
+}
+
+fn start_with(
+    w: &World,
+    api: &ApiSim,
+    identity: &str,
+    lease: Duration,
+    renew: Duration,
+    prober: Arc<dyn Prober>,
+) -> Replica {
     let (leading_tx, leading) = watch::channel(false);
     let requests: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
     let (rec, lead_rx) = (requests.clone(), leading.clone());
@@ -176,7 +204,8 @@ fn start(w: &World, api: &ApiSim, identity: &str, lease: Duration, renew: Durati
         leading: Some(leading_tx),
     };
     let mut config = ControllerConfig::new(w.config());
-    config.probe.interval = Duration::from_millis(200);
+    config.probe.interval = Duration::from_millis(100);
+    config.health.misses_to_fail = 2;
     let task = tokio::spawn({
         let (cloud, lanes) = (w.cloud(), w.lanes());
         async move {
@@ -185,7 +214,7 @@ fn start(w: &World, api: &ApiSim, identity: &str, lease: Duration, renew: Durati
                 cloud,
                 lanes,
                 config,
-                Some(Arc::new(AlwaysUp)),
+                Some(prober),
                 opts,
                 shutdown_rx,
                 Some(events_tx),
@@ -577,4 +606,109 @@ async fn a_new_leader_keeps_every_block() {
     assert_eq!(tables_before, tables_after);
     assert_eq!(blocks(&converged(&api, 2).await), blocks(&before));
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_off_aws_or_without_instance_are_left_out() {
+    let w = mk_world(36, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let foreign = |name: &str, pid: &str| Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(pid.into()),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    api.insert(&foreign("gce-node", "gce://project/zone/vm-1"));
+    // An instance id no VPC holds: EC2 fails the whole batch for it, so the others are described one by one.
+    api.insert(&foreign("ghost", "aws:///us-east-1a/i-0000000000000dead"));
+    let r = start_one(&w, &api);
+    let uns = converged(&api, 3).await;
+    assert!(
+        uns.keys().all(|n| n.starts_with("node-")),
+        "{:?}",
+        uns.keys()
+    );
+    // Nodes left out still carry the not-ready taint: they cannot run pods on the underlay network.
+    for name in ["gce-node", "ghost"] {
+        wait_for("taint on a node left out", || {
+            taint_keys(&api, name)
+                .contains(&names::TAINT_NOT_READY.to_string())
+                .then_some(())
+        })
+        .await;
+    }
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_recorded_as_events_on_the_nodes() {
+    use k8s_openapi::api::events::v1::Event;
+    let w = mk_world(37, 0, 50);
+    let api = ApiSim::new();
+    mk_node(&w, &api, "node-0", 0);
+    mk_node(&w, &api, "node-1", 0);
+    mk_node(&w, &api, "node-2", 1);
+    let prober = Arc::new(ScriptedProber::default());
+    let r = start_with(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+        prober.clone(),
+    );
+    let uns = converged(&api, 3).await;
+    let eni1 = underlay_cloud::EniId(uns["node-1"].spec.primary_eni_id.clone());
+    prober.down.lock().unwrap().insert("node-0".into());
+    // node-0's route moves to node-1, the other node of its subnet.
+    let block0: ipnet::Ipv4Net = uns["node-0"]
+        .status
+        .as_ref()
+        .unwrap()
+        .pool
+        .as_ref()
+        .unwrap()
+        .block
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_for("node-0's route on node-1", || {
+        // The managed tables: those of the nodes' zone (the others hold no pod route).
+        let managed: Vec<_> = w.tables.iter().filter(|t| !w.owned(t).is_empty()).collect();
+        (!managed.is_empty()
+            && managed.iter().all(|t| {
+                w.owned(t).iter().any(|(d, target)| {
+                    d.contains(&block0) && *target == RouteTarget::NetworkInterface(eni1.clone())
+                })
+            }))
+        .then_some(())
+    })
+    .await;
+    let events = wait_for("failover events", || {
+        let evs = api.list::<Event>();
+        let has = |reason: &str, node: &str| {
+            evs.iter().any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(node)
+            })
+        };
+        (has(underlay_controller::kube::REASON_FORWARDER_FAILED, "node-0")
+            && has(underlay_controller::kube::REASON_ROUTES_MOVED, "node-1"))
+        .then_some(evs)
+    })
+    .await;
+    assert!(!events.iter().any(|e| {
+        e.reason.as_deref() == Some(underlay_controller::kube::REASON_ROUTES_MOVED)
+            && e.regarding.as_ref().and_then(|o| o.name.as_deref()) != Some("node-1")
+    }));
+    r.stop().await;
 }

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod controller;
+pub mod kube;
 pub mod lanes;
 pub mod probe;
 pub mod routes;

@@ -89,3 +89,6 @@ pub const LABEL_NODE: &str = "underlay.dev/node";
 pub const LABEL_MODE: &str = "underlay.dev/mode";
 /// Name of the `coordination.k8s.io` Lease the controller replicas elect a leader with.
 pub const LEADER_LEASE: &str = "underlay-controller";
+/// Annotation on every routed-mode UnderlayNode: the pod-CIDR region of its subnet in the current plan. With the
+/// blocks and forwarder routes in the status, it lets a new leader rebuild the previous plan (blocks never move).
+pub const ANNOTATION_SUBNET_REGION: &str = "underlay.dev/subnet-region";

@@ -1,0 +1,714 @@
+//! The controller on the Kubernetes API, against apisim (a real kube::Client) and vpcsim: UnderlayNode lifecycle,
+//! status from the plan, the not-ready taint and podCIDR, a 409 on a status write, and leader election. Real
+//! clock; every wait is a bounded poll.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{World, mk_world};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::{broadcast, watch};
+use tower::ServiceExt;
+use underlay_api::{Mode, UnderlayNode, conditions};
+use underlay_apisim::{ApiSim, Kind};
+use underlay_cloud::RouteTarget;
+use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
+use underlay_controller::{ControllerConfig, ControllerEvent, ProbeTarget, Prober};
+use underlay_core::health::Probe;
+use underlay_core::names;
+use underlay_vpcsim::RunInstance;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Every forwarder answers.
+#[derive(Debug)]
+struct AlwaysUp;
+
+#[async_trait::async_trait]
+impl Prober for AlwaysUp {
+    async fn probe(&self, _: &ProbeTarget) -> Probe {
+        Probe::Success
+    }
+}
+
+/// Poll `f` every 20 ms until it returns `Some`, for at most [`WAIT`].
+async fn wait_for<T, F: FnMut() -> Option<T>>(what: &str, mut f: F) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Node in apisim for a fresh instance in subnet `i % subnets`; carries a foreign taint that must survive.
+fn mk_node(w: &World, api: &ApiSim, name: &str, i: usize) {
+    let subnet = w.subnets[i % w.subnets.len()].clone();
+    let inst = w
+        .sim
+        .run_instance(RunInstance::new("m5.large", &subnet))
+        .unwrap();
+    api.insert(&Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(format!("aws:///{}/{}", inst.zone, inst.id.0)),
+            taints: Some(vec![Taint {
+                key: "example.com/dedicated".into(),
+                value: Some("infra".into()),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    });
+}
+
+fn taint_keys(api: &ApiSim, name: &str) -> Vec<String> {
+    let node: Node = api.get(None, name).unwrap();
+    node.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.key)
+        .collect()
+}
+
+fn set_ready(api: &ApiSim, name: &str, ready: bool) {
+    assert!(api.modify::<UnderlayNode>(None, name, |u| {
+        let status = u.status.get_or_insert_with(Default::default);
+        status.conditions.retain(|c| c.type_ != conditions::READY);
+        status.conditions.push(Condition {
+            type_: conditions::READY.into(),
+            status: if ready { "True" } else { "False" }.into(),
+            reason: "Test".into(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: None,
+        });
+    }));
+}
+
+struct Replica {
+    shutdown: watch::Sender<bool>,
+    leading: watch::Receiver<bool>,
+    events: broadcast::Receiver<ControllerEvent>,
+    /// Requests this replica sent: (method, path, leading at the time).
+    requests: Arc<Mutex<Vec<(String, String, bool)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Replica {
+    /// Writes (anything but GET, and not to the Lease) this replica sent while it was not leading.
+    fn writes_while_not_leading(&self) -> Vec<(String, String)> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, leading)| m != "GET" && !p.contains("/leases") && !leading)
+            .map(|(m, p, _)| (m.clone(), p.clone()))
+            .collect()
+    }
+    fn writes(&self) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, _)| m != "GET" && !p.contains("/leases"))
+            .count()
+    }
+    fn lease_requests(&self) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p, _)| p.contains("/leases"))
+            .count()
+    }
+    async fn stop(self) {
+        self.shutdown.send_replace(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("replica stops")
+            .unwrap();
+    }
+}
+
+/// Nodes in `down` miss every probe.
+#[derive(Debug, Default)]
+struct ScriptedProber {
+    down: Mutex<BTreeSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl Prober for ScriptedProber {
+    async fn probe(&self, t: &ProbeTarget) -> Probe {
+        if self.down.lock().unwrap().contains(&t.node) {
+            Probe::Miss
+        } else {
+            Probe::Success
+        }
+    }
+}
+
+/// Start a controller replica on its own kube::Client (recording its requests) over the shared apisim.
+fn start(w: &World, api: &ApiSim, identity: &str, lease: Duration, renew: Duration) -> Replica {
+    start_with(w, api, identity, lease, renew, Arc::new(AlwaysUp))
+}
+
+fn start_with(
+    w: &World,
+    api: &ApiSim,
+    identity: &str,
+    lease: Duration,
+    renew: Duration,
+    prober: Arc<dyn Prober>,
+) -> Replica {
+    let (leading_tx, leading) = watch::channel(false);
+    let requests: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
+    let (rec, lead_rx) = (requests.clone(), leading.clone());
+    let service = api
+        .service()
+        .map_request(move |req: http::Request<kube::client::Body>| {
+            rec.lock().unwrap().push((
+                req.method().to_string(),
+                req.uri().path().to_string(),
+                *lead_rx.borrow(),
+            ));
+            req
+        });
+    let client = kube::Client::new(service, "default");
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (events_tx, events) = broadcast::channel(1024);
+    let opts = KubeOptions {
+        identity: identity.to_string(),
+        lease_namespace: "kube-system".into(),
+        lease_duration: lease,
+        renew_every: renew,
+        retry_every: Duration::from_millis(200),
+        leading: Some(leading_tx),
+    };
+    let mut config = ControllerConfig::new(w.config());
+    config.probe.interval = Duration::from_millis(100);
+    config.health.misses_to_fail = 2;
+    let task = tokio::spawn({
+        let (cloud, lanes) = (w.cloud(), w.lanes());
+        async move {
+            run_routed_on_kube(
+                client,
+                cloud,
+                lanes,
+                config,
+                Some(prober),
+                opts,
+                shutdown_rx,
+                Some(events_tx),
+            )
+            .await
+            .unwrap()
+        }
+    });
+    Replica {
+        shutdown,
+        leading,
+        events,
+        requests,
+        task,
+    }
+}
+
+fn start_one(w: &World, api: &ApiSim) -> Replica {
+    start(
+        w,
+        api,
+        "replica-a",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+    )
+}
+
+/// Every UnderlayNode's status carries a pool; returns them by name.
+async fn converged(api: &ApiSim, n: usize) -> BTreeMap<String, UnderlayNode> {
+    wait_for("every UnderlayNode to get its pool", || {
+        let uns = api.list::<UnderlayNode>();
+        (uns.len() == n
+            && uns
+                .iter()
+                .all(|u| u.status.as_ref().is_some_and(|s| s.pool.is_some())))
+        .then(|| {
+            uns.into_iter()
+                .map(|u| (u.metadata.name.clone().unwrap(), u))
+                .collect()
+        })
+    })
+    .await
+}
+
+async fn with_timeout<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f).await.expect("in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underlay_nodes_status_taints_and_pod_cidr_follow_the_plan() {
+    let w = mk_world(31, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..6 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    // Three nodes in the first subnet so some have same-subnet peers.
+    mk_node(&w, &api, "node-6", 0);
+    mk_node(&w, &api, "node-7", 0);
+    let mut r = start_one(&w, &api);
+    let uns = converged(&api, 8).await;
+
+    for (name, un) in &uns {
+        let node: Node = api.get(None, name).unwrap();
+        // Spec from the instance, owner reference, finalizer, labels.
+        let pid = node.spec.as_ref().unwrap().provider_id.clone().unwrap();
+        assert!(
+            pid.ends_with(&un.spec.instance_id),
+            "{pid} vs {}",
+            un.spec.instance_id
+        );
+        assert_eq!(un.spec.mode, Mode::Routed);
+        let owners = un.metadata.owner_references.clone().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "Node");
+        assert_eq!(&owners[0].name, name);
+        assert_eq!(owners[0].uid, node.metadata.uid.clone().unwrap());
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(
+            un.metadata.finalizers.clone().unwrap(),
+            vec![names::FINALIZER_CLEANUP.to_string()]
+        );
+        let labels = un.metadata.labels.clone().unwrap();
+        assert_eq!(labels[names::LABEL_NODE], *name);
+        assert_eq!(labels[names::LABEL_MODE], "routed");
+
+        // Status from the plan: block of 64 addresses (/26), peer routes to the same-subnet nodes.
+        let st = un.status.clone().unwrap();
+        let block: ipnet::Ipv4Net = st.pool.unwrap().block.unwrap().parse().unwrap();
+        assert_eq!(block.prefix_len(), 26);
+        assert_eq!(st.pool_size, 64);
+        let peers: Vec<&UnderlayNode> = uns
+            .values()
+            .filter(|o| {
+                o.spec.subnet_id == un.spec.subnet_id && o.metadata.name != un.metadata.name
+            })
+            .collect();
+        assert_eq!(st.routes.len(), peers.len(), "{name}: {:?}", st.routes);
+        for p in peers {
+            let pb = p
+                .status
+                .as_ref()
+                .unwrap()
+                .pool
+                .as_ref()
+                .unwrap()
+                .block
+                .clone()
+                .unwrap();
+            assert!(
+                st.routes
+                    .iter()
+                    .any(|r| r.destination == pb && r.via == p.spec.node_ip),
+                "{name} lacks a route to {pb} via {}",
+                p.spec.node_ip
+            );
+        }
+        // Forwarder role: exactly the VPC routes in vpcsim that target this node's ENI.
+        let mut want: Vec<(String, String)> = Vec::new();
+        for t in &w.tables {
+            for (dest, target) in w.owned(t) {
+                if target
+                    == RouteTarget::NetworkInterface(underlay_cloud::EniId(
+                        un.spec.primary_eni_id.clone(),
+                    ))
+                {
+                    want.push((t.0.clone(), dest.to_string()));
+                }
+            }
+        }
+        want.sort();
+        let mut got: Vec<(String, String)> = st
+            .forwarder
+            .map(|f| {
+                f.routes
+                    .into_iter()
+                    .map(|r| (r.route_table_id, r.destination))
+                    .collect()
+            })
+            .unwrap_or_default();
+        got.sort();
+        assert_eq!(got, want, "{name}: forwarder role");
+
+        // podCIDR set to the block.
+        let node = wait_for("podCIDR", || {
+            let n: Node = api.get(None, name).unwrap();
+            n.spec.as_ref().unwrap().pod_cidr.is_some().then_some(n)
+        })
+        .await;
+        assert_eq!(node.spec.unwrap().pod_cidr.unwrap(), block.to_string());
+    }
+    // Every node got the not-ready taint, next to the foreign one.
+    for name in uns.keys() {
+        wait_for("not-ready taint", || {
+            let keys = taint_keys(&api, name);
+            (keys.contains(&names::TAINT_NOT_READY.to_string())
+                && keys.contains(&"example.com/dedicated".to_string()))
+            .then_some(())
+        })
+        .await;
+    }
+
+    // Ready=True removes the taint on that node only; Ready=False puts it back.
+    set_ready(&api, "node-1", true);
+    wait_for("taint removed on Ready", || {
+        (taint_keys(&api, "node-1") == vec!["example.com/dedicated".to_string()]).then_some(())
+    })
+    .await;
+    assert!(taint_keys(&api, "node-2").contains(&names::TAINT_NOT_READY.to_string()));
+    set_ready(&api, "node-1", false);
+    wait_for("taint back on Ready=False", || {
+        taint_keys(&api, "node-1")
+            .contains(&names::TAINT_NOT_READY.to_string())
+            .then_some(())
+    })
+    .await;
+    // The agent's condition survived the controller's status writes.
+    let un: UnderlayNode = api.get(None, "node-1").unwrap();
+    assert_eq!(un.status.unwrap().conditions.len(), 1);
+
+    // Events were forwarded.
+    let mut passes = 0;
+    while let Ok(ev) = r.events.try_recv() {
+        passes += matches!(ev, ControllerEvent::Pass(_)) as usize;
+    }
+    assert!(passes >= 1);
+    assert!(api.take_unexpected().is_empty());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_node_removes_its_underlay_node_after_its_routes() {
+    let w = mk_world(32, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..4 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let r = start_one(&w, &api);
+    let uns = converged(&api, 4).await;
+    let block = uns["node-2"]
+        .status
+        .as_ref()
+        .unwrap()
+        .pool
+        .as_ref()
+        .unwrap()
+        .block
+        .clone()
+        .unwrap();
+    let block: ipnet::Ipv4Net = block.parse().unwrap();
+    assert!(
+        w.tables
+            .iter()
+            .any(|t| w.owned(t).keys().any(|d| d.contains(&block)))
+    );
+
+    assert!(api.remove::<Node>(None, "node-2"));
+    wait_for("UnderlayNode of the deleted Node gone", || {
+        api.get::<UnderlayNode>(None, "node-2")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // Its routes were gone from the plan (and so from the tables) before the finalizer went.
+    for t in &w.tables {
+        assert!(
+            !w.owned(t).keys().any(|d| *d == block),
+            "{t}: route for the deleted node's block remains"
+        );
+    }
+    assert_eq!(api.list::<UnderlayNode>().len(), 3);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_on_a_status_write_is_retried() {
+    let w = mk_world(33, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let r = start_one(&w, &api);
+    let uns = converged(&api, 3).await;
+    // Wait until the controller is idle: taints and podCIDRs written.
+    for name in uns.keys() {
+        wait_for("node spec written", || {
+            let n: Node = api.get(None, name).unwrap();
+            n.spec.unwrap().pod_cidr.is_some().then_some(())
+        })
+        .await;
+    }
+    let want = uns["node-0"].status.clone().unwrap();
+    api.take_requests();
+    api.inject_conflict(Kind::UnderlayNode);
+    // Another writer wipes the controller's fields; the controller writes them again, through a 409.
+    assert!(api.modify::<UnderlayNode>(None, "node-0", |u| {
+        let s = u.status.as_mut().unwrap();
+        s.pool = None;
+        s.pool_size = 0;
+    }));
+    wait_for("status restored", || {
+        let u: UnderlayNode = api.get(None, "node-0").unwrap();
+        let s = u.status.unwrap();
+        (s.pool == want.pool && s.pool_size == want.pool_size).then_some(())
+    })
+    .await;
+    let status_writes: Vec<u16> = api
+        .take_requests()
+        .into_iter()
+        .filter(|q| q.method == "PATCH" && q.path.ends_with("/underlaynodes/node-0/status"))
+        .map(|q| q.status)
+        .collect();
+    assert_eq!(status_writes, vec![409, 200]);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_writes() {
+    let w = mk_world(34, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let (lease, renew) = (Duration::from_secs(2), Duration::from_millis(200));
+    let mut a = start(&w, &api, "replica-a", lease, renew);
+    wait_for("a leads", || a.leading.borrow().then_some(())).await;
+    converged(&api, 3).await;
+    let mut b = start(&w, &api, "replica-b", lease, renew);
+    // b campaigns for a while (several lease reads) without leading or writing.
+    wait_for("b campaigns", || (b.lease_requests() >= 5).then_some(())).await;
+    assert!(!*b.leading.borrow());
+    assert_eq!(b.writes(), 0, "b wrote while a held the lease");
+    assert!(b.events.try_recv().is_err(), "b ran a controller");
+    assert!(a.writes() > 0);
+
+    // Someone else takes the lease from a: a stops at once (its next renewal sees the holder).
+    assert!(
+        api.modify::<Lease>(Some("kube-system"), names::LEADER_LEASE, |l| {
+            let s = l.spec.as_mut().unwrap();
+            s.holder_identity = Some("intruder".into());
+            s.lease_duration_seconds = Some(1);
+            s.renew_time = Some(MicroTime(Timestamp::now()));
+        })
+    );
+    wait_for("a steps down", || (!*a.leading.borrow()).then_some(())).await;
+    // A node joins: once the intruder's lease expires, one replica takes over and creates its UnderlayNode.
+    mk_node(&w, &api, "node-3", 3);
+    with_timeout(async {
+        loop {
+            if *a.leading.borrow_and_update() || *b.leading.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                _ = a.leading.changed() => {}
+                _ = b.leading.changed() => {}
+            }
+        }
+    })
+    .await;
+    converged(&api, 4).await;
+    let lease: Lease = api.get(Some("kube-system"), names::LEADER_LEASE).unwrap();
+    let holder = lease.spec.unwrap().holder_identity.unwrap();
+    assert!(holder == "replica-a" || holder == "replica-b", "{holder}");
+    assert!(
+        a.writes_while_not_leading().is_empty(),
+        "a wrote without the lease: {:?}",
+        a.writes_while_not_leading()
+    );
+    assert!(
+        b.writes_while_not_leading().is_empty(),
+        "b wrote without the lease: {:?}",
+        b.writes_while_not_leading()
+    );
+    // Shutdown releases the lease.
+    a.stop().await;
+    b.stop().await;
+    let lease: Lease = api.get(Some("kube-system"), names::LEADER_LEASE).unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_every_block() {
+    let w = mk_world(35, 0, 50);
+    let api = ApiSim::new();
+    // Three nodes of one subnet; the first leaves, so a plan from scratch would lay the others out anew.
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), 0);
+    }
+    let (lease, renew) = (Duration::from_secs(2), Duration::from_millis(200));
+    let a = start(&w, &api, "replica-a", lease, renew);
+    converged(&api, 3).await;
+    assert!(api.remove::<Node>(None, "node-0"));
+    wait_for("node-0's UnderlayNode gone", || {
+        api.get::<UnderlayNode>(None, "node-0")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let before = converged(&api, 2).await;
+    let blocks = |uns: &BTreeMap<String, UnderlayNode>| -> BTreeMap<String, String> {
+        uns.iter()
+            .map(|(n, u)| {
+                let b = u.status.as_ref().unwrap().pool.as_ref().unwrap();
+                (n.clone(), b.block.clone().unwrap())
+            })
+            .collect()
+    };
+    let tables_before: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
+    a.stop().await;
+
+    let mut b = start(&w, &api, "replica-b", lease, renew);
+    let pass = with_timeout(async {
+        loop {
+            if let ControllerEvent::Pass(p) = b.events.recv().await.unwrap() {
+                break p;
+            }
+        }
+    })
+    .await;
+    let plan = pass.routes.plan.clone().unwrap();
+    for (node, block) in blocks(&before) {
+        assert_eq!(
+            plan.block_of(&node).unwrap().to_string(),
+            block,
+            "{node}'s block moved"
+        );
+    }
+    assert!(pass.routes.planned.is_empty(), "{:?}", pass.routes.planned);
+    let tables_after: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
+    assert_eq!(tables_before, tables_after);
+    assert_eq!(blocks(&converged(&api, 2).await), blocks(&before));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_off_aws_or_without_instance_are_left_out() {
+    let w = mk_world(36, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let foreign = |name: &str, pid: &str| Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(pid.into()),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    api.insert(&foreign("gce-node", "gce://project/zone/vm-1"));
+    // An instance id no VPC holds: EC2 fails the whole batch for it, so the others are described one by one.
+    api.insert(&foreign("ghost", "aws:///us-east-1a/i-0000000000000dead"));
+    let r = start_one(&w, &api);
+    let uns = converged(&api, 3).await;
+    assert!(
+        uns.keys().all(|n| n.starts_with("node-")),
+        "{:?}",
+        uns.keys()
+    );
+    // Nodes left out still carry the not-ready taint: they cannot run pods on the underlay network.
+    for name in ["gce-node", "ghost"] {
+        wait_for("taint on a node left out", || {
+            taint_keys(&api, name)
+                .contains(&names::TAINT_NOT_READY.to_string())
+                .then_some(())
+        })
+        .await;
+    }
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_recorded_as_events_on_the_nodes() {
+    use k8s_openapi::api::events::v1::Event;
+    let w = mk_world(37, 0, 50);
+    let api = ApiSim::new();
+    mk_node(&w, &api, "node-0", 0);
+    mk_node(&w, &api, "node-1", 0);
+    mk_node(&w, &api, "node-2", 1);
+    let prober = Arc::new(ScriptedProber::default());
+    let r = start_with(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+        prober.clone(),
+    );
+    let uns = converged(&api, 3).await;
+    let eni1 = underlay_cloud::EniId(uns["node-1"].spec.primary_eni_id.clone());
+    prober.down.lock().unwrap().insert("node-0".into());
+    // node-0's route moves to node-1, the other node of its subnet.
+    let block0: ipnet::Ipv4Net = uns["node-0"]
+        .status
+        .as_ref()
+        .unwrap()
+        .pool
+        .as_ref()
+        .unwrap()
+        .block
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_for("node-0's route on node-1", || {
+        // The managed tables: those of the nodes' zone (the others hold no pod route).
+        let managed: Vec<_> = w.tables.iter().filter(|t| !w.owned(t).is_empty()).collect();
+        (!managed.is_empty()
+            && managed.iter().all(|t| {
+                w.owned(t).iter().any(|(d, target)| {
+                    d.contains(&block0) && *target == RouteTarget::NetworkInterface(eni1.clone())
+                })
+            }))
+        .then_some(())
+    })
+    .await;
+    let events = wait_for("failover events", || {
+        let evs = api.list::<Event>();
+        let has = |reason: &str, node: &str| {
+            evs.iter().any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(node)
+            })
+        };
+        (has(underlay_controller::kube::REASON_FORWARDER_FAILED, "node-0")
+            && has(underlay_controller::kube::REASON_ROUTES_MOVED, "node-1"))
+        .then_some(evs)
+    })
+    .await;
+    assert!(!events.iter().any(|e| {
+        e.reason.as_deref() == Some(underlay_controller::kube::REASON_ROUTES_MOVED)
+            && e.regarding.as_ref().and_then(|o| o.name.as_deref()) != Some("node-1")
+    }));
+    r.stop().await;
+}

@@ -72,7 +72,7 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     let _g = Guard(lab.clone());
     let out = run(&[
         "lab", "demo", "--name", &lab, "--zones", "2", "--subnets-per-zone", "1", "--nodes", "4",
-        "--pods-per-node", "2", "--route-limit", "3", "--hold-down-s", "3", "--format", "json",
+        "--pods-per-node", "2", "--route-limit", "4", "--hold-down-s", "3", "--format", "json",
         "--cni-plugin", plugin.to_str().unwrap(),
     ]);
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
@@ -83,7 +83,7 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     assert!(report["pairs_checked"].as_u64().unwrap() > 0);
     assert_eq!(report["pairs_ok"], report["pairs_checked"]);
     for (_, n) in report["routes_per_table"].as_object().unwrap() {
-        assert!(n.as_u64().unwrap() <= 3);
+        assert!(n.as_u64().unwrap() <= 4);
     }
     // Two subnets of two nodes, one pod route per table: one block of each subnet sits behind a forwarder.
     assert!(report["check"]["classes"]["other_subnet_forwarder"]["pairs"].as_u64().unwrap() > 0);
@@ -105,7 +105,7 @@ fn a_background_lab_answers_each_command_and_down_removes_it() {
     let p = plugin.to_str().unwrap();
     let shape = [
         "--name", &lab, "--zones", "1", "--subnets-per-zone", "2", "--nodes", "3", "--pods-per-node", "1",
-        "--route-limit", "3", "--hold-down-s", "2",
+        "--route-limit", "4", "--hold-down-s", "2",
     ];
     let up = run(&[&["lab", "up"][..], &shape[..], &["--format", "json", "--cni-plugin", p]].concat());
     assert!(up.status.success());

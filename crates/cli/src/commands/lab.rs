@@ -185,7 +185,7 @@ fn demo(shape: Shape, format: Format, no_failover: bool) -> anyhow::Result<()> {
         config.zones, config.subnets_per_zone, config.nodes, config.pods_per_node, config.route_limit
     );
     let mut lab = Lab::up(config)?;
-    let run = || -> anyhow::Result<DemoReport> {
+    let mut run = || -> anyhow::Result<DemoReport> {
         let check = lab.check()?;
         let failover = if no_failover {
             None

@@ -24,6 +24,8 @@ pub enum PathClass {
     OtherSubnetDirect,
     /// Pod → pod in another subnet through an aggregated VPC route to a forwarder.
     OtherSubnetForwarder,
+    /// Pod → pod in another subnet whose block no VPC route in the source's table covers (a fault).
+    OtherSubnetUnrouted,
     /// Pod → a node's address (its own and others).
     PodToNode,
     /// Pod → the internet host (SNAT to the node's address, through the IGW).
@@ -41,6 +43,7 @@ impl PathClass {
             PathClass::SameSubnet => "same_subnet",
             PathClass::OtherSubnetDirect => "other_subnet_direct",
             PathClass::OtherSubnetForwarder => "other_subnet_forwarder",
+            PathClass::OtherSubnetUnrouted => "other_subnet_unrouted",
             PathClass::PodToNode => "pod_to_node",
             PathClass::PodToInternet => "pod_to_internet",
             PathClass::NodeNodeSameSubnet => "node_node_same_subnet",
@@ -127,7 +130,8 @@ impl Lab {
             (Some(RouteTarget::NetworkInterface(eni)), Some(own)) if eni == own => {
                 PathClass::OtherSubnetDirect
             }
-            _ => PathClass::OtherSubnetForwarder,
+            (Some(RouteTarget::NetworkInterface(_)), _) => PathClass::OtherSubnetForwarder,
+            _ => PathClass::OtherSubnetUnrouted,
         }
     }
 

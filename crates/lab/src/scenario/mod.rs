@@ -112,8 +112,17 @@ impl LabConfig {
                 self.block_prefix_len
             );
         }
-        if self.route_limit < 3 {
-            bail!("--route-limit must be at least 3 (the IGW default route, headroom, one pod route)");
+        // Each table holds the IGW default route and keeps one route of headroom; every subnet with nodes
+        // needs at least one pod route.
+        let subnets_used = (self.zones * self.subnets_per_zone).min(self.nodes);
+        if self.route_limit < 2 + subnets_used {
+            bail!(
+                "--route-limit {} leaves no pod route for some of the {subnets_used} subnets with nodes: \
+                 each table holds the IGW default route, one route of headroom and at least one route per \
+                 subnet (use at least {})",
+                self.route_limit,
+                2 + subnets_used
+            );
         }
         if !self.cni_plugin.is_file() {
             bail!(
@@ -169,6 +178,7 @@ pub struct LabPod {
 }
 
 /// A running lab.
+#[allow(missing_debug_implementations)]
 pub struct Lab {
     pub config: LabConfig,
     id: LabId,
@@ -322,6 +332,9 @@ impl Lab {
         ));
         self.wait_untainted(appeared, Duration::from_secs(60 + 2 * n as u64))?;
         self.step("nodes ready", t);
+        let t = Instant::now();
+        self.wait_routed(Duration::from_secs(60 + n as u64))?;
+        self.step("routes", t);
 
         let t = Instant::now();
         self.wait_fabric()?;
@@ -379,7 +392,11 @@ impl Lab {
             timeout: config.probe.timeout.min(config.probe.interval),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let client = self.api.client();
+        // kube::Client spawns its buffer task: it must be made inside the runtime.
+        let client = {
+            let _rt = self.rt.enter();
+            self.api.client()
+        };
         let events = self.controller_events.clone();
         let opts = underlay_controller::kube::KubeOptions {
             identity: format!("lab-{}-controller", self.id.as_str()),
@@ -431,7 +448,10 @@ impl Lab {
             status_interval: Duration::from_millis(200),
         };
         let (stop, mut rx) = watch::channel(false);
-        let client = self.api.client();
+        let client = {
+            let _rt = self.rt.enter();
+            self.api.client()
+        };
         let name = node.name.clone();
         let task = self.rt.spawn(async move {
             let shutdown = async move {
@@ -518,6 +538,72 @@ impl Lab {
                     self.nodes.len()
                 ));
                 last_report = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every node's block (as its UnderlayNode records it) covered, in every subnet's route table, by a route to
+    /// the primary ENI of a node of the block's subnet.
+    pub fn unrouted_blocks(&self) -> Vec<String> {
+        let snap = self.sim.snapshot();
+        let mut missing = Vec::new();
+        for n in &self.nodes {
+            let rec: Option<underlay_api::UnderlayNode> = self.api.get(None, &n.name);
+            let Some(block) = rec
+                .and_then(|r| r.status)
+                .and_then(|s| s.pool)
+                .and_then(|p| p.block)
+                .and_then(|b| b.parse::<Ipv4Net>().ok())
+            else {
+                missing.push(format!("{} (no block)", n.name));
+                continue;
+            };
+            let subnet_enis: Vec<_> = self
+                .nodes
+                .iter()
+                .filter(|m| m.subnet == n.subnet)
+                .filter_map(|m| m.instance.primary_eni().map(|e| e.id.clone()))
+                .collect();
+            for s in &self.subnets {
+                let target = snap
+                    .route_tables
+                    .iter()
+                    .find(|t| t.id == s.table)
+                    .and_then(|t| {
+                        t.routes
+                            .iter()
+                            .filter(|r| r.destination.contains(&block))
+                            .max_by_key(|r| r.destination.prefix_len())
+                    })
+                    .map(|r| r.target.clone());
+                match target {
+                    Some(underlay_cloud::RouteTarget::NetworkInterface(e)) if subnet_enis.contains(&e) => {}
+                    _ => missing.push(format!("{} {block} in {}", n.name, s.table)),
+                }
+            }
+        }
+        missing
+    }
+
+    fn wait_routed(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let missing = self.unrouted_blocks();
+            if missing.is_empty() {
+                self.wait_fabric()?;
+                progress(format!(
+                    "every node block routed in all {} route tables",
+                    self.subnets.len()
+                ));
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} block route(s) missing after {timeout:?}: {}",
+                    missing.len(),
+                    missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -635,9 +721,6 @@ impl Lab {
         }
     }
 
-    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
-    }
 }
 
 impl Drop for Lab {

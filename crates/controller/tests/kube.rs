@@ -712,3 +712,40 @@ async fn a_failover_is_recorded_as_events_on_the_nodes() {
     }));
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_steps_down_and_leads_again() {
+    let w = mk_world(38, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let mut r = start(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(1),
+        Duration::from_millis(200),
+    );
+    converged(&api, 2).await;
+    api.set_unreachable(true);
+    // No renewal for the lease's duration: it stops.
+    with_timeout(async {
+        while *r.leading.borrow_and_update() {
+            r.leading.changed().await.unwrap();
+        }
+    })
+    .await;
+    api.set_unreachable(false);
+    // Back: it campaigns, retakes its own lease and catches up with a node that joined meanwhile.
+    mk_node(&w, &api, "node-2", 2);
+    with_timeout(async {
+        while !*r.leading.borrow_and_update() {
+            r.leading.changed().await.unwrap();
+        }
+    })
+    .await;
+    converged(&api, 3).await;
+    assert!(r.writes_while_not_leading().is_empty());
+    r.stop().await;
+}

@@ -212,7 +212,7 @@ pub async fn run_routed_on_kube(
                             tracing::warn!(%holder, "lease taken by another replica; stepping down");
                             break false;
                         }
-                        Ok(Ok(LeaseState::Conflict)) => next_renew = Instant::now(),
+                        Ok(Ok(LeaseState::Conflict)) => next_renew = Instant::now() + opts.renew_every / 10,
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "renewing the lease");
                             next_renew = Instant::now() + opts.renew_every / 4;
@@ -633,7 +633,6 @@ fn labels_for(name: &str) -> BTreeMap<String, String> {
 
 /// Everything the lease holder does; dropped (aborted) when the lease is lost.
 struct Leader {
-    client: Client,
     nodes_api: Api<Node>,
     uns_api: Api<UnderlayNode>,
     cloud: Arc<dyn Cloud>,
@@ -713,8 +712,7 @@ impl Leader {
         );
         Self {
             nodes_api: Api::all(client.clone()),
-            uns_api: Api::all(client.clone()),
-            client,
+            uns_api: Api::all(client),
             cloud,
             lanes,
             config,
@@ -735,7 +733,6 @@ impl Leader {
     }
 
     async fn run(mut self, stop: watch::Receiver<bool>) {
-        let _ = &self.client;
         let node_events =
             watch_stream(self.nodes_api.clone(), watcher::Config::default()).default_backoff();
         let un_events =

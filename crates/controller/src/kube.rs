@@ -666,6 +666,10 @@ impl std::fmt::Debug for Leader {
     }
 }
 
+fn rv_number<K: Resource>(o: &K) -> Option<u64> {
+    o.meta().resource_version.as_deref()?.parse().ok()
+}
+
 /// Objects of a watch, kept complete across restarts of the watch (buffered between `Init` and `InitDone`).
 fn apply_watch_event<K: Resource + Clone>(
     map: &mut BTreeMap<String, K>,
@@ -675,7 +679,17 @@ fn apply_watch_event<K: Resource + Clone>(
 ) {
     match ev {
         WatchEvent::Apply(o) => {
-            map.insert(o.meta().name.clone().unwrap_or_default(), o);
+            let name = o.meta().name.clone().unwrap_or_default();
+            // Writes store their response at once; a watch event older than it would undo that (and cause a
+            // redundant write). resourceVersions are opaque, but etcd's are integers: compare only those.
+            let older = map
+                .get(&name)
+                .and_then(|cur| rv_number(cur))
+                .zip(rv_number(&o))
+                .is_some_and(|(cur, new)| new < cur);
+            if !older {
+                map.insert(name, o);
+            }
         }
         WatchEvent::Delete(o) => {
             map.remove(o.meta().name.as_deref().unwrap_or_default());

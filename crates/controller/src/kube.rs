@@ -212,7 +212,7 @@ pub async fn run_routed_on_kube(
                             tracing::warn!(%holder, "lease taken by another replica; stepping down");
                             break false;
                         }
-                        Ok(Ok(LeaseState::Conflict)) => next_renew = Instant::now(),
+                        Ok(Ok(LeaseState::Conflict)) => next_renew = Instant::now() + opts.renew_every / 10,
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "renewing the lease");
                             next_renew = Instant::now() + opts.renew_every / 4;
@@ -633,7 +633,6 @@ fn labels_for(name: &str) -> BTreeMap<String, String> {
 
 /// Everything the lease holder does; dropped (aborted) when the lease is lost.
 struct Leader {
-    client: Client,
     nodes_api: Api<Node>,
     uns_api: Api<UnderlayNode>,
     cloud: Arc<dyn Cloud>,
@@ -667,6 +666,10 @@ impl std::fmt::Debug for Leader {
     }
 }
 
+fn rv_number<K: Resource>(o: &K) -> Option<u64> {
+    o.meta().resource_version.as_deref()?.parse().ok()
+}
+
 /// Objects of a watch, kept complete across restarts of the watch (buffered between `Init` and `InitDone`).
 fn apply_watch_event<K: Resource + Clone>(
     map: &mut BTreeMap<String, K>,
@@ -676,7 +679,17 @@ fn apply_watch_event<K: Resource + Clone>(
 ) {
     match ev {
         WatchEvent::Apply(o) => {
-            map.insert(o.meta().name.clone().unwrap_or_default(), o);
+            let name = o.meta().name.clone().unwrap_or_default();
+            // Writes store their response at once; a watch event older than it would undo that (and cause a
+            // redundant write). resourceVersions are opaque, but etcd's are integers: compare only those.
+            let older = map
+                .get(&name)
+                .and_then(|cur| rv_number(cur))
+                .zip(rv_number(&o))
+                .is_some_and(|(cur, new)| new < cur);
+            if !older {
+                map.insert(name, o);
+            }
         }
         WatchEvent::Delete(o) => {
             map.remove(o.meta().name.as_deref().unwrap_or_default());
@@ -713,8 +726,7 @@ impl Leader {
         );
         Self {
             nodes_api: Api::all(client.clone()),
-            uns_api: Api::all(client.clone()),
-            client,
+            uns_api: Api::all(client),
             cloud,
             lanes,
             config,
@@ -735,7 +747,6 @@ impl Leader {
     }
 
     async fn run(mut self, stop: watch::Receiver<bool>) {
-        let _ = &self.client;
         let node_events =
             watch_stream(self.nodes_api.clone(), watcher::Config::default()).default_backoff();
         let un_events =

@@ -9,8 +9,9 @@
 //!                └──────────── transitions trigger a pass; failures are Failover ─────────┘
 //! ```
 //!
-//! No Kubernetes here yet: the node set comes in as [`config::ClusterNode`]s on a watch channel, and the previous
-//! plan is kept in memory. See `docs/controller.md`.
+//! [`Controller::run`] takes the node set as [`config::ClusterNode`]s on a watch channel (tests, the lab without
+//! Kubernetes). [`kube::run_routed_on_kube`] runs it on the Kubernetes API: leader election on a Lease, Nodes in,
+//! UnderlayNodes, taints and podCIDRs out. See `docs/controller.md`.
 
 pub mod config;
 pub mod controller;

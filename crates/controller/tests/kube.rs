@@ -712,3 +712,102 @@ async fn a_failover_is_recorded_as_events_on_the_nodes() {
     }));
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_api_steps_down_and_leads_again() {
+    let w = mk_world(38, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let mut r = start(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(1),
+        Duration::from_millis(200),
+    );
+    converged(&api, 2).await;
+    api.set_unreachable(true);
+    // No renewal for the lease's duration: it stops.
+    with_timeout(async {
+        while *r.leading.borrow_and_update() {
+            r.leading.changed().await.unwrap();
+        }
+    })
+    .await;
+    api.set_unreachable(false);
+    // Back: it campaigns, retakes its own lease and catches up with a node that joined meanwhile.
+    mk_node(&w, &api, "node-2", 2);
+    with_timeout(async {
+        while !*r.leading.borrow_and_update() {
+            r.leading.changed().await.unwrap();
+        }
+    })
+    .await;
+    converged(&api, 3).await;
+    assert!(r.writes_while_not_leading().is_empty());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_plans_only_once_every_instance_is_described() {
+    use underlay_cloud::Operation;
+    let route_calls = |w: &World| {
+        let c = w.sim.counters();
+        [
+            Operation::CreateRoute,
+            Operation::ReplaceRoute,
+            Operation::DeleteRoute,
+        ]
+        .iter()
+        .map(|op| c.calls_of(*op))
+        .sum::<u64>()
+    };
+    let w = mk_world(39, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..3 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    let (lease, renew) = (Duration::from_secs(2), Duration::from_millis(200));
+    let a = start(&w, &api, "replica-a", lease, renew);
+    converged(&api, 3).await;
+    a.stop().await;
+    let tables_before: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
+    assert!(tables_before.iter().any(|t| !t.is_empty()));
+
+    // The next leader cannot describe instances for a while.
+    w.sim
+        .update_faults(|f| _ = f.throttled.insert(Operation::DescribeInstances));
+    let routes_before = route_calls(&w);
+    let described = w.sim.counters().calls_of(Operation::DescribeInstances);
+    let mut b = start(&w, &api, "replica-b", lease, renew);
+    wait_for("b leads and retries its describes", || {
+        (*b.leading.borrow()
+            && w.sim.counters().calls_of(Operation::DescribeInstances) >= described + 3)
+            .then_some(())
+    })
+    .await;
+    // No pass ran over the incomplete node set: no route changed.
+    assert!(
+        b.events.try_recv().is_err(),
+        "a pass ran before every instance was known"
+    );
+    assert_eq!(route_calls(&w), routes_before);
+
+    w.sim
+        .update_faults(|f| _ = f.throttled.remove(&Operation::DescribeInstances));
+    let pass = with_timeout(async {
+        loop {
+            if let ControllerEvent::Pass(p) = b.events.recv().await.unwrap() {
+                break p;
+            }
+        }
+    })
+    .await;
+    assert!(pass.routes.converged(), "{:?}", pass.routes.errors);
+    assert!(pass.routes.planned.is_empty(), "{:?}", pass.routes.planned);
+    let tables_after: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
+    assert_eq!(tables_before, tables_after);
+    b.stop().await;
+}

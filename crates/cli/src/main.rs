@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Print the names underlay owns in the kernel and in Kubernetes.
     Names(commands::names::Args),
+    /// Run the routed-mode controller: Kubernetes through kube-rs, EC2 through aws-sdk-ec2 (the only EC2 caller).
+    Controller(commands::controller::Args),
     /// Run the node agent: the IPAM service for underlay-cni, the CNI configuration and plugin install.
     Agent(commands::agent::Args),
     /// Plan routed-mode pod blocks and VPC routes for a topology file or a synthetic cluster.
@@ -35,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Names(args) => commands::names::exec(args),
+        Command::Controller(args) => commands::controller::exec(args),
         Command::Agent(args) => commands::agent::exec(args),
         Command::Plan(args) => commands::plan::exec(args),
         Command::Bench(args) => commands::bench::exec(args),

@@ -29,7 +29,11 @@ fn plugin() -> PathBuf {
 
 fn run(args: &[&str]) -> Output {
     let out = Command::new(underlay()).args(args).output().unwrap();
-    eprintln!("underlay {}:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "underlay {}:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -71,9 +75,26 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     let lab = name("d");
     let _g = Guard(lab.clone());
     let out = run(&[
-        "lab", "demo", "--name", &lab, "--zones", "2", "--subnets-per-zone", "1", "--nodes", "4",
-        "--pods-per-node", "2", "--route-limit", "4", "--hold-down-s", "3", "--format", "json",
-        "--cni-plugin", plugin.to_str().unwrap(),
+        "lab",
+        "demo",
+        "--name",
+        &lab,
+        "--zones",
+        "2",
+        "--subnets-per-zone",
+        "1",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "2",
+        "--route-limit",
+        "4",
+        "--hold-down-s",
+        "3",
+        "--format",
+        "json",
+        "--cni-plugin",
+        plugin.to_str().unwrap(),
     ]);
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert!(out.status.success(), "{report:#}");
@@ -86,8 +107,18 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
         assert!(n.as_u64().unwrap() <= 4);
     }
     // Two subnets of two nodes, one pod route per table: one block of each subnet sits behind a forwarder.
-    assert!(report["check"]["classes"]["other_subnet_forwarder"]["pairs"].as_u64().unwrap() > 0);
-    assert!(report["check"]["encap_devices"].as_array().unwrap().is_empty());
+    assert!(
+        report["check"]["classes"]["other_subnet_forwarder"]["pairs"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        report["check"]["encap_devices"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     let f = &report["failover"];
     assert!(f["blackhole_ms"].as_f64().unwrap() < 3000.0, "{f:#}");
     assert_eq!(f["only_its_routes_moved"], true);
@@ -104,10 +135,27 @@ fn a_background_lab_answers_each_command_and_down_removes_it() {
     let _g = Guard(lab.clone());
     let p = plugin.to_str().unwrap();
     let shape = [
-        "--name", &lab, "--zones", "1", "--subnets-per-zone", "2", "--nodes", "3", "--pods-per-node", "1",
-        "--route-limit", "4", "--hold-down-s", "2",
+        "--name",
+        &lab,
+        "--zones",
+        "1",
+        "--subnets-per-zone",
+        "2",
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "1",
+        "--route-limit",
+        "4",
+        "--hold-down-s",
+        "2",
     ];
-    let up = run(&[&["lab", "up"][..], &shape[..], &["--format", "json", "--cni-plugin", p]].concat());
+    let up = run(&[
+        &["lab", "up"][..],
+        &shape[..],
+        &["--format", "json", "--cni-plugin", p],
+    ]
+    .concat());
     assert!(up.status.success());
     let status: Value = serde_json::from_slice(&up.stdout).unwrap();
     assert_eq!(status["nodes"], 3);
@@ -120,21 +168,37 @@ fn a_background_lab_answers_each_command_and_down_removes_it() {
     let check: Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(check["pairs_ok"], check["pairs_checked"]);
 
-    let st: Value = serde_json::from_slice(&run(&["lab", "status", "--name", &lab, "--format", "json"]).stdout)
-        .unwrap();
+    let st: Value =
+        serde_json::from_slice(&run(&["lab", "status", "--name", &lab, "--format", "json"]).stdout)
+            .unwrap();
     assert_eq!(st["pods"], 3);
     // Failing a node the lab does not have is an error, and the lab carries on.
-    assert!(!run(&["lab", "fail", "--name", &lab, "no-such-node"]).status.success());
+    assert!(
+        !run(&["lab", "fail", "--name", &lab, "no-such-node"])
+            .status
+            .success()
+    );
     // A failed node's pod is unreachable; recovered, every pair is reachable again.
     let victim = st["node_names"][2].as_str().unwrap().to_owned();
-    assert!(run(&["lab", "fail", "--name", &lab, &victim]).status.success());
+    assert!(
+        run(&["lab", "fail", "--name", &lab, &victim])
+            .status
+            .success()
+    );
     assert!(!run(&["lab", "check", "--name", &lab]).status.success());
-    assert!(run(&["lab", "recover", "--name", &lab, &victim]).status.success());
+    assert!(
+        run(&["lab", "recover", "--name", &lab, &victim])
+            .status
+            .success()
+    );
     let healed = (0..10).any(|_| {
         std::thread::sleep(std::time::Duration::from_secs(2));
         run(&["lab", "check", "--name", &lab]).status.success()
     });
-    assert!(healed, "pairs still unreachable 20 s after {victim} recovered");
+    assert!(
+        healed,
+        "pairs still unreachable 20 s after {victim} recovered"
+    );
 
     let down = run(&["lab", "down", "--name", &lab]);
     assert!(down.status.success());
@@ -149,8 +213,20 @@ fn down_cleans_up_after_a_killed_lab_process() {
     let lab = name("k");
     let _g = Guard(lab.clone());
     let up = run(&[
-        "lab", "up", "--name", &lab, "--zones", "1", "--subnets-per-zone", "1", "--nodes", "1",
-        "--pods-per-node", "1", "--cni-plugin", plugin.to_str().unwrap(),
+        "lab",
+        "up",
+        "--name",
+        &lab,
+        "--zones",
+        "1",
+        "--subnets-per-zone",
+        "1",
+        "--nodes",
+        "1",
+        "--pods-per-node",
+        "1",
+        "--cni-plugin",
+        plugin.to_str().unwrap(),
     ]);
     assert!(up.status.success());
     assert!(!lab_namespaces(&lab).is_empty());

@@ -109,7 +109,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     if report.pairs_ok != report.pairs_checked {
-        anyhow::bail!("{} of {} pairs unreachable", report.pairs_checked - report.pairs_ok, report.pairs_checked);
+        anyhow::bail!(
+            "{} of {} pairs unreachable",
+            report.pairs_checked - report.pairs_ok,
+            report.pairs_checked
+        );
     }
     Ok(())
 }

@@ -182,7 +182,11 @@ fn demo(shape: Shape, format: Format, no_failover: bool) -> anyhow::Result<()> {
     let config = config(&shape)?;
     eprintln!(
         "underlay lab demo: {} zones × {} subnets, {} nodes, {} pods each, route limit {}",
-        config.zones, config.subnets_per_zone, config.nodes, config.pods_per_node, config.route_limit
+        config.zones,
+        config.subnets_per_zone,
+        config.nodes,
+        config.pods_per_node,
+        config.route_limit
     );
     let mut lab = Lab::up(config)?;
     let mut run = || -> anyhow::Result<DemoReport> {
@@ -230,7 +234,9 @@ fn up(shape: Shape, format: Format) -> anyhow::Result<()> {
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new("setsid");
-    cmd.arg(&exe).args(["lab", "serve"]).args(shape_args(&shape));
+    cmd.arg(&exe)
+        .args(["lab", "serve"])
+        .args(shape_args(&shape));
     cmd.stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
@@ -250,11 +256,17 @@ fn up(shape: Shape, format: Format) -> anyhow::Result<()> {
             break;
         }
         if let Some(status) = child.try_wait()? {
-            bail!("the lab process exited ({status}) before it was up; see {}", log.display());
+            bail!(
+                "the lab process exited ({status}) before it was up; see {}",
+                log.display()
+            );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("the lab was not up within 15 minutes; see {}", log.display());
+            bail!(
+                "the lab was not up within 15 minutes; see {}",
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -292,8 +304,13 @@ fn serve(shape: Shape) -> anyhow::Result<()> {
     let sock = control_socket(&shape.name);
     let mut lab = Lab::up(config)?;
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
-    progress(format!("lab {} up; control socket {}", shape.name, sock.display()));
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    progress(format!(
+        "lab {} up; control socket {}",
+        shape.name,
+        sock.display()
+    ));
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         let mut line = String::new();
@@ -349,13 +366,18 @@ fn request(t: &Target, req: Value) -> anyhow::Result<()> {
     BufReader::new(&conn).read_line(&mut line)?;
     let reply: Value = serde_json::from_str(&line).context("the lab process gave no answer")?;
     if reply["ok"] != Value::Bool(true) {
-        bail!("{}", reply["error"].as_str().unwrap_or("lab request failed"));
+        bail!(
+            "{}",
+            reply["error"].as_str().unwrap_or("lab request failed")
+        );
     }
     let result = &reply["result"];
     print(t.format, result, || human(result))?;
     if req["cmd"] == "check"
         && (result["pairs_ok"] != result["pairs_checked"]
-            || result["encap_devices"].as_array().is_some_and(|a| !a.is_empty()))
+            || result["encap_devices"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()))
     {
         bail!("check failed");
     }

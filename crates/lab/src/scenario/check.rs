@@ -84,7 +84,9 @@ pub struct CheckReport {
 
 impl CheckReport {
     pub fn passed(&self) -> bool {
-        self.pairs_checked > 0 && self.pairs_ok == self.pairs_checked && self.encap_devices.is_empty()
+        self.pairs_checked > 0
+            && self.pairs_ok == self.pairs_checked
+            && self.encap_devices.is_empty()
     }
 }
 
@@ -93,7 +95,7 @@ const FULL_MATRIX_MAX: usize = 20_000;
 /// Per source pod and class when sampling.
 const SAMPLE_PER_CLASS: usize = 6;
 /// Timed round trips per pair on the latency sample, and pairs per class in it.
-const LATENCY_ROUNDS: usize = 20;
+const LATENCY_ROUNDS: usize = 40;
 const LATENCY_PAIRS: usize = 12;
 
 struct Endpoint {
@@ -242,44 +244,74 @@ impl Lab {
             sampled,
             ..Default::default()
         };
+        // Phase 1: reachability of every pair (up to 3 tries: the first may wait for neighbour resolution).
+        let mut results: BTreeMap<PathClass, ClassResult> = BTreeMap::new();
+        let mut reachable: BTreeMap<PathClass, Vec<(usize, bool, Ipv4Addr)>> = BTreeMap::new();
         for (class, list) in &pairs {
             let mut result = ClassResult {
                 pairs: list.len(),
                 ..Default::default()
             };
-            let mut rtts = Vec::new();
-            let mut timed = 0usize;
             for (src, is_node, dst, label) in list {
-                let client = if *is_node {
-                    let e = &nodes[*src];
-                    slot(&mut node_clients[*src], &e.netns, e.ip)?
-                } else {
-                    let e = &pods[*src];
-                    slot(&mut clients[*src], &e.netns, e.ip)?
-                };
-                match client.reach(*dst, 3, Duration::from_millis(700)) {
-                    Some(_) => {
-                        result.ok += 1;
-                        // Timed rounds on a spread of pairs, each after the reachability exchange.
-                        if timed < LATENCY_PAIRS && (result.ok % (list.len() / LATENCY_PAIRS).max(1) == 0) {
-                            timed += 1;
-                            for _ in 0..LATENCY_ROUNDS {
-                                if let Some(r) = client.round_trip(*dst, Duration::from_millis(500)) {
-                                    rtts.push(r.as_secs_f64() * 1e6);
-                                }
-                            }
-                        }
-                    }
-                    None => {
-                        if result.failed.len() < 5 {
-                            result.failed.push(label.clone());
-                        }
+                let client = client_of(
+                    &mut clients,
+                    &mut node_clients,
+                    &pods,
+                    &nodes,
+                    *src,
+                    *is_node,
+                )?;
+                if client.reach(*dst, 3, Duration::from_millis(700)).is_some() {
+                    result.ok += 1;
+                    reachable
+                        .entry(*class)
+                        .or_default()
+                        .push((*src, *is_node, *dst));
+                } else if result.failed.len() < 5 {
+                    result.failed.push(label.clone());
+                }
+            }
+            results.insert(*class, result);
+        }
+        // Phase 2: latency on a spread of reachable pairs per class, rounds interleaved across classes so that
+        // load on the machine falls on every class alike (the pod/node ratio compares like with like).
+        let sample: BTreeMap<PathClass, Vec<(usize, bool, Ipv4Addr)>> = reachable
+            .iter()
+            .map(|(c, l)| {
+                let step = (l.len() / LATENCY_PAIRS).max(1);
+                (
+                    *c,
+                    l.iter()
+                        .step_by(step)
+                        .take(LATENCY_PAIRS)
+                        .copied()
+                        .collect(),
+                )
+            })
+            .collect();
+        let mut rtts: BTreeMap<PathClass, Vec<f64>> = BTreeMap::new();
+        for _ in 0..LATENCY_ROUNDS {
+            for (class, list) in &sample {
+                for (src, is_node, dst) in list {
+                    let client = client_of(
+                        &mut clients,
+                        &mut node_clients,
+                        &pods,
+                        &nodes,
+                        *src,
+                        *is_node,
+                    )?;
+                    if let Some(r) = client.round_trip(*dst, Duration::from_millis(500)) {
+                        rtts.entry(*class).or_default().push(r.as_secs_f64() * 1e6);
                     }
                 }
             }
-            rtts.sort_by(f64::total_cmp);
-            result.p50_us = percentile(&rtts, 0.50);
-            result.p99_us = percentile(&rtts, 0.99);
+        }
+        for (class, mut result) in results {
+            let mut r = rtts.remove(&class).unwrap_or_default();
+            r.sort_by(f64::total_cmp);
+            result.p50_us = percentile(&r, 0.50);
+            result.p99_us = percentile(&r, 0.99);
             report.pairs_checked += result.pairs;
             report.pairs_ok += result.ok;
             report.latency_us.insert(class.as_str(), result.p50_us);
@@ -292,10 +324,11 @@ impl Lab {
             ));
             report.classes.insert(class.as_str(), result);
         }
-        let _ = pods.iter().map(|p| p.node).count();
         if let (Some(pod), Some(node)) = (
             report.latency_us.get(PathClass::SameSubnet.as_str()),
-            report.latency_us.get(PathClass::NodeNodeSameSubnet.as_str()),
+            report
+                .latency_us
+                .get(PathClass::NodeNodeSameSubnet.as_str()),
         ) && *node > 0.0
         {
             report.direct_vs_node_ratio = Some(pod / node);
@@ -304,6 +337,21 @@ impl Lab {
         report.encap_devices = devices;
         report.namespaces_inspected = inspected;
         Ok(report)
+    }
+}
+
+fn client_of<'a>(
+    clients: &'a mut [Option<EchoClient>],
+    node_clients: &'a mut [Option<EchoClient>],
+    pods: &[Endpoint],
+    nodes: &[Endpoint],
+    src: usize,
+    is_node: bool,
+) -> anyhow::Result<&'a mut EchoClient> {
+    if is_node {
+        slot(&mut node_clients[src], &nodes[src].netns, nodes[src].ip)
+    } else {
+        slot(&mut clients[src], &pods[src].netns, pods[src].ip)
     }
 }
 
@@ -328,7 +376,15 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Link kinds that would mean encapsulation.
 const ENCAP_KINDS: [&str; 9] = [
-    "vxlan", "geneve", "ipip", "gre", "gretap", "sit", "ip6tnl", "ip6gre", "wireguard",
+    "vxlan",
+    "geneve",
+    "ipip",
+    "gre",
+    "gretap",
+    "sit",
+    "ip6tnl",
+    "ip6gre",
+    "wireguard",
 ];
 
 /// Devices the kernel creates in every namespace once a tunnel module is loaded; they carry nothing unless

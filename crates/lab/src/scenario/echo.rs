@@ -143,7 +143,9 @@ fn http_get_in(netns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> 
     let Ok(Ok(mut s)) = ns.run(move || Ok(TcpStream::connect_timeout(&addr, timeout))) else {
         return false;
     };
-    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(1));
     if s.set_read_timeout(Some(left)).is_err() || s.set_write_timeout(Some(left)).is_err() {
         return false;
     }

@@ -162,8 +162,15 @@ impl Lab {
         let before = pod_routes(self);
         let _echo = EchoServers::start(&[(target_pod.netns.clone(), target_pod.ip)])?;
         let mut client = EchoClient::new(&client_pod.netns, client_pod.ip)?;
-        if client.reach(target_pod.ip, 5, Duration::from_millis(500)).is_none() {
-            bail!("{} cannot reach {} before the failure", client_pod.name, target_pod.name);
+        if client
+            .reach(target_pod.ip, 5, Duration::from_millis(500))
+            .is_none()
+        {
+            bail!(
+                "{} cannot reach {} before the failure",
+                client_pod.name,
+                target_pod.name
+            );
         }
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -200,7 +207,9 @@ impl Lab {
         };
         std::thread::sleep(Duration::from_millis(1000));
         stop.store(true, Ordering::Relaxed);
-        let log = prober.join().map_err(|_| anyhow::anyhow!("probe thread panicked"))?;
+        let log = prober
+            .join()
+            .map_err(|_| anyhow::anyhow!("probe thread panicked"))?;
         let blackhole = blackhole(&log);
         let mut routes_moved = Vec::new();
         let mut only_its = true;
@@ -244,7 +253,10 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(50));
         }
         if let Some(fb) = failback {
-            progress(format!("routes back on {forwarder} after {:.1} s", fb.as_secs_f64()));
+            progress(format!(
+                "routes back on {forwarder} after {:.1} s",
+                fb.as_secs_f64()
+            ));
         }
         let lost = log.iter().filter(|(_, ok)| !ok).count();
         Ok(FailoverReport {

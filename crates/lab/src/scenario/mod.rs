@@ -280,7 +280,11 @@ impl Lab {
 
     fn build(&mut self, started: Instant) -> anyhow::Result<()> {
         let t = Instant::now();
-        let fabric = Fabric::build(self.id.as_str(), &self.sim, FabricOptions { internet: true })?;
+        let fabric = Fabric::build(
+            self.id.as_str(),
+            &self.sim,
+            FabricOptions { internet: true },
+        )?;
         self.fabric = Some(FabricFollower::start(fabric));
         self.wait_fabric()?;
         self.step("fabric", t);
@@ -440,10 +444,7 @@ impl Lab {
             vpc_cidrs: vec![VPC_CIDR],
             mtu: LAB_MTU,
             netns: Some(PathBuf::from(format!("/var/run/netns/{}", node.netns))),
-            health_addr: SocketAddr::new(
-                node.instance.private_ip.into(),
-                names::AGENT_HEALTH_PORT,
-            ),
+            health_addr: SocketAddr::new(node.instance.private_ip.into(), names::AGENT_HEALTH_PORT),
             converge_interval: Duration::from_secs(5),
             status_interval: Duration::from_millis(200),
         };
@@ -478,9 +479,9 @@ impl Lab {
         if let Some(a) = self.nodes[i].agent.take() {
             let _ = a.stop.send(true);
             let task = a.task;
-            let _ = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), task).await
-            });
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
         }
     }
 
@@ -578,7 +579,8 @@ impl Lab {
                     })
                     .map(|r| r.target.clone());
                 match target {
-                    Some(underlay_cloud::RouteTarget::NetworkInterface(e)) if subnet_enis.contains(&e) => {}
+                    Some(underlay_cloud::RouteTarget::NetworkInterface(e))
+                        if subnet_enis.contains(&e) => {}
                     _ => missing.push(format!("{} {block} in {}", n.name, s.table)),
                 }
             }
@@ -602,7 +604,12 @@ impl Lab {
                 bail!(
                     "{} block route(s) missing after {timeout:?}: {}",
                     missing.len(),
-                    missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -693,9 +700,9 @@ impl Lab {
         }
         if let Some((stop, task)) = self.controller.take() {
             let _ = stop.send(true);
-            let _ = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), task).await
-            });
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
         }
         let mut errors = Vec::new();
         if let Some(f) = self.fabric.take() {
@@ -720,7 +727,6 @@ impl Lab {
             bail!("lab teardown: {}", errors.join("; "))
         }
     }
-
 }
 
 impl Drop for Lab {
@@ -804,8 +810,14 @@ fn kube_node(n: &LabNode) -> Node {
     node.metadata.name = Some(n.name.clone());
     node.metadata.labels = Some(
         [
-            ("topology.kubernetes.io/zone".to_string(), n.instance.zone.clone()),
-            ("node.kubernetes.io/instance-type".to_string(), NODE_TYPE.to_string()),
+            (
+                "topology.kubernetes.io/zone".to_string(),
+                n.instance.zone.clone(),
+            ),
+            (
+                "node.kubernetes.io/instance-type".to_string(),
+                NODE_TYPE.to_string(),
+            ),
         ]
         .into(),
     );

@@ -120,7 +120,10 @@ impl DemoReport {
             ));
         }
         if !check.encap_devices.is_empty() {
-            failures.push(format!("encapsulation devices: {}", check.encap_devices.join(", ")));
+            failures.push(format!(
+                "encapsulation devices: {}",
+                check.encap_devices.join(", ")
+            ));
         }
         match &failover {
             Some(f) if !f.passed() => failures.push(format!(
@@ -163,7 +166,11 @@ impl DemoReport {
             self.status.subnets,
             self.routes_per_table.len()
         );
-        let counts: Vec<String> = self.routes_per_table.values().map(|n| n.to_string()).collect();
+        let counts: Vec<String> = self
+            .routes_per_table
+            .values()
+            .map(|n| n.to_string())
+            .collect();
         let _ = writeln!(
             s,
             "  routes per table: {} (limit {}, {} forwarders)",
@@ -194,7 +201,10 @@ impl DemoReport {
             }
         }
         if let Some(r) = self.check.direct_vs_node_ratio {
-            let _ = writeln!(s, "  pod↔pod same-subnet / node↔node same-subnet latency: {r:.2}×");
+            let _ = writeln!(
+                s,
+                "  pod↔pod same-subnet / node↔node same-subnet latency: {r:.2}×"
+            );
         }
         let _ = writeln!(
             s,
@@ -231,7 +241,12 @@ impl DemoReport {
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
-        let _ = writeln!(s, "  EC2 calls: {} (throttled {})", calls.join(", "), self.status.throttled);
+        let _ = writeln!(
+            s,
+            "  EC2 calls: {} (throttled {})",
+            calls.join(", "),
+            self.status.throttled
+        );
         let _ = writeln!(s, "{}", if self.passed { "PASS" } else { "FAIL" });
         for f in &self.failures {
             let _ = writeln!(s, "  {f}");

@@ -1,0 +1,49 @@
+//! `underlay controller` fails fast, and says why, when it has no Kubernetes configuration or bad arguments.
+
+use std::process::Command;
+
+fn underlay() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_underlay"))
+}
+
+#[test]
+fn without_kubernetes_configuration_it_says_so_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = underlay()
+        .args([
+            "controller",
+            "--vpc",
+            "vpc-1",
+            "--pod-cidr",
+            "100.64.0.0/16",
+            "--region",
+            "us-east-1",
+            // Never contacted: the run stops at the Kubernetes client.
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("missing"))
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Kubernetes client configuration"), "{err}");
+}
+
+#[test]
+fn a_malformed_pod_cidr_is_rejected() {
+    let out = underlay()
+        .args([
+            "controller",
+            "--vpc",
+            "vpc-1",
+            "--pod-cidr",
+            "100.64.0.0/33",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pod-cidr"));
+}

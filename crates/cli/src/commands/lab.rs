@@ -328,8 +328,10 @@ fn serve(shape: Shape) -> anyhow::Result<()> {
             break;
         }
     }
+    // The socket goes last: `lab down` waits for it to vanish before it sweeps.
+    let r = lab.down();
     let _ = std::fs::remove_file(&sock);
-    lab.down()
+    r
 }
 
 fn handle(lab: &mut Lab, cmd: &str, req: &Value) -> anyhow::Result<Value> {

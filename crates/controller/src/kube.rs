@@ -7,7 +7,7 @@
 //!      │                    │ watch UnderlayNodes (Ready condition, cached status)              │ Pass(plan)
 //!      │                    │ ensure UnderlayNode per Node (owner ref, finalizer, labels)        ▼
 //!      │                    │ status: pool.block, poolSize, routes, forwarder  ◄──────────── plan per node
-//!      │                    │ Node: not-ready taint until Ready=True, podCIDR = block
+//!      │                    │ Node: not-ready taint until Ready=True and block routed, podCIDR = block
 //!      └──── lost (another holder, or no renewal for `lease_duration`): abort at once, no further writes
 //! ```
 //!
@@ -585,6 +585,17 @@ fn ready(un: &UnderlayNode) -> bool {
     })
 }
 
+/// Whether a Node should carry the not-ready taint: not while its UnderlayNode is Ready and its block routed
+/// (`routed`: `None` before the leader's first pass that planned — a new leader keeps a Ready node's taint as it
+/// is rather than taint every node of the cluster until its first pass). Pure.
+pub fn wants_not_ready_taint(ready: bool, routed: Option<bool>, tainted: bool) -> bool {
+    match (ready, routed) {
+        (false, _) => true,
+        (true, Some(routed)) => !routed,
+        (true, None) => tainted,
+    }
+}
+
 fn has_not_ready_taint(node: &Node) -> bool {
     node.spec
         .as_ref()
@@ -653,6 +664,9 @@ struct Leader {
     /// Nodes already reported as not on AWS.
     foreign: BTreeSet<String>,
     plan: Option<RoutedPlan>,
+    /// Nodes whose block the latest pass that planned left routed in every managed table
+    /// ([`ReconcileReport::routed_nodes`]); `None` until this leader's first such pass.
+    routed: Option<BTreeSet<String>>,
     nodes_tx: Option<watch::Sender<Vec<ClusterNode>>>,
 }
 
@@ -742,6 +756,7 @@ impl Leader {
             missing_checked: HashMap::new(),
             foreign: BTreeSet::new(),
             plan: None,
+            routed: None,
             nodes_tx: None,
         }
     }
@@ -787,6 +802,13 @@ impl Leader {
                             ControllerEvent::Pass(report) => {
                                 if let Some(plan) = &report.routes.plan {
                                     self.plan = Some(plan.clone());
+                                    dirty = true;
+                                }
+                                if let Some(routed) = report.routes.routed_nodes()
+                                    && self.routed.as_ref() != Some(&routed)
+                                {
+                                    tracing::debug!(routed = routed.len(), "routed blocks changed");
+                                    self.routed = Some(routed);
                                     dirty = true;
                                 }
                                 self.record_route_moves(&report.routes).await;
@@ -1295,7 +1317,8 @@ impl Leader {
         ok
     }
 
-    /// On every Node: the not-ready taint unless its UnderlayNode is Ready; `spec.podCIDR` = its block when empty.
+    /// On every Node: the not-ready taint unless its UnderlayNode is Ready and its block routed; `spec.podCIDR` =
+    /// its block when empty.
     async fn write_node_specs(&mut self) -> bool {
         let mut ok = true;
         let names: Vec<String> = self.nodes.keys().cloned().collect();
@@ -1306,7 +1329,9 @@ impl Leader {
                     break;
                 }
                 let is_ready = self.uns.get(&name).is_some_and(ready);
+                let routed = self.routed.as_ref().map(|r| r.contains(&name));
                 let tainted = has_not_ready_taint(node);
+                let want_taint = wants_not_ready_taint(is_ready, routed, tainted);
                 let spec = node.spec.clone().unwrap_or_default();
                 let block = self
                     .plan
@@ -1315,11 +1340,11 @@ impl Leader {
                     .filter(|_| self.resolved(node).is_some());
                 let set_cidr =
                     spec.pod_cidr.as_deref().unwrap_or_default().is_empty() && block.is_some();
-                if tainted != is_ready && !set_cidr {
+                if tainted == want_taint && !set_cidr {
                     break;
                 }
                 let mut spec_patch = serde_json::Map::new();
-                if tainted == is_ready {
+                if tainted != want_taint {
                     let mut taints: Vec<Taint> = spec
                         .taints
                         .clone()
@@ -1327,7 +1352,7 @@ impl Leader {
                         .into_iter()
                         .filter(|t| t.key != names::TAINT_NOT_READY)
                         .collect();
-                    if !is_ready {
+                    if want_taint {
                         taints.push(not_ready_taint());
                     }
                     spec_patch.insert("taints".into(), json!(taints));
@@ -1351,7 +1376,7 @@ impl Leader {
                     .await
                 {
                     Ok(n) => {
-                        tracing::info!(node = %name, ready = is_ready, pod_cidr = ?block.filter(|_| set_cidr), "Node updated");
+                        tracing::info!(node = %name, ready = is_ready, ?routed, tainted = want_taint, pod_cidr = ?block.filter(|_| set_cidr), "Node updated");
                         self.nodes.insert(name.clone(), n);
                         break;
                     }
@@ -1496,5 +1521,17 @@ mod tests {
         assert_eq!(instance_id_of("aws:///us-east-1a/"), None);
         assert_eq!(instance_id_of("kind://docker/kind/kind-worker"), None);
         assert_eq!(instance_id_of("aws:///us-east-1a/i-"), None);
+    }
+
+    #[test]
+    fn not_ready_taint_needs_ready_and_routed() {
+        for tainted in [false, true] {
+            assert!(wants_not_ready_taint(false, Some(true), tainted));
+            assert!(wants_not_ready_taint(false, None, tainted));
+            assert!(wants_not_ready_taint(true, Some(false), tainted));
+            assert!(!wants_not_ready_taint(true, Some(true), tainted));
+            // Routing unknown (a new leader before its first pass): left as it is.
+            assert_eq!(wants_not_ready_taint(true, None, tainted), tainted);
+        }
     }
 }

@@ -25,6 +25,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ipnet::Ipv4Net;
+
 use serde::Serialize;
 use underlay_cloud::{
     CloudError, EniId, ErrorKind, RouteTable, RouteTableId, RouteTarget, Subnet, SubnetId,
@@ -131,6 +133,60 @@ impl ReconcileReport {
     /// EC2 mutating calls' worth of operations applied.
     pub fn mutations(&self) -> usize {
         self.applied.len()
+    }
+
+    /// The nodes whose pod block this pass left reachable from every managed table; `None` when the pass did not
+    /// plan (it learned nothing about the tables). A node is routed when
+    ///
+    /// - the plan gives it a block, and the plan's longest-prefix route covering the block targets the primary ENI
+    ///   of a healthy node of the block's subnet (not so in a subnet without a healthy node), and
+    /// - no operation on that route, nor on a more specific owned route overlapping the block, was skipped or
+    ///   failed in any managed table: every other operation the diff asked for was applied, and a table the diff
+    ///   asked nothing of already held the plan's routes.
+    ///
+    /// A failure elsewhere (another block's route, a less specific route the block does not depend on) does not
+    /// count against the node. Pure.
+    pub fn routed_nodes(&self) -> Option<BTreeSet<String>> {
+        let plan = self.plan.as_ref()?;
+        let mut routed = BTreeSet::new();
+        if self.managed_tables.is_empty() {
+            return Some(routed);
+        }
+        let unsettled: Vec<Ipv4Net> = self
+            .skipped
+            .iter()
+            .chain(self.errors.iter().filter_map(|e| match e {
+                ReconcileError::Apply { op, .. } => Some(op),
+                _ => None,
+            }))
+            .map(RouteOp::destination)
+            .collect();
+        for b in &plan.blocks {
+            let Some(route) = plan
+                .routes
+                .iter()
+                .filter(|r| r.destination.contains(&b.block))
+                .max_by_key(|r| r.destination.prefix_len())
+            else {
+                continue;
+            };
+            let (Some(eni), Some(forwarder)) = (route.eni.as_deref(), route.forwarder.as_deref())
+            else {
+                continue;
+            };
+            let forwards = plan
+                .blocks
+                .iter()
+                .any(|f| f.node == forwarder && f.healthy && f.subnet == b.subnet && f.eni == eni);
+            let blocked = unsettled.iter().any(|d| {
+                d.prefix_len() >= route.destination.prefix_len()
+                    && (d.contains(&b.block) || b.block.contains(d))
+            });
+            if forwards && !blocked {
+                routed.insert(b.node.clone());
+            }
+        }
+        Some(routed)
     }
 }
 

@@ -179,6 +179,18 @@ fn start_with(
     renew: Duration,
     prober: Arc<dyn Prober>,
 ) -> Replica {
+    start_tuned(w, api, identity, lease, renew, prober, |_| {})
+}
+
+fn start_tuned(
+    w: &World,
+    api: &ApiSim,
+    identity: &str,
+    lease: Duration,
+    renew: Duration,
+    prober: Arc<dyn Prober>,
+    tune: impl FnOnce(&mut ControllerConfig),
+) -> Replica {
     let (leading_tx, leading) = watch::channel(false);
     let requests: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
     let (rec, lead_rx) = (requests.clone(), leading.clone());
@@ -206,6 +218,7 @@ fn start_with(
     let mut config = ControllerConfig::new(w.config());
     config.probe.interval = Duration::from_millis(100);
     config.health.misses_to_fail = 2;
+    tune(&mut config);
     let task = tokio::spawn({
         let (cloud, lanes) = (w.cloud(), w.lanes());
         async move {
@@ -810,4 +823,114 @@ async fn a_new_leader_plans_only_once_every_instance_is_described() {
     let tables_after: Vec<_> = w.tables.iter().map(|t| w.owned(t)).collect();
     assert_eq!(tables_before, tables_after);
     b.stop().await;
+}
+
+/// The managed tables all route `block` (by longest prefix) to `eni`.
+fn routed_to(w: &World, block: ipnet::Ipv4Net, eni: &str) -> bool {
+    let managed: Vec<_> = w.tables.iter().filter(|t| !w.owned(t).is_empty()).collect();
+    !managed.is_empty()
+        && managed.iter().all(|t| {
+            w.owned(t)
+                .into_iter()
+                .filter(|(d, _)| d.contains(&block))
+                .max_by_key(|(d, _)| d.prefix_len())
+                .is_some_and(|(_, target)| {
+                    target == RouteTarget::NetworkInterface(underlay_cloud::EniId(eni.into()))
+                })
+        })
+}
+
+fn block_of(un: &UnderlayNode) -> ipnet::Ipv4Net {
+    un.status
+        .as_ref()
+        .unwrap()
+        .pool
+        .as_ref()
+        .unwrap()
+        .block
+        .as_ref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_node_stays_tainted_until_its_block_is_routed() {
+    use underlay_cloud::Operation;
+    let w = mk_world(40, 0, 50);
+    let api = ApiSim::new();
+    // Alone in their subnets (two zones): each node forwards its own block.
+    mk_node(&w, &api, "node-0", 0);
+    mk_node(&w, &api, "node-1", 2);
+    // EC2 throttles every CreateRoute: passes plan (blocks, statuses) but no route lands.
+    w.sim
+        .update_faults(|f| _ = f.throttled.insert(Operation::CreateRoute));
+    let prober = Arc::new(ScriptedProber::default());
+    let r = start_tuned(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+        prober.clone(),
+        |c| {
+            c.backoff_max = Duration::from_millis(500);
+            c.health.hold_down = Duration::from_millis(300);
+        },
+    );
+    let uns = converged(&api, 2).await;
+    let (block0, eni0) = (
+        block_of(&uns["node-0"]),
+        uns["node-0"].spec.primary_eni_id.clone(),
+    );
+    for name in ["node-0", "node-1"] {
+        wait_for("not-ready taint", || {
+            taint_keys(&api, name)
+                .contains(&names::TAINT_NOT_READY.to_string())
+                .then_some(())
+        })
+        .await;
+    }
+    // The agent of node-0 has its block and reports Ready; the controller keeps retrying its passes.
+    set_ready(&api, "node-0", true);
+    let throttled = w.sim.counters().throttled_of(Operation::CreateRoute);
+    wait_for("more throttled passes", || {
+        (w.sim.counters().throttled_of(Operation::CreateRoute) >= throttled + 3).then_some(())
+    })
+    .await;
+    assert!(!routed_to(&w, block0, &eni0));
+    assert!(
+        taint_keys(&api, "node-0").contains(&names::TAINT_NOT_READY.to_string()),
+        "untainted before its route exists"
+    );
+
+    // Routes land: node-0 loses the taint, and its route was there first. node-1, routed but not Ready, keeps it.
+    w.sim
+        .update_faults(|f| _ = f.throttled.remove(&Operation::CreateRoute));
+    wait_for("taint removed once routed", || {
+        (!taint_keys(&api, "node-0").contains(&names::TAINT_NOT_READY.to_string())).then_some(())
+    })
+    .await;
+    assert!(routed_to(&w, block0, &eni0));
+    assert!(taint_keys(&api, "node-0").contains(&"example.com/dedicated".to_string()));
+    assert!(taint_keys(&api, "node-1").contains(&names::TAINT_NOT_READY.to_string()));
+
+    // node-0 stops answering probes: no healthy node is left in its subnet, so its block is unrouted and the
+    // taint comes back although its agent still says Ready.
+    prober.down.lock().unwrap().insert("node-0".into());
+    wait_for("taint back once unrouted", || {
+        taint_keys(&api, "node-0")
+            .contains(&names::TAINT_NOT_READY.to_string())
+            .then_some(())
+    })
+    .await;
+    // It answers again: healthy after the hold-down, routed, untainted.
+    prober.down.lock().unwrap().clear();
+    wait_for("taint removed after recovery", || {
+        (!taint_keys(&api, "node-0").contains(&names::TAINT_NOT_READY.to_string())).then_some(())
+    })
+    .await;
+    assert!(routed_to(&w, block0, &eni0));
+    assert!(api.take_unexpected().is_empty());
+    r.stop().await;
 }

@@ -634,3 +634,109 @@ async fn source_dest_check_survives_a_vanished_eni() {
     assert_eq!(rep.turned_off.len(), 2);
     assert!(rep.errors.is_empty());
 }
+
+/// Whether `node`'s block, looked up by longest-prefix match in every managed table as the simulator holds it,
+/// lands on the plan's route for it, and that route targets the ENI of a healthy node of the block's subnet. (A
+/// less specific route of the same subnet is not enough: its forwarder reaches the block only once its agent has
+/// installed the peer route, which the controller cannot see.)
+fn reachable_in_tables(
+    w: &common::World,
+    managed: &[RouteTableId],
+    plan: &underlay_core::planner::RoutedPlan,
+    healthy: &BTreeSet<String>,
+    node: &str,
+) -> bool {
+    let Some(b) = plan.blocks.iter().find(|b| b.node == node) else {
+        return false;
+    };
+    !managed.is_empty()
+        && managed.iter().all(|t| {
+            let owned = w.owned(t);
+            let Some((dest, RouteTarget::NetworkInterface(eni))) = owned
+                .iter()
+                .filter(|(d, _)| d.contains(&b.block))
+                .max_by_key(|(d, _)| d.prefix_len())
+            else {
+                return false;
+            };
+            let planned = plan
+                .routes
+                .iter()
+                .filter(|r| r.destination.contains(&b.block))
+                .max_by_key(|r| r.destination.prefix_len())
+                .map(|r| r.destination);
+            if planned != Some(*dest) {
+                return false;
+            }
+            w.nodes
+                .iter()
+                .any(|n| n.eni == *eni && healthy.contains(&n.name) && n.subnet.0 == b.subnet)
+        })
+}
+
+/// `routed_nodes` names exactly the nodes whose block the tables (read back from the simulator) route to a
+/// healthy node of its subnet.
+fn check_routed_matches_tables(
+    w: &common::World,
+    rep: &underlay_controller::ReconcileReport,
+    healthy: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let routed = rep.routed_nodes().expect("the pass planned");
+    let plan = rep.plan.as_ref().unwrap();
+    let want: BTreeSet<String> = w
+        .nodes
+        .iter()
+        .filter(|n| reachable_in_tables(w, &rep.managed_tables, plan, healthy, &n.name))
+        .map(|n| n.name.clone())
+        .collect();
+    assert_eq!(routed, want);
+    routed
+}
+
+#[tokio::test(start_paused = true)]
+async fn routed_nodes_are_those_whose_routes_landed_on_a_healthy_forwarder() {
+    let mut w = mk_world(12, 6, 50);
+    let mut r = RouteReconciler::new(w.config(), w.lanes());
+    let old: BTreeSet<String> = w.all_healthy();
+    let rep = r.reconcile(&w.nodes, &old, Priority::Normal).await;
+    assert!(rep.converged());
+    assert_eq!(check_routed_matches_tables(&w, &rep, &old), old);
+
+    // Six nodes join; one table's first CreateRoute fails, so that table skips the rest of its creates: the new
+    // nodes are not routed there yet, the old ones still are.
+    for _ in 0..6 {
+        w.add_node();
+    }
+    let all = w.all_healthy();
+    w.sim
+        .fail_next(Operation::CreateRoute, "UnauthorizedOperation");
+    let rep = r.reconcile(&w.nodes, &all, Priority::Normal).await;
+    assert!(!rep.converged());
+    assert_eq!(check_routed_matches_tables(&w, &rep, &all), old);
+
+    // Throttled creates: a retryable stop; nothing new is routed.
+    w.sim
+        .update_faults(|f| _ = f.throttled.insert(Operation::CreateRoute));
+    let rep = r.reconcile(&w.nodes, &all, Priority::Normal).await;
+    assert!(rep.retryable);
+    assert_eq!(check_routed_matches_tables(&w, &rep, &all), old);
+
+    w.sim.update_faults(|f| f.throttled.clear());
+    let rep = r.reconcile(&w.nodes, &all, Priority::Normal).await;
+    assert!(rep.converged(), "{:?}", rep.errors);
+    assert_eq!(check_routed_matches_tables(&w, &rep, &all), all);
+
+    // No healthy node left in the first subnet: its routes keep their (failed) target, its nodes are unrouted.
+    let subnet0 = w.subnets[0].clone();
+    let down: BTreeSet<String> = w
+        .nodes
+        .iter()
+        .filter(|n| n.subnet == subnet0)
+        .map(|n| n.name.clone())
+        .collect();
+    assert_eq!(down.len(), 2);
+    let healthy: BTreeSet<String> = all.difference(&down).cloned().collect();
+    let rep = r.reconcile(&w.nodes, &healthy, Priority::Failover).await;
+    let routed = check_routed_matches_tables(&w, &rep, &healthy);
+    assert_eq!(routed, healthy);
+}

@@ -534,6 +534,8 @@ pub fn previous_plan(
                 forwarder_ip: Some(node_ip),
                 nodes: 0,
                 forwarder_inside: false,
+                // Statuses do not record homes: failed-over routes stay on their replacement after a leader change.
+                home: None,
             });
         }
     }

@@ -316,6 +316,25 @@ async fn failover_moves_only_the_failed_forwarders_routes(nodes: usize, limit: u
     }
     assert!(routes_to(&w, &victim_eni).is_empty());
     check_covered(&w, rep.plan.as_ref().unwrap(), &healthy);
+
+    // Healthy again (the tracker's hold-down is over): exactly those routes come back, per node and aggregated,
+    // and the tables are as before the failure.
+    healthy.insert(victim.clone());
+    w.sim.reset_counters();
+    let rep = r.reconcile(&w.nodes, &healthy, Priority::Normal).await;
+    assert!(rep.converged(), "{:?}", rep.errors);
+    let c = w.sim.counters();
+    assert_eq!(c.calls_of(Operation::CreateRoute), 0);
+    assert_eq!(c.calls_of(Operation::DeleteRoute), 0);
+    assert_eq!(c.calls_of(Operation::ReplaceRoute), moved.len() as u64);
+    assert_eq!(routes_to(&w, &victim_eni), moved);
+    assert_eq!(snapshot_owned(&w), before);
+    check_covered(&w, rep.plan.as_ref().unwrap(), &healthy);
+    // And it stays there.
+    w.sim.reset_counters();
+    let rep = r.reconcile(&w.nodes, &healthy, Priority::Normal).await;
+    assert!(rep.applied.is_empty(), "{:?}", rep.applied);
+    assert_eq!(mutating_calls(&w.sim), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@
 //! - With a previous plan, blocks never move; a joining node takes its own route while the budget has room, else
 //!   the least-loaded route that stays within ⌈n/k⌉ (0 route changes), else grows a route into its empty buddy
 //!   (2 changes), else merges two routes (3–4 changes). A forwarder that leaves or fails is replaced on its routes
-//!   only.
+//!   only; a failed one gets exactly those routes back once it is healthy again ([`VpcRoute::home`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -220,6 +220,10 @@ pub struct VpcRoute {
     pub nodes: u32,
     /// The forwarder's own block is among them.
     pub forwarder_inside: bool,
+    /// The forwarder this route was moved off because it failed: the route returns to it once it is healthy again
+    /// (the health tracker's hold-down keeps a flapping node unhealthy). `None` while the route is on its home.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
 }
 
 /// A node's pod block and how the VPC reaches it.
@@ -345,6 +349,15 @@ pub fn plan(topology: &Topology, previous: Option<&RoutedPlan>) -> Result<Routed
 
 // ───────────────────────────────────────── internals ─────────────────────────────────────────
 
+/// Who a route targets, and where it returns after a failover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Target {
+    /// Forwarder node index (`None`: to be chosen).
+    fwd: Option<usize>,
+    /// The failed forwarder the route was moved off (see [`VpcRoute::home`]).
+    home: Option<usize>,
+}
+
 #[derive(Debug)]
 struct SubnetSt {
     id: String,
@@ -355,8 +368,8 @@ struct SubnetSt {
     members: Vec<usize>,
     /// slot → node index.
     blocks: BTreeMap<u32, usize>,
-    /// prefix → forwarder node index (`None`: to be chosen).
-    routes: BTreeMap<Pfx, Option<usize>>,
+    /// prefix → forwarder and home.
+    routes: BTreeMap<Pfx, Target>,
     /// prefix → blocks whose longest-prefix match it is.
     loads: BTreeMap<Pfx, u32>,
 }
@@ -818,7 +831,7 @@ impl<'t> Planner<'t> {
         let old = std::mem::take(&mut self.subnets[i].routes);
         let s = &mut self.subnets[i];
         for (p, _) in &routes {
-            s.routes.insert(*p, old.get(p).copied().flatten());
+            s.routes.insert(*p, old.get(p).copied().unwrap_or_default());
         }
         s.recount();
         // Spend any routes left over on the busiest routes: a nested route for the fuller half of the first
@@ -852,7 +865,7 @@ impl<'t> Planner<'t> {
                 }
             };
             let Some(nq) = nested else { break };
-            s.routes.insert(nq, None);
+            s.routes.insert(nq, Target::default());
             s.recount();
         }
     }
@@ -935,10 +948,14 @@ impl<'t> Planner<'t> {
             if !region.contains(p) {
                 continue;
             }
-            let target = r
-                .forwarder
-                .as_deref()
-                .and_then(|f| node_index.get(f).copied());
+            // A forwarder or home that left the cluster is dropped here.
+            let target = Target {
+                fwd: r
+                    .forwarder
+                    .as_deref()
+                    .and_then(|f| node_index.get(f).copied()),
+                home: r.home.as_deref().and_then(|h| node_index.get(h).copied()),
+            };
             self.subnets[si].routes.entry(p).or_insert(target);
         }
         // Routes that now cover no block (their nodes left) go.
@@ -1119,7 +1136,7 @@ impl<'t> Planner<'t> {
         let Some(p) = s.largest_empty(region) else {
             return false;
         };
-        s.routes.insert(p, None);
+        s.routes.insert(p, Target::default());
         s.loads.insert(p, 0);
         self.put(si, n, p.start);
         true
@@ -1135,7 +1152,7 @@ impl<'t> Planner<'t> {
         if s.routes.contains_key(&parent) || !s.is_empty(buddy) {
             return false;
         }
-        let target = s.routes.remove(&p).flatten();
+        let target = s.routes.remove(&p).unwrap_or_default();
         s.routes.insert(parent, target);
         let l = s.loads.remove(&p).unwrap_or(0);
         s.loads.insert(parent, l);
@@ -1187,7 +1204,7 @@ impl<'t> Planner<'t> {
             }
             M::Pair(a, b) => {
                 let keep = if s.load(a) >= s.load(b) { a } else { b };
-                let target = s.routes.get(&keep).copied().flatten();
+                let target = s.routes.get(&keep).copied().unwrap_or_default();
                 s.routes.remove(&a);
                 s.routes.remove(&b);
                 s.routes.insert(Pfx::lca(a, b), target);
@@ -1220,7 +1237,7 @@ impl<'t> Planner<'t> {
                     best = Some(p);
                 }
                 if let Some(p) = best {
-                    s.routes.insert(p, None);
+                    s.routes.insert(p, Target::default());
                     *s.loads.get_mut(&r).expect("lpm route") -= 1;
                     s.loads.insert(p, 1);
                 }
@@ -1240,6 +1257,9 @@ impl<'t> Planner<'t> {
 
     // ── forwarders ──
 
+    /// Chooses every route's forwarder. In order: a route carrying one healthy node targets it; a route whose home
+    /// (the forwarder it was moved off when that failed) is healthy again returns to it; a healthy forwarder is kept;
+    /// the rest get the best healthy node of the subnet, and remember the failed forwarder they leave as their home.
     fn assign_targets(&mut self) {
         for si in 0..self.subnets.len() {
             let s = &self.subnets[si];
@@ -1251,26 +1271,39 @@ impl<'t> Planner<'t> {
                     carried.get_mut(&p).expect("route").push(n);
                 }
             }
-            let healthy = |n: usize| {
-                self.nodes[n].healthy && self.node_subnet[n] == si && self.node_slot[n].is_some()
-            };
-            let mut targets: BTreeMap<Pfx, Option<usize>> = BTreeMap::new();
+            let member = |n: usize| self.node_subnet[n] == si && self.node_slot[n].is_some();
+            let healthy = |n: usize| self.nodes[n].healthy && member(n);
+            let mut targets: BTreeMap<Pfx, Target> = BTreeMap::new();
             let mut forwarded: BTreeMap<usize, u32> = BTreeMap::new();
-            let mut pending: Vec<Pfx> = Vec::new();
-            for (&p, &t) in &s.routes {
+            // Routes to place, with the home each keeps.
+            let mut pending: Vec<(Pfx, Option<usize>)> = Vec::new();
+            for (&p, &Target { fwd, home }) in &s.routes {
                 let load = carried[&p].len() as u32;
+                // A home that is no longer a node of this subnet is forgotten.
+                let home = home.filter(|&h| member(h));
                 // A route carrying one healthy node targets that node (no extra hop, and fail-back after recovery).
                 let own = (load == 1 && healthy(carried[&p][0])).then(|| carried[&p][0]);
-                match own.or(t.filter(|&t| healthy(t))) {
-                    Some(t) => {
-                        targets.insert(p, Some(t));
+                let chosen = match (own, home) {
+                    (Some(t), _) => Some((t, None)),
+                    // Fail-back: the home is healthy again (after the tracker's hold-down).
+                    (None, Some(h)) if healthy(h) => Some((h, None)),
+                    _ => fwd.filter(|&t| healthy(t)).map(|t| (t, home)),
+                };
+                match chosen {
+                    Some((t, home)) => {
+                        targets.insert(p, Target { fwd: Some(t), home });
                         *forwarded.entry(t).or_insert(0) += load;
                     }
-                    None => pending.push(p),
+                    None => {
+                        // Moved off a forwarder that failed: remember it, unless an earlier home is still owed.
+                        let failed = fwd.filter(|&t| member(t) && !self.nodes[t].healthy);
+                        pending.push((p, home.or(failed)));
+                    }
                 }
             }
-            pending.sort_by(|a, b| carried[b].len().cmp(&carried[a].len()).then(a.cmp(b)));
-            for p in pending {
+            pending
+                .sort_by(|(a, _), (b, _)| carried[b].len().cmp(&carried[a].len()).then(a.cmp(b)));
+            for (p, home) in pending {
                 let inside: BTreeSet<usize> = carried[&p].iter().copied().collect();
                 let best = s
                     .members
@@ -1284,7 +1317,7 @@ impl<'t> Planner<'t> {
                 if let Some(t) = best {
                     *forwarded.entry(t).or_insert(0) += carried[&p].len() as u32;
                 }
-                targets.insert(p, best);
+                targets.insert(p, Target { fwd: best, home });
             }
             let s = &mut self.subnets[si];
             s.routes = targets;
@@ -1302,7 +1335,7 @@ impl<'t> Planner<'t> {
         let mut extra_total = 0u32;
         for s in &self.subnets {
             let mut forwarded: BTreeMap<usize, u32> = BTreeMap::new();
-            for (&p, &t) in &s.routes {
+            for (&p, &Target { fwd: t, home }) in &s.routes {
                 let load = s.load(p);
                 if let Some(t) = t {
                     *forwarded.entry(t).or_insert(0) += load;
@@ -1318,6 +1351,7 @@ impl<'t> Planner<'t> {
                     nodes: load,
                     forwarder_inside: t
                         .is_some_and(|t| self.node_slot[t].and_then(|x| s.lpm(x)) == Some(p)),
+                    home: home.map(|h| self.nodes[h].id.clone()),
                 });
             }
             let mut extra = 0u32;
@@ -1325,7 +1359,7 @@ impl<'t> Planner<'t> {
                 let n = self.nodes[m];
                 let slot = self.node_slot[m].expect("every node has a block");
                 let route = s.lpm(slot);
-                let via = route.and_then(|p| s.routes[&p]);
+                let via = route.and_then(|p| s.routes[&p].fwd);
                 let extra_hop = via != Some(m);
                 extra += u32::from(extra_hop);
                 blocks.push(BlockAssignment {

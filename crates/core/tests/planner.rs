@@ -78,6 +78,23 @@ fn check_valid(topo: &Topology, plan: &RoutedPlan) {
             );
             assert_eq!(r.eni.as_deref(), Some(n.eni.as_str()));
         }
+        // A home is a node of the route's subnet that is still failed (a healthy home takes its route back).
+        if let Some(h) = &r.home {
+            let n = nodes
+                .get(h.as_str())
+                .unwrap_or_else(|| panic!("route {} homed on unknown node {h}", r.destination));
+            assert_eq!(
+                n.subnet, r.subnet,
+                "route {} homed in another subnet",
+                r.destination
+            );
+            assert!(
+                !n.healthy,
+                "route {} not back on its healthy home {h}",
+                r.destination
+            );
+            assert_ne!(r.forwarder.as_deref(), Some(h.as_str()));
+        }
     }
     // Reachability: each block's longest-prefix match belongs to its subnet and targets a healthy node there.
     let healthy_in: BTreeSet<&str> = topo
@@ -208,6 +225,28 @@ fn routes_targeting(plan: &RoutedPlan, node: &str) -> BTreeSet<Ipv4Net> {
         .collect()
 }
 
+fn forwarders(plan: &RoutedPlan) -> BTreeMap<Ipv4Net, Option<String>> {
+    plan.routes
+        .iter()
+        .map(|r| (r.destination, r.forwarder.clone()))
+        .collect()
+}
+
+fn homes(plan: &RoutedPlan) -> BTreeMap<Ipv4Net, String> {
+    plan.routes
+        .iter()
+        .filter_map(|r| Some((r.destination, r.home.clone()?)))
+        .collect()
+}
+
+fn set_healthy(topo: &mut Topology, node: &str, healthy: bool) {
+    topo.nodes
+        .iter_mut()
+        .find(|n| n.id == node)
+        .unwrap_or_else(|| panic!("no node {node}"))
+        .healthy = healthy;
+}
+
 // ───────────────────────────── builders ─────────────────────────────
 
 fn mk_topology(nodes: usize, zones: usize, spz: usize, limit: u32) -> Topology {
@@ -321,6 +360,202 @@ fn forwarder_failure_moves_only_its_routes() {
             .unwrap();
         assert_eq!(r.forwarder != b.forwarder, moved.contains(&r.destination));
     }
+}
+
+/// An aggregated cluster (200 nodes, 18 routes of budget) and the forwarder of its first shared route.
+fn aggregated_with_victim() -> (Topology, RoutedPlan, String) {
+    let topo = mk_topology(200, 3, 2, 20);
+    let before = plan(&topo, None).unwrap();
+    assert_eq!(before.mode, PlanMode::Aggregated);
+    let victim = before
+        .routes
+        .iter()
+        .find(|r| r.nodes > 1)
+        .and_then(|r| r.forwarder.clone())
+        .unwrap();
+    (topo, before, victim)
+}
+
+#[test]
+fn failed_forwarder_gets_exactly_its_routes_back_when_healthy_again() {
+    let (topo, before, victim) = aggregated_with_victim();
+    let targeted = routes_targeting(&before, &victim);
+    assert!(!targeted.is_empty());
+
+    // Failure: only the victim's routes move, each remembering the victim as its home.
+    let mut failed = topo.clone();
+    set_healthy(&mut failed, &victim, false);
+    let pf = plan(&failed, Some(&before)).unwrap();
+    check_valid(&failed, &pf);
+    let ops = diff_plans(&before, &pf);
+    assert!(
+        ops.iter().all(|o| matches!(o, RouteOp::Replace { .. })),
+        "{ops:?}"
+    );
+    let changed: BTreeSet<Ipv4Net> = ops.iter().map(|o| o.destination()).collect();
+    assert_eq!(changed, targeted);
+    let homed: BTreeMap<Ipv4Net, String> = targeted.iter().map(|d| (*d, victim.clone())).collect();
+    assert_eq!(homes(&pf), homed);
+    // Still failed (a flapping node stays failed through the tracker's hold-down): nothing moves.
+    let still = plan(&failed, Some(&pf)).unwrap();
+    assert_eq!(still, pf);
+
+    // Recovery: exactly those routes return, by Replace, and the plan is the one before the failure.
+    let pr = plan(&topo, Some(&pf)).unwrap();
+    check_valid(&topo, &pr);
+    let ops = diff_plans(&pf, &pr);
+    assert!(
+        ops.iter().all(|o| matches!(o, RouteOp::Replace { .. })),
+        "{ops:?}"
+    );
+    let back: BTreeSet<Ipv4Net> = ops.iter().map(|o| o.destination()).collect();
+    assert_eq!(back, targeted);
+    assert_eq!(routes_targeting(&pr, &victim), targeted);
+    assert_eq!(forwarders(&pr), forwarders(&before));
+    assert!(homes(&pr).is_empty());
+    assert_eq!(pr.routes, before.routes);
+
+    // Planning the recovered state again changes nothing.
+    let again = plan(&topo, Some(&pr)).unwrap();
+    assert!(diff_plans(&pr, &again).is_empty());
+    assert_eq!(again, pr);
+}
+
+#[test]
+fn routes_return_to_their_first_home_when_the_replacement_also_failed() {
+    let (topo, before, a) = aggregated_with_victim();
+    let a_routes = routes_targeting(&before, &a);
+    let mut t = topo.clone();
+    set_healthy(&mut t, &a, false);
+    let p1 = plan(&t, Some(&before)).unwrap();
+    check_valid(&t, &p1);
+    let moved = *a_routes.first().unwrap();
+    let b = p1
+        .routes
+        .iter()
+        .find(|r| r.destination == moved)
+        .and_then(|r| r.forwarder.clone())
+        .unwrap();
+    assert_ne!(a, b);
+    let b_routes = routes_targeting(&p1, &b);
+    let b_own = routes_targeting(&before, &b);
+
+    // The replacement fails too: its routes move again; those from A keep A as home, B's own ones get home B.
+    set_healthy(&mut t, &b, false);
+    let p2 = plan(&t, Some(&p1)).unwrap();
+    check_valid(&t, &p2);
+    let changed: BTreeSet<Ipv4Net> = diff_plans(&p1, &p2)
+        .iter()
+        .map(|o| o.destination())
+        .collect();
+    assert_eq!(changed, b_routes);
+    for r in &p2.routes {
+        let want = if a_routes.contains(&r.destination) {
+            Some(a.as_str())
+        } else if b_own.contains(&r.destination) {
+            Some(b.as_str())
+        } else {
+            None
+        };
+        assert_eq!(r.home.as_deref(), want, "home of {}", r.destination);
+    }
+
+    // A recovers first: exactly A's routes go back to A; B's stay moved (B is still failed).
+    set_healthy(&mut t, &a, true);
+    let p3 = plan(&t, Some(&p2)).unwrap();
+    check_valid(&t, &p3);
+    let back: BTreeSet<Ipv4Net> = diff_plans(&p2, &p3)
+        .iter()
+        .map(|o| o.destination())
+        .collect();
+    assert_eq!(back, a_routes);
+    assert_eq!(routes_targeting(&p3, &a), a_routes);
+    let homed_b: BTreeMap<Ipv4Net, String> = b_own.iter().map(|d| (*d, b.clone())).collect();
+    assert_eq!(homes(&p3), homed_b);
+
+    // Then B: the plan is the one before both failures, and stable.
+    set_healthy(&mut t, &b, true);
+    let p4 = plan(&t, Some(&p3)).unwrap();
+    check_valid(&t, &p4);
+    let back: BTreeSet<Ipv4Net> = diff_plans(&p3, &p4)
+        .iter()
+        .map(|o| o.destination())
+        .collect();
+    assert_eq!(back, b_own);
+    assert_eq!(p4.routes, before.routes);
+    assert!(diff_plans(&p4, &plan(&t, Some(&p4)).unwrap()).is_empty());
+}
+
+#[test]
+fn a_home_that_leaves_the_cluster_is_forgotten() {
+    let (topo, before, victim) = aggregated_with_victim();
+    let targeted = routes_targeting(&before, &victim);
+    let mut t = topo.clone();
+    set_healthy(&mut t, &victim, false);
+    let pf = plan(&t, Some(&before)).unwrap();
+    assert_eq!(homes(&pf).len(), targeted.len());
+    // The failed node is removed: its routes stay on their replacements, with no home left.
+    t.nodes.retain(|n| n.id != victim);
+    let pl = plan(&t, Some(&pf)).unwrap();
+    check_valid(&t, &pl);
+    assert!(homes(&pl).is_empty(), "{:?}", homes(&pl));
+    for d in &targeted {
+        let fwd = |p: &RoutedPlan| {
+            p.routes
+                .iter()
+                .find(|r| r.destination == *d)
+                .map(|r| r.forwarder.clone())
+        };
+        if let Some(now) = fwd(&pl) {
+            assert_eq!(
+                now,
+                fwd(&pf).unwrap(),
+                "route {d} moved although only its home left"
+            );
+        }
+    }
+    // A new node with the same name later is not a home either.
+    let mut back = t.clone();
+    let mut n = topo.nodes.iter().find(|n| n.id == victim).unwrap().clone();
+    n.healthy = true;
+    back.nodes.push(n);
+    let pb = plan(&back, Some(&pl)).unwrap();
+    check_valid(&back, &pb);
+    let returned: BTreeSet<Ipv4Net> = routes_targeting(&pb, &victim)
+        .intersection(&targeted)
+        .copied()
+        .collect();
+    assert!(returned.is_empty(), "{returned:?}");
+}
+
+#[test]
+fn home_is_optional_in_plan_json() {
+    let (topo, before, victim) = aggregated_with_victim();
+    let mut t = topo.clone();
+    set_healthy(&mut t, &victim, false);
+    let pf = plan(&t, Some(&before)).unwrap();
+    // Written only where set.
+    let json = serde_json::to_value(&pf).unwrap();
+    let routes = json["routes"].as_array().unwrap();
+    let with_home = routes.iter().filter(|r| r.get("home").is_some()).count();
+    assert_eq!(with_home, homes(&pf).len());
+    assert!(with_home > 0);
+    assert_eq!(
+        serde_json::from_value::<RoutedPlan>(json.clone()).unwrap(),
+        pf
+    );
+    // A plan written before homes existed (no `home` field) still loads, with no home.
+    let mut old = json;
+    for r in old["routes"].as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("home");
+    }
+    let loaded: RoutedPlan = serde_json::from_value(old).unwrap();
+    assert!(homes(&loaded).is_empty());
+    assert_eq!(forwarders(&loaded), forwarders(&pf));
+    // Planned from such a plan, the moved routes stay where they are (stability without the home).
+    let pr = plan(&topo, Some(&loaded)).unwrap();
+    check_valid(&topo, &pr);
+    assert!(diff_plans(&loaded, &pr).is_empty());
 }
 
 #[test]
@@ -687,11 +922,23 @@ proptest! {
         prop_assert!(ops.iter().all(|o| matches!(o, RouteOp::Replace { .. })), "{:?}", ops);
         prop_assert!(changed.is_subset(&targeted), "failure of {} moved {:?}, it targeted {:?}", victim, changed, targeted);
         if was_healthy {
-            // Recovery: plan with the node healthy again, from the failed-over plan. Only per-node routes fail back.
+            // The routes moved off the victim remember it as their home.
+            for r in &pf.routes {
+                let homed = r.home.as_deref() == Some(victim.as_str());
+                prop_assert_eq!(homed, targeted.contains(&r.destination), "home of {}", r.destination);
+            }
+            // Recovery: plan with the node healthy again, from the failed-over plan. Exactly the routes that moved
+            // off it come back, and nothing else moves: the forwarders are those before the failure.
             let pr = plan(&t, Some(&pf)).unwrap();
             check_valid(&t, &pr);
             let back: BTreeSet<Ipv4Net> = diff_plans(&pf, &pr).iter().map(|o| o.destination()).collect();
             prop_assert!(back.is_subset(&targeted));
+            prop_assert_eq!(routes_targeting(&pr, &victim), targeted.clone());
+            prop_assert_eq!(forwarders(&pr), forwarders(&p));
+            prop_assert!(pr.routes.iter().all(|r| r.home.is_none()));
+            let again = plan(&t, Some(&pr)).unwrap();
+            prop_assert!(diff_plans(&pr, &again).is_empty());
+            prop_assert_eq!(&again.routes, &pr.routes);
         }
     }
 

@@ -429,15 +429,17 @@ impl Lab {
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         std::fs::create_dir_all(&node.dir)?;
-        let mut config = underlay_agent::AgentConfig::default();
-        config.socket = node.dir.join("agent.sock");
-        config.checkpoint = node.dir.join("ipam.json");
-        config.cni_conf_dir = node.dir.join("net.d");
-        config.cni_bin_dir = node.dir.join("bin");
-        config.mtu = LAB_MTU;
-        config.plugin_source = None;
-        // DEL deletes the pod's veth itself: the agent runs outside the node namespace.
-        config.reap_links = false;
+        let config = underlay_agent::AgentConfig {
+            socket: node.dir.join("agent.sock"),
+            checkpoint: node.dir.join("ipam.json"),
+            cni_conf_dir: node.dir.join("net.d"),
+            cni_bin_dir: node.dir.join("bin"),
+            mtu: LAB_MTU,
+            plugin_source: None,
+            // DEL deletes the pod's veth itself: the agent runs outside the node namespace.
+            reap_links: false,
+            ..Default::default()
+        };
         let opts = underlay_agent::routed::kube::KubeAgentOptions {
             node_name: node.name.clone(),
             pod_cidr: POD_CIDR,
@@ -775,11 +777,11 @@ fn build_vpc(sim: &VpcSim, config: &LabConfig) -> anyhow::Result<(VpcId, Vec<Lab
     let vpc = sim.create_vpc(VPC_CIDR, Default::default())?;
     let igw = sim.create_internet_gateway(&vpc)?;
     let mut subnets = Vec::new();
-    for z in 0..config.zones {
+    for (z, zone) in ZONES.iter().enumerate().take(config.zones) {
         for s in 0..config.subnets_per_zone {
             let k = (z * config.subnets_per_zone + s) as u8;
             let cidr = crate::plan::ipnet_v4(198, 18, k, 0, 24);
-            let id = sim.create_subnet(&vpc, ZONES[z], cidr)?;
+            let id = sim.create_subnet(&vpc, zone, cidr)?;
             let table = sim.create_route_table(&vpc, Default::default())?;
             sim.associate_route_table(&table, &id)?;
             sim.add_route(
@@ -789,7 +791,7 @@ fn build_vpc(sim: &VpcSim, config: &LabConfig) -> anyhow::Result<(VpcId, Vec<Lab
             )?;
             subnets.push(LabSubnet {
                 id,
-                zone: ZONES[z].to_string(),
+                zone: zone.to_string(),
                 cidr,
                 table,
             });

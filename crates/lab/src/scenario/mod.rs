@@ -386,10 +386,12 @@ impl Lab {
         let mut config = underlay_controller::ControllerConfig::new(routed);
         config.probe.interval = self.config.probe_interval;
         config.health.hold_down = self.config.hold_down;
+        // Every EC2 call the controller makes, describes included, waits in the one rate-aware queue (vpcsim
+        // enforces AWS's token buckets: a call around the queue would be throttled as in AWS).
         let queue = RateLimitedCloud::new(self.sim.clone(), QueueConfig::default());
+        let cloud: Arc<dyn Cloud> = Arc::new(queue.clone());
         let lanes: Arc<dyn underlay_controller::CloudLanes> =
             Arc::new(underlay_controller::TwoLanes::over_queue(queue));
-        let cloud: Arc<dyn Cloud> = Arc::new(self.sim.clone());
         let prober: Arc<dyn underlay_controller::probe::Prober> = Arc::new(echo::NetnsProber {
             netns: self.id.instance_netns(&self.controller_host.id),
             path: config.probe.path.clone(),

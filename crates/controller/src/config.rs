@@ -40,6 +40,10 @@ pub enum ManagedTables {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutedConfig {
     pub vpc: VpcId,
+    /// Route calls a normal pass makes at most (least specific first); the rest go to the next pass, run at once.
+    /// `None`: every call in one pass. Behind a rate-aware queue, a cap near its burst lets a large first pass
+    /// report (and nodes become ready) while the refill rate paces the rest.
+    pub max_ops_per_pass: Option<usize>,
     /// Where pod addresses come from; every route inside it in a managed table is underlay's.
     pub pod_cidr: Ipv4Net,
     pub block_prefix_len: u8,
@@ -55,6 +59,7 @@ pub struct RoutedConfig {
 impl RoutedConfig {
     pub fn new(vpc: VpcId, pod_cidr: Ipv4Net) -> Self {
         Self {
+            max_ops_per_pass: None,
             vpc,
             pod_cidr,
             block_prefix_len: DEFAULT_BLOCK_PREFIX_LEN,

@@ -4,12 +4,15 @@
 //!   node set (watch) ──────┐
 //!   health transitions ────┤      ┌─► SrcDstReconciler::reconcile
 //!   resync tick (30 s) ────┼─► pass ─► RouteReconciler::reconcile ─► probe targets (watch) ─► HealthProber
-//!   retry after backoff ───┘      └─► ControllerEvent::Pass (broadcast)
+//!   retry after backoff ───┤
+//!   deferred route calls ──┘      └─► ControllerEvent::Pass (broadcast)
 //! ```
 //!
 //! Triggers arriving while a pass runs coalesce into one next pass, at the highest priority asked. A pass that
 //! stopped on a retryable error is retried after a backoff (doubling from `backoff_min` to `backoff_max`); other
-//! triggers wait for it, except a failover, which runs at once.
+//! triggers wait for it, except a failover, which runs at once. A pass that left route calls for later
+//! ([`RoutedConfig::max_ops_per_pass`](crate::RoutedConfig::max_ops_per_pass)) is followed at once by another, once
+//! the triggers that arrived meanwhile are taken in.
 
 use std::sync::{Arc, Mutex};
 
@@ -167,6 +170,7 @@ impl Controller {
         let mut full = true;
         let mut retry: Option<(Instant, Priority)> = None;
         let mut backoff = self.config.backoff_min;
+        let mut more = false;
         let mut resync =
             tokio::time::interval_at(Instant::now() + self.config.resync, self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -177,7 +181,19 @@ impl Controller {
             {
                 want = None;
                 retry = None;
+                more = false;
+                let started = Instant::now();
                 let report = self.pass(&current, p, full).await;
+                tracing::debug!(
+                    nodes = current.len(),
+                    priority = p.as_str(),
+                    full,
+                    applied = report.routes.applied.len(),
+                    deferred = report.routes.deferred.len(),
+                    routed = report.routes.routed_nodes().map(|r| r.len()),
+                    ms = started.elapsed().as_millis() as u64,
+                    "pass done"
+                );
                 full = false;
                 let targets = probe_targets(
                     self.routes.previous(),
@@ -191,6 +207,9 @@ impl Controller {
                     backoff = (backoff * 2).min(self.config.backoff_max);
                 } else {
                     backoff = self.config.backoff_min;
+                    // The rest of the diff: another pass at once (the queue paces the calls), but only after the
+                    // other triggers are looked at, so nodes that joined meanwhile are planned in it.
+                    more = !report.routes.deferred.is_empty();
                 }
                 let _ = self.events.send(ControllerEvent::Pass(Arc::new(report)));
             }
@@ -224,6 +243,26 @@ impl Controller {
                     retry = None;
                     want = want.max(Some(p));
                 }
+                () = tokio::task::yield_now(), if more && retry.is_none() => {
+                    more = false;
+                    want = want.max(Some(Priority::Normal));
+                }
+            }
+            // Every trigger already waiting joins the next pass: a prober round's transitions arrive together, and
+            // taking one per pass would queue a pass per node ahead of the node set (minutes behind a rate limit).
+            while let Ok(t) = transitions.try_recv() {
+                let p = if t.is_failure() {
+                    Priority::Failover
+                } else {
+                    Priority::Normal
+                };
+                want = want.max(Some(p));
+                let _ = self.events.send(ControllerEvent::Health(t));
+            }
+            if nodes.has_changed().unwrap_or(false) {
+                current = nodes.borrow_and_update().clone();
+                sync_membership(&self.tracker, &current, false);
+                want = want.max(Some(Priority::Normal));
             }
         }
         prober_task.abort();

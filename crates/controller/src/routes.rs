@@ -29,7 +29,8 @@ use ipnet::Ipv4Net;
 
 use serde::Serialize;
 use underlay_cloud::{
-    CloudError, EniId, ErrorKind, RouteTable, RouteTableId, RouteTarget, Subnet, SubnetId,
+    CloudError, EniId, ErrorKind, RouteState, RouteTable, RouteTableId, RouteTarget, Subnet,
+    SubnetId,
 };
 use underlay_core::planner::{PlanError, RoutedPlan, plan};
 use underlay_core::routeops::{ObservedRoute, ObservedTable, RouteOp, diff, is_owned};
@@ -123,6 +124,12 @@ pub struct ReconcileReport {
     pub warnings: Vec<String>,
     /// The pass stopped on a retryable error: requeue it with backoff.
     pub retryable: bool,
+    /// Operations left for the next pass: a normal pass applies at most `max_ops_per_pass`, the
+    /// least specific first, so that it reports (and nodes become ready) while the rate limit paces the rest.
+    pub deferred: Vec<RouteOp>,
+    /// Nodes whose block the managed tables deliver now (after this pass's calls): in every table, the most
+    /// specific route covering the block targets a healthy node of the block's subnet. `None` when not computed.
+    pub reachable: Option<BTreeSet<String>>,
 }
 
 impl ReconcileReport {
@@ -148,6 +155,9 @@ impl ReconcileReport {
     /// count against the node. Pure.
     pub fn routed_nodes(&self) -> Option<BTreeSet<String>> {
         let plan = self.plan.as_ref()?;
+        if let Some(r) = &self.reachable {
+            return Some(r.clone());
+        }
         let mut routed = BTreeSet::new();
         if self.managed_tables.is_empty() {
             return Some(routed);
@@ -578,10 +588,15 @@ impl RouteReconciler {
         report
             .warnings
             .extend(plan.warnings.iter().map(ToString::to_string));
-        let ops = diff(&plan, &observed);
+        let mut ops = diff(&plan, &observed);
         self.previous = Some(plan.clone());
-        report.plan = Some(plan);
         report.planned = ops.clone();
+        if let Some(max) = self.config.max_ops_per_pass
+            && priority == Priority::Normal
+            && ops.len() > max
+        {
+            report.deferred = defer_specific(&mut ops, max.max(1));
+        }
 
         // Apply: one task per table, each in the diff's order.
         let healthy_enis: BTreeSet<&str> = nodes
@@ -619,6 +634,141 @@ impl RouteReconciler {
             report.errors.extend(r.errors);
             report.retryable |= r.retryable;
         }
+        report.reachable = Some(reachable_nodes(
+            &plan,
+            &managed,
+            &report.applied,
+            nodes,
+            healthy,
+        ));
+        report.plan = Some(plan);
         report
+    }
+}
+
+/// A cap for [`RoutedConfig::max_ops_per_pass`] behind the default rate-aware queue: under its burst of mutating
+/// calls, so a pass that would take minutes under the refill rate reports after a few seconds at most.
+pub const DEFAULT_QUEUED_OPS_PER_PASS: usize = 8;
+
+/// Keep in `ops` the `max` least specific operations (covering routes first: one route to a subnet's region
+/// delivers every block in it), in their original order; return the rest, in their original order. Pure.
+pub fn defer_specific(ops: &mut Vec<RouteOp>, max: usize) -> Vec<RouteOp> {
+    let mut idx: Vec<usize> = (0..ops.len()).collect();
+    idx.sort_by_key(|&i| (ops[i].destination().prefix_len(), i));
+    let keep: BTreeSet<usize> = idx.into_iter().take(max).collect();
+    let (mut kept, mut deferred) = (Vec::new(), Vec::new());
+    for (i, op) in ops.drain(..).enumerate() {
+        if keep.contains(&i) {
+            kept.push(op);
+        } else {
+            deferred.push(op);
+        }
+    }
+    *ops = kept;
+    deferred
+}
+
+/// The nodes whose block the managed tables deliver, as observed at the start of the pass plus the calls that
+/// succeeded: in every table the longest-prefix route covering the block targets the ENI of a healthy node in
+/// the block's subnet (every node of a subnet routes to every block of it, so any of them delivers). Pure.
+pub fn reachable_nodes(
+    plan: &RoutedPlan,
+    managed: &[(RouteTable, Vec<SubnetId>)],
+    applied: &[Applied],
+    nodes: &[ClusterNode],
+    healthy: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if managed.is_empty() {
+        return out;
+    }
+    let mut tables: BTreeMap<&str, BTreeMap<Ipv4Net, String>> = BTreeMap::new();
+    for (t, _) in managed {
+        let routes = tables.entry(t.id.0.as_str()).or_default();
+        for r in t.routes.iter().filter(|r| r.state == RouteState::Active) {
+            routes.insert(r.destination, target_string(&r.target));
+        }
+    }
+    for a in applied {
+        let Some(routes) = tables.get_mut(a.op.route_table()) else {
+            continue;
+        };
+        match &a.op {
+            RouteOp::Create {
+                destination, eni, ..
+            }
+            | RouteOp::Replace {
+                destination, eni, ..
+            } => {
+                routes.insert(*destination, eni.clone());
+            }
+            RouteOp::Delete { destination, .. } => {
+                routes.remove(destination);
+            }
+        }
+    }
+    for b in &plan.blocks {
+        let delivers: BTreeSet<&str> = nodes
+            .iter()
+            .filter(|n| n.subnet.0 == b.subnet && healthy.contains(&n.name))
+            .map(|n| n.eni.0.as_str())
+            .collect();
+        let all = tables.values().all(|routes| {
+            routes
+                .iter()
+                .filter(|(d, _)| d.contains(&b.block))
+                .max_by_key(|(d, _)| d.prefix_len())
+                .is_some_and(|(_, target)| delivers.contains(target.as_str()))
+        });
+        if all {
+            out.insert(b.node.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pacing_tests {
+    use super::*;
+
+    fn create(t: &str, d: &str) -> RouteOp {
+        RouteOp::Create {
+            route_table: t.into(),
+            destination: d.parse().unwrap(),
+            eni: "eni-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_capped_pass_keeps_the_covering_routes_of_every_table_first() {
+        let mut ops = vec![
+            create("rtb-a", "100.64.0.0/19"),
+            create("rtb-a", "100.64.0.0/22"),
+            create("rtb-a", "100.64.4.0/22"),
+            create("rtb-b", "100.64.0.0/19"),
+            create("rtb-b", "100.64.0.0/22"),
+            create("rtb-c", "100.64.0.0/19"),
+        ];
+        let deferred = defer_specific(&mut ops, 4);
+        // Every table's /19 is kept (in diff order), then the most specific routes wait.
+        assert_eq!(
+            ops,
+            vec![
+                create("rtb-a", "100.64.0.0/19"),
+                create("rtb-a", "100.64.0.0/22"),
+                create("rtb-b", "100.64.0.0/19"),
+                create("rtb-c", "100.64.0.0/19"),
+            ]
+        );
+        assert_eq!(
+            deferred,
+            vec![
+                create("rtb-a", "100.64.4.0/22"),
+                create("rtb-b", "100.64.0.0/22")
+            ]
+        );
+        let mut few = vec![create("rtb-a", "100.64.0.0/19")];
+        assert!(defer_specific(&mut few, 4).is_empty());
+        assert_eq!(few.len(), 1);
     }
 }

@@ -16,6 +16,7 @@ use underlay_controller::{
 };
 use underlay_core::health::{HealthConfig, Probe};
 use underlay_core::routeops::RouteOp;
+use underlay_vpcsim::Latency;
 
 /// Nodes in `down` miss every probe.
 #[derive(Debug, Default)]
@@ -209,5 +210,111 @@ async fn a_throttled_pass_is_retried_with_backoff_until_it_converges() {
         seen.len()
     );
     shutdown_tx.send(true).unwrap();
+    run.await.unwrap();
+}
+
+/// Nodes that join a running controller: one prober round's transitions are taken into one pass (not one pass
+/// each, ahead of everything else), a node joining meanwhile is planned in the next pass, and a capped pass
+/// reports the nodes its covering routes deliver before the rest of the diff lands.
+#[tokio::test(start_paused = true)]
+async fn joins_coalesce_and_capped_passes_report_routed_nodes_early() {
+    let mut w = mk_world(33, 12, 50);
+    let mut routed_cfg = w.config();
+    routed_cfg.max_ops_per_pass = Some(4);
+    let cfg = ControllerConfig::new(routed_cfg);
+    let (nodes_tx, nodes_rx) = watch::channel(Vec::new());
+    let prober = Arc::new(ScriptedProber::default());
+    let controller = Controller::new(cfg, w.lanes()).with_prober(prober);
+    let mut events = controller.subscribe();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let run = tokio::spawn(controller.run(nodes_rx, shutdown_rx));
+    let mut seen = Vec::new();
+    next_pass(&mut events, Duration::from_secs(5), |_| true, &mut seen).await;
+
+    // Twelve nodes join at once (pending); after their join pass, the next probe round finds all twelve healthy
+    // together. Every EC2 call then takes a second, so the pass those transitions start is still running when a
+    // thirteenth node joins.
+    nodes_tx.send_replace(w.nodes.clone());
+    next_pass(
+        &mut events,
+        Duration::from_secs(5),
+        |p| p.routes.plan.as_ref().is_some_and(|p| p.blocks.len() == 12),
+        &mut seen,
+    )
+    .await;
+    w.sim
+        .update_faults(|f| f.latency = Latency::Fixed(Duration::from_secs(1)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("no transition in time")
+            .unwrap();
+        if matches!(ev, ControllerEvent::Health(_)) {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = w.add_node();
+    nodes_tx.send_replace(w.nodes.clone());
+    let mut passes_without = 0;
+    let mut early: Option<Arc<PassReport>> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("the late node was never planned")
+            .unwrap();
+        let ControllerEvent::Pass(p) = ev else {
+            continue;
+        };
+        let planned = p
+            .routes
+            .plan
+            .as_ref()
+            .is_some_and(|plan| plan.block_of(&late.name).is_some());
+        if planned {
+            break;
+        }
+        passes_without += 1;
+        if !p.routes.deferred.is_empty() && early.is_none() {
+            early = Some(p);
+        }
+    }
+    // Only the pass already running when the node joined: the round's other transitions went into that pass
+    // (one pass per transition, each ahead of the node set, would be twelve).
+    assert!(
+        passes_without <= 1,
+        "{passes_without} passes ran before the joining node was planned"
+    );
+
+    w.sim.update_faults(|f| f.latency = Latency::None);
+    // Converge in capped passes; some pass that still deferred calls already reported every node routed.
+    let mut all_routed_early = false;
+    let done = next_pass(
+        &mut events,
+        Duration::from_secs(120),
+        |p| {
+            let routed = p.routes.routed_nodes().unwrap_or_default();
+            if !p.routes.deferred.is_empty() && routed.len() == w.nodes.len() {
+                all_routed_early = true;
+            }
+            p.routes.deferred.is_empty() && p.routes.converged() && p.routes.applied.is_empty()
+        },
+        &mut seen,
+    )
+    .await;
+    assert!(
+        seen.iter().all(|p| p.routes.applied.len() <= 4),
+        "a pass made more route calls than its cap"
+    );
+    assert!(
+        all_routed_early,
+        "no capped pass reported the nodes routed before the diff was done"
+    );
+    assert_eq!(done.routes.routed_nodes().unwrap().len(), w.nodes.len());
+    check_covered(&w, done.routes.plan.as_ref().unwrap(), &w.all_healthy());
+    let _ = early;
+    shutdown_tx.send_replace(true);
     run.await.unwrap();
 }

@@ -383,6 +383,7 @@ impl Lab {
         let mut routed = underlay_controller::RoutedConfig::new(self.vpc.clone(), POD_CIDR);
         routed.block_prefix_len = self.config.block_prefix_len;
         routed.route_limit = self.config.route_limit as u32;
+        routed.max_ops_per_pass = Some(underlay_controller::routes::DEFAULT_QUEUED_OPS_PER_PASS);
         let mut config = underlay_controller::ControllerConfig::new(routed);
         config.probe.interval = self.config.probe_interval;
         config.health.hold_down = self.config.hold_down;

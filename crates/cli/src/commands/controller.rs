@@ -73,6 +73,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let mut routed = RoutedConfig::new(VpcId::new(&args.vpc), args.pod_cidr);
         routed.block_prefix_len = args.block;
         routed.route_limit = args.route_limit;
+        // Behind the rate-aware queue: a pass reports (and nodes are untainted) after a burst's worth of calls.
+        routed.max_ops_per_pass = Some(underlay_controller::routes::DEFAULT_QUEUED_OPS_PER_PASS);
         let mut config = ControllerConfig::new(routed);
         config.probe.interval = Duration::from_millis(args.probe_interval_ms);
         config.health.hold_down = Duration::from_secs(args.hold_down_s);

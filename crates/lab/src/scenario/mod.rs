@@ -296,6 +296,7 @@ impl Lab {
 
         let t = Instant::now();
         self.start_controller();
+        let mut passes = self.controller_events.subscribe();
         self.step("controller", t);
 
         let t = Instant::now();
@@ -339,6 +340,11 @@ impl Lab {
         let t = Instant::now();
         self.wait_routed(Duration::from_secs(60 + n as u64))?;
         self.step("routes", t);
+        // Passes are capped (the rate-aware queue paces the rest): the tables are complete once a pass applies
+        // the whole remaining diff without error.
+        let t = Instant::now();
+        self.wait_converged(&mut passes, Duration::from_secs(120 + 2 * n as u64))?;
+        self.step("route tables complete", t);
 
         let t = Instant::now();
         self.wait_fabric()?;
@@ -616,6 +622,44 @@ impl Lab {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_converged(
+        &self,
+        passes: &mut tokio::sync::broadcast::Receiver<underlay_controller::ControllerEvent>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let deadline = Instant::now() + timeout;
+        let mut last_report = Instant::now();
+        loop {
+            match passes.try_recv() {
+                Ok(underlay_controller::ControllerEvent::Pass(p))
+                    if p.routes.converged() && p.routes.deferred.is_empty() =>
+                {
+                    self.wait_fabric()?;
+                    progress(format!(
+                        "route tables complete: {:?} routes per table",
+                        self.routes_per_table().values().collect::<Vec<_>>()
+                    ));
+                    return Ok(());
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => continue,
+                Err(TryRecvError::Closed) => bail!("the controller stopped"),
+                Err(TryRecvError::Empty) => {}
+            }
+            if Instant::now() > deadline {
+                bail!("the controller did not complete the route tables within {timeout:?}");
+            }
+            if last_report.elapsed() > Duration::from_secs(5) {
+                progress(format!(
+                    "filling route tables: {:?} routes per table",
+                    self.routes_per_table().values().collect::<Vec<_>>()
+                ));
+                last_report = Instant::now();
             }
             std::thread::sleep(Duration::from_millis(20));
         }

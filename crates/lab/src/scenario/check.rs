@@ -268,7 +268,10 @@ impl Lab {
                         .or_default()
                         .push((*src, *is_node, *dst));
                 } else if result.failed.len() < 5 {
-                    result.failed.push(label.clone());
+                    result.failed.push(match client.last_error.take() {
+                        Some(e) => format!("{label} ({e})"),
+                        None => label.clone(),
+                    });
                 }
             }
             results.insert(*class, result);

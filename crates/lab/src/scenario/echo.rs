@@ -74,6 +74,8 @@ impl Drop for EchoServers {
 pub struct EchoClient {
     sock: UdpSocket,
     seq: u64,
+    /// The last socket error seen (an ICMP error of some earlier datagram, typically).
+    pub last_error: Option<String>,
 }
 
 impl EchoClient {
@@ -81,6 +83,7 @@ impl EchoClient {
         Ok(Self {
             sock: udp_in(netns, SocketAddrV4::new(ip, 0))?,
             seq: 0,
+            last_error: None,
         })
     }
 
@@ -100,7 +103,20 @@ impl EchoClient {
             match self.sock.recv_from(&mut buf) {
                 Ok((8, from)) if from == to && buf[..8] == msg => return Some(start.elapsed()),
                 Ok(_) => continue,
-                Err(_) => return None,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                // Linux hands an unconnected UDP socket the ICMP errors of its earlier datagrams (to any
+                // destination) on a later call: one stale error must not fail this exchange.
+                Err(e) => {
+                    self.last_error = Some(e.to_string());
+                    continue;
+                }
             }
         }
     }

@@ -5,7 +5,7 @@
 //!   pod netns                          node netns (where the runtime runs us)
 //!   eth0 100.64.1.5/32 ◄── veth ──►   ul<hash11>  (no address)
 //!   default via 169.254.1.1 onlink     100.64.1.5/32 dev ul<hash11> scope link
-//!   neigh 169.254.1.1 → MAC(ul…) permanent
+//!   neigh 169.254.1.1 → MAC(ul…) permanent     neigh 100.64.1.5 → MAC(eth0) permanent
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -224,9 +224,14 @@ fn setup(
     ))
     .map_err(|e| dp_error("adding the default route", e))?;
 
-    // Host side.
+    // Host side. The pod's neighbour entry is permanent too: the node never ARPs for its pods (so a pod never
+    // learns the node's address from an ARP request either). The kernel's ARP table is shared by every
+    // namespace on the host with one garbage-collection limit (gc_thresh3, 1024 by default); two dynamic
+    // entries per pod overflow it at a few hundred pods, and an overflowing table drops new resolutions.
     host.route_replace(&Route::link(IpNet::V4(address), hv.index))
         .map_err(|e| dp_error("adding the host route to the pod", e))?;
+    host.neigh_add_permanent(hv.index, IpAddr::V4(address.addr()), pod_mac)
+        .map_err(|e| dp_error("adding the pod's neighbour entry", e))?;
     if let Some(rule) = from_pod_rule(alloc, address) {
         host.rule_add(&rule)
             .ignore_exists()

@@ -78,6 +78,16 @@ fn add_check_del(version: &str, prefix: &str, pool: &str) {
             .contains(&addr.parse().unwrap())
     );
     assert_eq!(node.allocations().len(), 1);
+    // Both ends' neighbour entries are permanent: no ARP in either direction, nothing for the host-wide
+    // neighbour table's garbage collector to count.
+    let pod_mac = pnl.link_by_name("eth0").unwrap().unwrap().mac;
+    let host_neigh = node.nl().neighbours(hv.index).unwrap();
+    assert!(
+        host_neigh
+            .iter()
+            .any(|n| n.permanent && n.ip.to_string() == ip && n.mac.is_some() && n.mac == pod_mac),
+        "{host_neigh:?}"
+    );
 
     // Traffic both ways between the node and the pod (bounded: one packet each).
     assert!(ping(&node.ns, ip), "node → pod");

@@ -96,7 +96,11 @@ impl EchoClient {
         self.sock.send_to(&msg, to).ok()?;
         let mut buf = [0u8; 64];
         loop {
-            let left = timeout.checked_sub(start.elapsed())?;
+            let Some(left) = timeout.checked_sub(start.elapsed()) else {
+                // Past the deadline: this thread may itself have been kept off the CPU, with the reply already
+                // waiting in the socket. Drain what is there before calling the exchange lost.
+                return self.drain_for(&msg, to).then(|| start.elapsed());
+            };
             self.sock
                 .set_read_timeout(Some(left.max(Duration::from_micros(100))))
                 .ok()?;
@@ -119,6 +123,23 @@ impl EchoClient {
                 }
             }
         }
+    }
+
+    /// Whether the matching reply is already queued on the socket (non-blocking).
+    fn drain_for(&mut self, msg: &[u8; 8], to: SocketAddr) -> bool {
+        let mut buf = [0u8; 64];
+        if self.sock.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut found = false;
+        while let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+            if n == 8 && from == to && buf[..8] == msg[..] {
+                found = true;
+                break;
+            }
+        }
+        let _ = self.sock.set_nonblocking(false);
+        found
     }
 
     /// Reachability: up to `attempts` round trips (the first may wait for neighbour resolution).

@@ -456,7 +456,9 @@ impl Lab {
             mtu: LAB_MTU,
             netns: Some(PathBuf::from(format!("/var/run/netns/{}", node.netns))),
             health_addr: SocketAddr::new(node.instance.private_ip.into(), names::AGENT_HEALTH_PORT),
-            converge_interval: Duration::from_secs(5),
+            // Spread over a second: agents started together would otherwise all converge (and spawn nft) on the
+            // same tick, every tick, on one machine — a node in a cluster has its agent to itself.
+            converge_interval: Duration::from_millis(5000 + (i as u64 % 20) * 50),
             status_interval: Duration::from_millis(200),
         };
         let (stop, mut rx) = watch::channel(false);

@@ -206,6 +206,10 @@ fn a_background_lab_answers_each_command_and_down_removes_it() {
     assert!(down.status.success());
     assert!(lab_namespaces(&lab).is_empty());
     assert!(!run(&["lab", "status", "--name", &lab]).status.success());
+    // Nothing of it stays on disk either: state directory and log.
+    let tmp = std::env::temp_dir();
+    assert!(!tmp.join(format!("underlay-lab-{lab}")).exists());
+    assert!(!tmp.join(format!("underlay-lab-{lab}.log")).exists());
 }
 
 #[test]

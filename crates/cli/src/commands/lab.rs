@@ -425,6 +425,7 @@ fn down(name: &str) -> anyhow::Result<()> {
 fn sweep(name: &str, state: &Path) -> anyhow::Result<()> {
     underlay_lab::sweep(name)?;
     let _ = std::fs::remove_dir_all(state);
+    let _ = std::fs::remove_file(log_file(name));
     eprintln!("lab {name} removed");
     Ok(())
 }

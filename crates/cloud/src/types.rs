@@ -129,6 +129,17 @@ pub struct RouteTable {
     pub tags: Tags,
 }
 
+impl RouteTable {
+    /// The route a packet to `dst` takes: the longest prefix containing it (a whole network: every address of
+    /// it), as the VPC's router picks one.
+    pub fn longest_match(&self, dst: Ipv4Net) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.destination.contains(&dst))
+            .max_by_key(|r| r.destination.prefix_len())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
@@ -262,4 +273,50 @@ pub struct CreateEniRequest {
 pub enum AddressRequest<T> {
     Count(u32),
     Explicit(Vec<T>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dst: &str, eni: &str) -> Route {
+        Route {
+            destination: dst.parse().unwrap(),
+            target: RouteTarget::NetworkInterface(EniId::new(eni)),
+            state: RouteState::Active,
+        }
+    }
+
+    #[test]
+    fn longest_match_picks_the_most_specific_route_covering_the_whole_destination() {
+        let table = RouteTable {
+            id: RouteTableId::new("rtb-1"),
+            vpc: VpcId::new("vpc-1"),
+            main: true,
+            subnets: Vec::new(),
+            routes: vec![
+                route("0.0.0.0/0", "eni-default"),
+                route("100.64.0.0/17", "eni-aggregate"),
+                route("100.64.0.64/26", "eni-block"),
+            ],
+            tags: Tags::new(),
+        };
+        let at = |d: &str| {
+            table
+                .longest_match(d.parse().unwrap())
+                .map(|r| r.target.clone())
+        };
+        let eni = |e: &str| Some(RouteTarget::NetworkInterface(EniId::new(e)));
+        assert_eq!(at("100.64.0.70/32"), eni("eni-block"));
+        assert_eq!(at("100.64.0.64/26"), eni("eni-block"));
+        // A block wider than the specific route is only wholly covered by the aggregate.
+        assert_eq!(at("100.64.0.0/25"), eni("eni-aggregate"));
+        assert_eq!(at("100.64.1.5/32"), eni("eni-aggregate"));
+        assert_eq!(at("203.0.113.1/32"), eni("eni-default"));
+        let empty = RouteTable {
+            routes: Vec::new(),
+            ..table.clone()
+        };
+        assert_eq!(empty.longest_match("10.0.0.0/8".parse().unwrap()), None);
+    }
 }

@@ -17,6 +17,11 @@ pub const IGW_INTERNET_ADDR: Ipv4Net = ipnet_v4(169, 254, 0, 2, 30);
 /// A host on the emulated internet (on the internet namespace's loopback), e.g. a ping target.
 pub const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
+/// A subnet's router address, as the VPC has it: the first host address (`.1` of a /24).
+pub fn subnet_router(cidr: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(cidr.network()) + 1)
+}
+
 pub(crate) const fn ipnet_v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> Ipv4Net {
     match Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len) {
         Ok(n) => n,
@@ -141,7 +146,7 @@ pub fn plan_fabric(lab: &LabId, model: &Model, internet: bool) -> Result<FabricS
     for (id, s) in &model.subnets {
         let bridge = lab.subnet_bridge(id);
         claim(&bridge, id.as_str())?;
-        let router = Ipv4Addr::from(u32::from(s.cidr.network()) + 1);
+        let router = subnet_router(s.cidr);
         spec.bridges.insert(bridge.clone(), BridgeSpec { router });
         spec.rules.insert(RuleSpec {
             priority: LAB_RULE_PRIORITY_OWNED,

@@ -116,17 +116,7 @@ impl Lab {
             return PathClass::SameSubnet;
         }
         let table = &self.subnets[na.subnet].table;
-        let target = snap
-            .route_tables
-            .iter()
-            .find(|t| &t.id == table)
-            .and_then(|t| {
-                t.routes
-                    .iter()
-                    .filter(|r| r.destination.contains(&pb.ip))
-                    .max_by_key(|r| r.destination.prefix_len())
-            })
-            .map(|r| r.target.clone());
+        let target = super::route_to(snap, table, pb.ip.into());
         let own = nb.instance.primary_eni().map(|e| e.id.clone());
         match (target, own) {
             (Some(RouteTarget::NetworkInterface(eni)), Some(own)) if eni == own => {

@@ -93,8 +93,7 @@ impl Lab {
         let i = self.node_index(name)?;
         kernel::ip(&self.nodes[i].netns, &["link", "set", "eth0", "up"])?;
         // The default route goes with the link; put the subnet router back as the instance had it.
-        let gw = self.subnets[self.nodes[i].subnet].cidr.network();
-        let gw = std::net::Ipv4Addr::from(u32::from(gw) + 1).to_string();
+        let gw = crate::plan::subnet_router(self.subnets[self.nodes[i].subnet].cidr).to_string();
         let _ = kernel::ip(
             &self.nodes[i].netns,
             &["route", "replace", "default", "via", &gw, "dev", "eth0"],
@@ -112,17 +111,7 @@ impl Lab {
                     continue;
                 }
                 let table = &self.subnets[self.nodes[self.pods[a].node].subnet].table;
-                let target = snap
-                    .route_tables
-                    .iter()
-                    .find(|t| &t.id == table)
-                    .and_then(|t| {
-                        t.routes
-                            .iter()
-                            .filter(|r| r.destination.contains(&self.pods[b].ip))
-                            .max_by_key(|r| r.destination.prefix_len())
-                    })
-                    .map(|r| r.target.clone());
+                let target = super::route_to(&snap, table, self.pods[b].ip.into());
                 let Some(RouteTarget::NetworkInterface(eni)) = target else {
                     continue;
                 };

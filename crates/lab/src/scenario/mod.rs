@@ -580,17 +580,7 @@ impl Lab {
                 .filter_map(|m| m.instance.primary_eni().map(|e| e.id.clone()))
                 .collect();
             for s in &self.subnets {
-                let target = snap
-                    .route_tables
-                    .iter()
-                    .find(|t| t.id == s.table)
-                    .and_then(|t| {
-                        t.routes
-                            .iter()
-                            .filter(|r| r.destination.contains(&block))
-                            .max_by_key(|r| r.destination.prefix_len())
-                    })
-                    .map(|r| r.target.clone());
+                let target = route_to(&snap, &s.table, block);
                 match target {
                     Some(underlay_cloud::RouteTarget::NetworkInterface(e))
                         if subnet_enis.contains(&e) => {}
@@ -847,6 +837,19 @@ fn build_vpc(sim: &VpcSim, config: &LabConfig) -> anyhow::Result<(VpcId, Vec<Lab
         }
     }
     Ok((vpc, subnets))
+}
+
+/// Target of the route `dst` takes in `table` (longest prefix match), from a snapshot.
+pub(crate) fn route_to(
+    snap: &underlay_vpcsim::Snapshot,
+    table: &RouteTableId,
+    dst: Ipv4Net,
+) -> Option<underlay_cloud::RouteTarget> {
+    snap.route_tables
+        .iter()
+        .find(|t| &t.id == table)
+        .and_then(|t| t.longest_match(dst))
+        .map(|r| r.target.clone())
 }
 
 /// Kubernetes node name of an instance, as EKS names them.

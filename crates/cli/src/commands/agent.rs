@@ -120,13 +120,7 @@ fn resolve(args: Args, needs_pool: bool) -> anyhow::Result<AgentConfig> {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    super::init_tracing("info");
     let fault: Fault = std::env::var(names::AGENT_FAULT_ENV)
         .unwrap_or_default()
         .parse()?;

@@ -54,13 +54,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         "--pods must be within 1..={MAX_PODS}"
     );
     let exe = std::env::current_exe().context("locating this executable")?;
-    let plugin = match args.plugin {
-        Some(p) => p,
-        None => exe
-            .parent()
-            .context("executable has no directory")?
-            .join(names::CNI_PLUGIN),
-    };
+    let plugin = super::plugin_path(args.plugin)?;
     ensure!(
         plugin.is_file(),
         "{} not found (build it, or pass --plugin)",

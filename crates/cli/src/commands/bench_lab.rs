@@ -7,12 +7,9 @@
 //! while the agents started and converged, divided by the node count — an estimate, not a per-process peak.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::Context;
 use serde::Serialize;
-use underlay_core::names;
-use underlay_lab::scenario::{CheckReport, Lab, LabConfig, StatusReport, default_state_dir};
+use underlay_lab::scenario::{CheckReport, Lab, StatusReport};
 
 use super::bench_plan::status_kib;
 
@@ -63,22 +60,20 @@ struct Report {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
-    let plugin = match args.cni_plugin {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable directory")?
-            .join(names::CNI_PLUGIN),
-    };
-    let mut c = LabConfig::demo(plugin);
-    c.name = args.name.clone();
-    c.state_dir = default_state_dir(&args.name);
-    c.nodes = args.nodes;
-    c.pods_per_node = args.pods_per_node;
-    c.zones = args.zones;
-    c.subnets_per_zone = args.subnets_per_zone;
-    c.route_limit = args.route_limit;
-    c.hold_down = Duration::from_secs(30);
+    // The same shape and validation as `underlay lab up`, at benchmark size; AWS's 30 s hold-down.
+    let c = super::lab::config(&super::lab::Shape {
+        name: args.name,
+        zones: args.zones,
+        subnets_per_zone: args.subnets_per_zone,
+        nodes: args.nodes,
+        pods_per_node: args.pods_per_node,
+        route_limit: args.route_limit,
+        seed: 1,
+        block: 26,
+        probe_interval_ms: 1000,
+        hold_down_s: 30,
+        cni_plugin: args.cni_plugin,
+    })?;
     let baseline = status_kib("VmRSS:")?;
     let lab = Lab::up(c)?;
     let status = lab.status();

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use underlay_core::names;
 use underlay_lab::scenario::{DemoReport, Lab, LabConfig, default_state_dir, progress};
 
 #[derive(Debug, clap::Args)]
@@ -28,35 +27,35 @@ enum Format {
 }
 
 #[derive(Debug, Clone, clap::Args)]
-struct Shape {
+pub(super) struct Shape {
     /// Lab id (1–6 lowercase letters or digits); namespaces are `ul-<name>-…`.
     #[arg(long, default_value = "demo")]
-    name: String,
+    pub(super) name: String,
     #[arg(long, default_value_t = 3)]
-    zones: usize,
+    pub(super) zones: usize,
     #[arg(long, default_value_t = 2)]
-    subnets_per_zone: usize,
+    pub(super) subnets_per_zone: usize,
     #[arg(long, default_value_t = 12)]
-    nodes: usize,
+    pub(super) nodes: usize,
     #[arg(long, default_value_t = 4)]
-    pods_per_node: usize,
+    pub(super) pods_per_node: usize,
     /// Routes per VPC route table (AWS: 50). Low enough that blocks are aggregated behind forwarders.
     #[arg(long, default_value_t = 8)]
-    route_limit: usize,
+    pub(super) route_limit: usize,
     #[arg(long, default_value_t = 1)]
-    seed: u64,
+    pub(super) seed: u64,
     /// Pod block size per node (prefix length).
     #[arg(long, default_value_t = 26)]
-    block: u8,
+    pub(super) block: u8,
     /// Forwarder health probe interval (ms).
     #[arg(long, default_value_t = 1000)]
-    probe_interval_ms: u64,
+    pub(super) probe_interval_ms: u64,
     /// How long a recovered forwarder must stay healthy before its routes return (s).
     #[arg(long, default_value_t = 10)]
-    hold_down_s: u64,
+    pub(super) hold_down_s: u64,
     /// The underlay-cni binary (default: next to this executable).
     #[arg(long)]
-    cni_plugin: Option<PathBuf>,
+    pub(super) cni_plugin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -137,24 +136,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
 }
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
+    super::init_tracing("warn");
 }
 
-fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
-    let plugin = match &shape.cni_plugin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("executable directory")?
-            .join(names::CNI_PLUGIN),
-    };
-    let mut c = LabConfig::demo(plugin);
+pub(super) fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
+    let mut c = LabConfig::demo(super::plugin_path(shape.cni_plugin.clone())?);
     c.name = shape.name.clone();
     c.state_dir = default_state_dir(&shape.name);
     c.zones = shape.zones;

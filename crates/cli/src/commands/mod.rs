@@ -11,3 +11,27 @@ pub mod inspect;
 pub mod lab;
 pub mod names;
 pub mod plan;
+
+/// Logs to stderr (stdout carries reports and protocols), filtered by `RUST_LOG`, else at `default`.
+pub fn init_tracing(default: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .try_init();
+}
+
+/// The `underlay-cni` binary: `given`, else the one installed next to this executable.
+pub fn plugin_path(given: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    match given {
+        Some(p) => Ok(p),
+        None => Ok(std::env::current_exe()
+            .context("locating this executable")?
+            .parent()
+            .context("executable has no directory")?
+            .join(underlay_core::names::CNI_PLUGIN)),
+    }
+}

@@ -174,6 +174,18 @@ fn a_background_lab_answers_each_command_and_down_removes_it() {
         serde_json::from_slice(&run(&["lab", "status", "--name", &lab, "--format", "json"]).stdout)
             .unwrap();
     assert_eq!(st["pods"], 3);
+    // The human forms are the reports' own renderings, not a dump of the JSON.
+    let human = String::from_utf8(run(&["lab", "status", "--name", &lab]).stdout).unwrap();
+    assert!(
+        human.contains("3 nodes, 3 pods") && human.contains("routes per table:"),
+        "{human}"
+    );
+    let human = String::from_utf8(run(&["lab", "check", "--name", &lab]).stdout).unwrap();
+    assert!(
+        human.contains("connectivity: ") && human.contains("same_subnet"),
+        "{human}"
+    );
+
     // Failing a node the lab does not have is an error, and the lab carries on.
     assert!(
         !run(&["lab", "fail", "--name", &lab, "no-such-node"])

@@ -306,7 +306,7 @@ fn serve(shape: Shape) -> anyhow::Result<()> {
         let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         let cmd = req["cmd"].as_str().unwrap_or("");
         let reply = match handle(&mut lab, cmd, &req) {
-            Ok(v) => json!({"ok": true, "result": v}),
+            Ok((v, human)) => json!({"ok": true, "result": v, "human": human}),
             Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
         };
         let _ = writeln!(conn, "{reply}");
@@ -320,21 +320,34 @@ fn serve(shape: Shape) -> anyhow::Result<()> {
     r
 }
 
-fn handle(lab: &mut Lab, cmd: &str, req: &Value) -> anyhow::Result<Value> {
+/// One request: its JSON result and the same for a person.
+fn handle(lab: &mut Lab, cmd: &str, req: &Value) -> anyhow::Result<(Value, String)> {
     let node = || req["node"].as_str().context("no node given");
     Ok(match cmd {
-        "status" => serde_json::to_value(lab.status())?,
-        "check" => serde_json::to_value(lab.check()?)?,
-        "failover" => serde_json::to_value(lab.failover()?)?,
+        "status" => {
+            let r = lab.status();
+            (serde_json::to_value(&r)?, r.human())
+        }
+        "check" => {
+            let r = lab.check()?;
+            (serde_json::to_value(&r)?, r.human())
+        }
+        "failover" => {
+            let r = lab.failover()?;
+            (serde_json::to_value(&r)?, r.human())
+        }
         "fail" => {
             lab.fail_node(node()?)?;
-            json!({"failed": node()?})
+            (json!({"failed": node()?}), format!("{} failed\n", node()?))
         }
         "recover" => {
             lab.recover_node(node()?)?;
-            json!({"recovered": node()?})
+            (
+                json!({"recovered": node()?}),
+                format!("{} recovering\n", node()?),
+            )
         }
-        "down" => json!({"down": lab.config.name}),
+        "down" => (json!({"down": lab.config.name}), String::new()),
         other => bail!("unknown request {other:?}"),
     })
 }
@@ -360,7 +373,8 @@ fn request(t: &Target, req: Value) -> anyhow::Result<()> {
         );
     }
     let result = &reply["result"];
-    print(t.format, result, || human(result))?;
+    let human = reply["human"].as_str().unwrap_or_default().to_owned();
+    print(t.format, result, || human)?;
     if req["cmd"] == "check"
         && (result["pairs_ok"] != result["pairs_checked"]
             || result["encap_devices"]
@@ -370,26 +384,6 @@ fn request(t: &Target, req: Value) -> anyhow::Result<()> {
         bail!("check failed");
     }
     Ok(())
-}
-
-/// Indented key: value lines (the status and check reports are small).
-fn human(v: &Value) -> String {
-    fn walk(v: &Value, indent: usize, out: &mut String) {
-        if let Value::Object(m) = v {
-            for (k, x) in m {
-                match x {
-                    Value::Object(_) => {
-                        out.push_str(&format!("{:indent$}{k}:\n", ""));
-                        walk(x, indent + 2, out);
-                    }
-                    _ => out.push_str(&format!("{:indent$}{k}: {x}\n", "")),
-                }
-            }
-        }
-    }
-    let mut s = String::new();
-    walk(v, 0, &mut s);
-    s
 }
 
 /// Stops a running lab; removes whatever a crashed one left behind either way.

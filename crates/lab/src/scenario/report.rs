@@ -155,15 +155,32 @@ impl DemoReport {
         }
     }
 
-    /// The human report.
+    /// The human report: the status, the check and the failover, then the verdict.
+    pub fn human(&self) -> String {
+        let mut s = self.status.human();
+        s.push_str(&self.check.human());
+        if let Some(f) = &self.failover {
+            s.push_str(&f.human());
+        }
+        let _ = writeln!(s, "{}", if self.passed { "PASS" } else { "FAIL" });
+        for f in &self.failures {
+            let _ = writeln!(s, "  {f}");
+        }
+        s
+    }
+}
+
+impl StatusReport {
+    /// `lab status` for a person.
     pub fn human(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "underlay lab: {} nodes, {} pods, {} subnets in {} tables",
+            "underlay lab {}: {} nodes, {} pods, {} subnets in {} tables",
+            self.lab,
             self.nodes,
             self.pods,
-            self.status.subnets,
+            self.subnets,
             self.routes_per_table.len()
         );
         let counts: Vec<String> = self
@@ -176,66 +193,13 @@ impl DemoReport {
             "  routes per table: {} (limit {}, {} forwarders)",
             counts.join(" "),
             self.route_limit,
-            self.status.forwarders
+            self.forwarders
         );
         let _ = writeln!(
             s,
             "  nodes ready (taint removed): p50 {:.0} ms, max {:.0} ms after their Node appeared",
-            self.status.ready_ms_p50, self.status.ready_ms_max
+            self.ready_ms_p50, self.ready_ms_max
         );
-        let _ = writeln!(
-            s,
-            "  connectivity: {}/{} pairs{}",
-            self.pairs_ok,
-            self.pairs_checked,
-            if self.check.sampled { " (sampled)" } else { "" }
-        );
-        for (class, r) in &self.check.classes {
-            let _ = writeln!(
-                s,
-                "    {:<24} {:>6}/{:<6} p50 {:>7.1} µs  p99 {:>7.1} µs",
-                class, r.ok, r.pairs, r.p50_us, r.p99_us
-            );
-            for f in &r.failed {
-                let _ = writeln!(s, "      unreachable: {f}");
-            }
-        }
-        if let Some(r) = self.check.direct_vs_node_ratio {
-            let _ = writeln!(
-                s,
-                "  pod↔pod same-subnet / node↔node same-subnet latency: {r:.2}×"
-            );
-        }
-        let _ = writeln!(
-            s,
-            "  encapsulation devices in {} namespaces: {}",
-            self.check.namespaces_inspected,
-            if self.check.encap_devices.is_empty() {
-                "none".to_string()
-            } else {
-                self.check.encap_devices.join(", ")
-            }
-        );
-        if let Some(f) = &self.failover {
-            let _ = writeln!(
-                s,
-                "  failover of {}: blackhole {:.0} ms ({} of {} probes lost), {} route(s) moved, only its own: {}",
-                f.forwarder,
-                f.blackhole_ms,
-                f.probes_lost,
-                f.probes_sent,
-                f.routes_moved.len(),
-                f.only_its_routes_moved
-            );
-            let _ = writeln!(
-                s,
-                "  fail-back: {} (hold-down {:.0} s)",
-                f.failback_ms
-                    .map(|m| format!("{:.1} s after recovery", m / 1e3))
-                    .unwrap_or_else(|| "did not happen".into()),
-                f.hold_down_ms / 1e3
-            );
-        }
         let calls: Vec<String> = self
             .api_calls
             .iter()
@@ -245,12 +209,77 @@ impl DemoReport {
             s,
             "  EC2 calls: {} (throttled {})",
             calls.join(", "),
-            self.status.throttled
+            self.throttled
         );
-        let _ = writeln!(s, "{}", if self.passed { "PASS" } else { "FAIL" });
-        for f in &self.failures {
-            let _ = writeln!(s, "  {f}");
+        s
+    }
+}
+
+impl CheckReport {
+    /// `lab check` for a person: reachability and latency per path class, and the encapsulation check.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "  connectivity: {}/{} pairs{}",
+            self.pairs_ok,
+            self.pairs_checked,
+            if self.sampled { " (sampled)" } else { "" }
+        );
+        for (class, r) in &self.classes {
+            let _ = writeln!(
+                s,
+                "    {:<24} {:>6}/{:<6} p50 {:>7.1} µs  p99 {:>7.1} µs",
+                class, r.ok, r.pairs, r.p50_us, r.p99_us
+            );
+            for f in &r.failed {
+                let _ = writeln!(s, "      unreachable: {f}");
+            }
         }
+        if let Some(r) = self.direct_vs_node_ratio {
+            let _ = writeln!(
+                s,
+                "  pod↔pod same-subnet / node↔node same-subnet latency: {r:.2}×"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  encapsulation devices in {} namespaces: {}",
+            self.namespaces_inspected,
+            if self.encap_devices.is_empty() {
+                "none".to_string()
+            } else {
+                self.encap_devices.join(", ")
+            }
+        );
+        s
+    }
+}
+
+impl FailoverReport {
+    /// `lab failover` for a person.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "  failover of {} ({} → {}): blackhole {:.0} ms ({} of {} probes lost), {} route(s) moved, only its own: {}",
+            self.forwarder,
+            self.probe_from,
+            self.probe_to,
+            self.blackhole_ms,
+            self.probes_lost,
+            self.probes_sent,
+            self.routes_moved.len(),
+            self.only_its_routes_moved
+        );
+        let _ = writeln!(
+            s,
+            "  fail-back: {} (hold-down {:.0} s)",
+            self.failback_ms
+                .map(|m| format!("{:.1} s after recovery", m / 1e3))
+                .unwrap_or_else(|| "did not happen".into()),
+            self.hold_down_ms / 1e3
+        );
         s
     }
 }

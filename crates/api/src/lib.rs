@@ -155,6 +155,10 @@ pub struct PoolEni {
     /// MAC address, as the kernel shows it on the node's interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// CIDR of the ENI's subnet, e.g. `198.18.4.0/24`: the agent routes the ENI's table through its gateway
+    /// (the subnet's first host address), as the VPC router answers there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_cidr: Option<String>,
     /// Secondary private IPv4 addresses available to pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,

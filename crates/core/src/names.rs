@@ -67,6 +67,10 @@ pub const AGENT_ROUTE_TABLE: u32 = 0x756c; // "ul"
 pub const AGENT_RULE_PRIORITY_PEERS: u32 = 30000;
 /// Default TCP port of the agent's health endpoint (`/healthz`, `/readyz`); the controller probes it.
 pub const AGENT_HEALTH_PORT: u16 = 9650;
+/// Default TCP port of the controller's `/healthz`, `/readyz` and `/metrics` endpoint.
+pub const CONTROLLER_HEALTH_PORT: u16 = 9651;
+/// Node annotation the controller sets to the most pods the node's pool can hold (instance type and mode).
+pub const MAX_PODS_ANNOTATION: &str = "underlay.dev/max-pods";
 /// nftables chains of the `inet underlay` table in routed mode.
 pub const NFT_CHAIN_RAW_PREROUTING: &str = "raw_prerouting";
 pub const NFT_CHAIN_FORWARD: &str = "forward";

@@ -44,6 +44,15 @@ pub const AGENT_FAULT_ENV: &str = "UNDERLAY_AGENT_FAULT";
 /// Priority of the per-pod `from <pod>/32 lookup <table>` rule underlay-cni adds in `eni` mode, so a pod's
 /// traffic leaves by the interface that owns its address (amazon-vpc-cni uses the same value).
 pub const RULE_PRIORITY_FROM_POD: u32 = 1536;
+/// Priority of the per-pod `to <pod>/32 lookup main` rule underlay-cni adds in `eni` mode: before every
+/// `from <pod>` rule, so traffic *to* a pod (from another pod of the node too) is delivered by the main table's
+/// host route instead of leaving by an ENI (amazon-vpc-cni uses the same value).
+pub const RULE_PRIORITY_TO_POD: u32 = 512;
+/// `eni` mode: the agent's routing table for the ENI with device index `i` is `ENI_ROUTE_TABLE_BASE + i`. Every
+/// route in tables `ENI_ROUTE_TABLE_BASE ..= ENI_ROUTE_TABLE_BASE + ENI_MAX_DEVICE_INDEX` is underlay's.
+pub const ENI_ROUTE_TABLE_BASE: u32 = 0x7600;
+/// Highest ENI device index the agent gives a routing table (EC2's largest instances attach fewer ENIs).
+pub const ENI_MAX_DEVICE_INDEX: u32 = 255;
 
 /// The lab (`crates/lab`): every namespace it creates is called `<LAB_NETNS_PREFIX>-<lab id>-…`
 /// (`ul-<id>-fab`, `ul-<id>-inet`, `ul-<id>-i-…`), so one lab's objects can be found and removed by prefix.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 pub mod checkpoint;
 pub mod cni_install;
 pub mod config;
+pub mod eni;
 pub mod health_http;
 pub mod reaper;
 pub mod routed;

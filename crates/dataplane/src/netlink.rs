@@ -614,6 +614,25 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Unicast IPv4 routes of every table (one dump), for owners of a range of tables.
+    pub fn routes_v4_all_tables(&mut self) -> Result<Vec<Route>> {
+        let mut q = RouteMessage::default();
+        q.header.address_family = AddressFamily::Inet;
+        q.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        let mut out = Vec::new();
+        for m in self.dump(RouteNetlinkMessage::GetRoute(q), &|| {
+            "route dump (all tables)".into()
+        })? {
+            if let RouteNetlinkMessage::NewRoute(r) = m
+                && r.header.kind == RouteType::Unicast
+                && let Some(route) = Route::from_message(&r)
+            {
+                out.push(route);
+            }
+        }
+        Ok(out)
+    }
+
     // ---- rules ----
 
     pub fn rule_add(&mut self, rule: &Rule) -> Result<()> {

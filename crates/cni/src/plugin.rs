@@ -83,15 +83,40 @@ fn open_pod_netns(path: &str) -> Result<Netns, CniError> {
     })
 }
 
-/// The per-pod source rule of `eni` mode (None in routed mode).
-fn from_pod_rule(alloc: &Allocation, addr: Ipv4Net) -> Option<Rule> {
-    (alloc.route_table != 0).then_some(Rule {
-        priority: names::RULE_PRIORITY_FROM_POD,
-        from: Some(IpNet::V4(addr)),
-        to: None,
-        table: alloc.route_table,
-        v6: false,
-    })
+/// The per-pod rules of `eni` mode, in the order ADD installs them (empty in routed mode): `to <pod> lookup main`
+/// (traffic to the pod, from its node's other pods too, takes the host route to its veth) and
+/// `from <pod> lookup <ENI table>` (the pod's traffic leaves by the ENI that owns its address).
+fn pod_rules(alloc: &Allocation, addr: Ipv4Net) -> Vec<Rule> {
+    if alloc.route_table == 0 {
+        return Vec::new();
+    }
+    vec![
+        Rule {
+            priority: names::RULE_PRIORITY_TO_POD,
+            from: None,
+            to: Some(IpNet::V4(addr)),
+            table: Route::MAIN,
+            v6: false,
+        },
+        Rule {
+            priority: names::RULE_PRIORITY_FROM_POD,
+            from: Some(IpNet::V4(addr)),
+            to: None,
+            table: alloc.route_table,
+            v6: false,
+        },
+    ]
+}
+
+/// Deletes the pod's rules (each one missing is fine); the first error, after trying all.
+fn del_pod_rules(host: &mut Netlink, alloc: &Allocation, addr: Ipv4Net) -> Result<(), CniError> {
+    let mut first = None;
+    for rule in pod_rules(alloc, addr) {
+        if let Err(e) = host.rule_del(&rule).ignore_missing() {
+            first.get_or_insert(dp_error("deleting a pod rule", e));
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 // ---------------------------------------------------------------- ADD
@@ -129,10 +154,9 @@ fn add(inv: &Invocation) -> Result<Value, CniError> {
                 tracing::warn!(error = %re, "rollback: deleting the veth failed");
             }
             if let Ok(addr) = alloc.address_v4()
-                && let Some(rule) = from_pod_rule(&alloc, addr)
-                && let Err(re) = host.rule_del(&rule).ignore_missing()
+                && let Err(re) = del_pod_rules(&mut host, &alloc, addr)
             {
-                tracing::warn!(error = %re, "rollback: deleting the source rule failed");
+                tracing::warn!(error = %re, "rollback: deleting the pod rules failed");
             }
             if let Err(re) = client.release(&key(inv)) {
                 tracing::warn!(error = %re, "rollback: releasing the address failed");
@@ -232,10 +256,10 @@ fn setup(
         .map_err(|e| dp_error("adding the host route to the pod", e))?;
     host.neigh_add_permanent(hv.index, IpAddr::V4(address.addr()), pod_mac)
         .map_err(|e| dp_error("adding the pod's neighbour entry", e))?;
-    if let Some(rule) = from_pod_rule(alloc, address) {
+    for rule in pod_rules(alloc, address) {
         host.rule_add(&rule)
             .ignore_exists()
-            .map_err(|e| dp_error("adding the pod source rule", e))?;
+            .map_err(|e| dp_error("adding a pod rule", e))?;
     }
 
     Ok(Attached {
@@ -286,11 +310,8 @@ fn del(inv: &Invocation) -> Result<(), CniError> {
     }
     if let Some(alloc) = released
         && let Ok(addr) = alloc.address_v4()
-        && let Some(rule) = from_pod_rule(&alloc, addr)
     {
-        host.rule_del(&rule)
-            .ignore_missing()
-            .map_err(|e| dp_error("deleting the pod source rule", e))?;
+        del_pod_rules(&mut host, &alloc, addr)?;
     }
     Ok(())
 }
@@ -395,6 +416,23 @@ fn check(inv: &Invocation) -> Result<(), CniError> {
     {
         return Err(bad(format!("no host route {address} dev {host_name}")));
     }
+    let wanted = mine.map(|a| pod_rules(a, address)).unwrap_or_default();
+    if !wanted.is_empty() {
+        let rules = host
+            .rules(false)
+            .map_err(|e| dp_error("reading host rules", e))?;
+        for w in wanted {
+            if !rules.contains(&w) {
+                return Err(bad(format!(
+                    "no rule {}{} lookup {} priority {}",
+                    w.from.map(|f| format!("from {f} ")).unwrap_or_default(),
+                    w.to.map(|t| format!("to {t}")).unwrap_or_default(),
+                    w.table,
+                    w.priority
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -428,8 +466,7 @@ fn gc(inv: &Invocation) -> Result<(), CniError> {
     let mut errors = Vec::new();
     for alloc in &released {
         if let Ok(addr) = alloc.address_v4()
-            && let Some(rule) = from_pod_rule(alloc, addr)
-            && let Err(e) = host.rule_del(&rule).ignore_missing()
+            && let Err(e) = del_pod_rules(&mut host, alloc, addr)
         {
             errors.push(e.to_string());
         }

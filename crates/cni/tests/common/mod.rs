@@ -28,6 +28,22 @@ pub struct Node {
 
 impl Node {
     pub fn new(prefix: &str, pool: &str) -> Node {
+        Node::with_pool(prefix, &format!("pool:\n  block: {pool}\n"), pool)
+    }
+
+    /// A node whose agent serves an `eni`-mode pool: `(address, egress interface, route table)` each. `pool` (what
+    /// [`Node::pod_routes`] filters by) is a CIDR covering the addresses.
+    pub fn new_eni(prefix: &str, addresses: &[(&str, &str, u32)], pool: &str) -> Node {
+        let mut yaml = String::from("pool:\n  addresses:\n");
+        for (a, dev, table) in addresses {
+            yaml.push_str(&format!(
+                "    - {{ address: {a}, egress_interface: {dev}, route_table: {table} }}\n"
+            ));
+        }
+        Node::with_pool(prefix, &yaml, pool)
+    }
+
+    fn with_pool(prefix: &str, pool_yaml: &str, pool: &str) -> Node {
         let ns = TestNs::new(prefix).expect("node namespace");
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nl = ns.netns().netlink().unwrap();
@@ -36,7 +52,7 @@ impl Node {
             .unwrap();
         ns.netns().write_sysctl("net.ipv4.ip_forward", "1").unwrap();
         let yaml = format!(
-            "pool:\n  block: {pool}\ncooldown_secs: 0\nsocket: {d}/agent.sock\ncheckpoint: {d}/state/ipam.json\n\
+            "{pool_yaml}cooldown_secs: 0\nsocket: {d}/agent.sock\ncheckpoint: {d}/state/ipam.json\n\
              cni_conf_dir: {d}/net.d\ncni_bin_dir: {d}/bin\nmtu: 1500\n",
             d = dir.path().display()
         );

@@ -141,6 +141,26 @@ impl IpamService {
         Ok(())
     }
 
+    /// `eni` mode: serves `spec` from now on, keeping every allocation (an allocated address the new pool no
+    /// longer lists stays with its pod and is never handed out again) and every cooling address. Returns false
+    /// when `spec` is the pool already served. The new state is checkpointed before it takes effect.
+    pub fn update_pool(&self, spec: PoolSpec) -> Result<bool, AgentError> {
+        let mut g = self.lock();
+        if g.ipam.spec() == &spec {
+            return Ok(false);
+        }
+        let ipam = Ipam::restore(spec, g.ipam.cooldown(), g.ipam.snapshot())
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        g.checkpoint.save(&ipam.snapshot())?;
+        g.ipam = ipam;
+        Ok(true)
+    }
+
+    /// Number of addresses in the pool served.
+    pub fn capacity(&self) -> usize {
+        self.lock().ipam.capacity()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the allocator possibly half-changed; the checkpoint is
         // still consistent, so reload from it rather than propagate the poison.

@@ -181,6 +181,10 @@ pub enum PoolFact {
     Serving(Ipv4Net),
     /// The IPAM service serves `served`, but the record now says `record`: not applied (restart to apply).
     BlockChanged { served: Ipv4Net, record: Ipv4Net },
+    /// `eni` mode: no ENI of the record has a pod address on a device of the node yet.
+    WaitingForEnis,
+    /// `eni` mode: the IPAM service serves this many interface addresses.
+    ServingAddresses(usize),
 }
 
 /// What the agent knows about itself when it writes status.
@@ -237,6 +241,12 @@ pub fn desired_status(
             "Pending",
             "waiting for the controller to allocate a pod block".to_string(),
         ),
+        PoolFact::WaitingForEnis => (
+            false,
+            "Pending",
+            "waiting for an attached ENI with pod addresses".to_string(),
+        ),
+        PoolFact::ServingAddresses(n) => (true, "Allocated", format!("serving {n} ENI addresses")),
         PoolFact::Invalid(e) => (false, "InvalidRecord", e.clone()),
         PoolFact::BlockChanged { served, record } => (
             false,
@@ -350,7 +360,7 @@ impl Shared {
     }
 }
 
-type Record = Option<Arc<UnderlayNode>>;
+pub(crate) type Record = Option<Arc<UnderlayNode>>;
 
 /// Runs the agent in routed mode from the node's `UnderlayNode` until `shutdown` completes. Must run inside a
 /// multi-threaded tokio runtime. Never returns because the API fails: it keeps the last record it saw.
@@ -449,7 +459,7 @@ async fn first_spec(mut rx: watch::Receiver<Record>, opts: &KubeAgentOptions) ->
 /// Follows the node's own `UnderlayNode`, publishing each new version. API errors are logged and retried with
 /// kube-runtime's default backoff; the channel keeps the last record meanwhile. A deleted record is kept too:
 /// the node goes on running its pods until the agent is stopped.
-async fn watch_record(
+pub(crate) async fn watch_record(
     api: Api<UnderlayNode>,
     name: String,
     tx: watch::Sender<Record>,
@@ -499,15 +509,15 @@ async fn watch_record(
 
 /// The last record seen, on disk beside the IPAM checkpoint (same lifetime: tmpfs, survives agent restarts).
 #[derive(Debug, Clone)]
-struct RecordCache(PathBuf);
+pub(crate) struct RecordCache(pub(crate) PathBuf);
 
 impl RecordCache {
-    fn beside(checkpoint: &std::path::Path) -> RecordCache {
+    pub(crate) fn beside(checkpoint: &std::path::Path) -> RecordCache {
         RecordCache(checkpoint.with_file_name(names::AGENT_RECORD_CACHE))
     }
 
     /// The cached record of `node`, if there is a readable one (anything else is ignored: the API decides).
-    fn load(&self, node: &str) -> Option<UnderlayNode> {
+    pub(crate) fn load(&self, node: &str) -> Option<UnderlayNode> {
         let bytes = match std::fs::read(&self.0) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -687,7 +697,7 @@ async fn status_loop(
 
 /// Writes the wanted status if it differs from `base` (the last written, or the server's); returns what the
 /// server now holds for the agent's fields.
-async fn write_status(
+pub(crate) async fn write_status(
     api: &Api<UnderlayNode>,
     name: &str,
     mut base: AgentStatus,

@@ -50,16 +50,21 @@ pub struct Args {
     /// its MTU the pod MTU. Also serves the health endpoint.
     #[arg(long, value_name = "FILE")]
     routed_spec: Option<PathBuf>,
-    /// Routed mode from the Kubernetes API: follow this node's UnderlayNode (pool, peer routes) and write its
-    /// status. Uses the standard client configuration (in-cluster service account, or KUBECONFIG).
-    #[arg(long, requires_all = ["node_name", "pod_cidr", "vpc_cidr"])]
+    /// From the Kubernetes API: follow this node's UnderlayNode and write its status. The record's mode decides:
+    /// `routed` (pool block, peer routes; needs --pod-cidr) or `eni` (ENIs and their addresses). Uses the
+    /// standard client configuration (in-cluster service account, or KUBECONFIG).
+    #[arg(long, requires_all = ["node_name", "vpc_cidr"])]
     kube: bool,
     /// With --kube: this node's name (the UnderlayNode's).
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     node_name: Option<String>,
-    /// With --kube: the cluster's pod CIDR.
+    /// With --kube, routed mode: the cluster's pod CIDR.
     #[arg(long, value_name = "CIDR", requires = "kube")]
     pod_cidr: Option<Ipv4Net>,
+    /// With --kube, eni mode: do not SNAT pods' traffic to destinations outside the VPC; it leaves by the pod's
+    /// ENI with the pod's address (a NAT gateway translates it).
+    #[arg(long, requires = "kube")]
+    external_snat: bool,
     /// With --kube: a VPC CIDR (repeat for each).
     #[arg(long, value_name = "CIDR", requires = "kube")]
     vpc_cidr: Vec<Ipv4Net>,
@@ -163,25 +168,47 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--kube`: routed mode from the node's UnderlayNode.
+/// `--kube`: the node's UnderlayNode decides the mode (routed or eni); the agent follows it.
 fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
+    use underlay_agent::eni::kube::{EniKubeOptions, node_mode, run_eni_on_kube};
     use underlay_agent::routed::kube::{KubeAgentOptions, run_routed_on_kube};
     // clap enforces these with --kube.
     let node_name = args.node_name.take().context("--node-name is required")?;
-    let pod_cidr = args.pod_cidr.context("--pod-cidr is required")?;
-    let mut opts = KubeAgentOptions::new(node_name, pod_cidr, std::mem::take(&mut args.vpc_cidr));
-    opts.netns = args.netns.take();
-    if let Some(a) = args.health_addr {
-        opts.health_addr = a;
-    }
+    let vpc_cidrs = std::mem::take(&mut args.vpc_cidr);
+    let pod_cidr = args.pod_cidr;
+    let external_snat = args.external_snat;
+    let netns = args.netns.take();
+    let health_addr = args.health_addr;
     let config = resolve(args, false)?;
-    opts.mtu = config.mtu;
     let runtime = prepare(&config)?;
     runtime.block_on(async {
         let client = kube::Client::try_default()
             .await
             .context("building the Kubernetes client (in-cluster or KUBECONFIG)")?;
-        run_routed_on_kube(config, client, opts, fault, shutdown_signal()).await?;
+        let mode = node_mode(client.clone(), &node_name, &config.checkpoint).await;
+        tracing::info!(node = %node_name, ?mode, "mode from the UnderlayNode");
+        match mode {
+            underlay_api::Mode::Routed => {
+                let pod_cidr = pod_cidr.context("routed mode needs --pod-cidr")?;
+                let mut opts = KubeAgentOptions::new(node_name, pod_cidr, vpc_cidrs);
+                opts.netns = netns;
+                if let Some(a) = health_addr {
+                    opts.health_addr = a;
+                }
+                opts.mtu = config.mtu;
+                run_routed_on_kube(config, client, opts, fault, shutdown_signal()).await?;
+            }
+            underlay_api::Mode::Eni => {
+                let mut opts = EniKubeOptions::new(node_name, vpc_cidrs);
+                opts.netns = netns;
+                opts.external_snat = external_snat;
+                if let Some(a) = health_addr {
+                    opts.health_addr = a;
+                }
+                opts.mtu = config.mtu;
+                run_eni_on_kube(config, client, opts, fault, shutdown_signal()).await?;
+            }
+        }
         anyhow::Ok(())
     })
 }

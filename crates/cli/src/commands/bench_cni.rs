@@ -21,6 +21,9 @@ const PREFIX: &str = "ulbench";
 /// Pod blocks of the two runs (the lab's pod range), sized for up to 4,094 pods each.
 const UNDERLAY_POOL: &str = "100.64.0.0/20";
 const REFERENCE_SUBNET: &str = "100.64.16.0/20";
+/// `--mode eni`: the agent's pool is this many interface addresses from the lab VPC range, alternately tied to
+/// two ENIs' tables, so each ADD also installs the pod's two rules (and each DEL removes them).
+const ENI_POOL_BASE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 16, 0);
 const MAX_PODS: usize = 4000;
 /// Where the agent's checkpoint goes: tmpfs, like its default under /run.
 const TMPFS: &str = "/dev/shm";
@@ -36,6 +39,30 @@ pub struct Args {
     /// Directory of the reference plugins (ptp, host-local).
     #[arg(long, value_name = "DIR", default_value = "/usr/lib/cni")]
     reference_dir: PathBuf,
+    /// Address mode of underlay's run: `routed` (a block) or `eni` (interface addresses; ADD and DEL also
+    /// install and remove the pod's two policy rules).
+    #[arg(long, value_enum, default_value_t = BenchMode::Routed)]
+    mode: BenchMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchMode {
+    Routed,
+    Eni,
+}
+
+/// The agent configuration of an `eni`-mode run: `pods` addresses, alternating between ENI devices 1 and 2.
+fn eni_pool_yaml(pods: usize) -> String {
+    let mut y = String::from("pool:\n  addresses:\n");
+    for i in 0..pods {
+        let a = std::net::Ipv4Addr::from(u32::from(ENI_POOL_BASE) + i as u32);
+        let device = 1 + (i % 2) as u32;
+        y.push_str(&format!(
+            "    - {{ address: {a}, egress_interface: eth{device}, route_table: {} }}\n",
+            underlay_core::eni::route_table(device)
+        ));
+    }
+    y
 }
 
 /// Kills and reaps the agent on every exit path.
@@ -85,10 +112,19 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let ul_node = TestNs::new(&format!("{PREFIX}-ul"))?;
     let socket = dir.path().join("agent.sock");
     let agent_log = std::fs::File::create(dir.path().join("agent.log"))?;
+    let pool_args: Vec<String> = match args.mode {
+        BenchMode::Routed => vec!["--pool".into(), UNDERLAY_POOL.into()],
+        BenchMode::Eni => {
+            let cfg = dir.path().join("agent-eni.yaml");
+            std::fs::write(&cfg, eni_pool_yaml(args.pods))?;
+            vec!["--config".into(), cfg.display().to_string()]
+        }
+    };
     let agent = ul_node.netns().run(|| {
         Command::new(&exe)
             .arg("agent")
-            .args(["--pool", UNDERLAY_POOL, "--cooldown-secs", "0"])
+            .args(&pool_args)
+            .args(["--cooldown-secs", "0"])
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
@@ -127,6 +163,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let del_ratio = ratio(ul.del.p50, reference.del.p50);
     let report = json!({
         "bench": "cni",
+        "mode": match args.mode { BenchMode::Routed => "routed", BenchMode::Eni => "eni" },
         "pods": args.pods,
         "underlay": ul.to_json(),
         "reference_ptp_host_local": reference.to_json(),

@@ -73,6 +73,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         probe_interval_ms: 1000,
         hold_down_s: 30,
         cni_plugin: args.cni_plugin,
+        mode: super::lab::LabMode::Routed,
+        instance_type: underlay_lab::scenario::NODE_TYPE.to_string(),
     })?;
     let baseline = status_kib("VmRSS:")?;
     let lab = Lab::up(c)?;

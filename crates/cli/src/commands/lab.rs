@@ -56,6 +56,35 @@ pub(super) struct Shape {
     /// The underlay-cni binary (default: next to this executable).
     #[arg(long)]
     pub(super) cni_plugin: Option<PathBuf>,
+    /// Address mode: `routed` (pod blocks behind aggregated VPC routes) or `eni` (ENI secondary addresses and
+    /// prefixes, source/dest check on everywhere).
+    #[arg(long, value_enum, default_value = "routed")]
+    pub(super) mode: LabMode,
+    /// EC2 instance type of every node (its ENI and address limits apply).
+    #[arg(long, default_value = underlay_lab::scenario::NODE_TYPE)]
+    pub(super) instance_type: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum LabMode {
+    Routed,
+    Eni,
+}
+
+impl LabMode {
+    fn api(self) -> underlay_api::Mode {
+        match self {
+            LabMode::Routed => underlay_api::Mode::Routed,
+            LabMode::Eni => underlay_api::Mode::Eni,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            LabMode::Routed => "routed",
+            LabMode::Eni => "eni",
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -152,6 +181,8 @@ pub(super) fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
     c.block_prefix_len = shape.block;
     c.probe_interval = Duration::from_millis(shape.probe_interval_ms);
     c.hold_down = Duration::from_secs(shape.hold_down_s);
+    c.mode = shape.mode.api();
+    c.instance_type = shape.instance_type.clone();
     c.validate()?;
     Ok(c)
 }
@@ -177,7 +208,8 @@ fn demo(shape: Shape, format: Format, no_failover: bool) -> anyhow::Result<()> {
     let mut lab = Lab::up(config)?;
     let mut run = || -> anyhow::Result<DemoReport> {
         let check = lab.check()?;
-        let failover = if no_failover {
+        // Failover moves routed mode's VPC routes between forwarders; eni mode has none to move.
+        let failover = if no_failover || lab.config.mode == underlay_api::Mode::Eni {
             None
         } else {
             Some(lab.failover()?)
@@ -277,6 +309,8 @@ fn shape_args(s: &Shape) -> Vec<String> {
         format!("--block={}", s.block),
         format!("--probe-interval-ms={}", s.probe_interval_ms),
         format!("--hold-down-s={}", s.hold_down_s),
+        format!("--mode={}", s.mode.as_str()),
+        format!("--instance-type={}", s.instance_type),
     ];
     if let Some(p) = &s.cni_plugin {
         v.push(format!("--cni-plugin={}", p.display()));

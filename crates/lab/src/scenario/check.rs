@@ -26,8 +26,12 @@ pub enum PathClass {
     OtherSubnetForwarder,
     /// Pod → pod in another subnet whose block no VPC route in the source's table covers (a fault).
     OtherSubnetUnrouted,
+    /// Eni mode: pod → pod in another subnet; the VPC delivers to the ENI that owns the address (no route).
+    OtherSubnetEni,
     /// Pod → a node's address (its own and others).
     PodToNode,
+    /// Eni mode: pod → a VPC host outside the cluster (the controller's host: no agent, no pod routes).
+    PodToVpcHost,
     /// Pod → the internet host (SNAT to the node's address, through the IGW).
     PodToInternet,
     /// Reference: node → node in the same subnet.
@@ -44,6 +48,8 @@ impl PathClass {
             PathClass::OtherSubnetDirect => "other_subnet_direct",
             PathClass::OtherSubnetForwarder => "other_subnet_forwarder",
             PathClass::OtherSubnetUnrouted => "other_subnet_unrouted",
+            PathClass::OtherSubnetEni => "other_subnet_eni",
+            PathClass::PodToVpcHost => "pod_to_vpc_host",
             PathClass::PodToNode => "pod_to_node",
             PathClass::PodToInternet => "pod_to_internet",
             PathClass::NodeNodeSameSubnet => "node_node_same_subnet",
@@ -115,6 +121,9 @@ impl Lab {
         if na.subnet == nb.subnet {
             return PathClass::SameSubnet;
         }
+        if self.config.mode == underlay_api::Mode::Eni {
+            return PathClass::OtherSubnetEni;
+        }
         let table = &self.subnets[na.subnet].table;
         let target = super::route_to(snap, table, pb.ip.into());
         let own = nb.instance.primary_eni().map(|e| e.id.clone());
@@ -156,6 +165,11 @@ impl Lab {
             .map(|e| (e.netns.clone(), e.ip))
             .collect();
         servers.push((self.id().internet_netns(), INTERNET_HOST));
+        let eni = self.config.mode == underlay_api::Mode::Eni;
+        let vpc_host = self.controller_host.private_ip;
+        if eni {
+            servers.push((self.id().instance_netns(&self.controller_host.id), vpc_host));
+        }
         let _echo = EchoServers::start(&servers)?;
 
         // Pairs per class: (source endpoint, destination ip).
@@ -195,6 +209,14 @@ impl Lab {
                         format!("{}→{}", self.pods[a].name, self.nodes[i].name),
                     ));
                 }
+            }
+            if eni {
+                pairs.entry(PathClass::PodToVpcHost).or_default().push((
+                    a,
+                    false,
+                    vpc_host,
+                    format!("{}→vpc-host", self.pods[a].name),
+                ));
             }
             pairs.entry(PathClass::PodToInternet).or_default().push((
                 a,

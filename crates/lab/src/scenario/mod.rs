@@ -71,6 +71,11 @@ pub struct LabConfig {
     pub cni_plugin: PathBuf,
     /// Agents' sockets, checkpoints and CNI configuration.
     pub state_dir: PathBuf,
+    /// Address mode of the cluster: `routed` (pod blocks, aggregated VPC routes) or `eni` (secondary addresses
+    /// and prefixes of ENIs the controller attaches; source/dest check stays on).
+    pub mode: underlay_api::Mode,
+    /// EC2 instance type of every node (vpcsim enforces its ENI and address limits).
+    pub instance_type: String,
 }
 
 impl LabConfig {
@@ -90,6 +95,8 @@ impl LabConfig {
             probe_interval: Duration::from_secs(1),
             hold_down: Duration::from_secs(10),
             cni_plugin,
+            mode: underlay_api::Mode::Routed,
+            instance_type: NODE_TYPE.to_string(),
         }
     }
 
@@ -112,10 +119,22 @@ impl LabConfig {
                 self.block_prefix_len
             );
         }
+        if self.mode == underlay_api::Mode::Eni {
+            bail!(
+                "--mode eni: the lab's control plane runs the routed controller only in this build (the eni \
+                 controller is not wired into the lab yet)"
+            );
+        }
+        if underlay_core::instance_types::lookup(&self.instance_type).is_none() {
+            bail!(
+                "--instance-type {}: not a known instance type",
+                self.instance_type
+            );
+        }
         // Each table holds the IGW default route and keeps one route of headroom; every subnet with nodes
-        // needs at least one pod route.
+        // needs at least one pod route (routed mode: eni mode adds no VPC route).
         let subnets_used = (self.zones * self.subnets_per_zone).min(self.nodes);
-        if self.route_limit < 2 + subnets_used {
+        if self.mode == underlay_api::Mode::Routed && self.route_limit < 2 + subnets_used {
             bail!(
                 "--route-limit {} leaves no pod route for some of the {subnets_used} subnets with nodes: \
                  each table holds the IGW default route, one route of headroom and at least one route per \
@@ -306,7 +325,10 @@ impl Lab {
             let subnet = i % self.subnets.len();
             let inst = self
                 .sim
-                .run_instance(RunInstance::new(NODE_TYPE, &self.subnets[subnet].id))
+                .run_instance(RunInstance::new(
+                    &self.config.instance_type,
+                    &self.subnets[subnet].id,
+                ))
                 .with_context(|| format!("launching node {i}"))?;
             let name = node_name(inst.private_ip);
             created.push((name, inst, subnet));
@@ -328,7 +350,8 @@ impl Lab {
         }
         let appeared = Instant::now();
         for i in 0..self.nodes.len() {
-            self.api.insert(&kube_node(&self.nodes[i]));
+            self.api
+                .insert(&kube_node(&self.nodes[i], &self.config.instance_type));
             self.start_agent(i)?;
         }
         progress(format!(
@@ -337,14 +360,23 @@ impl Lab {
         ));
         self.wait_untainted(appeared, Duration::from_secs(60 + 2 * n as u64))?;
         self.step("nodes ready", t);
-        let t = Instant::now();
-        self.wait_routed(Duration::from_secs(60 + n as u64))?;
-        self.step("routes", t);
-        // Passes are capped (the rate-aware queue paces the rest): the tables are complete once a pass applies
-        // the whole remaining diff without error.
-        let t = Instant::now();
-        self.wait_converged(&mut passes, Duration::from_secs(120 + 2 * n as u64))?;
-        self.step("route tables complete", t);
+        match self.config.mode {
+            underlay_api::Mode::Routed => {
+                let t = Instant::now();
+                self.wait_routed(Duration::from_secs(60 + n as u64))?;
+                self.step("routes", t);
+                // Passes are capped (the rate-aware queue paces the rest): the tables are complete once a pass
+                // applies the whole remaining diff without error.
+                let t = Instant::now();
+                self.wait_converged(&mut passes, Duration::from_secs(120 + 2 * n as u64))?;
+                self.step("route tables complete", t);
+            }
+            underlay_api::Mode::Eni => {
+                let t = Instant::now();
+                self.wait_pools(Duration::from_secs(60 + 2 * n as u64))?;
+                self.step("pools", t);
+            }
+        }
 
         let t = Instant::now();
         self.wait_fabric()?;
@@ -449,37 +481,66 @@ impl Lab {
             reap_links: false,
             ..Default::default()
         };
-        let opts = underlay_agent::routed::kube::KubeAgentOptions {
-            node_name: node.name.clone(),
-            pod_cidr: POD_CIDR,
-            vpc_cidrs: vec![VPC_CIDR],
-            mtu: LAB_MTU,
-            netns: Some(PathBuf::from(format!("/var/run/netns/{}", node.netns))),
-            health_addr: SocketAddr::new(node.instance.private_ip.into(), names::AGENT_HEALTH_PORT),
-            // Spread over a second: agents started together would otherwise all converge (and spawn nft) on the
-            // same tick, every tick, on one machine — a node in a cluster has its agent to itself.
-            converge_interval: Duration::from_millis(5000 + (i as u64 % 20) * 50),
-            status_interval: Duration::from_millis(200),
-        };
+        let netns = PathBuf::from(format!("/var/run/netns/{}", node.netns));
+        let health_addr =
+            SocketAddr::new(node.instance.private_ip.into(), names::AGENT_HEALTH_PORT);
+        // Spread over a second: agents started together would otherwise all converge (and spawn nft) on the
+        // same tick, every tick, on one machine — a node in a cluster has its agent to itself.
+        let converge_interval = Duration::from_millis(5000 + (i as u64 % 20) * 50);
+        let status_interval = Duration::from_millis(200);
         let (stop, mut rx) = watch::channel(false);
         let client = {
             let _rt = self.rt.enter();
             self.api.client()
         };
         let name = node.name.clone();
+        let mode = self.config.mode;
         let task = self.rt.spawn(async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = underlay_agent::routed::kube::run_routed_on_kube(
-                config,
-                client,
-                opts,
-                underlay_agent::Fault::None,
-                shutdown,
-            )
-            .await
-            {
+            let r = match mode {
+                underlay_api::Mode::Routed => {
+                    let opts = underlay_agent::routed::kube::KubeAgentOptions {
+                        node_name: name.clone(),
+                        pod_cidr: POD_CIDR,
+                        vpc_cidrs: vec![VPC_CIDR],
+                        mtu: LAB_MTU,
+                        netns: Some(netns),
+                        health_addr,
+                        converge_interval,
+                        status_interval,
+                    };
+                    underlay_agent::routed::kube::run_routed_on_kube(
+                        config,
+                        client,
+                        opts,
+                        underlay_agent::Fault::None,
+                        shutdown,
+                    )
+                    .await
+                }
+                underlay_api::Mode::Eni => {
+                    let mut opts = underlay_agent::eni::kube::EniKubeOptions::new(
+                        name.clone(),
+                        vec![VPC_CIDR],
+                    );
+                    opts.mtu = LAB_MTU;
+                    opts.netns = Some(netns);
+                    opts.health_addr = health_addr;
+                    opts.converge_interval = converge_interval;
+                    opts.status_interval = status_interval;
+                    underlay_agent::eni::kube::run_eni_on_kube(
+                        config,
+                        client,
+                        opts,
+                        underlay_agent::Fault::None,
+                        shutdown,
+                    )
+                    .await
+                }
+            };
+            if let Err(e) = r {
                 tracing::error!(node = %name, error = %e, "lab agent stopped");
             }
         });
@@ -513,8 +574,18 @@ impl Lab {
                         .as_ref()
                         .and_then(|s| s.taints.as_ref())
                         .is_some_and(|t| t.iter().any(|t| t.key == names::TAINT_NOT_READY))
-                        // A node the controller has not looked at yet carries no taint and no pod CIDR.
-                        || node.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_none()
+                        // A node the controller has not looked at yet carries no taint and no pod CIDR (routed)
+                        // or no max-pods annotation (eni).
+                        || match self.config.mode {
+                            underlay_api::Mode::Routed => {
+                                node.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_none()
+                            }
+                            underlay_api::Mode::Eni => !node
+                                .metadata
+                                .annotations
+                                .as_ref()
+                                .is_some_and(|a| a.contains_key(names::MAX_PODS_ANNOTATION)),
+                        }
                 });
                 if tainted {
                     pending += 1;
@@ -589,6 +660,41 @@ impl Lab {
             }
         }
         missing
+    }
+
+    /// Eni mode: waits until every node's agent serves at least `pods_per_node` addresses (the controller fills
+    /// pools in batches; the agent reports what it serves in PoolReady and the controller writes poolSize).
+    fn wait_pools(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let want = self.config.pods_per_node as u32;
+        loop {
+            let short: Vec<String> = self
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    let size = self
+                        .api
+                        .get::<underlay_api::UnderlayNode>(None, &n.name)
+                        .and_then(|r| r.status)
+                        .map(|s| s.pool_size)
+                        .unwrap_or(0);
+                    (size < want).then(|| format!("{} ({size})", n.name))
+                })
+                .collect();
+            if short.is_empty() {
+                self.wait_fabric()?;
+                progress(format!("every node's pool holds at least {want} addresses"));
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} node pool(s) below {want} addresses after {timeout:?}: {}",
+                    short.len(),
+                    short.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn wait_routed(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -859,7 +965,7 @@ pub fn node_name(ip: Ipv4Addr) -> String {
 }
 
 /// The Node object kubelet would register for a lab node.
-fn kube_node(n: &LabNode) -> Node {
+fn kube_node(n: &LabNode, instance_type: &str) -> Node {
     let mut node = Node::default();
     node.metadata.name = Some(n.name.clone());
     node.metadata.labels = Some(
@@ -870,7 +976,7 @@ fn kube_node(n: &LabNode) -> Node {
             ),
             (
                 "node.kubernetes.io/instance-type".to_string(),
-                NODE_TYPE.to_string(),
+                instance_type.to_string(),
             ),
         ]
         .into(),

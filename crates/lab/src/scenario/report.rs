@@ -13,6 +13,13 @@ use super::failover::FailoverReport;
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
     pub lab: String,
+    /// `routed` or `eni`.
+    pub mode: String,
+    pub instance_type: String,
+    /// ENIs attached to the lab's nodes, and those of them whose source/dest check is off (eni mode keeps it on
+    /// everywhere; routed mode turns it off on every node's primary ENI).
+    pub enis: usize,
+    pub source_dest_check_off: Vec<String>,
     pub nodes: usize,
     pub pods: usize,
     /// Node names, in launch order.
@@ -59,8 +66,30 @@ impl Lab {
                     .is_some_and(|e| targets.contains(e.id.as_str()))
             })
             .count();
+        let node_instances: std::collections::BTreeSet<&str> =
+            self.nodes.iter().map(|n| n.instance.id.as_str()).collect();
+        let node_enis: Vec<_> = snap
+            .enis
+            .iter()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| node_instances.contains(a.instance.as_str()))
+            })
+            .collect();
         StatusReport {
             lab: self.config.name.clone(),
+            mode: match self.config.mode {
+                underlay_api::Mode::Routed => "routed".into(),
+                underlay_api::Mode::Eni => "eni".into(),
+            },
+            instance_type: self.config.instance_type.clone(),
+            enis: node_enis.len(),
+            source_dest_check_off: node_enis
+                .iter()
+                .filter(|e| !e.source_dest_check)
+                .map(|e| e.id.to_string())
+                .collect(),
             nodes: self.nodes.len(),
             pods: self.pods.len(),
             node_names: self.nodes.iter().map(|n| n.name.clone()).collect(),
@@ -111,6 +140,12 @@ impl DemoReport {
         let mut failures = Vec::new();
         if !within {
             failures.push("a route table exceeds its limit".to_string());
+        }
+        if status.mode == "eni" && !status.source_dest_check_off.is_empty() {
+            failures.push(format!(
+                "eni mode: source/dest check off on {}",
+                status.source_dest_check_off.join(", ")
+            ));
         }
         if check.pairs_ok != check.pairs_checked || check.pairs_checked == 0 {
             failures.push(format!(
@@ -176,12 +211,24 @@ impl StatusReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "underlay lab {}: {} nodes, {} pods, {} subnets in {} tables",
+            "underlay lab {} ({} mode, {}): {} nodes, {} pods, {} subnets in {} tables",
             self.lab,
+            self.mode,
+            self.instance_type,
             self.nodes,
             self.pods,
             self.subnets,
             self.routes_per_table.len()
+        );
+        let _ = writeln!(
+            s,
+            "  {} node ENIs, source/dest check off on {}",
+            self.enis,
+            if self.source_dest_check_off.is_empty() {
+                "none".to_string()
+            } else {
+                self.source_dest_check_off.len().to_string()
+            }
         );
         let counts: Vec<String> = self
             .routes_per_table

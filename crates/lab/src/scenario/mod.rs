@@ -662,11 +662,11 @@ impl Lab {
         missing
     }
 
-    /// Eni mode: waits until every node's agent serves at least `pods_per_node` addresses (the controller fills
-    /// pools in batches; the agent reports what it serves in PoolReady and the controller writes poolSize).
+    /// Eni mode: waits until every node's record lists a non-empty pool (the controller grows pools with use,
+    /// by its warm targets: pods beyond the first addresses wait for it in [`Lab::add_pod`]).
     fn wait_pools(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        let want = self.config.pods_per_node as u32;
+        let want = 1;
         loop {
             let short: Vec<String> = self
                 .nodes
@@ -683,7 +683,7 @@ impl Lab {
                 .collect();
             if short.is_empty() {
                 self.wait_fabric()?;
-                progress(format!("every node's pool holds at least {want} addresses"));
+                progress("every node has ENI addresses in its pool");
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -786,15 +786,29 @@ impl Lab {
         let netns = format!("{}p{n}x{k}", self.id.netns_prefix());
         kernel::netns_add(&netns)?;
         let container_id = format!("{:0>12x}{:0>4x}{:0>4x}", self.config.seed, n, k);
-        let reply = cni(
-            &self.config.cni_plugin,
-            &node.netns,
-            &node.dir.join("net.d").join(names::CNI_CONFLIST),
-            "ADD",
-            &container_id,
-            &netns,
-        )
-        .with_context(|| format!("wiring {name} on {}", node.name))?;
+        // Eni mode: a full pool is "try again later" (the controller assigns more addresses as poolUsed grows, as
+        // kubelet retries a pod's sandbox); bounded.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let reply = loop {
+            let r = cni(
+                &self.config.cni_plugin,
+                &node.netns,
+                &node.dir.join("net.d").join(names::CNI_CONFLIST),
+                "ADD",
+                &container_id,
+                &netns,
+            );
+            match r {
+                Err(e)
+                    if self.config.mode == underlay_api::Mode::Eni
+                        && e.to_string().contains("exhausted")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => break r.with_context(|| format!("wiring {name} on {}", node.name))?,
+            }
+        };
         let ip = reply["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())

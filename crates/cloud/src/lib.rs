@@ -18,7 +18,9 @@ pub mod ratelimit;
 pub mod types;
 
 pub use error::{CloudError, ErrorKind};
-pub use ratelimit::{Bucket, BucketLimits, BucketSet, Operation, RateLimits, TokenBucket};
+pub use ratelimit::{
+    Bucket, BucketLimits, BucketSet, ControllerMode, Operation, RateLimits, TokenBucket,
+};
 pub use types::*;
 
 /// Result of every [`Cloud`] operation.

@@ -356,9 +356,26 @@ fn agent_daemonset_runs_everywhere_with_two_capabilities() {
         ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
         "10%"
     );
+    // The only privileged step: the sysctls the agent checks, written before it starts.
+    let inits = pod["initContainers"].as_sequence().unwrap();
+    assert_eq!(inits.len(), 1);
+    assert_eq!(inits[0]["securityContext"]["privileged"], true);
+    let script = strs(&inits[0]["command"]).join(" ");
+    for key in [
+        "ip_forward",
+        "send_redirects",
+        "accept_redirects",
+        "rp_filter",
+    ] {
+        assert!(
+            script.contains(key),
+            "the init container does not set {key}"
+        );
+    }
     let c = container(ds, "agent");
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN", "SYS_ADMIN"]);
     assert_eq!(c["ports"][0]["containerPort"], names::AGENT_HEALTH_PORT);

@@ -185,6 +185,19 @@ pub enum Bucket {
     Resource(Operation),
 }
 
+impl Bucket {
+    /// Label for metrics (`bucket` label of queue metrics): `describe`, `unfiltered_describe`, `mutating`, or the
+    /// action's name for a resource-rate bucket.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Bucket::Describe => "describe",
+            Bucket::UnfilteredDescribe => "unfiltered_describe",
+            Bucket::Mutating => "mutating",
+            Bucket::Resource(op) => op.name(),
+        }
+    }
+}
+
 /// Size and refill of one bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BucketLimits {

@@ -460,6 +460,7 @@ impl Lab {
             // same tick, every tick, on one machine — a node in a cluster has its agent to itself.
             converge_interval: Duration::from_millis(5000 + (i as u64 % 20) * 50),
             status_interval: Duration::from_millis(200),
+            metrics: underlay_agent::AgentMetrics::new(),
         };
         let (stop, mut rx) = watch::channel(false);
         let client = {

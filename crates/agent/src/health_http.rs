@@ -4,11 +4,12 @@
 //! ```text
 //!   GET /healthz  200 "ok"  when the IPAM socket answers and the last converge succeeded; else 503 "<reason>"
 //!   GET /readyz   200 "ok"  when the pool is present, the CNI configuration is written and the node converged
+//!   GET /metrics  200 Prometheus metrics (OpenMetrics text) when the server has an AgentMetrics, else 404
 //!   other paths 404, other methods 405, malformed or oversized requests 400, slow clients are dropped
 //! ```
 //!
 //! [`ReadyState`] is the agent's own view of itself; the Kubernetes status writer (the taint the controller
-//! lifts) reads the same struct. Hand-rolled on purpose: two fixed paths do not justify an HTTP stack.
+//! lifts) reads the same struct. Hand-rolled on purpose: three fixed paths do not justify an HTTP stack.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::AgentError;
+use crate::metrics::AgentMetrics;
 
 /// Longest request head accepted (request line and headers).
 pub const MAX_REQUEST_HEAD: usize = 4096;
@@ -29,6 +31,9 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub const IPAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Connections served at once; more wait in the accept queue.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Content type of `/metrics` (`prometheus-client` writes OpenMetrics text, which Prometheus reads).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 /// What the agent reports about itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -113,6 +118,8 @@ pub struct HealthServer {
     ready: Ready,
     /// When set, `/healthz` also connects to this socket (so a wedged IPAM server shows).
     ipam_socket: Option<PathBuf>,
+    /// When set, served on `/metrics`.
+    metrics: Option<AgentMetrics>,
 }
 
 impl HealthServer {
@@ -132,7 +139,14 @@ impl HealthServer {
             listener,
             ready,
             ipam_socket,
+            metrics: None,
         })
+    }
+
+    /// Serves `metrics` on `/metrics` too.
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Wraps a listener created elsewhere (e.g. inside another network namespace); it must be non-blocking.
@@ -154,6 +168,7 @@ impl HealthServer {
             listener,
             ready,
             ipam_socket,
+            metrics: None,
         })
     }
 
@@ -164,7 +179,7 @@ impl HealthServer {
     /// Serves until the future is dropped.
     pub async fn serve(self) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        let ctx = Arc::new((self.ready, self.ipam_socket));
+        let ctx = Arc::new((self.ready, self.ipam_socket, self.metrics));
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
@@ -180,7 +195,7 @@ impl HealthServer {
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let _ = handle(stream, &ctx.0, ctx.1.as_deref()).await;
+                let _ = handle(stream, &ctx.0, ctx.1.as_deref(), ctx.2.as_ref()).await;
             });
         }
     }
@@ -239,16 +254,28 @@ async fn handle(
     mut stream: TcpStream,
     ready: &Ready,
     ipam_socket: Option<&std::path::Path>,
+    metrics: Option<&AgentMetrics>,
 ) -> std::io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(h))) => h,
         Ok(Ok(None)) => {
-            return write_response(&mut stream, 400, "request head too large or truncated").await;
+            return write_response(
+                &mut stream,
+                400,
+                TEXT_CONTENT_TYPE,
+                "request head too large or truncated\n",
+            )
+            .await;
         }
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()), // too slow: drop
     };
     let req = parse_request(&head);
+    if req == Request::Get("/metrics")
+        && let Some(m) = metrics
+    {
+        return write_response(&mut stream, 200, METRICS_CONTENT_TYPE, &m.encode()).await;
+    }
     let mut state = ready.snapshot();
     if req == Request::Get("/healthz")
         && state.ipam_serving
@@ -260,7 +287,7 @@ async fn handle(
         );
     }
     let (code, body) = respond(&req, &state);
-    write_response(&mut stream, code, &body).await
+    write_response(&mut stream, code, TEXT_CONTENT_TYPE, &format!("{body}\n")).await
 }
 
 /// Reads until the blank line ending the head; `None` if it does not come within [`MAX_REQUEST_HEAD`] bytes.
@@ -282,7 +309,12 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
-async fn write_response(stream: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
+async fn write_response(
+    stream: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
@@ -290,9 +322,8 @@ async fn write_response(stream: &mut TcpStream, code: u16, body: &str) -> std::i
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
     };
-    let body = format!("{body}\n");
     let msg = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\nCache-Control: no-store\r\n\r\n{body}",
         body.len()
     );

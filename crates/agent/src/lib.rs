@@ -22,12 +22,14 @@ pub mod cni_install;
 pub mod config;
 pub mod eni;
 pub mod health_http;
+pub mod metrics;
 pub mod reaper;
 pub mod routed;
 pub mod server;
 pub mod service;
 
 pub use config::AgentConfig;
+pub use metrics::AgentMetrics;
 pub use service::{Fault, IpamService};
 
 /// Everything that stops the agent.

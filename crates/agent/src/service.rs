@@ -15,6 +15,7 @@ use underlay_ipam_api::{self as api, ErrorCode, POD_GATEWAY, pb};
 
 use crate::AgentError;
 use crate::checkpoint::Checkpoint;
+use crate::metrics::AgentMetrics;
 use crate::reaper::LinkReaper;
 
 /// Test-only fault injection, chosen by `underlay agent` from [`underlay_core::names::AGENT_FAULT_ENV`].
@@ -58,6 +59,8 @@ pub struct IpamService {
     clock: Clock,
     /// Deletes the veths DEL hands over; absent until [`IpamService::set_reaper`] (then DEL deletes its own).
     reaper: OnceLock<LinkReaper>,
+    /// Where requests and pool figures are reported; absent until [`IpamService::set_metrics`].
+    metrics: OnceLock<AgentMetrics>,
 }
 
 impl std::fmt::Debug for IpamService {
@@ -85,6 +88,7 @@ impl IpamService {
             fault,
             clock: Box::new(SystemTime::now),
             reaper: OnceLock::new(),
+            metrics: OnceLock::new(),
         })
     }
 
@@ -92,6 +96,21 @@ impl IpamService {
     pub fn set_reaper(&self, reaper: LinkReaper) {
         if self.reaper.set(reaper).is_err() {
             tracing::warn!("a link reaper is already attached; ignoring the second");
+        }
+    }
+
+    /// Reports requests and pool figures to `metrics` from now on (the pool gauges at once).
+    pub fn set_metrics(&self, metrics: AgentMetrics) {
+        if self.metrics.set(metrics).is_err() {
+            tracing::warn!("metrics are already attached; ignoring the second");
+        }
+        self.report_pool();
+    }
+
+    fn report_pool(&self) {
+        if let Some(m) = self.metrics.get() {
+            let g = self.lock();
+            m.set_pool(g.ipam.capacity(), g.ipam.allocations().count());
         }
     }
 
@@ -138,6 +157,8 @@ impl IpamService {
             Ipam::new(spec, g.ipam.cooldown()).map_err(|e| AgentError::Config(e.to_string()))?;
         g.checkpoint.save(&ipam.snapshot())?;
         g.ipam = ipam;
+        drop(g);
+        self.report_pool();
         Ok(())
     }
 
@@ -153,6 +174,8 @@ impl IpamService {
             .map_err(|e| AgentError::Config(e.to_string()))?;
         g.checkpoint.save(&ipam.snapshot())?;
         g.ipam = ipam;
+        drop(g);
+        self.report_pool();
         Ok(true)
     }
 
@@ -183,6 +206,14 @@ impl IpamService {
     pub fn handle(&self, req: pb::Request) -> pb::Reply {
         use pb::reply::Method as R;
         use pb::request::Method as Q;
+        let started = std::time::Instant::now();
+        let name = match &req.method {
+            Some(Q::Allocate(_)) => "allocate",
+            Some(Q::Release(_)) => "release",
+            Some(Q::List(_)) => "list",
+            Some(Q::Gc(_)) => "gc",
+            None => "invalid",
+        };
         let method = match req.method {
             Some(Q::Allocate(r)) => R::Allocate(self.allocate(r)),
             Some(Q::Release(r)) => R::Release(self.release(r)),
@@ -196,6 +227,25 @@ impl IpamService {
                 ))),
             }),
         };
+        if let Some(m) = self.metrics.get() {
+            let error = match &method {
+                R::Allocate(r) => match &r.result {
+                    Some(pb::allocate_reply::Result::Error(e)) => Some(e),
+                    _ => None,
+                },
+                R::Release(r) => r.error.as_ref(),
+                R::List(r) => r.error.as_ref(),
+                R::Gc(r) => r.error.as_ref(),
+            };
+            m.record_request(
+                name,
+                error.map_or("ok", error_label),
+                started.elapsed().as_secs_f64(),
+            );
+            if name != "list" {
+                self.report_pool();
+            }
+        }
         pb::Reply {
             method: Some(method),
         }
@@ -223,6 +273,9 @@ impl IpamService {
             Ok((alloc, changed)) => match self.commit(&mut g, changed) {
                 Ok(()) => {
                     if changed {
+                        if let Some(m) = self.metrics.get() {
+                            m.record_allocation();
+                        }
                         tracing::info!(key = %key, address = %alloc.address, pod_namespace = %alloc.pod.pod_namespace, pod_name = %alloc.pod.pod_name, "allocated");
                     } else {
                         tracing::debug!(key = %key, address = %alloc.address, "allocate repeated: same address");
@@ -261,6 +314,9 @@ impl IpamService {
         drop(g);
         match committed {
             Ok(()) => {
+                if let Some(m) = self.metrics.get() {
+                    m.record_releases("del", usize::from(released.is_some()));
+                }
                 match &released {
                     Some(a) => tracing::info!(key = %key, address = %a.address, "released"),
                     None => tracing::debug!(key = %key, "release of an unknown attachment"),
@@ -303,6 +359,9 @@ impl IpamService {
         let released = g.ipam.gc(&valid, now);
         match self.commit(&mut g, !released.is_empty()) {
             Ok(()) => {
+                if let Some(m) = self.metrics.get() {
+                    m.record_releases("gc", released.len());
+                }
                 for a in &released {
                     tracing::info!(key = %a.key, address = %a.address, "released by gc");
                 }
@@ -381,6 +440,16 @@ fn wire_error(code: ErrorCode, message: String, retryable: bool) -> pb::Error {
         code: code as i32,
         message,
         retryable,
+    }
+}
+
+/// The `result` label of a failed request: its error code.
+fn error_label(e: &pb::Error) -> &'static str {
+    match ErrorCode::try_from(e.code) {
+        Ok(ErrorCode::PoolExhausted) => "pool_exhausted",
+        Ok(ErrorCode::InvalidRequest) => "invalid_request",
+        Ok(ErrorCode::Internal) => "internal",
+        _ => "unspecified",
     }
 }
 

@@ -406,6 +406,32 @@ mod root {
             let n: UnderlayNode = sim.get(None, &name)?;
             (n.status?.pool_used == 1).then_some(())
         });
+        // The same endpoint serves the agent's metrics: converges ran and were timed, the ADD was counted.
+        let (code, metrics) = health(node.netns(), "/metrics").unwrap();
+        assert_eq!(code, 200, "{metrics}");
+        let sample = |series: &str| {
+            metrics.lines().find_map(|l| {
+                let (n, v) = l.rsplit_once(' ')?;
+                (n == series).then(|| v.parse::<f64>().ok())?
+            })
+        };
+        let converges = sample(r#"underlay_agent_converges_total{result="ok"}"#).unwrap_or(0.0);
+        assert!(converges >= 1.0, "{metrics}");
+        assert!(
+            sample("underlay_agent_converge_duration_seconds_count").unwrap_or(0.0) >= converges
+        );
+        assert!(sample("underlay_agent_converge_operations_total").unwrap_or(0.0) >= 1.0);
+        assert_eq!(sample("underlay_agent_pool_used_addresses"), Some(1.0));
+        // A /26 block: 64 addresses, less the few the pool reserves.
+        assert!(
+            sample("underlay_agent_pool_size_addresses")
+                .is_some_and(|n| (60.0..=64.0).contains(&n)),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(r#"underlay_agent_ipam_requests_total{method="allocate",result="ok"}"#),
+            Some(1.0)
+        );
         // With a pod on it, a block change is reported and not applied.
         set_block(&sim, &name, "100.64.1.0/26".parse().unwrap());
         let changed = wait_for("PoolReady=False on a block change", || {

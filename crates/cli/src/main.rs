@@ -29,6 +29,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Print the UnderlayNode CustomResourceDefinition (YAML), generated from the Rust types.
     Crd(commands::crd::Args),
+    /// Print the controller's IAM policy (JSON) for a mode, built from the EC2 calls it issues in that mode.
+    IamPolicy(commands::iam_policy::Args),
     /// A routed-mode cluster on a VPC made of network namespaces: the real controller, agents and CNI plugin.
     Lab(commands::lab::Args),
 }
@@ -43,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::exec(args),
         Command::Inspect(args) => commands::inspect::exec(args),
         Command::Crd(args) => commands::crd::exec(args),
+        Command::IamPolicy(args) => commands::iam_policy::exec(args),
         Command::Lab(args) => commands::lab::exec(args),
     }
 }

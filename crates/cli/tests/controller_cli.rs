@@ -21,6 +21,9 @@ fn without_kubernetes_configuration_it_says_so_and_exits() {
             // Never contacted: the run stops at the Kubernetes client.
             "--endpoint",
             "http://127.0.0.1:9",
+            // The health endpoint comes up first: loopback, any free port.
+            "--health-addr",
+            "127.0.0.1:0",
         ])
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("KUBECONFIG", dir.path().join("missing"))
@@ -46,4 +49,36 @@ fn a_malformed_pod_cidr_is_rejected() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pod-cidr"));
+}
+
+#[test]
+fn a_taken_health_address_is_reported_before_anything_else() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = underlay()
+        .args([
+            "controller",
+            "--vpc",
+            "vpc-1",
+            "--pod-cidr",
+            "100.64.0.0/16",
+            "--region",
+            "us-east-1",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--health-addr",
+            &addr,
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("missing"))
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("binding the health endpoint on {addr}")),
+        "{stderr}"
+    );
 }

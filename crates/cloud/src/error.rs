@@ -41,6 +41,22 @@ impl ErrorKind {
             ErrorKind::Transport => "transport",
         }
     }
+
+    /// Coarse class for the `result` label of EC2 call counters: `throttled`, `server_error` (EC2 failed),
+    /// `transport_error` (no answer), or `client_error` (EC2 refused the request as asked).
+    pub fn result_class(self) -> &'static str {
+        match self {
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Service => "server_error",
+            ErrorKind::Transport => "transport_error",
+            ErrorKind::NotFound
+            | ErrorKind::LimitExceeded
+            | ErrorKind::AlreadyExists
+            | ErrorKind::InsufficientAddresses
+            | ErrorKind::InvalidRequest
+            | ErrorKind::Unauthorized => "client_error",
+        }
+    }
 }
 
 /// An EC2 error: its kind, AWS error code, and message.

@@ -13,12 +13,16 @@
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod error;
+pub mod metrics;
 pub mod queue;
 pub mod ratelimit;
 pub mod types;
 
 pub use error::{CloudError, ErrorKind};
-pub use ratelimit::{Bucket, BucketLimits, BucketSet, Operation, RateLimits, TokenBucket};
+pub use metrics::CloudMetrics;
+pub use ratelimit::{
+    Bucket, BucketLimits, BucketSet, ControllerMode, Operation, RateLimits, TokenBucket,
+};
 pub use types::*;
 
 /// Result of every [`Cloud`] operation.

@@ -6,7 +6,7 @@
 //!   controller ──► RateLimitedCloud ─(per-bucket FIFO, failover lane first)─► token? ─► inner Cloud ─► EC2
 //!                     │      ▲                                                              │
 //!                     │      └────── retry: throttled / 5xx / transport, full jitter, deadline ◄┘
-//!                     └─► QueueStats (depth, waits, retries) for metrics
+//!                     └─► QueueStats (depth, waits, retries); CloudMetrics (Prometheus) when given one
 //! ```
 //!
 //! Why here and not in the adapter: the queue is pure policy over the [`Cloud`] port, so vpcsim-backed
@@ -39,6 +39,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::metrics::CloudMetrics;
 use crate::ratelimit::{Bucket, BucketSet, Operation, RateLimits};
 use crate::{
     AddressRequest, AttachmentId, Cloud, CreateEniRequest, EniFilter, EniId, Instance,
@@ -54,6 +55,16 @@ pub enum Priority {
     /// Everything else (planned route changes, ENI and address work, describes).
     #[default]
     Normal,
+}
+
+impl Priority {
+    /// Label for metrics (`lane`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Failover => "failover",
+            Priority::Normal => "normal",
+        }
+    }
 }
 
 /// Backoff policy for retryable errors.
@@ -177,6 +188,7 @@ struct State {
 struct Shared<C> {
     inner: C,
     retry: RetryPolicy,
+    metrics: Option<CloudMetrics>,
     state: Mutex<State>,
     /// Woken whenever a lane's head may have changed.
     changed: Notify,
@@ -210,6 +222,7 @@ impl<C> Clone for RateLimitedCloud<C> {
 struct Ticket<'a, C> {
     shared: &'a Shared<C>,
     bucket: Bucket,
+    lane: Priority,
     ticket: u64,
 }
 
@@ -220,12 +233,24 @@ impl<C> Drop for Ticket<'_, C> {
             lanes.remove(self.ticket);
         }
         drop(state);
+        if let Some(m) = &self.shared.metrics {
+            m.queue_depth_add(self.bucket, self.lane, -1);
+        }
         self.shared.changed.notify_waiters();
     }
 }
 
 impl<C: Cloud> RateLimitedCloud<C> {
     pub fn new(inner: C, config: QueueConfig) -> Self {
+        Self::build(inner, config, None)
+    }
+
+    /// A queue that also reports to `metrics` (see [`crate::metrics`]).
+    pub fn new_with_metrics(inner: C, config: QueueConfig, metrics: CloudMetrics) -> Self {
+        Self::build(inner, config, Some(metrics))
+    }
+
+    fn build(inner: C, config: QueueConfig, metrics: Option<CloudMetrics>) -> Self {
         let share = if config.share > 0.0 && config.share <= 1.0 {
             config.share
         } else {
@@ -235,6 +260,7 @@ impl<C: Cloud> RateLimitedCloud<C> {
             shared: Arc::new(Shared {
                 inner,
                 retry: config.retry,
+                metrics,
                 state: Mutex::new(State {
                     buckets: BucketSet::new(config.limits.scaled(share)),
                     lanes: BTreeMap::new(),
@@ -295,8 +321,12 @@ impl<C: Cloud> RateLimitedCloud<C> {
         let guard = Ticket {
             shared,
             bucket,
+            lane: self.priority,
             ticket,
         };
+        if let Some(m) = &shared.metrics {
+            m.queue_depth_add(bucket, self.priority, 1);
+        }
         // A newcomer in the failover lane may have become the head: let the current head re-check.
         shared.changed.notify_waiters();
         let started = Instant::now();
@@ -313,6 +343,9 @@ impl<C: Cloud> RateLimitedCloud<C> {
                             state.stats.granted += 1;
                             state.stats.waited += waited;
                             state.stats.max_wait = state.stats.max_wait.max(waited);
+                            if let Some(m) = &shared.metrics {
+                                m.record_wait(bucket, self.priority, waited.as_secs_f64());
+                            }
                             None
                         }
                         Err(d) => Some(Some(d)),
@@ -350,7 +383,17 @@ impl<C: Cloud> RateLimitedCloud<C> {
             for op in ops {
                 self.acquire(*op).await;
             }
-            let err = match call().await {
+            let started = Instant::now();
+            let result = call().await;
+            if let Some(m) = &self.shared.metrics {
+                // A multi-call operation is reported under its first action.
+                m.record_call(
+                    ops[0],
+                    result.as_ref().map(|_| ()),
+                    started.elapsed().as_secs_f64(),
+                );
+            }
+            let err = match result {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
@@ -376,6 +419,9 @@ impl<C: Cloud> RateLimitedCloud<C> {
                 .retries
                 .entry(err.kind.metric_label())
                 .or_default() += 1;
+            if let Some(m) = &self.shared.metrics {
+                m.record_retry(ops[0], err.kind);
+            }
             tokio::time::sleep(delay).await;
             attempt += 1;
         }

@@ -112,6 +112,63 @@ impl Operation {
     }
 }
 
+/// The controller's address mode, as far as its EC2 calls go: the IAM policy a controller needs is the set of
+/// actions [`Operation::used_in`] says it issues (`underlay iam-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerMode {
+    /// Aggregated VPC routes to forwarder nodes; ENIs are only described and have source/dest check turned off.
+    Routed,
+    /// Pods on secondary IPs or prefixes of ENIs the controller creates, attaches and tags.
+    Eni,
+}
+
+impl ControllerMode {
+    pub const ALL: [ControllerMode; 2] = [ControllerMode::Routed, ControllerMode::Eni];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ControllerMode::Routed => "routed",
+            ControllerMode::Eni => "eni",
+        }
+    }
+}
+
+impl Operation {
+    /// Whether a controller in `mode` issues this call. Every describe in both modes (read-only; EC2 cannot
+    /// scope them to resources anyway); routed mode adds the route calls and source/dest check
+    /// (ModifyNetworkInterfaceAttribute); eni mode adds the ENI lifecycle, address and tag calls on top.
+    pub fn used_in(self, mode: ControllerMode) -> bool {
+        match self {
+            Operation::DescribeVpcs
+            | Operation::DescribeSubnets
+            | Operation::DescribeRouteTables
+            | Operation::DescribeInstances
+            | Operation::DescribeInstanceTypes
+            | Operation::DescribeNetworkInterfaces
+            | Operation::CreateRoute
+            | Operation::ReplaceRoute
+            | Operation::DeleteRoute
+            | Operation::ModifyNetworkInterfaceAttribute => true,
+            Operation::CreateNetworkInterface
+            | Operation::AttachNetworkInterface
+            | Operation::DetachNetworkInterface
+            | Operation::DeleteNetworkInterface
+            | Operation::AssignPrivateIpAddresses
+            | Operation::UnassignPrivateIpAddresses
+            | Operation::CreateTags => mode == ControllerMode::Eni,
+        }
+    }
+
+    /// Every call a controller in `mode` issues, in [`Operation::ALL`] order.
+    pub fn for_mode(mode: ControllerMode) -> Vec<Operation> {
+        Operation::ALL
+            .into_iter()
+            .filter(|op| op.used_in(mode))
+            .collect()
+    }
+}
+
 impl std::fmt::Display for Operation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -126,6 +183,19 @@ pub enum Bucket {
     Mutating,
     /// A resource-rate bucket of its own for one action.
     Resource(Operation),
+}
+
+impl Bucket {
+    /// Label for metrics (`bucket` label of queue metrics): `describe`, `unfiltered_describe`, `mutating`, or the
+    /// action's name for a resource-rate bucket.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Bucket::Describe => "describe",
+            Bucket::UnfilteredDescribe => "unfiltered_describe",
+            Bucket::Mutating => "mutating",
+            Bucket::Resource(op) => op.name(),
+        }
+    }
 }
 
 /// Size and refill of one bucket.
@@ -336,6 +406,45 @@ mod tests {
             Operation::CreateNetworkInterface.bucket(false),
             Bucket::Resource(Operation::CreateNetworkInterface)
         );
+    }
+
+    #[test]
+    fn routed_mode_calls_are_describes_routes_and_source_dest_check() {
+        let routed: Vec<&str> = Operation::for_mode(ControllerMode::Routed)
+            .into_iter()
+            .map(Operation::name)
+            .collect();
+        assert_eq!(
+            routed,
+            [
+                "DescribeVpcs",
+                "DescribeSubnets",
+                "DescribeRouteTables",
+                "DescribeInstances",
+                "DescribeInstanceTypes",
+                "DescribeNetworkInterfaces",
+                "CreateRoute",
+                "ReplaceRoute",
+                "DeleteRoute",
+                "ModifyNetworkInterfaceAttribute",
+            ]
+        );
+    }
+
+    #[test]
+    fn eni_mode_is_a_superset_holding_every_call() {
+        let eni = Operation::for_mode(ControllerMode::Eni);
+        assert_eq!(eni, Operation::ALL.to_vec());
+        for op in Operation::for_mode(ControllerMode::Routed) {
+            assert!(op.used_in(ControllerMode::Eni), "{op}");
+        }
+        for op in [
+            Operation::CreateNetworkInterface,
+            Operation::AssignPrivateIpAddresses,
+            Operation::CreateTags,
+        ] {
+            assert!(!op.used_in(ControllerMode::Routed), "{op}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod config;
 pub mod controller;
 pub mod kube;
 pub mod lanes;
+pub mod metrics;
 pub mod probe;
 pub mod routes;
 pub mod srcdst;

@@ -75,6 +75,8 @@ pub struct KubeAgentOptions {
     pub converge_interval: Duration,
     /// Shortest time between two status writes.
     pub status_interval: Duration,
+    /// Served on the health endpoint's `/metrics`.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 impl KubeAgentOptions {
@@ -89,6 +91,7 @@ impl KubeAgentOptions {
             health_addr: default_health_addr(),
             converge_interval: DEFAULT_CONVERGE_INTERVAL,
             status_interval: DEFAULT_STATUS_INTERVAL,
+            metrics: crate::metrics::AgentMetrics::new(),
         }
     }
 }
@@ -380,7 +383,8 @@ pub async fn run_routed_on_kube(
     .map_err(|e| AgentError::Config(format!("node namespace: {e}")))?;
     let listener = bind_in(&ns, opts.health_addr)?;
     let health =
-        HealthServer::from_std(listener, shared.ready.clone(), Some(config.socket.clone()))?;
+        HealthServer::from_std(listener, shared.ready.clone(), Some(config.socket.clone()))?
+            .with_metrics(opts.metrics.clone());
     tracing::info!(addr = %opts.health_addr, node = %opts.node_name, "health endpoint listening");
 
     let api: Api<UnderlayNode> = Api::all(client);
@@ -425,6 +429,7 @@ pub async fn run_routed_on_kube(
             match crate::open_service(&config, fault) {
                 Ok(service) => {
                     let service = Arc::new(service);
+                    service.set_metrics(opts.metrics.clone());
                     shared.set_served(spec.pod_block);
                     let _ = shared.ipam.set(service.clone());
                     shared.ready.update(|s| s.pool_present = true);
@@ -609,10 +614,15 @@ async fn converge_loop(
             }
         }
         let a = agent.clone();
+        let started = std::time::Instant::now();
         let r = tokio::task::spawn_blocking(move || a.converge(&spec))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        opts.metrics.record_converge(
+            r.as_ref().map(|rep| rep.ops.len()).map_err(|_| ()),
+            started.elapsed().as_secs_f64(),
+        );
         match &r {
             Ok(rep) if !rep.ops.is_empty() => {
                 tracing::info!(ops = rep.ops.len(), uplink = %rep.uplink, "node converged")

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   load RoutedNodeSpec ──► pool_from_record(config) ──► crate::run (IPAM socket, conflist)   until shutdown
-//!        ├─ health endpoint (bound inside the node's namespace)                   ◄── controller probe
+//!        ├─ health endpoint (bound inside the node's namespace), with /metrics   ◄── controller probe, Prometheus
 //!        ├─ converge loop: RoutedAgent::converge every `interval` (blocking thread) ──► Ready.converged
 //!        └─ status loop, every second: the IPAM socket answers? the conflist exists? ──► Ready
 //! ```
@@ -23,6 +23,7 @@ use underlay_dataplane::Netns;
 
 use super::{RoutedAgent, pool_from_record};
 use crate::health_http::{HealthServer, Ready};
+use crate::metrics::AgentMetrics;
 use crate::{AgentConfig, AgentError, Fault};
 
 /// Default interval between converges (drift repair; a changed record restarts the agent for now).
@@ -38,6 +39,8 @@ pub struct RoutedOptions {
     pub netns: Option<PathBuf>,
     pub health_addr: SocketAddr,
     pub converge_interval: Duration,
+    /// Served on the health endpoint's `/metrics`.
+    pub metrics: AgentMetrics,
 }
 
 impl RoutedOptions {
@@ -47,6 +50,7 @@ impl RoutedOptions {
             netns: None,
             health_addr: default_health_addr(),
             converge_interval: DEFAULT_CONVERGE_INTERVAL,
+            metrics: AgentMetrics::new(),
         }
     }
 }
@@ -90,23 +94,30 @@ pub async fn run_routed(
     }
     .map_err(|e| AgentError::Config(format!("node namespace: {e}")))?;
     let listener = bind_in(&ns, opts.health_addr)?;
-    let health = HealthServer::from_std(listener, ready.clone(), Some(config.socket.clone()))?;
+    let health = HealthServer::from_std(listener, ready.clone(), Some(config.socket.clone()))?
+        .with_metrics(opts.metrics.clone());
     tracing::info!(addr = %opts.health_addr, "health endpoint listening");
     let health_task = tokio::spawn(health.serve());
 
     let agent = Arc::new(RoutedAgent::new(ns));
     let converge_task = {
         let (agent, ready, spec) = (agent.clone(), ready.clone(), opts.spec.clone());
+        let metrics = opts.metrics.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(opts.converge_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let (agent, spec) = (agent.clone(), spec.clone());
+                let started = std::time::Instant::now();
                 let r = tokio::task::spawn_blocking(move || agent.converge(&spec))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| e.to_string()));
+                metrics.record_converge(
+                    r.as_ref().map(|rep| rep.ops.len()).map_err(|_| ()),
+                    started.elapsed().as_secs_f64(),
+                );
                 match &r {
                     Ok(rep) if !rep.ops.is_empty() => {
                         tracing::info!(ops = rep.ops.len(), uplink = %rep.uplink, "node converged")
@@ -142,7 +153,14 @@ pub async fn run_routed(
         })
     };
 
-    let result = crate::run(config, fault, shutdown).await;
+    let result = match crate::open_service(&config, fault) {
+        Ok(service) => {
+            let service = Arc::new(service);
+            service.set_metrics(opts.metrics.clone());
+            crate::serve(config, service, shutdown).await
+        }
+        Err(e) => Err(e),
+    };
     health_task.abort();
     converge_task.abort();
     status_task.abort();

@@ -71,7 +71,7 @@ pub struct Args {
     /// Routed mode: the network namespace holding the node's uplink (default: the agent's own).
     #[arg(long, value_name = "PATH", requires = "routed_mode")]
     netns: Option<PathBuf>,
-    /// Routed mode: address of the health endpoint (default 0.0.0.0:9650).
+    /// Routed mode: address of the health endpoint, which also serves /metrics (default 0.0.0.0:9650).
     #[arg(long, value_name = "ADDR", requires = "routed_mode")]
     health_addr: Option<std::net::SocketAddr>,
 }

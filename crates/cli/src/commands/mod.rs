@@ -7,6 +7,7 @@ pub mod bench_lab;
 pub mod bench_plan;
 pub mod controller;
 pub mod crd;
+pub mod iam_policy;
 pub mod inspect;
 pub mod lab;
 pub mod names;

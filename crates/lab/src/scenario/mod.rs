@@ -510,6 +510,7 @@ impl Lab {
                         health_addr,
                         converge_interval,
                         status_interval,
+                        metrics: underlay_agent::AgentMetrics::new(),
                     };
                     underlay_agent::routed::kube::run_routed_on_kube(
                         config,

@@ -1,0 +1,530 @@
+//! deploy/: the Helm chart lints and renders in both modes, every manifest passes kubernetes-validate, the plain
+//! manifests are the chart rendered with its defaults, the chart's CRD is deploy/'s, and the RBAC rules, ports,
+//! taints and flags in the chart are the ones the code uses. helm comes from .tools/bin and kubernetes-validate
+//! from .venv (both installed by scripts/setup.sh); without them every test here fails and says so.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+use underlay_core::names;
+
+const CHART: &str = "deploy/helm/underlay";
+const DEPLOY_CRD: &str = "deploy/crds/underlaynode.yaml";
+const CHART_CRD: &str = "deploy/helm/underlay/crds/underlaynode.yaml";
+const DEPLOY_MANIFEST: &str = "deploy/underlay.yaml";
+const NAMESPACE: &str = "kube-system";
+
+/// eni-mode values exercising every eni key.
+const ENI_VALUES: &[&str] = &[
+    "mode=eni",
+    "eni.clusterName=prod",
+    "eni.warmIPTarget=5",
+    "eni.minimumIPTarget=10",
+    "eni.prefixDelegation=true",
+    "eni.warmPrefixTarget=1",
+    "eni.subnets.us-east-1a=subnet-0aaa",
+    "eni.subnets.us-east-1b=subnet-0bbb",
+    "eni.securityGroups={sg-01,sg-02}",
+    "eni.fillAtJoin=true",
+    "eni.releaseDelaySeconds=60",
+    "eni.externalSNAT=true",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn tool(rel: &str) -> PathBuf {
+    let path = root().join(rel);
+    assert!(
+        path.is_file(),
+        "{} not found: run scripts/setup.sh (it installs helm and kubectl into .tools/bin and kubernetes-validate \
+         into .venv)",
+        path.display()
+    );
+    path
+}
+
+fn helm() -> Command {
+    let mut c = Command::new(tool(".tools/bin/helm"));
+    c.current_dir(root());
+    // Keep helm's caches and config out of the home directory.
+    let home = std::env::temp_dir().join("underlay-deploy-test-helm");
+    c.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    c
+}
+
+fn run(mut c: Command) -> Result<String, String> {
+    let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{c:?} failed:\n{text}"))
+    }
+}
+
+/// `helm template` of the chart with `--set` values.
+fn render(set: &[&str]) -> Result<String, String> {
+    let mut c = helm();
+    c.args(["template", "underlay", CHART, "--namespace", NAMESPACE]);
+    for s in set {
+        c.args(["--set", s]);
+    }
+    run(c)
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered chart"))
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .unwrap_or_else(|| panic!("not a list: {v:?}"))
+        .iter()
+        .map(|x| match x {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            other => panic!("not a scalar: {other:?}"),
+        })
+        .collect()
+}
+
+/// (apiGroups, resources, resourceNames, verbs) of each rule, in order.
+type Rule = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
+
+fn rules(role: &Value) -> Vec<Rule> {
+    role["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let names = if r["resourceNames"].is_null() {
+                vec![]
+            } else {
+                strs(&r["resourceNames"])
+            };
+            (
+                strs(&r["apiGroups"]),
+                strs(&r["resources"]),
+                names,
+                strs(&r["verbs"]),
+            )
+        })
+        .collect()
+}
+
+fn rule(groups: &[&str], resources: &[&str], names: &[&str], verbs: &[&str]) -> Rule {
+    let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect();
+    (v(groups), v(resources), v(names), v(verbs))
+}
+
+fn kubernetes_validate(path: &Path) -> Result<(), String> {
+    let mut c = Command::new(tool(".venv/bin/kubernetes-validate"));
+    c.args(["--strict", "--kubernetes-version", "1.33"])
+        .arg(path);
+    run(c).map(|_| ())
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+#[test]
+fn helm_lint_passes_in_both_modes() {
+    let mut c = helm();
+    c.args(["lint", "--strict", CHART]);
+    run(c).unwrap();
+    let mut c = helm();
+    c.args(["lint", "--strict", CHART]);
+    for s in ENI_VALUES {
+        c.args(["--set", s]);
+    }
+    run(c).unwrap();
+}
+
+#[test]
+fn an_unknown_mode_does_not_render() {
+    let err = render(&["mode=overlay"]).unwrap_err();
+    assert!(err.contains("mode must be routed or eni"), "{err}");
+}
+
+#[test]
+fn chart_crd_is_the_deploy_crd() {
+    let read = |rel: &str| std::fs::read_to_string(root().join(rel)).unwrap();
+    assert!(
+        read(CHART_CRD) == read(DEPLOY_CRD),
+        "{CHART_CRD} differs from {DEPLOY_CRD}: run `cp {DEPLOY_CRD} {CHART_CRD}` (after `underlay crd > {DEPLOY_CRD}`)"
+    );
+}
+
+#[test]
+fn deploy_manifest_is_the_rendered_chart() {
+    tool(".tools/bin/helm");
+    let mut c = Command::new("bash");
+    c.arg(root().join("scripts/render-deploy.sh"));
+    let rendered = run(c).unwrap();
+    let on_disk = std::fs::read_to_string(root().join(DEPLOY_MANIFEST)).unwrap_or_default();
+    assert!(
+        on_disk == rendered,
+        "{DEPLOY_MANIFEST} differs from the chart rendered with its defaults: run \
+         `scripts/render-deploy.sh > {DEPLOY_MANIFEST}` and commit it"
+    );
+    // The plain manifests carry the CRD, first, so `kubectl apply -f deploy/` needs nothing else.
+    let all = docs(&on_disk);
+    assert_eq!(all[0]["kind"], "CustomResourceDefinition");
+    let crd: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(root().join(DEPLOY_CRD)).unwrap()).unwrap();
+    assert_eq!(all[0], crd);
+}
+
+#[test]
+fn every_manifest_passes_kubernetes_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, set) in [("routed.yaml", &[][..]), ("eni.yaml", ENI_VALUES)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, render(set).unwrap()).unwrap();
+        files.push(path);
+    }
+    // Every manifest under deploy/; the chart's sources (templates, values, Chart.yaml) are not manifests.
+    let templates = root().join(CHART);
+    let mut stack = vec![root().join("deploy")];
+    let mut checked_in = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                && (!p.starts_with(&templates) || p.starts_with(templates.join("crds")))
+            {
+                files.push(p);
+                checked_in += 1;
+            }
+        }
+    }
+    assert!(
+        checked_in >= 3,
+        "expected deploy/underlay.yaml and both CRD copies"
+    );
+    let failures: Vec<String> = files
+        .iter()
+        .filter_map(|f| kubernetes_validate(f).err())
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn kubernetes_validate_rejects_a_broken_manifest() {
+    // The check above is only worth something if the validator fails on a bad field.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = render(&[]).unwrap().replace(
+        "hostNetwork: true",
+        "hostNetwork: true\n      hostNetworking: true",
+    );
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, bad).unwrap();
+    assert!(kubernetes_validate(&path).is_err());
+}
+
+#[test]
+fn rbac_allows_exactly_what_the_code_calls() {
+    let all = docs(&render(&[]).unwrap());
+    let group = names::API_GROUP;
+    assert_eq!(
+        rules(find(&all, "ClusterRole", "underlay-controller")),
+        vec![
+            rule(&[""], &["nodes"], &[], &["get", "list", "watch", "patch"]),
+            rule(
+                &[group],
+                &["underlaynodes"],
+                &[],
+                &["get", "list", "watch", "create", "patch", "delete"]
+            ),
+            rule(&[group], &["underlaynodes/status"], &[], &["patch"]),
+        ]
+    );
+    let lease = find(&all, "Role", "underlay-controller-lease");
+    assert_eq!(lease["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        rules(lease),
+        vec![
+            rule(
+                &["coordination.k8s.io"],
+                &["leases"],
+                &[names::LEADER_LEASE],
+                &["get", "update"]
+            ),
+            rule(&["coordination.k8s.io"], &["leases"], &[], &["create"]),
+        ]
+    );
+    // kube-runtime's Recorder: events.k8s.io/v1, in `default` for cluster-scoped Nodes.
+    let events = find(&all, "Role", "underlay-controller-events");
+    assert_eq!(events["metadata"]["namespace"], "default");
+    assert_eq!(
+        rules(events),
+        vec![rule(
+            &["events.k8s.io"],
+            &["events"],
+            &[],
+            &["create", "patch"]
+        )]
+    );
+    let agent = rules(find(&all, "ClusterRole", "underlay-agent"));
+    assert_eq!(
+        agent,
+        vec![
+            rule(&[group], &["underlaynodes"], &[], &["list", "watch"]),
+            rule(&[group], &["underlaynodes/status"], &[], &["get", "patch"]),
+        ]
+    );
+    assert!(
+        agent.iter().all(|r| !r.1.iter().any(|x| x == "nodes")),
+        "the agent must not touch Nodes"
+    );
+    // Bindings point at the ServiceAccounts the workloads run as.
+    for (binding, kind, sa) in [
+        (
+            "underlay-controller",
+            "ClusterRoleBinding",
+            "underlay-controller",
+        ),
+        ("underlay-agent", "ClusterRoleBinding", "underlay-agent"),
+        (
+            "underlay-controller-lease",
+            "RoleBinding",
+            "underlay-controller",
+        ),
+        (
+            "underlay-controller-events",
+            "RoleBinding",
+            "underlay-controller",
+        ),
+    ] {
+        let b = find(&all, kind, binding);
+        assert_eq!(b["subjects"][0]["name"], sa, "{binding}");
+        assert_eq!(b["subjects"][0]["namespace"], NAMESPACE, "{binding}");
+    }
+}
+
+#[test]
+fn agent_daemonset_runs_everywhere_with_two_capabilities() {
+    let all = docs(&render(&[]).unwrap());
+    let ds = find(&all, "DaemonSet", "underlay-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["serviceAccountName"], "underlay-agent");
+    let tolerations = pod["tolerations"].as_sequence().unwrap();
+    for effect in ["NoSchedule", "NoExecute"] {
+        assert!(
+            tolerations
+                .iter()
+                .any(|t| t["operator"] == "Exists" && t["key"].is_null() && t["effect"] == effect),
+            "no blanket toleration for {effect} (so {} would keep the agent off its node)",
+            names::TAINT_NOT_READY
+        );
+    }
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        "10%"
+    );
+    // The only privileged step: the sysctls the agent checks, written before it starts.
+    let inits = pod["initContainers"].as_sequence().unwrap();
+    assert_eq!(inits.len(), 1);
+    assert_eq!(inits[0]["securityContext"]["privileged"], true);
+    let script = strs(&inits[0]["command"]).join(" ");
+    for key in [
+        "ip_forward",
+        "send_redirects",
+        "accept_redirects",
+        "rp_filter",
+    ] {
+        assert!(
+            script.contains(key),
+            "the init container does not set {key}"
+        );
+    }
+    let c = container(ds, "agent");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN", "SYS_ADMIN"]);
+    assert_eq!(c["ports"][0]["containerPort"], names::AGENT_HEALTH_PORT);
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        c["env"][0],
+        serde_yaml::from_str::<Value>(
+            "{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}"
+        )
+        .unwrap()
+    );
+    let args = strs(&c["args"]);
+    let health = format!("--health-addr=0.0.0.0:{}", names::AGENT_HEALTH_PORT);
+    let state = Path::new(names::AGENT_SOCKET).parent().unwrap();
+    for want in [
+        "agent".to_string(),
+        "--kube".into(),
+        "--pod-cidr=100.64.0.0/10".into(),
+        "--vpc-cidr=198.18.0.0/15".into(),
+        health,
+        format!("--state-dir={}", state.display()),
+        format!("--socket={}", names::AGENT_SOCKET),
+        format!("--cni-bin-dir={}", names::CNI_BIN_DIR),
+        format!("--cni-conf-dir={}", names::CNI_CONF_DIR),
+    ] {
+        assert!(args.contains(&want), "agent args {args:?} lack {want}");
+    }
+    // The host directories are mounted at their own paths (the CNI configuration names the socket's).
+    let mounts: BTreeSet<String> = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_string())
+        .collect();
+    let host: BTreeSet<String> = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v["hostPath"]["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(mounts, host);
+    for dir in [
+        names::CNI_BIN_DIR,
+        names::CNI_CONF_DIR,
+        &state.display().to_string(),
+    ] {
+        assert!(mounts.contains(dir), "{dir} not mounted");
+    }
+}
+
+#[test]
+fn controller_runs_on_the_host_network_unprivileged() {
+    let all = docs(&render(&[]).unwrap());
+    let d = find(&all, "Deployment", "underlay-controller");
+    assert_eq!(d["spec"]["replicas"], 2);
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "underlay-controller");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert!(
+        pod["tolerations"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|t| t["key"] == names::TAINT_NOT_READY && t["effect"] == "NoSchedule"),
+        "the controller must start on nodes still tainted {}",
+        names::TAINT_NOT_READY
+    );
+    assert!(
+        !pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            .is_null()
+    );
+    let c = container(d, "controller");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert!(sc["capabilities"]["add"].is_null());
+    assert_eq!(
+        c["ports"][0]["containerPort"],
+        names::CONTROLLER_HEALTH_PORT
+    );
+    // Lease identity: the pod's name, not the node's (hostNetwork makes HOSTNAME the node's).
+    assert_eq!(c["env"][0]["name"], "HOSTNAME");
+    assert_eq!(
+        c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    let args = strs(&c["args"]);
+    for want in [
+        "controller",
+        "--vpc=vpc-CHANGEME",
+        "--pod-cidr=100.64.0.0/10",
+        "--block=26",
+        "--route-limit=50",
+        "--lease-namespace=kube-system",
+        "--health-addr=0.0.0.0:9651",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{args:?} lacks {want}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--mode")), "{args:?}");
+    let pdb = find(&all, "PodDisruptionBudget", "underlay-controller");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let sa = find(&all, "ServiceAccount", "underlay-controller");
+    assert!(
+        !sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_null(),
+        "IRSA role annotation placeholder"
+    );
+}
+
+#[test]
+fn eni_mode_renders_the_eni_flags() {
+    let all = docs(&render(ENI_VALUES).unwrap());
+    let args = strs(
+        &container(
+            find(&all, "Deployment", "underlay-controller"),
+            "controller",
+        )["args"],
+    );
+    for want in [
+        "--mode=eni",
+        "--cluster-name=prod",
+        "--warm-ip-target=5",
+        "--minimum-ip-target=10",
+        "--warm-prefix-target=1",
+        "--prefix-delegation",
+        "--eni-subnet=us-east-1a=subnet-0aaa",
+        "--eni-subnet=us-east-1b=subnet-0bbb",
+        "--eni-security-group=sg-01",
+        "--eni-security-group=sg-02",
+        "--fill-at-join",
+        "--release-delay-secs=60",
+        "--vpc=vpc-CHANGEME",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{args:?} lacks {want}");
+    }
+    assert!(
+        !args.iter().any(|a| a.starts_with("--pod-cidr")),
+        "{args:?}"
+    );
+    let agent = strs(&container(find(&all, "DaemonSet", "underlay-agent"), "agent")["args"]);
+    assert!(agent.iter().any(|a| a == "--external-snat"), "{agent:?}");
+    assert!(
+        !agent.iter().any(|a| a.starts_with("--pod-cidr")),
+        "{agent:?}"
+    );
+    // Routed mode never passes the eni flags.
+    let routed = docs(&render(&[]).unwrap());
+    let agent = strs(&container(find(&routed, "DaemonSet", "underlay-agent"), "agent")["args"]);
+    assert!(!agent.iter().any(|a| a == "--external-snat"));
+}

@@ -144,6 +144,9 @@ pub struct EniView {
     /// Secondary addresses (the primary excluded).
     pub addresses: Vec<Ipv4Addr>,
     pub prefixes: Vec<Ipv4Net>,
+    /// Whether its addresses are the pool's: false for an attached ENI underlay does not own (it only holds its
+    /// device index).
+    pub pods: bool,
 }
 
 impl EniView {
@@ -293,8 +296,9 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
     let slots = input.limits.slots_per_eni();
     let max_enis = input.limits.max_enis;
     let carries = |e: &EniView| {
-        e.device_index
-            .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
+        e.pods
+            && e.device_index
+                .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
     };
     let cap = input.limits.pod_enis(input.use_primary) * slots;
     let (want_raw, high_raw) = wanted_units(input, cap);
@@ -319,7 +323,11 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
 
     // Unattached ENIs created for this node: attach them where there is room, delete the others.
     let mut adopted = Vec::new();
-    for e in input.enis.iter().filter(|e| e.device_index.is_none()) {
+    for e in input
+        .enis
+        .iter()
+        .filter(|e| e.device_index.is_none() && e.pods)
+    {
         match free_index(&mut taken) {
             Some(device_index) => {
                 ops.push(PoolOp::AttachEni {
@@ -409,8 +417,9 @@ fn release(
         .enis
         .iter()
         .filter(|e| {
-            e.device_index
-                .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
+            e.pods
+                && e.device_index
+                    .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
         })
         .chain(adopted.iter())
         .collect();
@@ -477,6 +486,7 @@ mod tests {
                 .map(|n| Ipv4Addr::from(0xc612_0000 + n))
                 .collect(),
             prefixes: Vec::new(),
+            pods: true,
         }
     }
 
@@ -639,6 +649,34 @@ mod tests {
     }
 
     #[test]
+    fn an_eni_underlay_does_not_own_keeps_its_device_index_and_gets_no_addresses() {
+        let enis = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            EniView {
+                pods: false,
+                ..mk_eni("eni-foreign", Some(1), &[])
+            },
+        ];
+        let used = Used::Count(9);
+        let plan = plan_pool(&mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            Targets::default(),
+            &enis,
+            &used,
+        ));
+        assert_eq!(
+            plan.ops,
+            vec![PoolOp::CreateEni {
+                device_index: 2,
+                units: 9
+            }]
+        );
+        // A full primary ENI and one warm ENI.
+        assert_eq!(plan.want, 18);
+    }
+
+    #[test]
     fn excess_waits_for_the_release_delay_then_releases_only_free_addresses() {
         let enis = [
             mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
@@ -717,6 +755,7 @@ mod tests {
                         device_index: Some(*device_index),
                         addresses,
                         prefixes: Vec::new(),
+                        pods: true,
                     });
                 }
                 PoolOp::AssignIps { eni, count } => {
@@ -799,9 +838,9 @@ mod tests {
             let limits = PoolLimits::from(t);
             let mode = if prefixes && t.nitro { AddressMode::Prefixes } else { AddressMode::SecondaryIps };
             let mut next = 0u32;
-            let mut enis = vec![EniView { id: "eni-primary".into(), device_index: Some(0), addresses: vec![], prefixes: vec![] }];
+            let mut enis = vec![EniView { id: "eni-primary".into(), device_index: Some(0), addresses: vec![], prefixes: vec![], pods: true }];
             for i in 0..orphans {
-                enis.push(EniView { id: format!("eni-orphan-{i}"), device_index: None, addresses: vec![], prefixes: vec![] });
+                enis.push(EniView { id: format!("eni-orphan-{i}"), device_index: None, addresses: vec![], prefixes: vec![], pods: true });
             }
             let release_delay = Duration::from_secs(30);
             let mut now = Duration::ZERO;

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod controller;
+pub mod eni;
 pub mod kube;
 pub mod lanes;
 pub mod probe;
@@ -23,6 +24,7 @@ pub mod srcdst;
 
 pub use config::{ClusterNode, ControllerConfig, ManagedTables, ProbeConfig, RoutedConfig};
 pub use controller::{Controller, ControllerEvent, PassReport};
+pub use eni::{EniNode, EniPassReport, EniReconciler, EniSettings, NodeReport};
 pub use lanes::{CloudLanes, OneLane, Priority, TwoLanes};
 pub use probe::{HealthProber, HttpProber, ProbeTarget, Prober};
 pub use routes::{Outcome, ReconcileError, ReconcileReport, RouteReconciler, apply_route_op};

@@ -145,6 +145,10 @@ pub struct RateLimits {
     pub resource: BucketLimits,
     /// CreateTags's own bucket.
     pub create_tags: BucketLimits,
+    /// Limits of single resource-rate actions' buckets that differ from `resource` (e.g. a caller's own pacing
+    /// of one action with a headroom of its own).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_action: BTreeMap<Operation, BucketLimits>,
 }
 
 impl Default for RateLimits {
@@ -176,6 +180,7 @@ impl RateLimits {
                 capacity: 100.0,
                 refill_per_sec: 10.0,
             },
+            per_action: BTreeMap::new(),
         }
     }
 
@@ -191,7 +196,34 @@ impl RateLimits {
             mutating: s(self.mutating),
             resource: s(self.resource),
             create_tags: s(self.create_tags),
+            per_action: self.per_action.iter().map(|(o, b)| (*o, s(*b))).collect(),
         }
+    }
+
+    /// Every bucket's capacity lowered by what `jitter` (the spread of the time between taking a token and the
+    /// call reaching EC2) lets bunch up, plus one. A caller pacing itself with these limits never exceeds the
+    /// real buckets: calls granted in any window of length `w` reach EC2 within a window of `w + jitter`, and
+    /// `capacity - refill·jitter - 1 + refill·(w + jitter) < capacity + refill·w`.
+    pub fn less_headroom(&self, jitter: Duration) -> Self {
+        let h = |b: BucketLimits| BucketLimits {
+            capacity: (b.capacity - (b.refill_per_sec * jitter.as_secs_f64()).ceil() - 1.0)
+                .max(1.0),
+            refill_per_sec: b.refill_per_sec,
+        };
+        Self {
+            describe: h(self.describe),
+            unfiltered_describe: h(self.unfiltered_describe),
+            mutating: h(self.mutating),
+            resource: h(self.resource),
+            create_tags: h(self.create_tags),
+            per_action: self.per_action.iter().map(|(o, b)| (*o, h(*b))).collect(),
+        }
+    }
+
+    /// These limits with `op`'s own bucket set to `limits` (only resource-rate actions have one).
+    pub fn with_action(mut self, op: Operation, limits: BucketLimits) -> Self {
+        self.per_action.insert(op, limits);
+        self
     }
 
     pub fn limits(&self, bucket: Bucket) -> BucketLimits {
@@ -199,8 +231,20 @@ impl RateLimits {
             Bucket::Describe => self.describe,
             Bucket::UnfilteredDescribe => self.unfiltered_describe,
             Bucket::Mutating => self.mutating,
+            Bucket::Resource(op) if self.per_action.contains_key(&op) => self.per_action[&op],
             Bucket::Resource(Operation::CreateTags) => self.create_tags,
             Bucket::Resource(_) => self.resource,
+        }
+    }
+}
+
+impl BucketLimits {
+    /// Capacity lowered by what `jitter` lets bunch up (see [`RateLimits::less_headroom`]).
+    pub fn less_headroom(self, jitter: Duration) -> Self {
+        Self {
+            capacity: (self.capacity - (self.refill_per_sec * jitter.as_secs_f64()).ceil() - 1.0)
+                .max(1.0),
+            refill_per_sec: self.refill_per_sec,
         }
     }
 }
@@ -335,6 +379,28 @@ mod tests {
         assert_eq!(
             Operation::CreateNetworkInterface.bucket(false),
             Bucket::Resource(Operation::CreateNetworkInterface)
+        );
+    }
+
+    #[test]
+    fn headroom_takes_what_jitter_can_bunch_up() {
+        let l = RateLimits::aws_default().less_headroom(Duration::from_millis(1200));
+        assert_eq!(l.mutating.capacity, 50.0 - 6.0 - 1.0);
+        assert_eq!(l.mutating.refill_per_sec, 5.0);
+        assert_eq!(l.describe.capacity, 100.0 - 24.0 - 1.0);
+        let modify = Operation::ModifyNetworkInterfaceAttribute;
+        let own = l
+            .limits(Bucket::Resource(modify))
+            .less_headroom(Duration::from_secs(1));
+        let l = l.with_action(modify, own);
+        assert_eq!(
+            l.limits(Bucket::Resource(modify)).capacity,
+            100.0 - 6.0 - 1.0 - 5.0 - 1.0
+        );
+        assert_eq!(
+            l.limits(Bucket::Resource(Operation::AssignPrivateIpAddresses))
+                .capacity,
+            100.0 - 6.0 - 1.0
         );
     }
 

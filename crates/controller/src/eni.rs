@@ -102,9 +102,16 @@ pub struct NodeReport {
     pub pool: Pool,
     pub pool_size: u32,
     pub max_pods: u32,
+    /// When the node's ops finished, on the reconciler's clock (time since it was created).
+    pub finished_at: Duration,
 }
 
 impl NodeReport {
+    /// After the pass the pool is non-empty and holds at least what the targets ask for.
+    pub fn ready(&self) -> bool {
+        self.applied && self.pool_size > 0 && self.pool_size >= self.plan.want
+    }
+
     /// The pool was within its targets before the pass and nothing needed doing.
     pub fn converged(&self) -> bool {
         self.plan.ops.is_empty() && self.plan.within_targets()
@@ -223,45 +230,27 @@ impl EniReconciler {
     /// One pass over `nodes`: observe, plan, apply, collect. Errors of one node never stop the others.
     pub async fn pass(&self, nodes: &[EniNode]) -> EniPassReport {
         let mut report = EniPassReport::default();
-        let mut instances: BTreeMap<InstanceId, Instance> = BTreeMap::new();
         let ids: Vec<InstanceId> = nodes.iter().map(|n| n.instance.clone()).collect();
-        for chunk in ids.chunks(DESCRIBE_CHUNK) {
-            let filter = InstanceFilter {
-                ids: chunk.to_vec(),
-                vpc: None,
-            };
-            match self.cloud.describe_instances(&filter).await {
+        let filter = EniFilter {
+            tags: Tags::from([(TAG_CLUSTER.to_owned(), self.settings.cluster_name.clone())]),
+            ..EniFilter::default()
+        };
+        // Every describe at once: they draw from the same (large) bucket and nothing else waits on one of them.
+        let (described, cluster_enis) = futures::join!(
+            futures::future::join_all(ids.chunks(DESCRIBE_CHUNK).map(|c| self.describe_chunk(c))),
+            self.cloud.describe_network_interfaces(&filter),
+        );
+        let mut instances: BTreeMap<InstanceId, Instance> = BTreeMap::new();
+        for chunk in described {
+            match chunk {
                 Ok(found) => instances.extend(found.into_iter().map(|i| (i.id.clone(), i))),
-                Err(e) if e.is_not_found() => {
-                    // Some id is gone: EC2 fails the whole call. Ask one by one.
-                    for id in chunk {
-                        let one = InstanceFilter {
-                            ids: vec![id.clone()],
-                            vpc: None,
-                        };
-                        match self.cloud.describe_instances(&one).await {
-                            Ok(found) => {
-                                instances.extend(found.into_iter().map(|i| (i.id.clone(), i)))
-                            }
-                            Err(e) if e.is_not_found() => {}
-                            Err(e) => {
-                                report.errors.push(format!("DescribeInstances: {e}"));
-                                return report;
-                            }
-                        }
-                    }
-                }
                 Err(e) => {
                     report.errors.push(format!("DescribeInstances: {e}"));
                     return report;
                 }
             }
         }
-        let filter = EniFilter {
-            tags: Tags::from([(TAG_CLUSTER.to_owned(), self.settings.cluster_name.clone())]),
-            ..EniFilter::default()
-        };
-        let cluster_enis = match self.cloud.describe_network_interfaces(&filter).await {
+        let cluster_enis = match cluster_enis {
             Ok(enis) => enis,
             Err(e) => {
                 report
@@ -270,9 +259,6 @@ impl EniReconciler {
                 return report;
             }
         };
-        if let Err(e) = self.learn_subnets(instances.values()).await {
-            report.errors.push(format!("DescribeSubnets: {e}"));
-        }
 
         // Plan every live node.
         let now = self.now();
@@ -320,24 +306,75 @@ impl EniReconciler {
             |(node, instance, observed, plan, use_primary, max_pods)| async move {
                 let mut observed = observed;
                 let result = self.apply(instance, &mut observed, &plan.ops).await;
-                let (pool, pool_size) = self.pool_status(&observed, use_primary);
-                NodeReport {
-                    name: node.name.clone(),
-                    instance: node.instance.clone(),
+                let finished_at = self.now();
+                (
+                    node,
+                    observed,
                     plan,
-                    applied: result.is_ok(),
-                    error: result.err().map(|e| e.to_string()),
-                    pool,
-                    pool_size,
+                    result,
+                    use_primary,
                     max_pods,
-                }
+                    finished_at,
+                )
             },
         );
-        report.nodes = futures::future::join_all(applies).await;
+        // Subnet CIDRs (for the status only) are learnt while the work runs.
+        let (applied, subnets) = futures::join!(
+            futures::future::join_all(applies),
+            self.learn_subnets(instances.values())
+        );
+        if let Err(e) = subnets {
+            report.errors.push(format!("DescribeSubnets: {e}"));
+        }
+        report.nodes = applied
+            .into_iter()
+            .map(
+                |(node, observed, plan, result, use_primary, max_pods, finished_at)| {
+                    let (pool, pool_size) = self.pool_status(&observed, use_primary);
+                    NodeReport {
+                        name: node.name.clone(),
+                        instance: node.instance.clone(),
+                        plan,
+                        applied: result.is_ok(),
+                        error: result.err().map(|e| e.to_string()),
+                        pool,
+                        pool_size,
+                        max_pods,
+                        finished_at,
+                    }
+                },
+            )
+            .collect();
 
         let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();
         self.collect(&cluster_enis, &live, &mut report).await;
         report
+    }
+
+    /// DescribeInstances for some ids. EC2 fails the whole call when one id is unknown; then ask one by one.
+    async fn describe_chunk(&self, ids: &[InstanceId]) -> Result<Vec<Instance>, CloudError> {
+        let filter = InstanceFilter {
+            ids: ids.to_vec(),
+            vpc: None,
+        };
+        match self.cloud.describe_instances(&filter).await {
+            Err(e) if e.is_not_found() => {
+                let mut found = Vec::new();
+                for id in ids {
+                    let one = InstanceFilter {
+                        ids: vec![id.clone()],
+                        vpc: None,
+                    };
+                    match self.cloud.describe_instances(&one).await {
+                        Ok(i) => found.extend(i),
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(found)
+            }
+            other => other,
+        }
     }
 
     async fn learn_subnets<'a>(

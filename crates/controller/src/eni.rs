@@ -126,6 +126,8 @@ pub struct EniPassReport {
     pub gone: Vec<String>,
     /// ENIs deleted by the leaked-ENI collector.
     pub collected: Vec<EniId>,
+    /// `available` ENIs of the cluster no live node claims, still within the grace period.
+    pub awaiting_collection: usize,
     pub errors: Vec<String>,
 }
 
@@ -134,6 +136,7 @@ impl EniPassReport {
     pub fn quiet(&self) -> bool {
         self.nodes.iter().all(NodeReport::converged)
             && self.collected.is_empty()
+            && self.awaiting_collection == 0
             && self.errors.is_empty()
     }
 }
@@ -675,6 +678,8 @@ impl EniReconciler {
                 let since = *memory.available_since.entry(e.id.clone()).or_insert(now);
                 if now.saturating_sub(since) >= self.settings.gc_grace {
                     due.push(e.id.clone());
+                } else {
+                    report.awaiting_collection += 1;
                 }
             }
         }

@@ -95,6 +95,32 @@ impl EniWorld {
     }
 }
 
+/// The node's agent reports `k` addresses of its pool as used (the first ones, ENIs by device index), or every
+/// address when the pool holds fewer.
+pub fn use_addresses(w: &mut EniWorld, node: usize, k: usize) {
+    let snap = w.sim.snapshot();
+    let mut enis: Vec<_> = snap
+        .enis
+        .iter()
+        .filter(|e| {
+            e.attachment
+                .as_ref()
+                .is_some_and(|a| a.instance == w.nodes[node].instance)
+        })
+        .collect();
+    enis.sort_by_key(|e| e.attachment.as_ref().map(|a| a.device_index));
+    let pool = enis.iter().flat_map(|e| {
+        e.secondary_ips
+            .iter()
+            .copied()
+            .chain(e.prefixes.iter().flat_map(|p| {
+                let base = u32::from(p.network());
+                (base..base + 16).map(Ipv4Addr::from)
+            }))
+    });
+    w.nodes[node].used = Used::Known(pool.take(k).collect());
+}
+
 /// Pass until a pass finds every node within its targets with nothing to do and nothing to collect.
 pub async fn converge(r: &EniReconciler, nodes: &[EniNode], max_passes: usize) -> EniPassReport {
     let mut last = None;

@@ -104,6 +104,11 @@ pub struct NodeReport {
     pub max_pods: u32,
     /// When the node's ops finished, on the reconciler's clock (time since it was created).
     pub finished_at: Duration,
+    /// Where the instance sits (for the UnderlayNode spec).
+    pub zone: String,
+    pub subnet: SubnetId,
+    pub node_ip: Ipv4Addr,
+    pub primary_eni: Option<String>,
 }
 
 impl NodeReport {
@@ -312,6 +317,7 @@ impl EniReconciler {
                 let finished_at = self.now();
                 (
                     node,
+                    instance,
                     observed,
                     plan,
                     result,
@@ -332,7 +338,7 @@ impl EniReconciler {
         report.nodes = applied
             .into_iter()
             .map(
-                |(node, observed, plan, result, use_primary, max_pods, finished_at)| {
+                |(node, instance, observed, plan, result, use_primary, max_pods, finished_at)| {
                     let (pool, pool_size) = self.pool_status(&observed, use_primary);
                     NodeReport {
                         name: node.name.clone(),
@@ -344,6 +350,10 @@ impl EniReconciler {
                         pool_size,
                         max_pods,
                         finished_at,
+                        zone: instance.zone.clone(),
+                        subnet: instance.subnet.clone(),
+                        node_ip: instance.private_ip,
+                        primary_eni: instance.primary_eni().map(|e| e.id.to_string()),
                     }
                 },
             )

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod controller;
 pub mod eni;
+pub mod eni_kube;
 pub mod kube;
 pub mod lanes;
 pub mod probe;

@@ -163,6 +163,8 @@ struct Memory {
     /// When each `available` cluster ENI was first seen so.
     available_since: BTreeMap<EniId, Duration>,
     subnet_cidrs: BTreeMap<SubnetId, Ipv4Net>,
+    /// Limits of instance types the built-in table lacks, from DescribeInstanceTypes.
+    described_types: BTreeMap<String, PoolLimits>,
 }
 
 /// The `eni`-mode reconciler. Holds no state EC2 does not also hold, except timers (release delay, GC grace)
@@ -214,7 +216,37 @@ impl EniReconciler {
     }
 
     fn limits_of(&self, instance_type: &str) -> Option<PoolLimits> {
-        instance_types::lookup(instance_type).map(PoolLimits::from)
+        instance_types::lookup(instance_type)
+            .map(PoolLimits::from)
+            .or_else(|| self.memory().described_types.get(instance_type).copied())
+    }
+
+    /// DescribeInstanceTypes for the types neither the built-in table nor an earlier describe knows.
+    async fn learn_types<'a>(
+        &self,
+        instances: impl Iterator<Item = &'a Instance>,
+    ) -> Result<(), CloudError> {
+        let unknown: BTreeSet<String> = instances
+            .map(|i| i.instance_type.clone())
+            .filter(|t| self.limits_of(t).is_none())
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let types: Vec<String> = unknown.into_iter().collect();
+        let described = self.cloud.describe_instance_types(&types).await?;
+        let mut memory = self.memory();
+        for t in described {
+            memory.described_types.insert(
+                t.instance_type,
+                PoolLimits {
+                    max_enis: t.max_enis,
+                    ipv4_per_eni: t.ipv4_per_eni,
+                    vcpus: t.vcpus,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Max pods of a node of `instance_type` in `zone` under these settings (the max-pods annotation).
@@ -267,6 +299,10 @@ impl EniReconciler {
                 return report;
             }
         };
+
+        if let Err(e) = self.learn_types(instances.values()).await {
+            report.errors.push(format!("DescribeInstanceTypes: {e}"));
+        }
 
         // Plan every live node.
         let now = self.now();

@@ -10,6 +10,7 @@
 //!
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
+pub mod eni_pool;
 pub mod health;
 pub mod instance_types;
 pub mod ipam;

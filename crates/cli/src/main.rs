@@ -16,7 +16,8 @@ struct Cli {
 enum Command {
     /// Print the names underlay owns in the kernel and in Kubernetes.
     Names(commands::names::Args),
-    /// Run the routed-mode controller: Kubernetes through kube-rs, EC2 through aws-sdk-ec2 (the only EC2 caller).
+    /// Run the controller (`--mode routed` or `eni`): Kubernetes through kube-rs, EC2 through aws-sdk-ec2 (the only
+    /// EC2 caller).
     Controller(commands::controller::Args),
     /// Run the node agent: the IPAM service for underlay-cni, the CNI configuration and plugin install.
     Agent(commands::agent::Args),

@@ -82,3 +82,53 @@ fn a_taken_health_address_is_reported_before_anything_else() {
         "{stderr}"
     );
 }
+
+#[test]
+fn eni_mode_takes_its_flags_and_needs_a_cluster_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = underlay()
+        .args([
+            "controller",
+            "--mode",
+            "eni",
+            "--cluster-name",
+            "prod",
+            "--warm-ip-target",
+            "5",
+            "--minimum-ip-target",
+            "10",
+            "--eni-subnet",
+            "us-east-1a=subnet-0abc",
+            "--eni-subnet",
+            "us-east-1b=subnet-0def",
+            "--eni-security-group",
+            "sg-1",
+            "--fill-at-join",
+            "--release-delay-secs",
+            "60",
+            "--region",
+            "us-east-1",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--health-addr",
+            "127.0.0.1:0",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("missing"))
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Kubernetes client configuration"), "{err}");
+
+    let out = underlay()
+        .args(["controller", "--mode", "eni"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cluster-name"));
+    let out = underlay().args(["controller"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vpc"));
+}

@@ -136,8 +136,11 @@ impl ControllerMode {
 
 impl Operation {
     /// Whether a controller in `mode` issues this call. Every describe in both modes (read-only; EC2 cannot
-    /// scope them to resources anyway); routed mode adds the route calls and source/dest check
-    /// (ModifyNetworkInterfaceAttribute); eni mode adds the ENI lifecycle, address and tag calls on top.
+    /// scope them to resources anyway) and ModifyNetworkInterfaceAttribute (routed: source/dest check off; eni:
+    /// DeleteOnTermination after an attach); routed mode adds the route calls; eni mode adds creating (with
+    /// tags on create), attaching and deleting ENIs and assigning and unassigning addresses and prefixes.
+    /// Nothing detaches an ENI: pod ENIs go with their instance (DeleteOnTermination) or, when left
+    /// `available`, are deleted by the collector.
     pub fn used_in(self, mode: ControllerMode) -> bool {
         match self {
             Operation::DescribeVpcs
@@ -146,17 +149,17 @@ impl Operation {
             | Operation::DescribeInstances
             | Operation::DescribeInstanceTypes
             | Operation::DescribeNetworkInterfaces
-            | Operation::CreateRoute
-            | Operation::ReplaceRoute
-            | Operation::DeleteRoute
             | Operation::ModifyNetworkInterfaceAttribute => true,
+            Operation::CreateRoute | Operation::ReplaceRoute | Operation::DeleteRoute => {
+                mode == ControllerMode::Routed
+            }
             Operation::CreateNetworkInterface
             | Operation::AttachNetworkInterface
-            | Operation::DetachNetworkInterface
             | Operation::DeleteNetworkInterface
             | Operation::AssignPrivateIpAddresses
             | Operation::UnassignPrivateIpAddresses
             | Operation::CreateTags => mode == ControllerMode::Eni,
+            Operation::DetachNetworkInterface => false,
         }
     }
 
@@ -215,6 +218,10 @@ pub struct RateLimits {
     pub resource: BucketLimits,
     /// CreateTags's own bucket.
     pub create_tags: BucketLimits,
+    /// Limits of single resource-rate actions' buckets that differ from `resource` (e.g. a caller's own pacing
+    /// of one action with a headroom of its own).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_action: BTreeMap<Operation, BucketLimits>,
 }
 
 impl Default for RateLimits {
@@ -246,6 +253,7 @@ impl RateLimits {
                 capacity: 100.0,
                 refill_per_sec: 10.0,
             },
+            per_action: BTreeMap::new(),
         }
     }
 
@@ -261,7 +269,34 @@ impl RateLimits {
             mutating: s(self.mutating),
             resource: s(self.resource),
             create_tags: s(self.create_tags),
+            per_action: self.per_action.iter().map(|(o, b)| (*o, s(*b))).collect(),
         }
+    }
+
+    /// Every bucket's capacity lowered by what `jitter` (the spread of the time between taking a token and the
+    /// call reaching EC2) lets bunch up, plus one. A caller pacing itself with these limits never exceeds the
+    /// real buckets: calls granted in any window of length `w` reach EC2 within a window of `w + jitter`, and
+    /// `capacity - refill·jitter - 1 + refill·(w + jitter) < capacity + refill·w`.
+    pub fn less_headroom(&self, jitter: Duration) -> Self {
+        let h = |b: BucketLimits| BucketLimits {
+            capacity: (b.capacity - (b.refill_per_sec * jitter.as_secs_f64()).ceil() - 1.0)
+                .max(1.0),
+            refill_per_sec: b.refill_per_sec,
+        };
+        Self {
+            describe: h(self.describe),
+            unfiltered_describe: h(self.unfiltered_describe),
+            mutating: h(self.mutating),
+            resource: h(self.resource),
+            create_tags: h(self.create_tags),
+            per_action: self.per_action.iter().map(|(o, b)| (*o, h(*b))).collect(),
+        }
+    }
+
+    /// These limits with `op`'s own bucket set to `limits` (only resource-rate actions have one).
+    pub fn with_action(mut self, op: Operation, limits: BucketLimits) -> Self {
+        self.per_action.insert(op, limits);
+        self
     }
 
     pub fn limits(&self, bucket: Bucket) -> BucketLimits {
@@ -269,8 +304,20 @@ impl RateLimits {
             Bucket::Describe => self.describe,
             Bucket::UnfilteredDescribe => self.unfiltered_describe,
             Bucket::Mutating => self.mutating,
+            Bucket::Resource(op) if self.per_action.contains_key(&op) => self.per_action[&op],
             Bucket::Resource(Operation::CreateTags) => self.create_tags,
             Bucket::Resource(_) => self.resource,
+        }
+    }
+}
+
+impl BucketLimits {
+    /// Capacity lowered by what `jitter` lets bunch up (see [`RateLimits::less_headroom`]).
+    pub fn less_headroom(self, jitter: Duration) -> Self {
+        Self {
+            capacity: (self.capacity - (self.refill_per_sec * jitter.as_secs_f64()).ceil() - 1.0)
+                .max(1.0),
+            refill_per_sec: self.refill_per_sec,
         }
     }
 }
@@ -432,19 +479,53 @@ mod tests {
     }
 
     #[test]
-    fn eni_mode_is_a_superset_holding_every_call() {
-        let eni = Operation::for_mode(ControllerMode::Eni);
-        assert_eq!(eni, Operation::ALL.to_vec());
-        for op in Operation::for_mode(ControllerMode::Routed) {
-            assert!(op.used_in(ControllerMode::Eni), "{op}");
-        }
-        for op in [
-            Operation::CreateNetworkInterface,
-            Operation::AssignPrivateIpAddresses,
-            Operation::CreateTags,
-        ] {
-            assert!(!op.used_in(ControllerMode::Routed), "{op}");
-        }
+    fn headroom_takes_what_jitter_can_bunch_up() {
+        let l = RateLimits::aws_default().less_headroom(Duration::from_millis(1200));
+        assert_eq!(l.mutating.capacity, 50.0 - 6.0 - 1.0);
+        assert_eq!(l.mutating.refill_per_sec, 5.0);
+        assert_eq!(l.describe.capacity, 100.0 - 24.0 - 1.0);
+        let modify = Operation::ModifyNetworkInterfaceAttribute;
+        let own = l
+            .limits(Bucket::Resource(modify))
+            .less_headroom(Duration::from_secs(1));
+        let l = l.with_action(modify, own);
+        assert_eq!(
+            l.limits(Bucket::Resource(modify)).capacity,
+            100.0 - 6.0 - 1.0 - 5.0 - 1.0
+        );
+        assert_eq!(
+            l.limits(Bucket::Resource(Operation::AssignPrivateIpAddresses))
+                .capacity,
+            100.0 - 6.0 - 1.0
+        );
+    }
+
+    #[test]
+    fn eni_mode_calls_are_describes_and_the_eni_lifecycle_without_routes() {
+        let eni: Vec<&str> = Operation::for_mode(ControllerMode::Eni)
+            .into_iter()
+            .map(Operation::name)
+            .collect();
+        assert_eq!(
+            eni,
+            [
+                "DescribeVpcs",
+                "DescribeSubnets",
+                "DescribeRouteTables",
+                "DescribeInstances",
+                "DescribeInstanceTypes",
+                "DescribeNetworkInterfaces",
+                "CreateNetworkInterface",
+                "AttachNetworkInterface",
+                "DeleteNetworkInterface",
+                "AssignPrivateIpAddresses",
+                "UnassignPrivateIpAddresses",
+                "ModifyNetworkInterfaceAttribute",
+                "CreateTags",
+            ]
+        );
+        assert!(!Operation::DetachNetworkInterface.used_in(ControllerMode::Routed));
+        assert!(!Operation::DetachNetworkInterface.used_in(ControllerMode::Eni));
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct KubeOptions {
     /// Told `true` when this replica starts leading and `false` once its work has stopped (after losing the
     /// lease or at shutdown). For observers: health endpoints, metrics, tests.
     pub leading: Option<watch::Sender<bool>>,
+    /// `eni` mode: counts the leader's completed passes (a pass that listed the API and ran the reconciler), for
+    /// the readiness endpoint. Routed mode reports its passes as `ControllerEvent::Pass` instead.
+    pub passes: Option<watch::Sender<u64>>,
 }
 
 impl Default for KubeOptions {
@@ -101,6 +104,7 @@ impl Default for KubeOptions {
             renew_every: DEFAULT_RENEW_EVERY,
             retry_every: DEFAULT_RETRY_EVERY,
             leading: None,
+            passes: None,
         }
     }
 }
@@ -243,7 +247,7 @@ pub async fn run_routed_on_kube(
 // ───────────────────────────────────────── leader election ─────────────────────────────────────────
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum LeaseState {
+pub(crate) enum LeaseState {
     /// This replica holds the lease (acquired or renewed just now).
     Held,
     /// Another replica holds an unexpired lease.
@@ -256,7 +260,7 @@ enum LeaseState {
 /// whose record (holder, renew time, resourceVersion) has not changed for its duration, as seen from here, is
 /// free. No clock comparison across machines.
 #[derive(Debug)]
-struct Elector {
+pub(crate) struct Elector {
     api: Api<Lease>,
     identity: String,
     duration: Duration,
@@ -272,7 +276,7 @@ fn is_not_found(e: &::kube::Error) -> bool {
 }
 
 impl Elector {
-    fn new(api: Api<Lease>, identity: String, duration: Duration) -> Self {
+    pub(crate) fn new(api: Api<Lease>, identity: String, duration: Duration) -> Self {
         Self {
             api,
             identity,
@@ -309,7 +313,7 @@ impl Elector {
         }
     }
 
-    async fn try_acquire_or_renew(&mut self) -> Result<LeaseState, ::kube::Error> {
+    pub(crate) async fn try_acquire_or_renew(&mut self) -> Result<LeaseState, ::kube::Error> {
         let now = MicroTime(Timestamp::now());
         let pp = PostParams {
             field_manager: Some(names::FIELD_MANAGER_CONTROLLER.to_string()),
@@ -377,7 +381,7 @@ impl Elector {
     }
 
     /// Give the lease up (holder cleared) so another replica takes over without waiting for expiry.
-    async fn release(&mut self) -> Result<(), ::kube::Error> {
+    pub(crate) async fn release(&mut self) -> Result<(), ::kube::Error> {
         let Some(mut lease) = self.api.get_opt(names::LEADER_LEASE).await? else {
             return Ok(());
         };
@@ -579,7 +583,7 @@ pub fn in_plan(plan: &RoutedPlan, node: &str) -> bool {
             .any(|r| r.forwarder.as_deref() == Some(node))
 }
 
-fn ready(un: &UnderlayNode) -> bool {
+pub(crate) fn ready(un: &UnderlayNode) -> bool {
     un.status.as_ref().is_some_and(|s| {
         s.conditions
             .iter()
@@ -624,7 +628,7 @@ fn spec_of(inst: &NodeInstance) -> UnderlayNodeSpec {
     }
 }
 
-fn owner_ref(node: &Node) -> OwnerReference {
+pub(crate) fn owner_ref(node: &Node) -> OwnerReference {
     OwnerReference {
         api_version: "v1".to_string(),
         kind: "Node".to_string(),

@@ -15,6 +15,8 @@
 
 pub mod config;
 pub mod controller;
+pub mod eni;
+pub mod eni_kube;
 pub mod kube;
 pub mod lanes;
 pub mod metrics;
@@ -24,6 +26,7 @@ pub mod srcdst;
 
 pub use config::{ClusterNode, ControllerConfig, ManagedTables, ProbeConfig, RoutedConfig};
 pub use controller::{Controller, ControllerEvent, PassReport};
+pub use eni::{EniNode, EniPassReport, EniReconciler, EniSettings, NodeReport};
 pub use lanes::{CloudLanes, OneLane, Priority, TwoLanes};
 pub use probe::{HealthProber, HttpProber, ProbeTarget, Prober};
 pub use routes::{Outcome, ReconcileError, ReconcileReport, RouteReconciler, apply_route_op};

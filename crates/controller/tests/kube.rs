@@ -214,6 +214,7 @@ fn start_tuned(
         renew_every: renew,
         retry_every: Duration::from_millis(200),
         leading: Some(leading_tx),
+        passes: None,
     };
     let mut config = ControllerConfig::new(w.config());
     config.probe.interval = Duration::from_millis(100);

@@ -324,6 +324,7 @@ async fn start(w: &World, api: &ApiSim, identity: &str, prober: Arc<dyn Prober>)
         renew_every: Duration::from_millis(300),
         retry_every: Duration::from_millis(100),
         leading: Some(leading_tx),
+        passes: None,
     };
     let mut config = ControllerConfig::new(w.config());
     config.probe.interval = Duration::from_millis(100);

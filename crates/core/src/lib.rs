@@ -11,6 +11,7 @@
 //! Every name the project owns in the kernel and in Kubernetes lives in [`names`].
 
 pub mod eni;
+pub mod eni_pool;
 pub mod health;
 pub mod instance_types;
 pub mod ipam;

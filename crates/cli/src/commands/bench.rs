@@ -14,6 +14,9 @@ enum Kind {
     Cni(super::bench_cni::Args),
     /// A whole lab (60 nodes, 600 pods): build time, time to untaint, latency per path class, memory.
     Lab(super::bench_lab::Args),
+    /// eni mode: N nodes join at once; time until every pool is at its targets, EC2 calls, throttles, and the
+    /// token-bucket lower bound.
+    Scaleout(super::bench_scaleout::Args),
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -21,5 +24,6 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Kind::Plan(a) => super::bench_plan::exec(a),
         Kind::Cni(a) => super::bench_cni::exec(a),
         Kind::Lab(a) => super::bench_lab::exec(a),
+        Kind::Scaleout(a) => super::bench_scaleout::exec(a),
     }
 }

@@ -1,6 +1,7 @@
-//! `underlay controller`: the routed-mode controller on a cluster — Kubernetes through kube-rs (in-cluster or
-//! kubeconfig), EC2 through aws-sdk-ec2 behind the rate-aware queue. The same `run_routed_on_kube` the lab runs.
-//! Serves `/healthz`, `/readyz` and `/metrics` on `--health-addr` (docs/metrics.md).
+//! `underlay controller`: the controller on a cluster — Kubernetes through kube-rs (in-cluster or kubeconfig), EC2
+//! through aws-sdk-ec2 behind the rate-aware queue. `--mode routed` (default) runs `run_routed_on_kube`, the same
+//! the lab runs; `--mode eni` runs `run_eni_on_kube`. Serves `/healthz`, `/readyz` and `/metrics` on
+//! `--health-addr` (docs/metrics.md).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,24 +11,38 @@ use anyhow::Context;
 use ipnet::Ipv4Net;
 use prometheus_client::registry::Registry;
 use underlay_cloud::queue::QueueConfig;
-use underlay_cloud::{CloudMetrics, VpcId};
+use underlay_cloud::{CloudMetrics, SecurityGroupId, SubnetId, VpcId};
 use underlay_cloud_aws::{AwsOptions, Ec2Cloud};
 use underlay_controller::config::DEFAULT_RESYNC;
+use underlay_controller::eni::EniSettings;
+use underlay_controller::eni_kube::{DEFAULT_ENI_RESYNC, run_eni_on_kube};
 use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
 use underlay_controller::metrics::{
     ControllerHealth, ControllerMetrics, MetricsServer, STALE_PASSES, observe,
 };
 use underlay_controller::{CloudLanes, ControllerConfig, RoutedConfig, TwoLanes};
+use underlay_core::eni_pool::{AddressMode, Targets};
 use underlay_core::names;
+
+/// Address mode of the cluster's pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Routed,
+    Eni,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The cluster's VPC (vpc-…).
-    #[arg(long)]
-    vpc: String,
-    /// The cluster pod CIDR; every route inside it in a managed table is underlay's.
-    #[arg(long)]
-    pod_cidr: Ipv4Net,
+    #[arg(long, value_enum, default_value = "routed")]
+    mode: Mode,
+    /// The cluster's VPC (vpc-…). Routed mode.
+    #[arg(long, required_if_eq("mode", "routed"))]
+    vpc: Option<String>,
+    /// The cluster pod CIDR; every route inside it in a managed table is underlay's. Routed mode.
+    #[arg(long, required_if_eq("mode", "routed"))]
+    pod_cidr: Option<Ipv4Net>,
+    #[command(flatten)]
+    eni: EniArgs,
     /// Pod block per node (prefix length).
     #[arg(long, default_value_t = 26)]
     block: u8,
@@ -62,7 +77,90 @@ fn default_health_addr() -> SocketAddr {
     )
 }
 
+/// `--mode eni` knobs (amazon-vpc-cni's meanings for the targets).
+#[derive(Debug, clap::Args)]
+struct EniArgs {
+    /// Value of the `underlay.dev/cluster` tag on the ENIs this controller creates and collects.
+    #[arg(long, required_if_eq("mode", "eni"))]
+    cluster_name: Option<String>,
+    /// Free addresses to keep on each node.
+    #[arg(long)]
+    warm_ip_target: Option<u32>,
+    /// Addresses each node holds at least.
+    #[arg(long)]
+    minimum_ip_target: Option<u32>,
+    /// Free /28 prefixes to keep on each node (with --prefix-delegation).
+    #[arg(long)]
+    warm_prefix_target: Option<u32>,
+    /// Delegate /28 prefixes instead of secondary addresses (Nitro instances).
+    #[arg(long)]
+    prefix_delegation: bool,
+    /// Pod ENIs of nodes in ZONE go to this subnet (custom networking), e.g. `us-east-1a=subnet-0abc`.
+    #[arg(long = "eni-subnet", value_parser = parse_zone_subnet)]
+    eni_subnets: Vec<(String, String)>,
+    /// Security groups of pod ENIs (default: the primary ENI's).
+    #[arg(long = "eni-security-group")]
+    eni_security_groups: Vec<String>,
+    /// Fill every ENI slot when a node joins.
+    #[arg(long)]
+    fill_at_join: bool,
+    /// Excess addresses are released after this long (s).
+    #[arg(long, default_value_t = 30)]
+    release_delay_secs: u64,
+}
+
+fn parse_zone_subnet(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((zone, subnet)) if !zone.is_empty() && subnet.starts_with("subnet-") => {
+            Ok((zone.to_string(), subnet.to_string()))
+        }
+        _ => Err(format!("expected ZONE=subnet-…, got {s:?}")),
+    }
+}
+
+fn eni_settings(args: &EniArgs) -> anyhow::Result<EniSettings> {
+    let cluster = args
+        .cluster_name
+        .clone()
+        .context("--cluster-name is required")?;
+    Ok(EniSettings {
+        mode: if args.prefix_delegation {
+            AddressMode::Prefixes
+        } else {
+            AddressMode::SecondaryIps
+        },
+        targets: Targets {
+            warm_ip_target: args.warm_ip_target,
+            minimum_ip_target: args.minimum_ip_target,
+            warm_prefix_target: args.warm_prefix_target,
+            fill_at_join: args.fill_at_join,
+            ..Targets::default()
+        },
+        subnets: args
+            .eni_subnets
+            .iter()
+            .map(|(z, s)| (z.clone(), SubnetId::new(s.as_str())))
+            .collect(),
+        security_groups: args
+            .eni_security_groups
+            .iter()
+            .map(|g| SecurityGroupId::new(g.as_str()))
+            .collect(),
+        release_delay: Duration::from_secs(args.release_delay_secs),
+        ..EniSettings::new(cluster)
+    })
+}
+
 pub fn exec(args: Args) -> anyhow::Result<()> {
+    // Validate before touching AWS or Kubernetes.
+    if args.mode == Mode::Routed && (args.vpc.is_none() || args.pod_cidr.is_none()) {
+        anyhow::bail!("routed mode needs --vpc and --pod-cidr");
+    }
+    let eni = if args.mode == Mode::Eni {
+        Some(eni_settings(&args.eni)?)
+    } else {
+        None
+    };
     super::init_tracing("info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -73,7 +171,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let mut registry = Registry::default();
         let cloud_metrics = CloudMetrics::register(&mut registry);
         let metrics = ControllerMetrics::register(&mut registry);
-        let health = ControllerHealth::new(DEFAULT_RESYNC * STALE_PASSES);
+        let resync = if eni.is_some() {
+            DEFAULT_ENI_RESYNC
+        } else {
+            DEFAULT_RESYNC
+        };
+        let health = ControllerHealth::new(resync * STALE_PASSES);
         let server = MetricsServer::bind(args.health_addr, Arc::new(registry), health.clone())
             .await
             .with_context(|| format!("binding the health endpoint on {}", args.health_addr))?;
@@ -96,18 +199,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             .await
             .context("no Kubernetes client configuration (in-cluster or kubeconfig)")?;
         health.set_client(true);
-        let mut routed = RoutedConfig::new(VpcId::new(&args.vpc), args.pod_cidr);
-        routed.block_prefix_len = args.block;
-        routed.route_limit = args.route_limit;
-        // Behind the rate-aware queue: a pass reports (and nodes are untainted) after a burst's worth of calls.
-        routed.max_ops_per_pass = Some(underlay_controller::routes::DEFAULT_QUEUED_OPS_PER_PASS);
-        let mut config = ControllerConfig::new(routed);
-        config.probe.interval = Duration::from_millis(args.probe_interval_ms);
-        config.health.hold_down = Duration::from_secs(args.hold_down_s);
         let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
         let (events_tx, events_rx) = tokio::sync::broadcast::channel(1024);
-        tokio::spawn(observe(metrics, health, events_rx, leading_rx));
-        let opts = KubeOptions {
+        tokio::spawn(observe(metrics, health.clone(), events_rx, leading_rx));
+        let mut opts = KubeOptions {
             lease_namespace: args.lease_namespace.clone(),
             leading: Some(leading_tx),
             ..KubeOptions::default()
@@ -117,6 +212,34 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             shutdown_signal().await;
             let _ = stop.send(true);
         });
+        if let Some(settings) = eni {
+            // eni mode sends no controller events; its completed passes feed the readiness endpoint.
+            let (passes_tx, mut passes_rx) = tokio::sync::watch::channel(0u64);
+            opts.passes = Some(passes_tx);
+            tokio::spawn(async move {
+                while passes_rx.changed().await.is_ok() {
+                    health.pass_done();
+                }
+            });
+            run_eni_on_kube(client, cloud, settings, DEFAULT_ENI_RESYNC, opts, rx).await?;
+            drop(events_tx);
+            return anyhow::Ok(());
+        }
+        let vpc = args
+            .vpc
+            .as_deref()
+            .context("--vpc is required in routed mode")?;
+        let pod_cidr = args
+            .pod_cidr
+            .context("--pod-cidr is required in routed mode")?;
+        let mut routed = RoutedConfig::new(VpcId::new(vpc), pod_cidr);
+        routed.block_prefix_len = args.block;
+        routed.route_limit = args.route_limit;
+        // Behind the rate-aware queue: a pass reports (and nodes are untainted) after a burst's worth of calls.
+        routed.max_ops_per_pass = Some(underlay_controller::routes::DEFAULT_QUEUED_OPS_PER_PASS);
+        let mut config = ControllerConfig::new(routed);
+        config.probe.interval = Duration::from_millis(args.probe_interval_ms);
+        config.health.hold_down = Duration::from_secs(args.hold_down_s);
         run_routed_on_kube(
             client,
             cloud,

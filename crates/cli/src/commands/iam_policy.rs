@@ -64,12 +64,15 @@ enum Grant {
     TagEnisOnCreate,
     /// Calls on ENIs already tagged with the cluster.
     OwnedEnis,
+    /// Address and prefix assignment on any ENI: pods also use secondaries of the node's primary ENI, which
+    /// belongs to the node and carries no underlay tag, so the statement cannot be conditioned on one.
+    NodeEniAddresses,
     /// The instance side of attach and detach.
     Instances,
 }
 
 impl Grant {
-    const ORDER: [Grant; 8] = [
+    const ORDER: [Grant; 9] = [
         Grant::Describe,
         Grant::RouteTables,
         Grant::NetworkInterfaceAttributes,
@@ -77,6 +80,7 @@ impl Grant {
         Grant::CreateEnisInSubnets,
         Grant::TagEnisOnCreate,
         Grant::OwnedEnis,
+        Grant::NodeEniAddresses,
         Grant::Instances,
     ];
 
@@ -89,6 +93,7 @@ impl Grant {
             Grant::CreateEnisInSubnets => "CreateEnisInSubnets",
             Grant::TagEnisOnCreate => "TagEnisOnCreate",
             Grant::OwnedEnis => "OwnedEnis",
+            Grant::NodeEniAddresses => "NodeEniAddresses",
             Grant::Instances => "AttachToInstances",
         }
     }
@@ -111,10 +116,12 @@ fn grants(op: Operation) -> &'static [Grant] {
         Operation::AttachNetworkInterface | Operation::DetachNetworkInterface => {
             &[Grant::OwnedEnis, Grant::Instances]
         }
-        Operation::DeleteNetworkInterface
-        | Operation::AssignPrivateIpAddresses
-        | Operation::UnassignPrivateIpAddresses => &[Grant::OwnedEnis],
-        Operation::CreateTags => &[Grant::TagEnisOnCreate, Grant::OwnedEnis],
+        Operation::DeleteNetworkInterface => &[Grant::OwnedEnis],
+        Operation::AssignPrivateIpAddresses | Operation::UnassignPrivateIpAddresses => {
+            &[Grant::NodeEniAddresses]
+        }
+        // Only ever as tag-on-create: retagging an owned ENI could move it out of the cluster's reach.
+        Operation::CreateTags => &[Grant::TagEnisOnCreate],
     }
 }
 
@@ -155,6 +162,7 @@ pub fn policy(mode: ControllerMode, cluster: &str, partition: &str) -> Value {
                     json!(arn("network-interface")),
                     Some(json!({ "StringEquals": { resource_tag: cluster } })),
                 ),
+                Grant::NodeEniAddresses => (json!(arn("network-interface")), None),
                 Grant::Instances => (json!(arn("instance")), None),
             };
             let mut s = json!({
@@ -262,18 +270,34 @@ mod tests {
             "prod"
         );
         assert_eq!(owned["Resource"], "arn:aws-cn:ec2:*:*:network-interface/*");
+        assert_eq!(
+            owned["Action"],
+            json!(["ec2:AttachNetworkInterface", "ec2:DeleteNetworkInterface"])
+        );
+        // Addresses: also on the node's untagged primary ENI, so unconditioned; and only these two actions.
+        let addresses = statement(&doc, "NodeEniAddresses");
+        assert!(addresses.get("Condition").is_none());
+        assert_eq!(
+            addresses["Action"],
+            json!([
+                "ec2:AssignPrivateIpAddresses",
+                "ec2:UnassignPrivateIpAddresses"
+            ])
+        );
+        // Never called: no detach, no route changes, no retagging of an existing ENI.
+        let all: Vec<&Value> = doc["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["Action"].as_array().unwrap())
+            .collect();
         for a in [
-            "ec2:DeleteNetworkInterface",
-            "ec2:AssignPrivateIpAddresses",
-            "ec2:UnassignPrivateIpAddresses",
-            "ec2:AttachNetworkInterface",
             "ec2:DetachNetworkInterface",
-            "ec2:CreateTags",
+            "ec2:CreateRoute",
+            "ec2:ReplaceRoute",
+            "ec2:DeleteRoute",
         ] {
-            assert!(
-                owned["Action"].as_array().unwrap().iter().any(|x| x == a),
-                "{a} not conditioned on the cluster tag"
-            );
+            assert!(!all.iter().any(|x| *x == a), "{a} in the eni policy");
         }
         let create = statement(&doc, "CreateTaggedEnis");
         assert_eq!(

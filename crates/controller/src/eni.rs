@@ -1,0 +1,763 @@
+//! `eni` mode: the reconciler that gives each node ENIs and addresses, keeps its pool between the warm targets,
+//! and collects leaked ENIs. Everything it knows comes from EC2 describes at the start of each pass (and from the
+//! node set it is given): a restarted controller carries on where the last one stopped.
+//!
+//! ```text
+//!   pass(nodes) ─► DescribeInstances(ids) + DescribeNetworkInterfaces(tag cluster) ─► per node: EniView[]
+//!        │
+//!        ├─► core::eni_pool::plan_pool per node ─► sort by deficit, largest first
+//!        │
+//!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
+//!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination)
+//!        │
+//!        └─► GC: `available` ENIs tagged with the cluster whose node is gone, once seen for `gc_grace`
+//! ```
+//!
+//! Crash safety: the client token of a create is `cluster · instance · device index · generation`, so a
+//! controller that dies after CreateNetworkInterface and re-issues it gets the same ENI back; an ENI created but
+//! never attached carries the node's tag and is attached (or deleted) by the next pass's plan. The generation
+//! only moves when a token's ENI turns out to be gone or taken, so the next create makes a fresh one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tokio::time::Instant;
+use underlay_api::{Pool, PoolEni};
+use underlay_cloud::{
+    AddressRequest, Cloud, CloudError, CreateEniRequest, EniFilter, EniId, EniStatus, Instance,
+    InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId, SubnetId, Tags,
+};
+use underlay_core::eni_pool::{
+    AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Targets, Used, max_pods,
+    plan_pool,
+};
+use underlay_core::instance_types;
+use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
+
+/// Default delay before excess addresses are released (amazon-vpc-cni's pool-decrease interval).
+pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_secs(30);
+/// Default time an `available` ENI of a gone node is left alone before it is deleted: longer than a create and
+/// an attach take, so an ENI between the two is never collected.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(120);
+/// Instance ids per DescribeInstances call (EC2 takes up to 200 values per filter).
+const DESCRIBE_CHUNK: usize = 100;
+
+/// The `eni`-mode knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EniSettings {
+    /// Value of the `underlay.dev/cluster` tag on every ENI this controller creates (and the only ENIs it
+    /// deletes).
+    pub cluster_name: String,
+    pub mode: AddressMode,
+    pub targets: Targets,
+    /// Zone → subnet for pod ENIs (custom networking: the primary ENI then carries no pods). A zone not listed
+    /// uses the node's own subnet, primary ENI included.
+    pub subnets: BTreeMap<String, SubnetId>,
+    /// Security groups of pod ENIs; empty: the primary ENI's.
+    pub security_groups: Vec<SecurityGroupId>,
+    pub release_delay: Duration,
+    pub gc_grace: Duration,
+}
+
+impl EniSettings {
+    pub fn new(cluster_name: impl Into<String>) -> Self {
+        Self {
+            cluster_name: cluster_name.into(),
+            mode: AddressMode::SecondaryIps,
+            targets: Targets::default(),
+            subnets: BTreeMap::new(),
+            security_groups: Vec::new(),
+            release_delay: DEFAULT_RELEASE_DELAY,
+            gc_grace: DEFAULT_GC_GRACE,
+        }
+    }
+}
+
+/// One node as the reconciler is given it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EniNode {
+    /// Kubernetes node name.
+    pub name: String,
+    pub instance: InstanceId,
+    /// What its agent reports as used.
+    pub used: Used,
+}
+
+/// What one pass did for one node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub instance: InstanceId,
+    /// The plan the pass applied (want/have before the pass).
+    pub plan: PoolPlan,
+    /// Every op succeeded (or there were none).
+    pub applied: bool,
+    pub error: Option<String>,
+    /// The pool after the pass, in the UnderlayNode status's terms.
+    #[serde(skip)]
+    pub pool: Pool,
+    pub pool_size: u32,
+    pub max_pods: u32,
+    /// When the node's ops finished, on the reconciler's clock (time since it was created).
+    pub finished_at: Duration,
+    /// Where the instance sits (for the UnderlayNode spec).
+    pub zone: String,
+    pub subnet: SubnetId,
+    pub node_ip: Ipv4Addr,
+    pub primary_eni: Option<String>,
+}
+
+impl NodeReport {
+    /// After the pass the pool is non-empty and holds at least what the targets ask for.
+    pub fn ready(&self) -> bool {
+        self.applied && self.pool_size > 0 && self.pool_size >= self.plan.want
+    }
+
+    /// The pool was within its targets before the pass and nothing needed doing.
+    pub fn converged(&self) -> bool {
+        self.plan.ops.is_empty() && self.plan.within_targets()
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EniPassReport {
+    pub nodes: Vec<NodeReport>,
+    /// Nodes whose instance EC2 no longer describes (terminated).
+    pub gone: Vec<String>,
+    /// ENIs deleted by the leaked-ENI collector.
+    pub collected: Vec<EniId>,
+    /// `available` ENIs of the cluster no live node claims, still within the grace period.
+    pub awaiting_collection: usize,
+    pub errors: Vec<String>,
+}
+
+impl EniPassReport {
+    /// Every live node converged and nothing was collected or failed.
+    pub fn quiet(&self) -> bool {
+        self.nodes.iter().all(NodeReport::converged)
+            && self.collected.is_empty()
+            && self.awaiting_collection == 0
+            && self.errors.is_empty()
+    }
+}
+
+/// An ENI as the pass sees it: the planner's view plus what the status needs.
+#[derive(Debug, Clone)]
+struct Observed {
+    view: EniView,
+    mac: String,
+    subnet: SubnetId,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// When each node's pool was first seen above its targets.
+    excess_since: BTreeMap<String, Duration>,
+    /// Client-token generation per (instance, device index).
+    generation: BTreeMap<(InstanceId, u32), u32>,
+    /// When each `available` cluster ENI was first seen so.
+    available_since: BTreeMap<EniId, Duration>,
+    subnet_cidrs: BTreeMap<SubnetId, Ipv4Net>,
+    /// Limits of instance types the built-in table lacks, from DescribeInstanceTypes.
+    described_types: BTreeMap<String, PoolLimits>,
+}
+
+/// The `eni`-mode reconciler. Holds no state EC2 does not also hold, except timers (release delay, GC grace)
+/// that restart from zero with the process.
+#[derive(Debug)]
+pub struct EniReconciler {
+    cloud: Arc<dyn Cloud>,
+    settings: EniSettings,
+    started: Instant,
+    memory: Mutex<Memory>,
+}
+
+/// The `CreateNetworkInterface` client token of the ENI for `instance` at `device_index` (ASCII, ≤ 64
+/// characters, as EC2 requires).
+pub fn client_token(
+    cluster: &str,
+    instance: &InstanceId,
+    device_index: u32,
+    generation: u32,
+) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = cluster.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let instance: String = instance.as_str().chars().take(32).collect();
+    format!("ul-{hash:08x}-{instance}-d{device_index}-g{generation}")
+}
+
+impl EniReconciler {
+    pub fn new(cloud: Arc<dyn Cloud>, settings: EniSettings) -> Self {
+        Self {
+            cloud,
+            settings,
+            started: Instant::now(),
+            memory: Mutex::new(Memory::default()),
+        }
+    }
+
+    pub fn settings(&self) -> &EniSettings {
+        &self.settings
+    }
+
+    fn memory(&self) -> MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn limits_of(&self, instance_type: &str) -> Option<PoolLimits> {
+        instance_types::lookup(instance_type)
+            .map(PoolLimits::from)
+            .or_else(|| self.memory().described_types.get(instance_type).copied())
+    }
+
+    /// DescribeInstanceTypes for the types neither the built-in table nor an earlier describe knows.
+    async fn learn_types<'a>(
+        &self,
+        instances: impl Iterator<Item = &'a Instance>,
+    ) -> Result<(), CloudError> {
+        let unknown: BTreeSet<String> = instances
+            .map(|i| i.instance_type.clone())
+            .filter(|t| self.limits_of(t).is_none())
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let types: Vec<String> = unknown.into_iter().collect();
+        let described = self.cloud.describe_instance_types(&types).await?;
+        let mut memory = self.memory();
+        for t in described {
+            memory.described_types.insert(
+                t.instance_type,
+                PoolLimits {
+                    max_enis: t.max_enis,
+                    ipv4_per_eni: t.ipv4_per_eni,
+                    vcpus: t.vcpus,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Max pods of a node of `instance_type` in `zone` under these settings (the max-pods annotation).
+    pub fn max_pods(&self, instance_type: &str, zone: &str) -> Option<u32> {
+        let limits = self.limits_of(instance_type)?;
+        Some(max_pods(
+            &limits,
+            self.settings.mode,
+            self.use_primary(zone),
+        ))
+    }
+
+    fn use_primary(&self, zone: &str) -> bool {
+        !self.settings.subnets.contains_key(zone)
+    }
+
+    fn owned(&self, eni: &NetworkInterface) -> bool {
+        eni.tags.get(TAG_CLUSTER) == Some(&self.settings.cluster_name)
+    }
+
+    /// One pass over `nodes`: observe, plan, apply, collect. Errors of one node never stop the others.
+    pub async fn pass(&self, nodes: &[EniNode]) -> EniPassReport {
+        let mut report = EniPassReport::default();
+        let ids: Vec<InstanceId> = nodes.iter().map(|n| n.instance.clone()).collect();
+        let filter = EniFilter {
+            tags: Tags::from([(TAG_CLUSTER.to_owned(), self.settings.cluster_name.clone())]),
+            ..EniFilter::default()
+        };
+        // Every describe at once: they draw from the same (large) bucket and nothing else waits on one of them.
+        let (described, cluster_enis) = futures::join!(
+            futures::future::join_all(ids.chunks(DESCRIBE_CHUNK).map(|c| self.describe_chunk(c))),
+            self.cloud.describe_network_interfaces(&filter),
+        );
+        let mut instances: BTreeMap<InstanceId, Instance> = BTreeMap::new();
+        for chunk in described {
+            match chunk {
+                Ok(found) => instances.extend(found.into_iter().map(|i| (i.id.clone(), i))),
+                Err(e) => {
+                    report.errors.push(format!("DescribeInstances: {e}"));
+                    return report;
+                }
+            }
+        }
+        let cluster_enis = match cluster_enis {
+            Ok(enis) => enis,
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("DescribeNetworkInterfaces: {e}"));
+                return report;
+            }
+        };
+
+        if let Err(e) = self.learn_types(instances.values()).await {
+            report.errors.push(format!("DescribeInstanceTypes: {e}"));
+        }
+
+        // Plan every live node.
+        let now = self.now();
+        let mut planned = Vec::new();
+        for node in nodes {
+            let Some(instance) = instances.get(&node.instance) else {
+                report.gone.push(node.name.clone());
+                continue;
+            };
+            let Some(limits) = self.limits_of(&instance.instance_type) else {
+                report.errors.push(format!(
+                    "{}: unknown instance type {}",
+                    node.name, instance.instance_type
+                ));
+                continue;
+            };
+            let observed = self.observe(instance, &cluster_enis);
+            let views: Vec<EniView> = observed.iter().map(|o| o.view.clone()).collect();
+            let use_primary = self.use_primary(&instance.zone);
+            let excess_since = self.memory().excess_since.get(&node.name).copied();
+            let plan = plan_pool(&PoolInput {
+                limits,
+                mode: self.settings.mode,
+                targets: self.settings.targets,
+                enis: &views,
+                use_primary,
+                used: &node.used,
+                now,
+                excess_since,
+                release_delay: self.settings.release_delay,
+            });
+            {
+                let mut memory = self.memory();
+                match plan.excess_since {
+                    Some(t) => memory.excess_since.insert(node.name.clone(), t),
+                    None => memory.excess_since.remove(&node.name),
+                };
+            }
+            let max_pods = max_pods(&limits, self.settings.mode, use_primary);
+            planned.push((node, instance, observed, plan, use_primary, max_pods));
+        }
+        // Largest deficit first: the queue serves callers of a bucket in arrival order.
+        planned.sort_by_key(|p| std::cmp::Reverse(p.3.deficit()));
+        let applies = planned.into_iter().map(
+            |(node, instance, observed, plan, use_primary, max_pods)| async move {
+                let mut observed = observed;
+                let result = self.apply(instance, &mut observed, &plan.ops).await;
+                let finished_at = self.now();
+                (
+                    node,
+                    instance,
+                    observed,
+                    plan,
+                    result,
+                    use_primary,
+                    max_pods,
+                    finished_at,
+                )
+            },
+        );
+        // Subnet CIDRs (for the status only) are learnt while the work runs.
+        let (applied, subnets) = futures::join!(
+            futures::future::join_all(applies),
+            self.learn_subnets(instances.values())
+        );
+        if let Err(e) = subnets {
+            report.errors.push(format!("DescribeSubnets: {e}"));
+        }
+        report.nodes = applied
+            .into_iter()
+            .map(
+                |(node, instance, observed, plan, result, use_primary, max_pods, finished_at)| {
+                    let (pool, pool_size) = self.pool_status(&observed, use_primary);
+                    NodeReport {
+                        name: node.name.clone(),
+                        instance: node.instance.clone(),
+                        plan,
+                        applied: result.is_ok(),
+                        error: result.err().map(|e| e.to_string()),
+                        pool,
+                        pool_size,
+                        max_pods,
+                        finished_at,
+                        zone: instance.zone.clone(),
+                        subnet: instance.subnet.clone(),
+                        node_ip: instance.private_ip,
+                        primary_eni: instance.primary_eni().map(|e| e.id.to_string()),
+                    }
+                },
+            )
+            .collect();
+
+        let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();
+        self.collect(&cluster_enis, &live, &mut report).await;
+        report
+    }
+
+    /// DescribeInstances for some ids. EC2 fails the whole call when one id is unknown; then ask one by one.
+    async fn describe_chunk(&self, ids: &[InstanceId]) -> Result<Vec<Instance>, CloudError> {
+        let filter = InstanceFilter {
+            ids: ids.to_vec(),
+            vpc: None,
+        };
+        match self.cloud.describe_instances(&filter).await {
+            Err(e) if e.is_not_found() => {
+                let mut found = Vec::new();
+                for id in ids {
+                    let one = InstanceFilter {
+                        ids: vec![id.clone()],
+                        vpc: None,
+                    };
+                    match self.cloud.describe_instances(&one).await {
+                        Ok(i) => found.extend(i),
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(found)
+            }
+            other => other,
+        }
+    }
+
+    async fn learn_subnets<'a>(
+        &self,
+        instances: impl Iterator<Item = &'a Instance>,
+    ) -> Result<(), CloudError> {
+        let mut vpcs = BTreeSet::new();
+        {
+            let memory = self.memory();
+            for i in instances {
+                let mut wanted = vec![&i.subnet];
+                wanted.extend(self.settings.subnets.get(&i.zone));
+                if wanted.iter().any(|s| !memory.subnet_cidrs.contains_key(*s)) {
+                    vpcs.insert(i.vpc.clone());
+                }
+            }
+        }
+        for vpc in vpcs {
+            let subnets = self.cloud.describe_subnets(&vpc).await?;
+            let mut memory = self.memory();
+            for s in subnets {
+                memory.subnet_cidrs.insert(s.id, s.cidr);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's ENIs: attached ones from the instance, unattached ones tagged for it.
+    fn observe(&self, instance: &Instance, cluster_enis: &[NetworkInterface]) -> Vec<Observed> {
+        let mut out: Vec<Observed> = instance
+            .enis
+            .iter()
+            .filter_map(|e| {
+                let device = e.attachment.as_ref()?.device_index;
+                Some(Observed {
+                    view: EniView {
+                        id: e.id.to_string(),
+                        device_index: Some(device),
+                        addresses: e.secondary_ips.clone(),
+                        prefixes: e.prefixes.clone(),
+                        pods: device == 0 || self.owned(e),
+                    },
+                    mac: e.mac.clone(),
+                    subnet: e.subnet.clone(),
+                })
+            })
+            .collect();
+        for e in cluster_enis {
+            let detached = e.status == EniStatus::Available && e.attachment.is_none();
+            if detached && e.tags.get(TAG_NODE).map(String::as_str) == Some(instance.id.as_str()) {
+                out.push(Observed {
+                    view: EniView {
+                        id: e.id.to_string(),
+                        device_index: None,
+                        addresses: e.secondary_ips.clone(),
+                        prefixes: e.prefixes.clone(),
+                        pods: true,
+                    },
+                    mac: e.mac.clone(),
+                    subnet: e.subnet.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Apply one node's ops in order, keeping `observed` up to date; stop at the first failure.
+    async fn apply(
+        &self,
+        instance: &Instance,
+        observed: &mut Vec<Observed>,
+        ops: &[PoolOp],
+    ) -> Result<(), CloudError> {
+        for op in ops {
+            match op {
+                PoolOp::CreateEni {
+                    device_index,
+                    units,
+                } => {
+                    let eni = self.create(instance, *device_index, *units).await?;
+                    observed.push(Observed {
+                        view: EniView {
+                            id: eni.id.to_string(),
+                            device_index: Some(*device_index),
+                            addresses: eni.secondary_ips.clone(),
+                            prefixes: eni.prefixes.clone(),
+                            pods: true,
+                        },
+                        mac: eni.mac,
+                        subnet: eni.subnet,
+                    });
+                }
+                PoolOp::AttachEni { eni, device_index } => {
+                    self.cloud
+                        .attach_network_interface(
+                            &EniId::new(eni.as_str()),
+                            &instance.id,
+                            *device_index,
+                            true,
+                        )
+                        .await?;
+                    if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
+                        o.view.device_index = Some(*device_index);
+                    }
+                }
+                PoolOp::AssignIps { eni, count } => {
+                    let added = self
+                        .cloud
+                        .assign_private_ips(
+                            &EniId::new(eni.as_str()),
+                            &AddressRequest::Count(*count),
+                        )
+                        .await?;
+                    if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
+                        o.view.addresses.extend(added);
+                    }
+                }
+                PoolOp::AssignPrefixes { eni, count } => {
+                    let added = self
+                        .cloud
+                        .assign_prefixes(&EniId::new(eni.as_str()), &AddressRequest::Count(*count))
+                        .await?;
+                    if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
+                        o.view.prefixes.extend(added);
+                    }
+                }
+                PoolOp::UnassignIps { eni, addresses } => {
+                    self.cloud
+                        .unassign_private_ips(&EniId::new(eni.as_str()), addresses)
+                        .await?;
+                    if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
+                        o.view.addresses.retain(|a| !addresses.contains(a));
+                    }
+                }
+                PoolOp::UnassignPrefixes { eni, prefixes } => {
+                    self.cloud
+                        .unassign_prefixes(&EniId::new(eni.as_str()), prefixes)
+                        .await?;
+                    if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
+                        o.view.prefixes.retain(|p| !prefixes.contains(p));
+                    }
+                }
+                PoolOp::DeleteEni { eni } => {
+                    match self
+                        .cloud
+                        .delete_network_interface(&EniId::new(eni.as_str()))
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
+                    observed.retain(|o| &o.view.id != eni);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// CreateNetworkInterface with the deterministic client token, then attach with DeleteOnTermination.
+    async fn create(
+        &self,
+        instance: &Instance,
+        device_index: u32,
+        units: u32,
+    ) -> Result<NetworkInterface, CloudError> {
+        let primary = instance.primary_eni();
+        let subnet = self
+            .settings
+            .subnets
+            .get(&instance.zone)
+            .cloned()
+            .unwrap_or_else(|| instance.subnet.clone());
+        let security_groups = if self.settings.security_groups.is_empty() {
+            primary
+                .map(|p| p.security_groups.clone())
+                .unwrap_or_default()
+        } else {
+            self.settings.security_groups.clone()
+        };
+        let key = (instance.id.clone(), device_index);
+        let generation = self.memory().generation.get(&key).copied().unwrap_or(0);
+        let (secondary_ip_count, prefix_count) = match self.settings.mode {
+            AddressMode::SecondaryIps => (units, 0),
+            AddressMode::Prefixes => (0, units),
+        };
+        let request = CreateEniRequest {
+            subnet,
+            security_groups,
+            description: format!("underlay pods of {}", instance.id),
+            tags: Tags::from([
+                (TAG_CLUSTER.to_owned(), self.settings.cluster_name.clone()),
+                (TAG_NODE.to_owned(), instance.id.to_string()),
+            ]),
+            client_token: client_token(
+                &self.settings.cluster_name,
+                &instance.id,
+                device_index,
+                generation,
+            ),
+            secondary_ip_count,
+            prefix_count,
+        };
+        let bump = || {
+            *self.memory().generation.entry(key.clone()).or_default() = generation + 1;
+        };
+        let eni = match self.cloud.create_network_interface(&request).await {
+            Ok(eni) => eni,
+            Err(e) => {
+                if e.code == "IdempotentParameterMismatch" {
+                    // The token made an ENI for other parameters (it is tagged for the node and will be attached
+                    // or deleted by a later plan); the next create needs a token of its own.
+                    bump();
+                }
+                return Err(e);
+            }
+        };
+        match self
+            .cloud
+            .attach_network_interface(&eni.id, &instance.id, device_index, true)
+            .await
+        {
+            Ok(_) => Ok(eni),
+            Err(e) => {
+                if e.code.starts_with("InvalidNetworkInterfaceID")
+                    || e.code == "InvalidNetworkInterface.InUse"
+                {
+                    // The token's ENI is gone or attached elsewhere: a fresh token next time.
+                    bump();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The node's pool in the UnderlayNode status's terms: every attached ENI that carries pod addresses.
+    fn pool_status(&self, observed: &[Observed], use_primary: bool) -> (Pool, u32) {
+        let memory = self.memory();
+        let mut enis: Vec<PoolEni> = observed
+            .iter()
+            .filter(|o| o.view.pods)
+            .filter_map(|o| {
+                let device_index = o.view.device_index?;
+                if (device_index == 0 && !use_primary)
+                    || (o.view.addresses.is_empty() && o.view.prefixes.is_empty())
+                {
+                    return None;
+                }
+                Some(PoolEni {
+                    id: o.view.id.clone(),
+                    device_index,
+                    mac: Some(o.mac.clone()),
+                    subnet_cidr: memory.subnet_cidrs.get(&o.subnet).map(ToString::to_string),
+                    addresses: o.view.addresses.iter().map(Ipv4Addr::to_string).collect(),
+                    prefixes: o.view.prefixes.iter().map(Ipv4Net::to_string).collect(),
+                })
+            })
+            .collect();
+        enis.sort_by_key(|e| e.device_index);
+        let size = enis
+            .iter()
+            .map(|e| (e.addresses.len() + e.prefixes.len() * 16) as u32)
+            .sum();
+        (Pool { block: None, enis }, size)
+    }
+
+    /// Delete `available` cluster ENIs whose node is gone (or that name no node), once seen for the grace period.
+    async fn collect(
+        &self,
+        cluster_enis: &[NetworkInterface],
+        live: &BTreeSet<&str>,
+        report: &mut EniPassReport,
+    ) {
+        let now = self.now();
+        let mut due = Vec::new();
+        {
+            let mut memory = self.memory();
+            let available: BTreeSet<&EniId> = cluster_enis
+                .iter()
+                .filter(|e| e.status == EniStatus::Available && e.attachment.is_none())
+                .map(|e| &e.id)
+                .collect();
+            memory
+                .available_since
+                .retain(|id, _| available.contains(id));
+            for e in cluster_enis {
+                if !available.contains(&e.id) {
+                    continue;
+                }
+                let claimed = e
+                    .tags
+                    .get(TAG_NODE)
+                    .is_some_and(|n| live.contains(n.as_str()));
+                if claimed {
+                    memory.available_since.remove(&e.id);
+                    continue;
+                }
+                let since = *memory.available_since.entry(e.id.clone()).or_insert(now);
+                if now.saturating_sub(since) >= self.settings.gc_grace {
+                    due.push(e.id.clone());
+                } else {
+                    report.awaiting_collection += 1;
+                }
+            }
+        }
+        for id in due {
+            match self.cloud.delete_network_interface(&id).await {
+                Ok(()) => {
+                    self.memory().available_since.remove(&id);
+                    report.collected.push(id);
+                }
+                Err(e) if e.is_not_found() => {
+                    self.memory().available_since.remove(&id);
+                }
+                Err(e) => report
+                    .errors
+                    .push(format!("DeleteNetworkInterface {id}: {e}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_tokens_are_short_ascii_and_distinct_per_slot() {
+        let i = InstanceId::new("i-0123456789abcdef0");
+        let t = client_token("prod-eu-west-1", &i, 2, 0);
+        assert!(t.len() <= 64 && t.is_ascii(), "{t}");
+        assert_eq!(t, client_token("prod-eu-west-1", &i, 2, 0));
+        assert_ne!(t, client_token("prod-eu-west-1", &i, 1, 0));
+        assert_ne!(t, client_token("prod-eu-west-1", &i, 2, 1));
+        assert_ne!(t, client_token("staging", &i, 2, 0));
+    }
+}

@@ -1,0 +1,341 @@
+//! The `eni`-mode reconciler against vpcsim: what each setting gives a node, release of excess, custom
+//! networking, leaked-ENI collection, restart from EC2 alone.
+
+mod eni_common;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use eni_common::*;
+use underlay_cloud::{
+    Cloud, CreateEniRequest, EniFilter, EniStatus, InstanceFilter, Operation, Tags,
+};
+use underlay_controller::eni::{EniReconciler, EniSettings, client_token};
+use underlay_core::eni_pool::{AddressMode, Targets, Used};
+use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
+
+fn settings() -> EniSettings {
+    EniSettings {
+        gc_grace: Duration::from_secs(20),
+        release_delay: Duration::from_secs(30),
+        ..EniSettings::new(CLUSTER)
+    }
+}
+
+async fn enis_of(w: &EniWorld, node: usize) -> Vec<underlay_cloud::NetworkInterface> {
+    let i = w
+        .sim
+        .describe_instances(&InstanceFilter {
+            ids: vec![w.nodes[node].instance.clone()],
+            vpc: None,
+        })
+        .await
+        .unwrap();
+    i[0].enis.clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_targets_fill_the_primary_eni_of_each_node() {
+    let mut w = mk_world(1, None);
+    w.add_nodes(4, "m5.large");
+    let r = EniReconciler::new(w.sim.clone(), settings());
+    let first = r.pass(&w.nodes).await;
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    for n in &first.nodes {
+        assert!(n.applied, "{n:?}");
+        assert_eq!(n.pool_size, 9);
+        assert_eq!(n.max_pods, 29);
+        assert_eq!(n.pool.enis.len(), 1);
+        let e = &n.pool.enis[0];
+        assert_eq!(e.device_index, 0);
+        assert_eq!(e.addresses.len(), 9);
+        assert!(e.mac.is_some() && e.subnet_cidr.is_some());
+    }
+    converge(&r, &w.nodes, 3).await;
+    // One AssignPrivateIpAddresses per node; no ENI created.
+    let c = w.sim.counters();
+    assert_eq!(c.calls_of(Operation::AssignPrivateIpAddresses), 4);
+    assert_eq!(c.calls_of(Operation::CreateNetworkInterface), 0);
+    // Used addresses grow past the warm ENI: a second ENI comes, tagged and deleted on termination.
+    w.nodes[0].used = Used::Count(5);
+    let report = converge(&r, &w.nodes, 5).await;
+    let _ = report;
+    let enis = enis_of(&w, 0).await;
+    assert_eq!(enis.len(), 2);
+    let second = enis
+        .iter()
+        .find(|e| e.attachment.as_ref().unwrap().device_index == 1)
+        .unwrap();
+    assert_eq!(
+        second.tags.get(TAG_CLUSTER).map(String::as_str),
+        Some(CLUSTER)
+    );
+    assert_eq!(
+        second.tags.get(TAG_NODE),
+        Some(&w.nodes[0].instance.to_string())
+    );
+    assert!(second.attachment.as_ref().unwrap().delete_on_termination);
+    assert_eq!(second.secondary_ips.len(), 9);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fill_at_join_takes_every_slot_in_three_calls_per_eni_at_most() {
+    let mut w = mk_world(2, None);
+    w.add_nodes(3, "m5.large");
+    let r = EniReconciler::new(
+        w.sim.clone(),
+        EniSettings {
+            targets: Targets {
+                fill_at_join: true,
+                ..Targets::default()
+            },
+            ..settings()
+        },
+    );
+    let first = r.pass(&w.nodes).await;
+    for n in &first.nodes {
+        assert_eq!(n.pool_size, 27, "{n:?}");
+        assert_eq!(n.pool.enis.len(), 3);
+    }
+    converge(&r, &w.nodes, 3).await;
+    let c = w.sim.counters();
+    assert_eq!(c.calls_of(Operation::CreateNetworkInterface), 6);
+    assert_eq!(c.calls_of(Operation::AttachNetworkInterface), 6);
+    // Addresses come with the create: one assign per node (the primary ENI) only.
+    assert_eq!(c.calls_of(Operation::AssignPrivateIpAddresses), 3);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefix_delegation_and_max_pods_110() {
+    let mut w = mk_world(3, None);
+    w.add_nodes(2, "m5.large");
+    let r = EniReconciler::new(
+        w.sim.clone(),
+        EniSettings {
+            mode: AddressMode::Prefixes,
+            targets: Targets {
+                warm_prefix_target: Some(1),
+                ..Targets::default()
+            },
+            ..settings()
+        },
+    );
+    let first = r.pass(&w.nodes).await;
+    for n in &first.nodes {
+        assert_eq!(n.max_pods, 110);
+        assert_eq!(n.pool_size, 16);
+        assert_eq!(n.pool.enis[0].prefixes.len(), 1);
+    }
+    w.nodes[1].used = Used::Count(40);
+    converge(&r, &w.nodes, 4).await;
+    let enis = enis_of(&w, 1).await;
+    assert_eq!(enis.iter().map(|e| e.prefixes.len()).sum::<usize>(), 4);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_networking_puts_pod_enis_in_the_zone_subnet_with_the_configured_groups() {
+    let mut w = mk_world(4, None);
+    w.add_nodes(3, "m5.large");
+    let sg = w.sim.create_security_group(&w.vpc, Tags::new()).unwrap();
+    let r = EniReconciler::new(
+        w.sim.clone(),
+        EniSettings {
+            subnets: w.pod_subnets.clone(),
+            security_groups: vec![sg.clone()],
+            ..settings()
+        },
+    );
+    let report = converge(&r, &w.nodes, 4).await;
+    for (i, n) in report.nodes.iter().enumerate() {
+        assert_eq!(n.max_pods, 20, "one ENI fewer carries pods");
+        assert!(n.pool.enis.iter().all(|e| e.device_index != 0));
+        let enis = enis_of(&w, i).await;
+        let primary = enis
+            .iter()
+            .find(|e| e.attachment.as_ref().unwrap().device_index == 0)
+            .unwrap();
+        assert!(primary.secondary_ips.is_empty());
+        let pod = enis
+            .iter()
+            .find(|e| e.attachment.as_ref().unwrap().device_index == 1)
+            .unwrap();
+        let zone = ZONES[i % 3];
+        assert_eq!(pod.subnet, w.pod_subnets[zone]);
+        assert_eq!(pod.security_groups, vec![sg.clone()]);
+        assert_eq!(pod.secondary_ips.len(), 9);
+    }
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test(start_paused = true)]
+async fn excess_is_released_after_the_delay_and_never_a_used_address() {
+    let mut w = mk_world(5, None);
+    w.add_nodes(1, "m5.large");
+    let r = EniReconciler::new(
+        w.sim.clone(),
+        EniSettings {
+            targets: Targets {
+                warm_ip_target: Some(3),
+                minimum_ip_target: Some(5),
+                ..Targets::default()
+            },
+            ..settings()
+        },
+    );
+    // Twenty pods: the pool grows to 23.
+    w.nodes[0].used = Used::Count(20);
+    let report = converge(&r, &w.nodes, 4).await;
+    assert_eq!(report.nodes[0].pool_size, 23);
+    // Pods leave; two stay, on addresses of the last ENI.
+    let enis = enis_of(&w, 0).await;
+    let last = enis
+        .iter()
+        .max_by_key(|e| e.attachment.as_ref().unwrap().device_index)
+        .unwrap();
+    let in_use: BTreeSet<Ipv4Addr> = last.secondary_ips.iter().take(2).copied().collect();
+    w.nodes[0].used = Used::Known(in_use.clone());
+    let before = w
+        .sim
+        .counters()
+        .calls_of(Operation::UnassignPrivateIpAddresses);
+    let report = r.pass(&w.nodes).await;
+    assert!(
+        report.nodes[0].plan.ops.is_empty(),
+        "released before the delay"
+    );
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let report = converge(&r, &w.nodes, 3).await;
+    assert_eq!(report.nodes[0].pool_size, 5);
+    assert!(
+        w.sim
+            .counters()
+            .calls_of(Operation::UnassignPrivateIpAddresses)
+            > before
+    );
+    let still: BTreeSet<Ipv4Addr> = enis_of(&w, 0)
+        .await
+        .iter()
+        .flat_map(|e| e.secondary_ips.clone())
+        .collect();
+    assert!(in_use.is_subset(&still), "a used address was released");
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaked_enis_are_collected_after_the_grace_period_and_claimed_ones_attached() {
+    let mut w = mk_world(6, None);
+    w.add_nodes(2, "m5.large");
+    let subnet = w.node_subnets[ZONES[0]].clone();
+    let create = |token: &str, node: &str| CreateEniRequest {
+        subnet: subnet.clone(),
+        security_groups: Vec::new(),
+        description: String::new(),
+        tags: Tags::from([
+            (TAG_CLUSTER.to_owned(), CLUSTER.to_owned()),
+            (TAG_NODE.to_owned(), node.to_owned()),
+        ]),
+        client_token: token.to_owned(),
+        secondary_ip_count: 2,
+        prefix_count: 0,
+    };
+    // Leaked by a node long gone, and one left between create and attach for a live node.
+    let leaked = w
+        .sim
+        .create_network_interface(&create("a", "i-gone"))
+        .await
+        .unwrap();
+    let pending = w
+        .sim
+        .create_network_interface(&create("b", w.nodes[0].instance.as_str()))
+        .await
+        .unwrap();
+    // Another cluster's available ENI is never touched.
+    let foreign = w
+        .sim
+        .create_network_interface(&CreateEniRequest {
+            tags: Tags::from([(TAG_CLUSTER.to_owned(), "other".to_owned())]),
+            ..create("c", "i-gone")
+        })
+        .await
+        .unwrap();
+    let r = EniReconciler::new(w.sim.clone(), settings());
+    let first = r.pass(&w.nodes).await;
+    assert!(
+        first.collected.is_empty(),
+        "collected within the grace period"
+    );
+    let enis = enis_of(&w, 0).await;
+    assert!(
+        enis.iter().any(|e| e.id == pending.id),
+        "the pending ENI was not attached"
+    );
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let report = r.pass(&w.nodes).await;
+    assert_eq!(report.collected, vec![leaked.id.clone()]);
+    let left = w
+        .sim
+        .describe_network_interfaces(&EniFilter {
+            status: Some(EniStatus::Available),
+            vpc: Some(w.vpc.clone()),
+            ..EniFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        vec![foreign.id]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_controller_reuses_the_eni_its_token_made() {
+    let mut w = mk_world(7, None);
+    let id = w.add_node("m5.large");
+    let r = EniReconciler::new(w.sim.clone(), settings());
+    // Describes lag ten seconds behind, so the new controller cannot see the ENI and creates it again.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    w.sim
+        .update_faults(|f| f.describe_delay = Duration::from_secs(10));
+    // The first controller created the ENI for device 1 and died before attaching it.
+    let token = client_token(CLUSTER, &id, 1, 0);
+    let subnet = w.node_subnets[ZONES[0]].clone();
+    let sg = w.sim.default_security_group(&w.vpc).unwrap();
+    let made = w
+        .sim
+        .create_network_interface(&CreateEniRequest {
+            subnet,
+            security_groups: vec![sg],
+            description: format!("underlay pods of {id}"),
+            tags: Tags::from([
+                (TAG_CLUSTER.to_owned(), CLUSTER.to_owned()),
+                (TAG_NODE.to_owned(), id.to_string()),
+            ]),
+            client_token: token,
+            secondary_ip_count: 9,
+            prefix_count: 0,
+        })
+        .await
+        .unwrap();
+    w.nodes[0].used = Used::Count(9);
+    let first = r.pass(&w.nodes).await;
+    assert!(first.nodes[0].applied, "{:?}", first.nodes[0]);
+    assert_eq!(
+        w.sim.counters().calls_of(Operation::CreateNetworkInterface),
+        2,
+        "the pass did not re-issue the create"
+    );
+    converge(&r, &w.nodes, 5).await;
+    assert_eq!(
+        w.sim.snapshot().enis.len(),
+        2,
+        "the re-issued create made a second ENI"
+    );
+    let enis = enis_of(&w, 0).await;
+    assert!(enis.iter().any(|e| e.id == made.id));
+    assert_eq!(enis.len(), 2);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}

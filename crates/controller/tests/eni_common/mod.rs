@@ -1,0 +1,179 @@
+//! An `eni`-mode world in vpcsim: a VPC with one node subnet per zone (and a pod subnet per zone for custom
+//! networking), m5.large nodes spread over the zones, and the checks every eni test ends with.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use underlay_cloud::{EniStatus, InstanceId, InstanceState, RateLimits, SubnetId, Tags, VpcId};
+use underlay_controller::eni::{EniNode, EniPassReport, EniReconciler};
+use underlay_core::eni_pool::Used;
+use underlay_core::names::TAG_CLUSTER;
+use underlay_vpcsim::{RunInstance, VpcSim};
+
+pub const CLUSTER: &str = "eni-test";
+pub const ZONES: [&str; 3] = ["us-east-1a", "us-east-1b", "us-east-1c"];
+
+pub fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+#[derive(Debug)]
+pub struct EniWorld {
+    pub sim: Arc<VpcSim>,
+    pub vpc: VpcId,
+    /// Node subnet of each zone.
+    pub node_subnets: BTreeMap<String, SubnetId>,
+    /// Pod subnet of each zone (custom networking).
+    pub pod_subnets: BTreeMap<String, SubnetId>,
+    pub nodes: Vec<EniNode>,
+}
+
+pub fn mk_world(seed: u64, rate_limits: Option<RateLimits>) -> EniWorld {
+    let sim = Arc::new(VpcSim::builder(seed).rate_limits(rate_limits).build());
+    let vpc = sim.create_vpc(net("198.18.0.0/16"), Tags::new()).unwrap();
+    let mut node_subnets = BTreeMap::new();
+    let mut pod_subnets = BTreeMap::new();
+    for (z, zone) in ZONES.iter().enumerate() {
+        let z = z as u8;
+        let s = sim
+            .create_subnet(
+                &vpc,
+                zone,
+                Ipv4Net::new(Ipv4Addr::new(198, 18, z * 32, 0), 19).unwrap(),
+            )
+            .unwrap();
+        node_subnets.insert((*zone).to_owned(), s);
+        let p = sim
+            .create_subnet(
+                &vpc,
+                zone,
+                Ipv4Net::new(Ipv4Addr::new(198, 18, 128 + z * 32, 0), 19).unwrap(),
+            )
+            .unwrap();
+        pod_subnets.insert((*zone).to_owned(), p);
+    }
+    EniWorld {
+        sim,
+        vpc,
+        node_subnets,
+        pod_subnets,
+        nodes: Vec::new(),
+    }
+}
+
+impl EniWorld {
+    /// Launch one node of `instance_type`, in the zones round-robin.
+    pub fn add_node(&mut self, instance_type: &str) -> InstanceId {
+        let zone = ZONES[self.nodes.len() % ZONES.len()];
+        let subnet = &self.node_subnets[zone];
+        let i = self
+            .sim
+            .run_instance(RunInstance::new(instance_type, subnet))
+            .unwrap();
+        self.nodes.push(EniNode {
+            name: format!("node-{}", self.nodes.len()),
+            instance: i.id.clone(),
+            used: Used::Count(0),
+        });
+        i.id
+    }
+
+    pub fn add_nodes(&mut self, n: usize, instance_type: &str) {
+        for _ in 0..n {
+            self.add_node(instance_type);
+        }
+    }
+
+    /// Terminate a node's instance and drop it from the node set.
+    pub fn terminate(&mut self, index: usize) {
+        let node = self.nodes.remove(index);
+        self.sim.terminate_instance(&node.instance).unwrap();
+    }
+}
+
+/// The node's agent reports `k` addresses of its pool as used (the first ones, ENIs by device index), or every
+/// address when the pool holds fewer.
+pub fn use_addresses(w: &mut EniWorld, node: usize, k: usize) {
+    let snap = w.sim.snapshot();
+    let mut enis: Vec<_> = snap
+        .enis
+        .iter()
+        .filter(|e| {
+            e.attachment
+                .as_ref()
+                .is_some_and(|a| a.instance == w.nodes[node].instance)
+        })
+        .collect();
+    enis.sort_by_key(|e| e.attachment.as_ref().map(|a| a.device_index));
+    let pool = enis.iter().flat_map(|e| {
+        e.secondary_ips
+            .iter()
+            .copied()
+            .chain(e.prefixes.iter().flat_map(|p| {
+                let base = u32::from(p.network());
+                (base..base + 16).map(Ipv4Addr::from)
+            }))
+    });
+    w.nodes[node].used = Used::Known(pool.take(k).collect());
+}
+
+/// Pass until a pass finds every node within its targets with nothing to do and nothing to collect.
+pub async fn converge(r: &EniReconciler, nodes: &[EniNode], max_passes: usize) -> EniPassReport {
+    let mut last = None;
+    for _ in 0..max_passes {
+        let report = r.pass(nodes).await;
+        if report.quiet() {
+            return report;
+        }
+        last = Some(report);
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+    panic!("no quiet pass in {max_passes} passes; last: {last:#?}");
+}
+
+/// The end state every test asserts: no leaked ENI, no address held twice.
+pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
+    let snap = sim.snapshot();
+    let terminated: BTreeSet<&InstanceId> = snap
+        .instances
+        .iter()
+        .filter(|i| i.state == InstanceState::Terminated)
+        .map(|i| &i.id)
+        .collect();
+    let mut seen: BTreeSet<u32> = BTreeSet::new();
+    for eni in &snap.enis {
+        let ours = eni.tags.get(TAG_CLUSTER).map(String::as_str) == Some(CLUSTER);
+        assert!(
+            !(ours && eni.status == EniStatus::Available),
+            "leaked ENI {} ({:?})",
+            eni.id,
+            eni.tags
+        );
+        if let Some(a) = &eni.attachment {
+            assert!(
+                !terminated.contains(&a.instance),
+                "ENI {} attached to terminated {}",
+                eni.id,
+                a.instance
+            );
+        }
+        let mut addresses: Vec<u32> = vec![u32::from(eni.primary_ip)];
+        addresses.extend(eni.secondary_ips.iter().map(|a| u32::from(*a)));
+        for p in &eni.prefixes {
+            let base = u32::from(p.network());
+            addresses.extend(base..base + 16);
+        }
+        for a in addresses {
+            assert!(
+                seen.insert(a),
+                "address {} held twice (again by {})",
+                Ipv4Addr::from(a),
+                eni.id
+            );
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! `eni` mode on the Kubernetes API, against apisim (a real kube::Client) and vpcsim: UnderlayNodes created with
+//! their ENI pool in the status, the max-pods annotation, the not-ready taint lifted once the agent is Ready, the
+//! no-free-ips taint while every address is used. Real clock; every wait is a bounded poll.
+
+mod eni_common;
+
+use std::time::Duration;
+
+use eni_common::*;
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::watch;
+use underlay_api::{Mode, UnderlayNode, conditions};
+use underlay_apisim::ApiSim;
+use underlay_controller::eni::EniSettings;
+use underlay_controller::eni_kube::run_eni_on_kube;
+use underlay_controller::kube::KubeOptions;
+use underlay_core::eni_pool::Targets;
+use underlay_core::names;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn taints(api: &ApiSim, name: &str) -> Vec<String> {
+    let node: Node = api.get(None, name).unwrap();
+    node.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.key)
+        .collect()
+}
+
+#[tokio::test]
+async fn eni_mode_pools_status_taints_and_max_pods_on_the_api() {
+    let mut w = mk_world(41, None);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        let id = w.add_node("m5.large");
+        let zone = ZONES[i % ZONES.len()];
+        api.insert(&Node {
+            metadata: ObjectMeta {
+                name: Some(format!("node-{i}")),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                provider_id: Some(format!("aws:///{zone}/{id}")),
+                ..Default::default()
+            }),
+            status: None,
+        });
+    }
+    let settings = EniSettings {
+        targets: Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        },
+        ..EniSettings::new(CLUSTER)
+    };
+    let (shutdown, rx) = watch::channel(false);
+    let (passes_tx, passes_rx) = tokio::sync::watch::channel(0u64);
+    let opts = KubeOptions {
+        identity: "eni-test".into(),
+        lease_namespace: "kube-system".into(),
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(500),
+        retry_every: Duration::from_millis(200),
+        leading: None,
+        passes: Some(passes_tx),
+    };
+    let task = tokio::spawn(run_eni_on_kube(
+        api.client(),
+        w.sim.clone(),
+        settings,
+        Duration::from_millis(100),
+        opts,
+        rx,
+    ));
+
+    // UnderlayNodes with the whole pool (three ENIs of nine addresses), the primary ENI included.
+    for i in 0..2 {
+        let name = format!("node-{i}");
+        let un = wait_for("a full pool in the status", || {
+            let un: UnderlayNode = api.get(None, &name)?;
+            (un.status.as_ref()?.pool_size == 27).then_some(un)
+        })
+        .await;
+        assert_eq!(un.spec.mode, Mode::Eni);
+        assert_eq!(un.spec.instance_id, w.nodes[i].instance.to_string());
+        let pool = un.status.unwrap().pool.unwrap();
+        assert_eq!(
+            pool.enis.iter().map(|e| e.device_index).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(
+            *passes_rx.borrow() > 0,
+            "a pass that wrote statuses is counted"
+        );
+        assert!(
+            pool.enis
+                .iter()
+                .all(|e| e.addresses.len() == 9 && e.mac.is_some() && e.subnet_cidr.is_some())
+        );
+        // Not ready until the agent says so; max pods from the type.
+        wait_for("the not-ready taint and max pods", || {
+            let node: Node = api.get(None, &name)?;
+            let annotated = node
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(names::MAX_PODS_ANNOTATION)?
+                == "29";
+            (annotated && taints(&api, &name) == vec![names::TAINT_NOT_READY]).then_some(())
+        })
+        .await;
+    }
+
+    // The agent of node-0 is Ready: the taint goes.
+    assert!(api.modify::<UnderlayNode>(None, "node-0", |u| {
+        let status = u.status.get_or_insert_with(Default::default);
+        status.conditions.push(Condition {
+            type_: conditions::READY.into(),
+            status: "True".into(),
+            reason: "Test".into(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: None,
+        });
+    }));
+    wait_for("the not-ready taint lifted", || {
+        taints(&api, "node-0").is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(taints(&api, "node-1"), vec![names::TAINT_NOT_READY]);
+
+    // Every address used: no-free-ips, until pods leave.
+    assert!(
+        api.modify::<UnderlayNode>(None, "node-0", |u| u.status.as_mut().unwrap().pool_used =
+            27)
+    );
+    wait_for("the no-free-ips taint", || {
+        (taints(&api, "node-0") == vec![names::TAINT_NO_FREE_IPS]).then_some(())
+    })
+    .await;
+    assert!(
+        api.modify::<UnderlayNode>(None, "node-0", |u| u.status.as_mut().unwrap().pool_used =
+            20)
+    );
+    wait_for("the no-free-ips taint lifted", || {
+        taints(&api, "node-0").is_empty().then_some(())
+    })
+    .await;
+
+    shutdown.send_replace(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}

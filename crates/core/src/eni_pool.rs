@@ -1,0 +1,912 @@
+//! `eni` mode: the arithmetic of one node's address pool. Given the node's instance-type limits, the address mode
+//! (secondary IPs or /28 prefixes), its ENIs and what they hold, what the pods use and the warm targets,
+//! [`plan_pool`] returns the EC2 work that brings the pool within its targets, as data.
+//!
+//! ```text
+//!   PoolInput { limits, mode, targets, enis, used, now, excess_since }
+//!        │
+//!        ▼ plan_pool (pure)
+//!   PoolPlan { ops: [AttachEni | CreateEni | AssignIps | AssignPrefixes | UnassignIps | UnassignPrefixes
+//!                    | DeleteEni], want, have, high, excess_since }
+//! ```
+//!
+//! The targets mean what amazon-vpc-cni's knobs mean:
+//! - `warm_ip_target` / `minimum_ip_target` (either set): keep `max(used + warm_ip_target, minimum_ip_target)`
+//!   addresses; anything above that is excess.
+//! - `warm_prefix_target` (prefix mode, neither of the above set): keep `warm_prefix_target` prefixes' worth of
+//!   free addresses beyond the prefixes the used addresses need.
+//! - otherwise `warm_eni_target` (default 1): keep that many ENIs' worth of free slots, counted in whole ENIs;
+//!   excess only once a whole ENI's worth is free.
+//! - `fill_at_join` (k8s-vpcnet): every slot of every ENI, always.
+//!
+//! Work is counted in *units*: one secondary address, or one /28 prefix. Each ENI has `ipv4_per_eni - 1` slots
+//! (its primary address takes one); a prefix takes a slot. Every assign is one call for at most the ENI's free
+//! slots. Releases wait `release_delay` after excess was first seen, touch only addresses (or prefixes) no pod
+//! uses, and happen only when the used addresses are known (a bare count cannot say which ones are free).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::instance_types::InstanceTypeLimits;
+
+/// Addresses in a delegated IPv4 prefix (/28).
+pub const PREFIX_ADDRESSES: u32 = 16;
+/// Default `warm_eni_target`, as amazon-vpc-cni's `WARM_ENI_TARGET`.
+pub const DEFAULT_WARM_ENI_TARGET: u32 = 1;
+/// Kubernetes' recommended pod caps EKS applies to max pods: 110 up to 30 vCPUs, 250 above.
+pub const EKS_MAX_PODS_SMALL: u32 = 110;
+pub const EKS_MAX_PODS_LARGE: u32 = 250;
+const EKS_SMALL_VCPUS: u32 = 30;
+
+/// Where pod addresses come from on an ENI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressMode {
+    /// One secondary private address per pod.
+    #[default]
+    SecondaryIps,
+    /// Delegated /28 prefixes (Nitro only): 16 pod addresses per slot.
+    Prefixes,
+}
+
+impl AddressMode {
+    /// Pod addresses in one unit.
+    pub fn addresses_per_unit(self) -> u32 {
+        match self {
+            AddressMode::SecondaryIps => 1,
+            AddressMode::Prefixes => PREFIX_ADDRESSES,
+        }
+    }
+}
+
+/// The network limits the pool arithmetic needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolLimits {
+    pub max_enis: u32,
+    /// IPv4 addresses per ENI, its primary included.
+    pub ipv4_per_eni: u32,
+    pub vcpus: u32,
+}
+
+impl From<&InstanceTypeLimits> for PoolLimits {
+    fn from(t: &InstanceTypeLimits) -> Self {
+        Self {
+            max_enis: t.max_enis,
+            ipv4_per_eni: t.ipv4_per_eni,
+            vcpus: t.vcpus,
+        }
+    }
+}
+
+impl PoolLimits {
+    /// Slots an ENI offers to pods (addresses or prefixes): all but its primary address.
+    pub fn slots_per_eni(&self) -> u32 {
+        self.ipv4_per_eni.saturating_sub(1)
+    }
+
+    /// ENIs that may carry pod addresses.
+    pub fn pod_enis(&self, use_primary: bool) -> u32 {
+        if use_primary {
+            self.max_enis
+        } else {
+            self.max_enis.saturating_sub(1)
+        }
+    }
+}
+
+/// Max pods of a node, as EKS computes its recommendation: `ENIs × (IPs per ENI − 1) + 2` with secondary IPs,
+/// `ENIs × (IPs per ENI − 1) × 16 + 2` with prefixes, one ENI fewer when the primary ENI carries no pods (custom
+/// networking), and Kubernetes' 110 (≤ 30 vCPUs) or 250 cap. m5.large: 29 with secondary IPs, 110 with prefixes.
+pub fn max_pods(limits: &PoolLimits, mode: AddressMode, use_primary: bool) -> u32 {
+    let raw = limits.pod_enis(use_primary) * limits.slots_per_eni() * mode.addresses_per_unit() + 2;
+    let cap = if limits.vcpus <= EKS_SMALL_VCPUS {
+        EKS_MAX_PODS_SMALL
+    } else {
+        EKS_MAX_PODS_LARGE
+    };
+    raw.min(cap)
+}
+
+/// Warm-pool targets, with amazon-vpc-cni's meanings (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Targets {
+    pub warm_ip_target: Option<u32>,
+    pub minimum_ip_target: Option<u32>,
+    pub warm_prefix_target: Option<u32>,
+    /// Used only when none of the three above applies.
+    pub warm_eni_target: u32,
+    /// Fill every slot of every ENI (k8s-vpcnet).
+    pub fill_at_join: bool,
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Self {
+            warm_ip_target: None,
+            minimum_ip_target: None,
+            warm_prefix_target: None,
+            warm_eni_target: DEFAULT_WARM_ENI_TARGET,
+            fill_at_join: false,
+        }
+    }
+}
+
+/// One ENI of the node as observed: attached at `device_index`, or created for the node and not attached yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniView {
+    pub id: String,
+    /// `None`: not attached (created for this node, e.g. before a crash, or detached).
+    pub device_index: Option<u32>,
+    /// Secondary addresses (the primary excluded).
+    pub addresses: Vec<Ipv4Addr>,
+    pub prefixes: Vec<Ipv4Net>,
+    /// Whether its addresses are the pool's: false for an attached ENI underlay does not own (it only holds its
+    /// device index).
+    pub pods: bool,
+}
+
+impl EniView {
+    fn slots_taken(&self) -> u32 {
+        (self.addresses.len() + self.prefixes.len()) as u32
+    }
+    fn units(&self, mode: AddressMode) -> u32 {
+        match mode {
+            AddressMode::SecondaryIps => self.addresses.len() as u32,
+            AddressMode::Prefixes => self.prefixes.len() as u32,
+        }
+    }
+}
+
+/// What the node's pods use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Used {
+    /// The addresses in use: excess can be released (never one of these).
+    Known(BTreeSet<Ipv4Addr>),
+    /// Only how many: the pool grows, but nothing is ever released.
+    Count(u32),
+}
+
+impl Used {
+    pub fn count(&self) -> u32 {
+        match self {
+            Used::Known(s) => s.len() as u32,
+            Used::Count(n) => *n,
+        }
+    }
+}
+
+/// Everything [`plan_pool`] looks at. Times are offsets on one monotonic clock chosen by the caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolInput<'a> {
+    pub limits: PoolLimits,
+    pub mode: AddressMode,
+    pub targets: Targets,
+    /// Every ENI of the node (attached, or created for it and unattached).
+    pub enis: &'a [EniView],
+    /// Whether the primary ENI (device 0) carries pod addresses (false with a per-zone ENI subnet).
+    pub use_primary: bool,
+    pub used: &'a Used,
+    pub now: Duration,
+    /// When the pool was first seen above its targets (from the previous plan's [`PoolPlan::excess_since`]).
+    pub excess_since: Option<Duration>,
+    pub release_delay: Duration,
+}
+
+/// One step of EC2 work on a node. A node's ops are applied in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum PoolOp {
+    /// Attach an ENI already created for the node.
+    AttachEni {
+        eni: String,
+        device_index: u32,
+    },
+    /// Create an ENI with `units` addresses (or prefixes) and attach it at `device_index`.
+    CreateEni {
+        device_index: u32,
+        units: u32,
+    },
+    AssignIps {
+        eni: String,
+        count: u32,
+    },
+    AssignPrefixes {
+        eni: String,
+        count: u32,
+    },
+    UnassignIps {
+        eni: String,
+        addresses: Vec<Ipv4Addr>,
+    },
+    UnassignPrefixes {
+        eni: String,
+        prefixes: Vec<Ipv4Net>,
+    },
+    /// Delete an unattached ENI of the node that has no device index to go to.
+    DeleteEni {
+        eni: String,
+    },
+}
+
+/// [`plan_pool`]'s answer. `want`, `have` and `high` are pod addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolPlan {
+    pub ops: Vec<PoolOp>,
+    /// Pool size the targets ask for (capped at what the instance can hold).
+    pub want: u32,
+    /// Pool size now (attached ENIs that carry pods).
+    pub have: u32,
+    /// Largest pool size that is not excess.
+    pub high: u32,
+    /// Carry into the next [`PoolInput::excess_since`].
+    pub excess_since: Option<Duration>,
+}
+
+impl PoolPlan {
+    /// Addresses missing to reach the targets: what orders nodes, largest first.
+    pub fn deficit(&self) -> u32 {
+        self.want.saturating_sub(self.have)
+    }
+
+    /// The pool is between its targets.
+    pub fn within_targets(&self) -> bool {
+        self.want <= self.have && self.have <= self.high
+    }
+}
+
+fn div_ceil(a: u32, b: u32) -> u32 {
+    if b == 0 { 0 } else { a.div_ceil(b) }
+}
+
+/// Units the targets ask for, and the most units that are not excess, before capping.
+fn wanted_units(input: &PoolInput<'_>, cap: u32) -> (u32, u32) {
+    let t = &input.targets;
+    let per_unit = input.mode.addresses_per_unit();
+    let used = input.used.count();
+    let slots = input.limits.slots_per_eni().max(1);
+    if t.fill_at_join {
+        return (cap, cap);
+    }
+    if t.warm_ip_target.is_some() || t.minimum_ip_target.is_some() {
+        let addresses =
+            (used + t.warm_ip_target.unwrap_or(0)).max(t.minimum_ip_target.unwrap_or(0));
+        let units = div_ceil(addresses, per_unit);
+        return (units, units);
+    }
+    if input.mode == AddressMode::Prefixes
+        && let Some(warm) = t.warm_prefix_target
+    {
+        let units = div_ceil(used, per_unit) + warm;
+        return (units, units);
+    }
+    // Whole ENIs' worth of slots beyond what the used addresses need; excess only past one more whole ENI.
+    let needed = div_ceil(used, per_unit);
+    let units = div_ceil(needed + t.warm_eni_target * slots, slots) * slots;
+    (units, units + slots - 1)
+}
+
+/// Plan one node's pool: see the module doc.
+pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
+    let mode = input.mode;
+    let per_unit = mode.addresses_per_unit();
+    let slots = input.limits.slots_per_eni();
+    let max_enis = input.limits.max_enis;
+    let carries = |e: &EniView| {
+        e.pods
+            && e.device_index
+                .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
+    };
+    let cap = input.limits.pod_enis(input.use_primary) * slots;
+    let (want_raw, high_raw) = wanted_units(input, cap);
+    let want = want_raw.min(cap);
+    let high = high_raw.min(cap).max(want);
+    let have: u32 = input
+        .enis
+        .iter()
+        .filter(|e| carries(e))
+        .map(|e| e.units(mode))
+        .sum();
+
+    let mut ops = Vec::new();
+    let mut excess_since = None;
+    let mut taken: BTreeSet<u32> = input.enis.iter().filter_map(|e| e.device_index).collect();
+    let first_pod_index = if input.use_primary { 0 } else { 1 };
+    let free_index = |taken: &mut BTreeSet<u32>| {
+        let i = (first_pod_index..max_enis).find(|i| !taken.contains(i))?;
+        taken.insert(i);
+        Some(i)
+    };
+
+    // Unattached ENIs created for this node: attach them where there is room, delete the others.
+    let mut adopted = Vec::new();
+    for e in input
+        .enis
+        .iter()
+        .filter(|e| e.device_index.is_none() && e.pods)
+    {
+        match free_index(&mut taken) {
+            Some(device_index) => {
+                ops.push(PoolOp::AttachEni {
+                    eni: e.id.clone(),
+                    device_index,
+                });
+                adopted.push(EniView {
+                    device_index: Some(device_index),
+                    ..e.clone()
+                });
+            }
+            None => ops.push(PoolOp::DeleteEni { eni: e.id.clone() }),
+        }
+    }
+    let have_after_adopt = have + adopted.iter().map(|e| e.units(mode)).sum::<u32>();
+
+    if have_after_adopt < want {
+        let mut missing = want - have_after_adopt;
+        let mut enis: Vec<&EniView> = input
+            .enis
+            .iter()
+            .filter(|e| carries(e))
+            .chain(adopted.iter())
+            .collect();
+        enis.sort_by_key(|e| e.device_index);
+        for e in enis {
+            if missing == 0 {
+                break;
+            }
+            let free = slots.saturating_sub(e.slots_taken());
+            let n = free.min(missing);
+            if n > 0 {
+                ops.push(match mode {
+                    AddressMode::SecondaryIps => PoolOp::AssignIps {
+                        eni: e.id.clone(),
+                        count: n,
+                    },
+                    AddressMode::Prefixes => PoolOp::AssignPrefixes {
+                        eni: e.id.clone(),
+                        count: n,
+                    },
+                });
+                missing -= n;
+            }
+        }
+        while missing > 0 && slots > 0 {
+            let Some(device_index) = free_index(&mut taken) else {
+                break;
+            };
+            let n = slots.min(missing);
+            ops.push(PoolOp::CreateEni {
+                device_index,
+                units: n,
+            });
+            missing -= n;
+        }
+    } else if have_after_adopt > high
+        && let Used::Known(used) = input.used
+    {
+        let since = input.excess_since.unwrap_or(input.now);
+        if input.now.saturating_sub(since) >= input.release_delay {
+            release(input, used, have_after_adopt - want, &adopted, &mut ops);
+        } else {
+            excess_since = Some(since);
+        }
+    }
+
+    PoolPlan {
+        ops,
+        want: want * per_unit,
+        have: have * per_unit,
+        high: high * per_unit,
+        excess_since,
+    }
+}
+
+/// Unassign up to `excess` free units, from the highest device index down.
+fn release(
+    input: &PoolInput<'_>,
+    used: &BTreeSet<Ipv4Addr>,
+    mut excess: u32,
+    adopted: &[EniView],
+    ops: &mut Vec<PoolOp>,
+) {
+    let max_enis = input.limits.max_enis;
+    let mut enis: Vec<&EniView> = input
+        .enis
+        .iter()
+        .filter(|e| {
+            e.pods
+                && e.device_index
+                    .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
+        })
+        .chain(adopted.iter())
+        .collect();
+    enis.sort_by_key(|e| std::cmp::Reverse(e.device_index));
+    for e in enis {
+        if excess == 0 {
+            break;
+        }
+        match input.mode {
+            AddressMode::SecondaryIps => {
+                let free: Vec<Ipv4Addr> = e
+                    .addresses
+                    .iter()
+                    .rev()
+                    .filter(|a| !used.contains(a))
+                    .take(excess as usize)
+                    .copied()
+                    .collect();
+                if !free.is_empty() {
+                    excess -= free.len() as u32;
+                    ops.push(PoolOp::UnassignIps {
+                        eni: e.id.clone(),
+                        addresses: free,
+                    });
+                }
+            }
+            AddressMode::Prefixes => {
+                let free: Vec<Ipv4Net> = e
+                    .prefixes
+                    .iter()
+                    .rev()
+                    .filter(|p| !used.iter().any(|a| p.contains(a)))
+                    .take(excess as usize)
+                    .copied()
+                    .collect();
+                if !free.is_empty() {
+                    excess -= free.len() as u32;
+                    ops.push(PoolOp::UnassignPrefixes {
+                        eni: e.id.clone(),
+                        prefixes: free,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance_types::lookup;
+    use proptest::prelude::*;
+
+    fn limits(name: &str) -> PoolLimits {
+        PoolLimits::from(lookup(name).unwrap())
+    }
+
+    fn mk_eni(id: &str, device: Option<u32>, addresses: &[u32]) -> EniView {
+        EniView {
+            id: id.into(),
+            device_index: device,
+            addresses: addresses
+                .iter()
+                .map(|n| Ipv4Addr::from(0xc612_0000 + n))
+                .collect(),
+            prefixes: Vec::new(),
+            pods: true,
+        }
+    }
+
+    fn mk_input<'a>(
+        limits: PoolLimits,
+        mode: AddressMode,
+        targets: Targets,
+        enis: &'a [EniView],
+        used: &'a Used,
+    ) -> PoolInput<'a> {
+        PoolInput {
+            limits,
+            mode,
+            targets,
+            enis,
+            use_primary: true,
+            used,
+            now: Duration::from_secs(1000),
+            excess_since: None,
+            release_delay: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn max_pods_of_m5_large_are_29_and_110() {
+        let l = limits("m5.large");
+        assert_eq!(max_pods(&l, AddressMode::SecondaryIps, true), 29);
+        assert_eq!(max_pods(&l, AddressMode::Prefixes, true), 110);
+        // Custom networking: one ENI fewer.
+        assert_eq!(max_pods(&l, AddressMode::SecondaryIps, false), 20);
+        assert_eq!(
+            max_pods(&limits("t3.medium"), AddressMode::SecondaryIps, true),
+            17
+        );
+        // Over 30 vCPUs the cap is 250.
+        assert_eq!(
+            max_pods(&limits("m5.24xlarge"), AddressMode::SecondaryIps, true),
+            250
+        );
+        assert_eq!(
+            max_pods(&limits("m5.24xlarge"), AddressMode::Prefixes, true),
+            250
+        );
+        assert_eq!(
+            max_pods(&limits("c6g.medium"), AddressMode::Prefixes, true),
+            2 * 3 * 16 + 2
+        );
+    }
+
+    #[test]
+    fn a_new_m5_large_fills_its_primary_eni_by_default() {
+        let enis = [mk_eni("eni-p", Some(0), &[])];
+        let used = Used::Count(0);
+        let plan = plan_pool(&mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            Targets::default(),
+            &enis,
+            &used,
+        ));
+        assert_eq!(
+            plan.ops,
+            vec![PoolOp::AssignIps {
+                eni: "eni-p".into(),
+                count: 9
+            }]
+        );
+        assert_eq!((plan.want, plan.have, plan.high), (9, 0, 17));
+        assert_eq!(plan.deficit(), 9);
+    }
+
+    #[test]
+    fn fill_at_join_creates_every_eni_in_batches_of_its_slots() {
+        let enis = [mk_eni("eni-p", Some(0), &[1, 2])];
+        let used = Used::Count(0);
+        let targets = Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        };
+        let plan = plan_pool(&mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            targets,
+            &enis,
+            &used,
+        ));
+        assert_eq!(
+            plan.ops,
+            vec![
+                PoolOp::AssignIps {
+                    eni: "eni-p".into(),
+                    count: 7
+                },
+                PoolOp::CreateEni {
+                    device_index: 1,
+                    units: 9
+                },
+                PoolOp::CreateEni {
+                    device_index: 2,
+                    units: 9
+                },
+            ]
+        );
+        assert_eq!(plan.want, 27);
+    }
+
+    #[test]
+    fn prefix_mode_with_warm_prefix_target() {
+        let enis = [mk_eni("eni-p", Some(0), &[])];
+        let used = Used::Count(20);
+        let targets = Targets {
+            warm_prefix_target: Some(1),
+            ..Targets::default()
+        };
+        let plan = plan_pool(&mk_input(
+            limits("m5.large"),
+            AddressMode::Prefixes,
+            targets,
+            &enis,
+            &used,
+        ));
+        // 20 used need 2 prefixes, plus one warm.
+        assert_eq!(
+            plan.ops,
+            vec![PoolOp::AssignPrefixes {
+                eni: "eni-p".into(),
+                count: 3
+            }]
+        );
+        assert_eq!(plan.want, 48);
+    }
+
+    #[test]
+    fn an_unattached_eni_of_the_node_is_attached_not_recreated() {
+        let enis = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            mk_eni("eni-orphan", None, &[10, 11, 12]),
+        ];
+        let used = Used::Count(9);
+        let plan = plan_pool(&mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            Targets::default(),
+            &enis,
+            &used,
+        ));
+        assert_eq!(
+            plan.ops,
+            vec![
+                PoolOp::AttachEni {
+                    eni: "eni-orphan".into(),
+                    device_index: 1
+                },
+                PoolOp::AssignIps {
+                    eni: "eni-orphan".into(),
+                    count: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_eni_underlay_does_not_own_keeps_its_device_index_and_gets_no_addresses() {
+        let enis = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            EniView {
+                pods: false,
+                ..mk_eni("eni-foreign", Some(1), &[])
+            },
+        ];
+        let used = Used::Count(9);
+        let plan = plan_pool(&mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            Targets::default(),
+            &enis,
+            &used,
+        ));
+        assert_eq!(
+            plan.ops,
+            vec![PoolOp::CreateEni {
+                device_index: 2,
+                units: 9
+            }]
+        );
+        // A full primary ENI and one warm ENI.
+        assert_eq!(plan.want, 18);
+    }
+
+    #[test]
+    fn excess_waits_for_the_release_delay_then_releases_only_free_addresses() {
+        let enis = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            mk_eni("eni-1", Some(1), &[11, 12, 13, 14, 15, 16, 17, 18, 19]),
+        ];
+        let in_use: BTreeSet<Ipv4Addr> = [1u32, 18]
+            .iter()
+            .map(|n| Ipv4Addr::from(0xc612_0000 + n))
+            .collect();
+        let used = Used::Known(in_use.clone());
+        let targets = Targets {
+            warm_ip_target: Some(2),
+            minimum_ip_target: Some(4),
+            ..Targets::default()
+        };
+        let mut input = mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            targets,
+            &enis,
+            &used,
+        );
+        let first = plan_pool(&input);
+        assert!(first.ops.is_empty());
+        assert_eq!(first.excess_since, Some(input.now));
+        input.excess_since = first.excess_since;
+        input.now += Duration::from_secs(29);
+        assert!(plan_pool(&input).ops.is_empty());
+        input.now += Duration::from_secs(1);
+        let plan = plan_pool(&input);
+        let released: Vec<Ipv4Addr> = plan
+            .ops
+            .iter()
+            .flat_map(|op| match op {
+                PoolOp::UnassignIps { addresses, .. } => addresses.clone(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(released.len(), 14);
+        assert!(released.iter().all(|a| !in_use.contains(a)));
+        // With only a count, nothing is released.
+        let count = Used::Count(2);
+        let input = PoolInput {
+            used: &count,
+            ..input
+        };
+        assert!(plan_pool(&input).ops.is_empty());
+    }
+
+    // ---- properties --------------------------------------------------------------------------------------
+
+    /// Apply a plan the way EC2 would, handing out fresh addresses.
+    fn apply(enis: &mut Vec<EniView>, ops: &[PoolOp], next: &mut u32, limits: &PoolLimits) {
+        let mut fresh_ips = |n: u32| -> Vec<Ipv4Addr> {
+            (0..n)
+                .map(|_| {
+                    *next += 1;
+                    Ipv4Addr::from(0x0a00_0000 + *next)
+                })
+                .collect()
+        };
+        for op in ops {
+            match op {
+                PoolOp::AttachEni { eni, device_index } => {
+                    let e = enis.iter_mut().find(|e| &e.id == eni).unwrap();
+                    e.device_index = Some(*device_index);
+                }
+                PoolOp::CreateEni {
+                    device_index,
+                    units,
+                } => {
+                    // Units land as addresses; the caller turns them into prefixes in prefix mode.
+                    let addresses = fresh_ips(*units);
+                    enis.push(EniView {
+                        id: format!("eni-{device_index}-{}", u32::from(addresses[0])),
+                        device_index: Some(*device_index),
+                        addresses,
+                        prefixes: Vec::new(),
+                        pods: true,
+                    });
+                }
+                PoolOp::AssignIps { eni, count } => {
+                    let ips = fresh_ips(*count);
+                    enis.iter_mut()
+                        .find(|e| &e.id == eni)
+                        .unwrap()
+                        .addresses
+                        .extend(ips);
+                }
+                PoolOp::AssignPrefixes { eni, count } => {
+                    let ps: Vec<Ipv4Net> = fresh_ips(*count)
+                        .into_iter()
+                        .map(|a| Ipv4Net::new(Ipv4Addr::from(u32::from(a) << 4), 28).unwrap())
+                        .collect();
+                    enis.iter_mut()
+                        .find(|e| &e.id == eni)
+                        .unwrap()
+                        .prefixes
+                        .extend(ps);
+                }
+                PoolOp::UnassignIps { eni, addresses } => {
+                    let e = enis.iter_mut().find(|e| &e.id == eni).unwrap();
+                    for a in addresses {
+                        assert!(e.addresses.contains(a), "unassigning {a} the ENI lacks");
+                    }
+                    e.addresses.retain(|a| !addresses.contains(a));
+                }
+                PoolOp::UnassignPrefixes { eni, prefixes } => {
+                    let e = enis.iter_mut().find(|e| &e.id == eni).unwrap();
+                    e.prefixes.retain(|p| !prefixes.contains(p));
+                }
+                PoolOp::DeleteEni { eni } => enis.retain(|e| &e.id != eni),
+            }
+        }
+        for e in enis.iter() {
+            assert!(
+                e.slots_taken() <= limits.slots_per_eni(),
+                "ENI {} over its slots",
+                e.id
+            );
+        }
+        let attached: Vec<u32> = enis.iter().filter_map(|e| e.device_index).collect();
+        let unique: BTreeSet<u32> = attached.iter().copied().collect();
+        assert_eq!(unique.len(), attached.len(), "two ENIs on one device index");
+        assert!(attached.iter().all(|d| *d < limits.max_enis));
+    }
+
+    fn arb_targets() -> impl Strategy<Value = Targets> {
+        (
+            prop::option::of(0u32..40),
+            prop::option::of(0u32..60),
+            prop::option::of(0u32..4),
+            0u32..3,
+            prop::bool::weighted(0.15),
+        )
+            .prop_map(|(w, m, p, e, f)| Targets {
+                warm_ip_target: w,
+                minimum_ip_target: m,
+                warm_prefix_target: p,
+                warm_eni_target: e,
+                fill_at_join: f,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn plans_keep_limits_reach_targets_and_never_release_used_addresses(
+            type_index in 0..crate::instance_types::INSTANCE_TYPES.len(),
+            prefixes in any::<bool>(),
+            use_primary in any::<bool>(),
+            targets in arb_targets(),
+            used_steps in prop::collection::vec(0u32..400, 1..5),
+            orphans in 0usize..3,
+            pick in any::<u64>(),
+        ) {
+            let t = &crate::instance_types::INSTANCE_TYPES[type_index];
+            let limits = PoolLimits::from(t);
+            let mode = if prefixes && t.nitro { AddressMode::Prefixes } else { AddressMode::SecondaryIps };
+            let mut next = 0u32;
+            let mut enis = vec![EniView { id: "eni-primary".into(), device_index: Some(0), addresses: vec![], prefixes: vec![], pods: true }];
+            for i in 0..orphans {
+                enis.push(EniView { id: format!("eni-orphan-{i}"), device_index: None, addresses: vec![], prefixes: vec![], pods: true });
+            }
+            let release_delay = Duration::from_secs(30);
+            let mut now = Duration::ZERO;
+            for used_target in used_steps {
+                // Pods take up to `used_target` of the pool's addresses, a pseudo-random subset.
+                let pool: Vec<Ipv4Addr> = enis.iter()
+                    .filter(|e| e.device_index.is_some_and(|d| use_primary || d != 0))
+                    .flat_map(|e| match mode {
+                        AddressMode::SecondaryIps => e.addresses.clone(),
+                        AddressMode::Prefixes => e.prefixes.iter().flat_map(|p| p.hosts().chain([p.network(), p.broadcast()])).collect(),
+                    })
+                    .collect();
+                let mut used_set = BTreeSet::new();
+                for (i, a) in pool.iter().enumerate() {
+                    if (used_set.len() as u32) < used_target && (pick.rotate_left(i as u32 % 64) & 1 == 0 || pool.len() as u32 <= used_target) {
+                        used_set.insert(*a);
+                    }
+                }
+                let used = Used::Known(used_set.clone());
+                // Plan twice (the second after the release delay), applying each plan.
+                let mut excess_since = None;
+                let mut last = None;
+                for _ in 0..3 {
+                    let input = PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, now, excess_since, release_delay };
+                    let plan = plan_pool(&input);
+                    for op in &plan.ops {
+                        match op {
+                            PoolOp::UnassignIps { addresses, .. } => prop_assert!(addresses.iter().all(|a| !used_set.contains(a))),
+                            PoolOp::UnassignPrefixes { prefixes, .. } => prop_assert!(prefixes.iter().all(|p| !used_set.iter().any(|a| p.contains(a)))),
+                            PoolOp::CreateEni { units, .. } | PoolOp::AssignIps { count: units, .. } | PoolOp::AssignPrefixes { count: units, .. } => {
+                                prop_assert!(*units >= 1 && *units <= limits.slots_per_eni());
+                            }
+                            _ => {}
+                        }
+                    }
+                    let mut after = enis.clone();
+                    apply(&mut after, &plan.ops, &mut next, &limits);
+                    if mode == AddressMode::Prefixes {
+                        // `apply` models CreateEni with addresses; in prefix mode they are prefixes.
+                        for e in after.iter_mut().filter(|e| !enis.iter().any(|o| o.id == e.id)) {
+                            e.prefixes = e.addresses.drain(..).map(|a| Ipv4Net::new(Ipv4Addr::from(u32::from(a) << 4), 28).unwrap()).collect();
+                        }
+                    }
+                    enis = after;
+                    excess_since = plan.excess_since;
+                    now += release_delay;
+                    last = Some(plan);
+                }
+                let final_plan = plan_pool(&PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, now, excess_since, release_delay });
+                let _ = last;
+                // Converged: nothing left to do, and the pool is between its targets, except that prefixes
+                // holding a used address cannot be released.
+                prop_assert!(final_plan.ops.is_empty(), "not converged: {:?}", final_plan);
+                prop_assert!(final_plan.have >= final_plan.want);
+                let pinned: u32 = match mode {
+                    AddressMode::SecondaryIps => used_set.len() as u32,
+                    AddressMode::Prefixes => enis.iter()
+                        .filter(|e| e.device_index.is_some_and(|d| use_primary || d != 0))
+                        .flat_map(|e| e.prefixes.iter())
+                        .filter(|p| used_set.iter().any(|a| p.contains(a)))
+                        .count() as u32 * PREFIX_ADDRESSES,
+                };
+                prop_assert!(final_plan.have <= final_plan.high.max(pinned), "above targets: {:?}", final_plan);
+                prop_assert!(enis.iter().all(|e| e.device_index.is_some()), "an orphan left unattached");
+                prop_assert!(enis.len() as u32 <= limits.max_enis);
+            }
+        }
+    }
+}

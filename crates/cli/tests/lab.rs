@@ -68,6 +68,78 @@ fn name(tag: &str) -> String {
     format!("{tag}{:03x}", std::process::id() % 4096)
 }
 
+/// Eni mode: pods get ENI addresses (14 per m5.large node outgrow the primary ENI's 9 secondaries, so second
+/// ENIs carry pods), source/dest check stays on for every ENI, and every path class answers: pod↔pod across
+/// zones, a VPC host outside the cluster, the internet.
+#[test]
+fn eni_demo_passes_with_source_dest_check_on_everywhere() {
+    let _s = serial();
+    let plugin = plugin();
+    let lab = name("e");
+    let _g = Guard(lab.clone());
+    let out = run(&[
+        "lab",
+        "demo",
+        "--name",
+        &lab,
+        "--mode",
+        "eni",
+        "--instance-type",
+        "m5.large",
+        "--zones",
+        "2",
+        "--subnets-per-zone",
+        "1",
+        "--nodes",
+        "4",
+        "--pods-per-node",
+        "14",
+        "--format",
+        "json",
+        "--cni-plugin",
+        plugin.to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["pods"], 56);
+    assert_eq!(report["status"]["mode"], "eni");
+    // More than one ENI per node, none with the check off.
+    assert!(
+        report["status"]["enis"].as_u64().unwrap() > 4,
+        "{:#}",
+        report["status"]
+    );
+    assert!(
+        report["status"]["source_dest_check_off"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(report["pairs_ok"], report["pairs_checked"]);
+    for class in [
+        "same_node",
+        "same_subnet",
+        "other_subnet_eni",
+        "pod_to_vpc_host",
+        "pod_to_internet",
+    ] {
+        let c = &report["check"]["classes"][class];
+        assert!(c["pairs"].as_u64().unwrap() > 0, "{class}: {c:#}");
+        assert_eq!(c["ok"], c["pairs"], "{class}");
+    }
+    // No VPC route for pods, no failover: eni mode has no forwarders.
+    assert!(report["failover"].is_null());
+    assert!(
+        report["api_calls"]["AttachNetworkInterface"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(report["status"]["throttled"], 0);
+    assert!(lab_namespaces(&lab).is_empty());
+}
+
 #[test]
 fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     let _s = serial();

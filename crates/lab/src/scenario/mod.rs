@@ -119,12 +119,6 @@ impl LabConfig {
                 self.block_prefix_len
             );
         }
-        if self.mode == underlay_api::Mode::Eni {
-            bail!(
-                "--mode eni: the lab's control plane runs the routed controller only in this build (the eni \
-                 controller is not wired into the lab yet)"
-            );
-        }
         if underlay_core::instance_types::lookup(&self.instance_type).is_none() {
             bail!(
                 "--instance-type {}: not a known instance type",
@@ -418,6 +412,9 @@ impl Lab {
     }
 
     fn start_controller(&mut self) {
+        if self.config.mode == underlay_api::Mode::Eni {
+            return self.start_eni_controller();
+        }
         let mut routed = underlay_controller::RoutedConfig::new(self.vpc.clone(), POD_CIDR);
         routed.block_prefix_len = self.config.block_prefix_len;
         routed.route_limit = self.config.route_limit as u32;
@@ -461,6 +458,38 @@ impl Lab {
             .await
             {
                 tracing::error!(error = %format!("{e:#}"), "lab controller stopped");
+            }
+        });
+        self.controller = Some((stop_tx, task));
+    }
+
+    /// Eni mode: the real eni controller (ENIs created, attached and filled through the rate-aware queue, the
+    /// UnderlayNodes' `status.pool.enis`, the Nodes' taints), leader-elected on the API stand-in.
+    fn start_eni_controller(&mut self) {
+        let settings = underlay_controller::EniSettings::new(format!("lab-{}", self.id.as_str()));
+        let queue = RateLimitedCloud::new(self.sim.clone(), QueueConfig::default());
+        let cloud: Arc<dyn Cloud> = Arc::new(queue);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let client = {
+            let _rt = self.rt.enter();
+            self.api.client()
+        };
+        let opts = underlay_controller::kube::KubeOptions {
+            identity: format!("lab-{}-controller", self.id.as_str()),
+            ..Default::default()
+        };
+        let task = self.rt.spawn(async move {
+            if let Err(e) = underlay_controller::eni_kube::run_eni_on_kube(
+                client,
+                cloud,
+                settings,
+                Duration::from_secs(1),
+                opts,
+                stop_rx,
+            )
+            .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "lab eni controller stopped");
             }
         });
         self.controller = Some((stop_tx, task));

@@ -1,5 +1,6 @@
-//! underlay-agent: the node agent. For now it owns the node's pod address pool and serves it to the
-//! `underlay-cni` plugin; later it also converges routes, ENI devices and nftables from its UnderlayNode.
+//! underlay-agent: the node agent. It owns the node's pod address pool and serves it to the
+//! `underlay-cni` plugin, and converges routes (`routed`) or ENI devices and tables (`eni`) and nftables from
+//! its UnderlayNode.
 //!
 //! ```text
 //!   AgentConfig (YAML) ──► run()

@@ -1,4 +1,4 @@
-//! `underlay lab …`: a routed-mode cluster on a VPC made of network namespaces.
+//! `underlay lab …`: a routed- or eni-mode cluster on a VPC made of network namespaces.
 //!
 //! `demo` runs everything in one process (up, check, failover, down). `up` starts a lab in a background process
 //! (`lab serve`, detached with `setsid`) that holds the VPC, the controller and the agents; `status`, `check`,

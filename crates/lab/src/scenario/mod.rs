@@ -1,4 +1,4 @@
-//! A whole routed-mode cluster in the lab: vpcsim + fabric, a Kubernetes API stand-in, the real controller and
+//! A whole cluster (routed or eni mode) in the lab: vpcsim + fabric, a Kubernetes API stand-in, the real controller and
 //! one real agent per node (in this process, each agent bound to its node's namespace), and pods wired by the
 //! real `underlay-cni` binary.
 //!

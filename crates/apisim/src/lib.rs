@@ -163,6 +163,9 @@ struct WatchEvent {
     kind: Kind,
     ty: &'static str,
     object: Value,
+    /// The object before a MODIFIED event: a filtered watch turns an object leaving (entering) its selection
+    /// into DELETED (ADDED), as the API server does.
+    previous: Option<Value>,
 }
 
 #[derive(Debug, Default)]
@@ -398,15 +401,18 @@ impl State {
         value["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         value["apiVersion"] = json!(kind.api_version());
         value["kind"] = json!(kind.kind_name());
-        self.objects
+        let previous = self
+            .objects
             .entry(kind)
             .or_default()
-            .insert(key, value.clone());
+            .insert(key, value.clone())
+            .filter(|_| ty == "MODIFIED");
         self.history.push(WatchEvent {
             rv: self.rv,
             kind,
             ty,
             object: value,
+            previous,
         });
         self.rv
     }
@@ -422,6 +428,7 @@ impl State {
             kind,
             ty: "DELETED",
             object: last,
+            previous: None,
         });
         self.rv
     }
@@ -1074,9 +1081,18 @@ impl ApiSim {
                             }
                             let start = st.history.partition_point(|e| e.rv <= s.cursor);
                             for e in &st.history[start..] {
-                                if e.kind == kind && filter.matches(&e.object) {
-                                    s.pending.push(json!({ "type": e.ty, "object": e.object }));
+                                if e.kind != kind {
+                                    continue;
                                 }
+                                let now = filter.matches(&e.object);
+                                let before = e.previous.as_ref().map(|p| filter.matches(p));
+                                let ty = match (before, now) {
+                                    (Some(false), true) => "ADDED",
+                                    (Some(true), false) => "DELETED",
+                                    (_, true) => e.ty,
+                                    (_, false) => continue,
+                                };
+                                s.pending.push(json!({ "type": ty, "object": e.object }));
                             }
                             s.cursor = st.rv;
                             s.rx.borrow_and_update();

@@ -81,6 +81,7 @@ async fn eni_mode_pools_status_taints_and_max_pods_on_the_api() {
         retry_every: Duration::from_millis(200),
         leading: None,
         passes: Some(passes_tx),
+        node_selector: Default::default(),
     };
     let task = tokio::spawn(run_eni_on_kube(
         api.client(),

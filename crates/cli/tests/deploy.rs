@@ -533,7 +533,12 @@ fn eni_mode_renders_the_eni_flags() {
 fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_node_selector() {
     // Default: every node, no flag.
     let all = docs(&render(&[]).unwrap());
-    let args = strs(&container(find(&all, "Deployment", "underlay-controller"), "controller")["args"]);
+    let args = strs(
+        &container(
+            find(&all, "Deployment", "underlay-controller"),
+            "controller",
+        )["args"],
+    );
     assert!(
         !args.iter().any(|a| a.starts_with("--node-selector")),
         "{args:?}"
@@ -555,7 +560,12 @@ fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_no
     };
     for mode in [&[][..], ENI_VALUES] {
         let all = rendered(mode);
-        let args = strs(&container(find(&all, "Deployment", "underlay-controller"), "controller")["args"]);
+        let args = strs(
+            &container(
+                find(&all, "Deployment", "underlay-controller"),
+                "controller",
+            )["args"],
+        );
         let want = format!("--node-selector={selector}");
         assert!(args.iter().any(|a| *a == want), "{args:?} lacks {want}");
         let ds = find(&all, "DaemonSet", "underlay-agent");

@@ -193,8 +193,8 @@ pub async fn run_routed_on_kube(
             prober.clone(),
             opts.retry_every,
             events.clone(),
-            opts.node_selector.clone(),
-        );
+        )
+        .selecting(opts.node_selector.clone());
         let mut task = tokio::spawn(leader.run(stop_rx));
         let mut last_renewed = acquired_at;
         let mut next_renew = Instant::now() + opts.renew_every;
@@ -795,7 +795,6 @@ impl Leader {
         prober: Option<Arc<dyn Prober>>,
         retry_every: Duration,
         events: Option<broadcast::Sender<ControllerEvent>>,
-        selector: NodeSelector,
     ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
@@ -824,10 +823,16 @@ impl Leader {
             plan: None,
             routed: None,
             nodes_tx: None,
-            selector,
+            selector: NodeSelector::all(),
             released: BTreeSet::new(),
             swept: false,
         }
+    }
+
+    /// Manage only the Nodes `selector` selects.
+    fn selecting(mut self, selector: NodeSelector) -> Self {
+        self.selector = selector;
+        self
     }
 
     async fn run(mut self, stop: watch::Receiver<bool>) {

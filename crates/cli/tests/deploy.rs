@@ -567,7 +567,7 @@ fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_no
             )["args"],
         );
         let want = format!("--node-selector={selector}");
-        assert!(args.iter().any(|a| *a == want), "{args:?} lacks {want}");
+        assert!(args.contains(&want), "{args:?} lacks {want}");
         let ds = find(&all, "DaemonSet", "underlay-agent");
         let node_selector = &ds["spec"]["template"]["spec"]["nodeSelector"];
         assert_eq!(node_selector["eks.amazonaws.com/nodegroup"], "ng-underlay");

@@ -10,6 +10,9 @@
 //!
 //! Taints (only the controller touches them): `underlay.dev/not-ready` until the pool is non-empty and the agent
 //! reports Ready; `underlay.dev/no-free-ips` while `poolSize - poolUsed == 0` with a non-empty pool.
+//!
+//! Only the Nodes `KubeOptions::node_selector` selects are listed. A Node leaving the selection loses its
+//! UnderlayNode and its underlay taints; the ENIs attached to it stay.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

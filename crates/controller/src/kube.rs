@@ -16,6 +16,9 @@
 //!
 //! The controller starts only once the Node list is complete and every listed node's instance has been described:
 //! a pass over a partial node set would delete the routes of the nodes left out.
+//!
+//! Only the Nodes [`KubeOptions::node_selector`] selects are watched (the watch carries it as its label
+//! selector). A Node leaving the selection is released as a deleted one is, and its underlay taints are removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

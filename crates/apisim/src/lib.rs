@@ -24,7 +24,7 @@
 //!
 //! Not modelled: strategic merge patch is applied as a JSON merge patch (lists are replaced, not merged by key);
 //! server-side apply is a merge patch that records the field manager, with no field ownership or conflicts;
-//! label selectors support `k=v`, `k==v`, `k!=v`, `k` and `!k` (no set-based `in`/`notin`); field selectors only
+//! label selectors support `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)` and `k notin (a,b)`; field selectors only
 //! `metadata.name` and `metadata.namespace`; list pagination (`limit`/`continue`) is ignored (one page); watches
 //! send no bookmarks and never answer 410 Gone (the history is kept whole); admission, defaulting and schema
 //! validation do not happen.
@@ -163,6 +163,9 @@ struct WatchEvent {
     kind: Kind,
     ty: &'static str,
     object: Value,
+    /// The object before a MODIFIED event: a filtered watch turns an object leaving (entering) its selection
+    /// into DELETED (ADDED), as the API server does.
+    previous: Option<Value>,
 }
 
 #[derive(Debug, Default)]
@@ -398,15 +401,18 @@ impl State {
         value["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         value["apiVersion"] = json!(kind.api_version());
         value["kind"] = json!(kind.kind_name());
-        self.objects
+        let previous = self
+            .objects
             .entry(kind)
             .or_default()
-            .insert(key, value.clone());
+            .insert(key, value.clone())
+            .filter(|_| ty == "MODIFIED");
         self.history.push(WatchEvent {
             rv: self.rv,
             kind,
             ty,
             object: value,
+            previous,
         });
         self.rv
     }
@@ -422,6 +428,7 @@ impl State {
             kind,
             ty: "DELETED",
             object: last,
+            previous: None,
         });
         self.rv
     }
@@ -590,17 +597,57 @@ enum Requirement {
     Ne(String, String),
     Exists(String),
     NotExists(String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+}
+
+/// Commas separate terms except inside `( … )` (set-based label requirements).
+fn selector_terms(s: &str) -> Vec<String> {
+    let (mut terms, mut cur, mut depth) = (vec![], String::new(), 0i32);
+    for c in s.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    terms.push(cur);
+    terms
+        .into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 fn parse_selector(s: &str) -> Result<Vec<Requirement>, Failure> {
     let mut out = vec![];
-    for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
-            return Err(fail(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                format!("set-based selector {term:?} not supported by the stand-in"),
-            ));
+    for term in selector_terms(s) {
+        let term = term.as_str();
+        if let Some(open) = term.find('(') {
+            let (head, rest) = term.split_at(open);
+            let mut words = head.split_whitespace();
+            let values = rest
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .map(|r| r.split(',').map(|v| v.trim().to_string()).collect());
+            let req = match (words.next(), words.next(), words.next(), values) {
+                (Some(k), Some("in"), None, Some(vs)) => Requirement::In(k.into(), vs),
+                (Some(k), Some("notin"), None, Some(vs)) => Requirement::NotIn(k.into(), vs),
+                _ => {
+                    return Err(fail(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        format!("unable to parse requirement {term:?}"),
+                    ));
+                }
+            };
+            out.push(req);
+            continue;
         }
         let req = if let Some((k, v)) = term.split_once("!=") {
             Requirement::Ne(k.trim().into(), v.trim().into())
@@ -633,6 +680,7 @@ impl Filter {
             let key = match f {
                 Requirement::Eq(k, _) | Requirement::Ne(k, _) => k,
                 Requirement::Exists(k) | Requirement::NotExists(k) => k,
+                Requirement::In(k, _) | Requirement::NotIn(k, _) => k,
             };
             if !matches!(f, Requirement::Eq(..) | Requirement::Ne(..))
                 || !matches!(key.as_str(), "metadata.name" | "metadata.namespace")
@@ -667,6 +715,8 @@ impl Filter {
             Requirement::Ne(k, v) => label(k) != Some(v),
             Requirement::Exists(k) => label(k).is_some(),
             Requirement::NotExists(k) => label(k).is_none(),
+            Requirement::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+            Requirement::NotIn(k, vs) => label(k).is_none_or(|l| vs.iter().all(|v| v != l)),
         }) && self.fields.iter().all(|r| match r {
             Requirement::Eq(k, v) => field(k) == Some(v),
             Requirement::Ne(k, v) => field(k) != Some(v),
@@ -1074,9 +1124,18 @@ impl ApiSim {
                             }
                             let start = st.history.partition_point(|e| e.rv <= s.cursor);
                             for e in &st.history[start..] {
-                                if e.kind == kind && filter.matches(&e.object) {
-                                    s.pending.push(json!({ "type": e.ty, "object": e.object }));
+                                if e.kind != kind {
+                                    continue;
                                 }
+                                let now = filter.matches(&e.object);
+                                let before = e.previous.as_ref().map(|p| filter.matches(p));
+                                let ty = match (before, now) {
+                                    (Some(false), true) => "ADDED",
+                                    (Some(true), false) => "DELETED",
+                                    (_, true) => e.ty,
+                                    (_, false) => continue,
+                                };
+                                s.pending.push(json!({ "type": ty, "object": e.object }));
                             }
                             s.cursor = st.rv;
                             s.rx.borrow_and_update();

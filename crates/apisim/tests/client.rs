@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -435,9 +436,32 @@ async fn node_patches_merge_json_and_status() -> anyhow::Result<()> {
         .list(&ListParams::default().fields("metadata.name=a"))
         .await?;
     assert_eq!(listed.items.len(), 1);
+    // Set-based label selectors, as the API server takes them.
+    sim.insert(&Node {
+        metadata: ObjectMeta {
+            name: Some("labelled".into()),
+            labels: Some([("x".to_string(), "b".to_string())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let names = |l: kube::core::ObjectList<Node>| -> Vec<String> {
+        l.items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect()
+    };
+    let listed = nodes
+        .list(&ListParams::default().labels("x in (a,b)"))
+        .await?;
+    assert_eq!(names(listed), vec!["labelled"]);
+    let listed = nodes
+        .list(&ListParams::default().labels("x notin (b),x"))
+        .await?;
+    assert!(names(listed).is_empty());
     assert!(
         nodes
-            .list(&ListParams::default().labels("x in (a,b)"))
+            .list(&ListParams::default().labels("x in (a,b"))
             .await
             .is_err()
     );
@@ -624,8 +648,24 @@ async fn watch_from_a_resource_version_replays_only_later_changes() -> anyhow::R
         .await??
         .expect("event")
     {
-        kube::api::WatchEvent::Modified(n) => assert_eq!(n.metadata.name.as_deref(), Some("a")),
-        other => panic!("want Modified(a) only (b does not match the selector), got {other:?}"),
+        // `a` entered the selection: the API server reports that as ADDED.
+        kube::api::WatchEvent::Added(n) => assert_eq!(n.metadata.name.as_deref(), Some("a")),
+        other => panic!("want Added(a) only (b does not match the selector), got {other:?}"),
+    }
+    // Leaving the selection is reported as DELETED.
+    nodes
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "x": "z" } } })),
+        )
+        .await?;
+    match tokio::time::timeout(STEP, watch.try_next())
+        .await??
+        .expect("event")
+    {
+        kube::api::WatchEvent::Deleted(n) => assert_eq!(n.metadata.name.as_deref(), Some("a")),
+        other => panic!("want Deleted(a), got {other:?}"),
     }
     // A watch with a timeout ends by itself; kube's watcher then re-watches from its last version.
     let short = kube::api::WatchParams::default().timeout(1);

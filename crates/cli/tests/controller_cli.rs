@@ -132,3 +132,91 @@ fn eni_mode_takes_its_flags_and_needs_a_cluster_name() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vpc"));
 }
+
+#[test]
+fn a_malformed_node_selector_is_refused_before_anything_is_contacted() {
+    // A Kubernetes API that would be contacted if the run got that far: it must see no connection.
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    api.set_nonblocking(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
+             users:\n- name: u\n  user: {{}}\n",
+            api.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    for (mode, extra) in [
+        ("routed", ["--vpc", "vpc-1", "--pod-cidr", "100.64.0.0/16"]),
+        ("eni", ["--cluster-name", "c1", "--warm-ip-target", "1"]),
+    ] {
+        let out = underlay()
+            .args(["controller", "--mode", mode])
+            .args(extra)
+            .args([
+                "--node-selector",
+                "eks.amazonaws.com/nodegroup in (ng-underlay",
+                "--region",
+                "us-east-1",
+                "--endpoint",
+                "http://127.0.0.1:9",
+                "--health-addr",
+                "127.0.0.1:0",
+            ])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{mode}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--node-selector") && err.contains("invalid node selector"),
+            "{mode}: {err}"
+        );
+        // Refused before tracing, the health endpoint, AWS or Kubernetes.
+        assert!(
+            !err.contains("health and metrics endpoint"),
+            "{mode}: {err}"
+        );
+        assert!(
+            matches!(api.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{mode}: the Kubernetes API was contacted"
+        );
+    }
+}
+
+#[test]
+fn a_valid_node_selector_gets_past_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = underlay()
+        .args([
+            "controller",
+            "--vpc",
+            "vpc-1",
+            "--pod-cidr",
+            "100.64.0.0/16",
+            "--node-selector",
+            "eks.amazonaws.com/nodegroup in (ng-underlay),underlay.dev/managed=true",
+            "--region",
+            "us-east-1",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--health-addr",
+            "127.0.0.1:0",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("KUBECONFIG", dir.path().join("missing"))
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // It got as far as the Kubernetes client.
+    assert!(err.contains("no Kubernetes client configuration"), "{err}");
+    assert!(err.contains("managing only the selected Nodes"), "{err}");
+}

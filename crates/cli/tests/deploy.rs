@@ -528,3 +528,64 @@ fn eni_mode_renders_the_eni_flags() {
     let agent = strs(&container(find(&routed, "DaemonSet", "underlay-agent"), "agent")["args"]);
     assert!(!agent.iter().any(|a| a == "--external-snat"));
 }
+
+#[test]
+fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_node_selector() {
+    // Default: every node, no flag.
+    let all = docs(&render(&[]).unwrap());
+    let args = strs(
+        &container(
+            find(&all, "Deployment", "underlay-controller"),
+            "controller",
+        )["args"],
+    );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--node-selector")),
+        "{args:?}"
+    );
+
+    let selector = "eks.amazonaws.com/nodegroup in (ng-underlay)";
+    let set_selector = format!("controller.manageNodesSelector={selector}");
+    let rendered = |extra: &[&str]| {
+        let mut set = vec![
+            set_selector.as_str(),
+            r"agent.nodeSelector.eks\.amazonaws\.com/nodegroup=ng-underlay",
+            // For running the binary on the rendered arguments below: nothing real is contacted.
+            "vpc.region=us-east-1",
+            "vpc.endpoint=http://127.0.0.1:9",
+            "controller.healthPort=0",
+        ];
+        set.extend_from_slice(extra);
+        docs(&render(&set).unwrap())
+    };
+    for mode in [&[][..], ENI_VALUES] {
+        let all = rendered(mode);
+        let args = strs(
+            &container(
+                find(&all, "Deployment", "underlay-controller"),
+                "controller",
+            )["args"],
+        );
+        let want = format!("--node-selector={selector}");
+        assert!(args.contains(&want), "{args:?} lacks {want}");
+        let ds = find(&all, "DaemonSet", "underlay-agent");
+        let node_selector = &ds["spec"]["template"]["spec"]["nodeSelector"];
+        assert_eq!(node_selector["eks.amazonaws.com/nodegroup"], "ng-underlay");
+        assert_eq!(node_selector["kubernetes.io/os"], "linux");
+
+        // The binary takes the rendered arguments: validation passes and it stops only at the missing
+        // Kubernetes configuration.
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_underlay"))
+            .args(&args)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("KUBECONFIG", dir.path().join("missing"))
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("managing only the selected Nodes"), "{err}");
+        assert!(err.contains("no Kubernetes client configuration"), "{err}");
+    }
+}

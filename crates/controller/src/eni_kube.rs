@@ -10,12 +10,15 @@
 //!
 //! Taints (only the controller touches them): `underlay.dev/not-ready` until the pool is non-empty and the agent
 //! reports Ready; `underlay.dev/no-free-ips` while `poolSize - poolUsed == 0` with a non-empty pool.
+//!
+//! Only the Nodes `KubeOptions::node_selector` selects are listed. A Node leaving the selection loses its
+//! UnderlayNode and its underlay taints; the ENIs attached to it stay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use ::kube::{Client, Resource, ResourceExt};
 use k8s_openapi::api::core::v1::{Node, Taint};
 use serde_json::json;
@@ -27,7 +30,11 @@ use underlay_core::eni_pool::Used;
 use underlay_core::names;
 
 use crate::eni::{EniNode, EniReconciler, EniSettings, NodeReport};
-use crate::kube::{Elector, KubeError, KubeOptions, LeaseState, instance_id_of, owner_ref, ready};
+use crate::kube::{
+    Elector, KubeError, KubeOptions, LeaseState, has_underlay_taint, instance_id_of, owner_ref,
+    ready, untaint_if_unselected,
+};
+use crate::selector::NodeSelector;
 
 /// Default period of an `eni`-mode pass.
 pub const DEFAULT_ENI_RESYNC: Duration = Duration::from_secs(5);
@@ -126,10 +133,12 @@ pub async fn run_eni_on_kube(
             tx.send_replace(true);
         }
         // A fresh reconciler per term: everything it needs is in EC2 and the API.
-        let leader = EniLeader {
+        let mut leader = EniLeader {
             nodes_api: Api::all(client.clone()),
             uns_api: Api::all(client.clone()),
             reconciler: EniReconciler::new(cloud.clone(), settings.clone()),
+            selector: opts.node_selector.clone(),
+            swept: false,
         };
         let passes = opts.passes.clone();
         let mut task = tokio::spawn(async move {
@@ -187,12 +196,20 @@ struct EniLeader {
     nodes_api: Api<Node>,
     uns_api: Api<UnderlayNode>,
     reconciler: EniReconciler,
+    /// The Nodes this controller manages: the Node list's label selector.
+    selector: NodeSelector,
+    /// This term's sweep of unselected Nodes for leftover underlay taints is done.
+    swept: bool,
 }
 
 impl EniLeader {
     /// One pass; `false` when the API could not be listed (nothing was reconciled).
-    async fn pass(&self) -> bool {
-        let nodes = match self.nodes_api.list(&ListParams::default()).await {
+    async fn pass(&mut self) -> bool {
+        let mut lp = ListParams::default();
+        if let Some(q) = self.selector.to_query() {
+            lp = lp.labels(&q);
+        }
+        let nodes = match self.nodes_api.list(&lp).await {
             Ok(l) => l.items,
             Err(e) => {
                 tracing::warn!(error = %e, "listing Nodes");
@@ -257,7 +274,57 @@ impl EniLeader {
                 }
             }
         }
+        self.release_unselected(&by_name, &uns).await;
         true
+    }
+
+    /// Nodes outside the selection are not managed: an UnderlayNode whose Node left the selection is deleted and
+    /// the Node's underlay taints removed (once per term, every unselected Node's). Their ENIs are left as they
+    /// are: attached ENIs stay with the instance (and go with it, DeleteOnTermination); the node is planned again
+    /// from them if it is selected again.
+    async fn release_unselected(
+        &mut self,
+        selected: &BTreeMap<String, &Node>,
+        uns: &BTreeMap<String, UnderlayNode>,
+    ) {
+        if self.selector.is_all() {
+            return;
+        }
+        let mut names: BTreeSet<String> = uns
+            .values()
+            .filter(|u| u.spec.mode == Mode::Eni && !selected.contains_key(&u.name_any()))
+            .map(ResourceExt::name_any)
+            .collect();
+        if !self.swept {
+            match self.nodes_api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    names.extend(
+                        list.items
+                            .iter()
+                            .filter(|n| !self.selector.matches(n.labels()) && has_underlay_taint(n))
+                            .map(ResourceExt::name_any),
+                    );
+                    self.swept = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "listing Nodes for leftover taints"),
+            }
+        }
+        for name in names {
+            if let Err(e) = untaint_if_unselected(&self.nodes_api, &self.selector, &name).await {
+                tracing::warn!(node = %name, error = %e, "untainting unselected Node");
+                continue;
+            }
+            if !uns.contains_key(&name) {
+                continue;
+            }
+            match self.uns_api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(node = %name, "Node outside the node selector: UnderlayNode deleted")
+                }
+                Err(::kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(e) => tracing::warn!(node = %name, error = %e, "deleting UnderlayNode"),
+            }
+        }
     }
 
     async fn create_underlay_node(&self, node: &Node, n: &NodeReport) -> Option<UnderlayNode> {

@@ -16,12 +16,15 @@
 //!
 //! The controller starts only once the Node list is complete and every listed node's instance has been described:
 //! a pass over a partial node set would delete the routes of the nodes left out.
+//!
+//! Only the Nodes [`KubeOptions::node_selector`] selects are watched (the watch carries it as its label
+//! selector). A Node leaving the selection is released as a deleted one is, and its underlay taints are removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use ::kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use ::kube::runtime::watcher::{self, Event as WatchEvent};
 use ::kube::runtime::{WatchStreamExt, watcher::watcher as watch_stream};
@@ -49,6 +52,7 @@ use crate::controller::{Controller, ControllerEvent};
 use crate::lanes::{CloudLanes, Priority};
 use crate::probe::Prober;
 use crate::routes::ReconcileReport;
+use crate::selector::NodeSelector;
 
 /// Default lease duration: a new leader takes over this long after the last renewal it saw.
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -87,6 +91,9 @@ pub struct KubeOptions {
     /// `eni` mode: counts the leader's completed passes (a pass that listed the API and ran the reconciler), for
     /// the readiness endpoint. Routed mode reports its passes as `ControllerEvent::Pass` instead.
     pub passes: Option<watch::Sender<u64>>,
+    /// The Nodes this controller manages (`--node-selector`); the rest get no UnderlayNode, taint, podCIDR,
+    /// route or ENI. Default: every Node.
+    pub node_selector: NodeSelector,
 }
 
 impl Default for KubeOptions {
@@ -105,6 +112,7 @@ impl Default for KubeOptions {
             retry_every: DEFAULT_RETRY_EVERY,
             leading: None,
             passes: None,
+            node_selector: NodeSelector::all(),
         }
     }
 }
@@ -188,7 +196,8 @@ pub async fn run_routed_on_kube(
             prober.clone(),
             opts.retry_every,
             events.clone(),
-        );
+        )
+        .selecting(opts.node_selector.clone());
         let mut task = tokio::spawn(leader.run(stop_rx));
         let mut last_renewed = acquired_at;
         let mut next_renew = Instant::now() + opts.renew_every;
@@ -609,6 +618,52 @@ fn has_not_ready_taint(node: &Node) -> bool {
         .is_some_and(|t| t.iter().any(|t| t.key == names::TAINT_NOT_READY))
 }
 
+/// Remove the underlay taints of Node `name` unless it is selected (or gone, or untainted already).
+pub(crate) async fn untaint_if_unselected(
+    api: &Api<Node>,
+    selector: &NodeSelector,
+    name: &str,
+) -> Result<(), ::kube::Error> {
+    let Some(node) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    if selector.matches(node.labels()) || !has_underlay_taint(&node) {
+        return Ok(());
+    }
+    let taints: Vec<Taint> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| !is_underlay_taint(t))
+        .collect();
+    let patch = json!({
+        "metadata": { "resourceVersion": node.resource_version() },
+        "spec": { "taints": taints },
+    });
+    let pp = PatchParams::apply(names::FIELD_MANAGER_CONTROLLER);
+    match api.patch(name, &pp, &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            tracing::info!(node = %name, "Node outside the node selector: underlay taints removed");
+            Ok(())
+        }
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_underlay_taint(t: &Taint) -> bool {
+    t.key == names::TAINT_NOT_READY || t.key == names::TAINT_NO_FREE_IPS
+}
+
+pub(crate) fn has_underlay_taint(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(is_underlay_taint))
+}
+
 fn not_ready_taint() -> Taint {
     Taint {
         key: names::TAINT_NOT_READY.to_string(),
@@ -674,6 +729,13 @@ struct Leader {
     /// ([`ReconcileReport::routed_nodes`]); `None` until this leader's first such pass.
     routed: Option<BTreeSet<String>>,
     nodes_tx: Option<watch::Sender<Vec<ClusterNode>>>,
+    /// The Nodes this controller manages; the Node watch carries it as its label selector.
+    selector: NodeSelector,
+    /// Nodes that left the selection (or may have: a deleted Node is checked too) whose underlay taints are to be
+    /// removed.
+    released: BTreeSet<String>,
+    /// This term's sweep of unselected Nodes for leftover underlay taints is done.
+    swept: bool,
 }
 
 impl std::fmt::Debug for Leader {
@@ -764,12 +826,24 @@ impl Leader {
             plan: None,
             routed: None,
             nodes_tx: None,
+            selector: NodeSelector::all(),
+            released: BTreeSet::new(),
+            swept: false,
         }
     }
 
+    /// Manage only the Nodes `selector` selects.
+    fn selecting(mut self, selector: NodeSelector) -> Self {
+        self.selector = selector;
+        self
+    }
+
     async fn run(mut self, stop: watch::Receiver<bool>) {
-        let node_events =
-            watch_stream(self.nodes_api.clone(), watcher::Config::default()).default_backoff();
+        let mut node_config = watcher::Config::default();
+        if let Some(q) = self.selector.to_query() {
+            node_config = node_config.labels(&q);
+        }
+        let node_events = watch_stream(self.nodes_api.clone(), node_config).default_backoff();
         let un_events =
             watch_stream(self.uns_api.clone(), watcher::Config::default()).default_backoff();
         futures::pin_mut!(node_events, un_events);
@@ -787,6 +861,10 @@ impl Leader {
                 r = stop_rx.changed() => if r.is_err() || *stop_rx.borrow() { break; },
                 Some(ev) = node_events.next() => match ev {
                     Ok(ev) => {
+                        // A Node that leaves the selection arrives as a deletion.
+                        if let WatchEvent::Delete(n) = &ev {
+                            self.released.insert(n.name_any());
+                        }
                         apply_watch_event(&mut self.nodes, &mut node_buf, &mut self.nodes_synced, ev);
                         dirty = true;
                     }
@@ -923,6 +1001,7 @@ impl Leader {
         ok &= self.collect_underlay_nodes().await;
         ok &= self.write_statuses().await;
         ok &= self.write_node_specs().await;
+        ok &= self.release_unselected().await;
         ok
     }
 
@@ -1167,6 +1246,10 @@ impl Leader {
             .collect();
         for un in orphans {
             let name = un.name_any();
+            // Its Node may still exist, outside the selection: its taints go too.
+            if !self.selector.is_all() {
+                self.released.insert(name.clone());
+            }
             if un.meta().deletion_timestamp.is_none() {
                 match self.uns_api.delete(&name, &DeleteParams::default()).await {
                     Ok(either) => {
@@ -1398,6 +1481,53 @@ impl Leader {
                         ok = false;
                         break;
                     }
+                }
+            }
+        }
+        ok
+    }
+
+    /// Nodes outside the selection carry no underlay taint: those that left it (a deletion from the selecting
+    /// watch, or an UnderlayNode without a selected Node) and, once per term, any unselected Node a previous
+    /// configuration tainted. Their UnderlayNodes go the way of a deleted Node's ([`Self::collect_underlay_nodes`]).
+    async fn release_unselected(&mut self) -> bool {
+        if self.selector.is_all() {
+            self.released.clear();
+            return true;
+        }
+        let mut ok = true;
+        if !self.swept {
+            match self.nodes_api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    self.released.extend(
+                        list.items
+                            .iter()
+                            .filter(|n| !self.selector.matches(n.labels()) && has_underlay_taint(n))
+                            .map(ResourceExt::name_any),
+                    );
+                    self.swept = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing Nodes for leftover taints");
+                    ok = false;
+                }
+            }
+        }
+        let names: Vec<String> = self.released.iter().cloned().collect();
+        for name in names {
+            if self.nodes.contains_key(&name) {
+                self.released.remove(&name);
+                continue;
+            }
+            match untaint_if_unselected(&self.nodes_api, &self.selector, &name).await {
+                Ok(()) => {
+                    self.released.remove(&name);
+                }
+                Err(e) => {
+                    if !is_conflict(&e) {
+                        tracing::warn!(node = %name, error = %e, "untainting unselected Node");
+                    }
+                    ok = false;
                 }
             }
         }

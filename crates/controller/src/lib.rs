@@ -22,6 +22,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod probe;
 pub mod routes;
+pub mod selector;
 pub mod srcdst;
 
 pub use config::{ClusterNode, ControllerConfig, ManagedTables, ProbeConfig, RoutedConfig};
@@ -30,4 +31,5 @@ pub use eni::{EniNode, EniPassReport, EniReconciler, EniSettings, NodeReport};
 pub use lanes::{CloudLanes, OneLane, Priority, TwoLanes};
 pub use probe::{HealthProber, HttpProber, ProbeTarget, Prober};
 pub use routes::{Outcome, ReconcileError, ReconcileReport, RouteReconciler, apply_route_op};
+pub use selector::{NodeSelector, SelectorError};
 pub use srcdst::{SrcDstReconciler, SrcDstReport};

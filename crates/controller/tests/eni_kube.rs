@@ -81,6 +81,7 @@ async fn eni_mode_pools_status_taints_and_max_pods_on_the_api() {
         retry_every: Duration::from_millis(200),
         leading: None,
         passes: Some(passes_tx),
+        node_selector: Default::default(),
     };
     let task = tokio::spawn(run_eni_on_kube(
         api.client(),
@@ -164,6 +165,139 @@ async fn eni_mode_pools_status_taints_and_max_pods_on_the_api() {
         taints(&api, "node-0").is_empty().then_some(())
     })
     .await;
+
+    shutdown.send_replace(true);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+/// The label the selector test manages nodes by.
+const MANAGED: &str = "underlay.dev/managed";
+
+fn set_managed(api: &ApiSim, name: &str, managed: bool) {
+    assert!(api.modify::<Node>(None, name, |n| {
+        let labels = n.metadata.labels.get_or_insert_with(Default::default);
+        if managed {
+            labels.insert(MANAGED.into(), "true".into());
+        } else {
+            labels.remove(MANAGED);
+        }
+    }));
+}
+
+/// ENIs attached to `instance` (the primary one included).
+fn enis_of(w: &EniWorld, instance: &underlay_cloud::InstanceId) -> usize {
+    w.sim
+        .snapshot()
+        .enis
+        .iter()
+        .filter(|e| {
+            e.attachment
+                .as_ref()
+                .is_some_and(|a| &a.instance == instance)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn eni_mode_manages_only_selected_nodes() {
+    let mut w = mk_world(43, None);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        let id = w.add_node("m5.large");
+        let zone = ZONES[i % ZONES.len()];
+        api.insert(&Node {
+            metadata: ObjectMeta {
+                name: Some(format!("node-{i}")),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                provider_id: Some(format!("aws:///{zone}/{id}")),
+                ..Default::default()
+            }),
+            status: None,
+        });
+    }
+    set_managed(&api, "node-0", true);
+    let settings = EniSettings {
+        targets: Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        },
+        ..EniSettings::new(CLUSTER)
+    };
+    let (shutdown, rx) = watch::channel(false);
+    let (passes_tx, passes_rx) = tokio::sync::watch::channel(0u64);
+    let opts = KubeOptions {
+        identity: "eni-test".into(),
+        lease_namespace: "kube-system".into(),
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(500),
+        retry_every: Duration::from_millis(200),
+        leading: None,
+        passes: Some(passes_tx),
+        node_selector: "underlay.dev/managed in (true)".parse().unwrap(),
+    };
+    let task = tokio::spawn(run_eni_on_kube(
+        api.client(),
+        w.sim.clone(),
+        settings,
+        Duration::from_millis(100),
+        opts,
+        rx,
+    ));
+
+    wait_for("the selected node's full pool", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        (un.status.as_ref()?.pool_size == 27).then_some(())
+    })
+    .await;
+    wait_for("the selected node tainted", || {
+        (taints(&api, "node-0") == vec![names::TAINT_NOT_READY]).then_some(())
+    })
+    .await;
+    // Several more passes: the unselected node gets nothing.
+    let seen = *passes_rx.borrow();
+    wait_for("three more passes", || {
+        (*passes_rx.borrow() >= seen + 3).then_some(())
+    })
+    .await;
+    assert!(api.get::<UnderlayNode>(None, "node-1").is_none());
+    assert!(taints(&api, "node-1").is_empty());
+    let node1: Node = api.get(None, "node-1").unwrap();
+    assert!(node1.metadata.annotations.is_none_or(|a| a.is_empty()));
+    assert_eq!(enis_of(&w, &w.nodes[1].instance), 1, "only its primary ENI");
+
+    // Labelled: it joins.
+    set_managed(&api, "node-1", true);
+    wait_for("the joining node's full pool and taint", || {
+        let un: UnderlayNode = api.get(None, "node-1")?;
+        (un.status.as_ref()?.pool_size == 27
+            && taints(&api, "node-1") == vec![names::TAINT_NOT_READY])
+        .then_some(())
+    })
+    .await;
+    assert_eq!(enis_of(&w, &w.nodes[1].instance), 3);
+
+    // Unlabelled: its UnderlayNode and taint go; its ENIs stay attached.
+    set_managed(&api, "node-0", false);
+    wait_for("the unselected node released", || {
+        (api.get::<UnderlayNode>(None, "node-0").is_none() && taints(&api, "node-0").is_empty())
+            .then_some(())
+    })
+    .await;
+    let seen = *passes_rx.borrow();
+    wait_for("three more passes", || {
+        (*passes_rx.borrow() >= seen + 3).then_some(())
+    })
+    .await;
+    assert!(api.get::<UnderlayNode>(None, "node-0").is_none());
+    assert!(taints(&api, "node-0").is_empty());
+    assert_eq!(enis_of(&w, &w.nodes[0].instance), 3);
 
     shutdown.send_replace(true);
     tokio::time::timeout(WAIT, task)

@@ -20,7 +20,7 @@ use underlay_api::{Mode, UnderlayNode, conditions};
 use underlay_apisim::{ApiSim, Kind};
 use underlay_cloud::RouteTarget;
 use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
-use underlay_controller::{ControllerConfig, ControllerEvent, ProbeTarget, Prober};
+use underlay_controller::{ControllerConfig, ControllerEvent, NodeSelector, ProbeTarget, Prober};
 use underlay_core::health::Probe;
 use underlay_core::names;
 use underlay_vpcsim::RunInstance;
@@ -191,6 +191,19 @@ fn start_tuned(
     prober: Arc<dyn Prober>,
     tune: impl FnOnce(&mut ControllerConfig),
 ) -> Replica {
+    let replica = (identity, lease, renew);
+    start_selecting(w, api, replica, prober, tune, NodeSelector::all())
+}
+
+/// A replica (identity, lease duration, renewal period) that manages only the Nodes `selector` selects.
+fn start_selecting(
+    w: &World,
+    api: &ApiSim,
+    (identity, lease, renew): (&str, Duration, Duration),
+    prober: Arc<dyn Prober>,
+    tune: impl FnOnce(&mut ControllerConfig),
+    selector: NodeSelector,
+) -> Replica {
     let (leading_tx, leading) = watch::channel(false);
     let requests: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
     let (rec, lead_rx) = (requests.clone(), leading.clone());
@@ -215,6 +228,7 @@ fn start_tuned(
         retry_every: Duration::from_millis(200),
         leading: Some(leading_tx),
         passes: None,
+        node_selector: selector,
     };
     let mut config = ControllerConfig::new(w.config());
     config.probe.interval = Duration::from_millis(100);
@@ -933,5 +947,135 @@ async fn a_ready_node_stays_tainted_until_its_block_is_routed() {
     .await;
     assert!(routed_to(&w, block0, &eni0));
     assert!(api.take_unexpected().is_empty());
+    r.stop().await;
+}
+
+/// The label the selector tests manage nodes by.
+const MANAGED: &str = "underlay.dev/managed";
+
+fn set_managed(api: &ApiSim, name: &str, managed: bool) {
+    assert!(api.modify::<Node>(None, name, |n| {
+        let labels = n.metadata.labels.get_or_insert_with(Default::default);
+        if managed {
+            labels.insert(MANAGED.into(), "true".into());
+        } else {
+            labels.remove(MANAGED);
+        }
+    }));
+}
+
+fn pod_cidr(api: &ApiSim, name: &str) -> Option<String> {
+    api.get::<Node>(None, name)?.spec?.pod_cidr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_selected_nodes_are_managed_and_a_node_leaving_the_selection_is_released() {
+    let w = mk_world(32, 0, 50);
+    let api = ApiSim::new();
+    for i in 0..4 {
+        mk_node(&w, &api, &format!("node-{i}"), i);
+    }
+    set_managed(&api, "node-0", true);
+    set_managed(&api, "node-1", true);
+    // node-2 still carries the taint of a configuration that managed every node.
+    assert!(api.modify::<Node>(None, "node-2", |n| {
+        let spec = n.spec.as_mut().unwrap();
+        spec.taints.as_mut().unwrap().push(Taint {
+            key: names::TAINT_NOT_READY.into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        });
+    }));
+    let selector: NodeSelector = "underlay.dev/managed=true".parse().unwrap();
+    let r = start_selecting(
+        &w,
+        &api,
+        (
+            "replica-a",
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+        ),
+        Arc::new(AlwaysUp),
+        |_| {},
+        selector,
+    );
+    let uns = converged(&api, 2).await;
+    assert_eq!(
+        uns.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["node-0", "node-1"]
+    );
+    for name in ["node-0", "node-1"] {
+        wait_for("selected nodes tainted and given a podCIDR", || {
+            (taint_keys(&api, name).contains(&names::TAINT_NOT_READY.to_string())
+                && pod_cidr(&api, name).is_some())
+            .then_some(())
+        })
+        .await;
+    }
+    wait_for("the leftover taint of an unselected node removed", || {
+        (taint_keys(&api, "node-2") == vec!["example.com/dedicated"]).then_some(())
+    })
+    .await;
+    // The unselected nodes: no UnderlayNode, no podCIDR, no route, and node-3 never written to.
+    for name in ["node-2", "node-3"] {
+        assert!(api.get::<UnderlayNode>(None, name).is_none());
+        assert_eq!(pod_cidr(&api, name), None);
+    }
+    assert_eq!(taint_keys(&api, "node-3"), vec!["example.com/dedicated"]);
+    assert!(
+        !r.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(m, p, _)| m != "GET" && p.ends_with("/nodes/node-3")),
+        "an unselected Node was written"
+    );
+    let selected_blocks: Vec<ipnet::Ipv4Net> = uns.values().map(block_of).collect();
+    for t in &w.tables {
+        for d in w.owned(t).keys() {
+            assert!(
+                selected_blocks
+                    .iter()
+                    .any(|b| d.contains(b) || b.contains(d)),
+                "{t}: route {d} covers no selected node's block"
+            );
+        }
+    }
+
+    // Labelling a node makes it join.
+    set_managed(&api, "node-3", true);
+    let uns = converged(&api, 3).await;
+    assert!(uns.contains_key("node-3"));
+    wait_for("the joining node tainted and given a podCIDR", || {
+        (taint_keys(&api, "node-3").contains(&names::TAINT_NOT_READY.to_string())
+            && pod_cidr(&api, "node-3").is_some())
+        .then_some(())
+    })
+    .await;
+
+    // Unlabelling releases a node as a deletion would: routes first, then the UnderlayNode; and its taint goes.
+    let block = block_of(&uns["node-1"]);
+    set_managed(&api, "node-1", false);
+    wait_for("the UnderlayNode of the unselected node gone", || {
+        api.get::<UnderlayNode>(None, "node-1")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    for t in &w.tables {
+        assert!(
+            !w.owned(t).keys().any(|d| *d == block),
+            "{t}: route for the unselected node's block remains"
+        );
+    }
+    wait_for("the unselected node's taint removed", || {
+        (taint_keys(&api, "node-1") == vec!["example.com/dedicated"]).then_some(())
+    })
+    .await;
+    // The Node itself stays, and later passes leave it alone.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(api.get::<UnderlayNode>(None, "node-1").is_none());
+    assert_eq!(taint_keys(&api, "node-1"), vec!["example.com/dedicated"]);
+    assert_eq!(api.list::<UnderlayNode>().len(), 2);
     r.stop().await;
 }

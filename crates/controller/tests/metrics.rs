@@ -325,6 +325,7 @@ async fn start(w: &World, api: &ApiSim, identity: &str, prober: Arc<dyn Prober>)
         retry_every: Duration::from_millis(100),
         leading: Some(leading_tx),
         passes: None,
+        node_selector: Default::default(),
     };
     let mut config = ControllerConfig::new(w.config());
     config.probe.interval = Duration::from_millis(100);

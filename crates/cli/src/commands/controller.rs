@@ -20,7 +20,7 @@ use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
 use underlay_controller::metrics::{
     ControllerHealth, ControllerMetrics, MetricsServer, STALE_PASSES, observe,
 };
-use underlay_controller::{CloudLanes, ControllerConfig, RoutedConfig, TwoLanes};
+use underlay_controller::{CloudLanes, ControllerConfig, NodeSelector, RoutedConfig, TwoLanes};
 use underlay_core::eni_pool::{AddressMode, Targets};
 use underlay_core::names;
 
@@ -67,6 +67,11 @@ pub struct Args {
     /// Address of the `/healthz`, `/readyz` and `/metrics` endpoint.
     #[arg(long, default_value_t = default_health_addr())]
     health_addr: SocketAddr,
+    /// Manage only the Nodes this Kubernetes label selector selects (e.g. `underlay.dev/managed=true` or
+    /// `eks.amazonaws.com/nodegroup in (ng-underlay)`); the others get no UnderlayNode, taint, podCIDR, route or
+    /// ENI. Default: every Node.
+    #[arg(long, default_value = "")]
+    node_selector: String,
 }
 
 /// `0.0.0.0:9651`.
@@ -153,6 +158,7 @@ fn eni_settings(args: &EniArgs) -> anyhow::Result<EniSettings> {
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     // Validate before touching AWS or Kubernetes.
+    let node_selector: NodeSelector = args.node_selector.parse().context("--node-selector")?;
     if args.mode == Mode::Routed && (args.vpc.is_none() || args.pod_cidr.is_none()) {
         anyhow::bail!("routed mode needs --vpc and --pod-cidr");
     }
@@ -162,6 +168,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         None
     };
     super::init_tracing("info");
+    if node_selector.is_all() {
+        tracing::info!("managing every Node");
+    } else {
+        tracing::info!(node_selector = %node_selector, "managing only the selected Nodes");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -205,6 +216,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let mut opts = KubeOptions {
             lease_namespace: args.lease_namespace.clone(),
             leading: Some(leading_tx),
+            node_selector,
             ..KubeOptions::default()
         };
         let (stop, rx) = tokio::sync::watch::channel(false);

@@ -65,6 +65,7 @@ fn pool_eni(id: &str, index: u32, mac: Mac, addrs: &[&str]) -> PoolEni {
         device_index: index,
         mac: Some(format_mac(&mac)),
         subnet_cidr: Some("198.18.0.0/24".into()),
+        primary_ip: None,
         addresses: addrs.iter().map(|s| s.to_string()).collect(),
         prefixes: vec![],
     }

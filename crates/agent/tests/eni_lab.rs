@@ -77,6 +77,7 @@ fn record(rt: &tokio::runtime::Runtime, sim: &VpcSim, node: &Instance) -> EniNod
                 device_index: e.attachment.as_ref().unwrap().device_index,
                 mac: e.mac.clone(),
                 subnet_cidr: subnets.iter().find(|s| s.id == e.subnet).unwrap().cidr,
+                primary_ip: Some(e.primary_ip),
                 addresses: e.secondary_ips.clone(),
                 prefixes: e.prefixes.clone(),
             })

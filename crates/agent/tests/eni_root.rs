@@ -22,6 +22,10 @@ const NODE_IP: &str = "198.18.0.10";
 /// Pod addresses: one secondary of the primary ENI, one of the second ENI.
 const POD1: &str = "198.18.0.11";
 const POD2: &str = "198.18.0.20";
+/// The second ENI's own primary IP (the agent puts it on eth1).
+const ENI2_PRIMARY: &str = "198.18.0.30";
+/// An address of the node's subnet the node does not own (only routed, never sent to).
+const SAME_SUBNET: &str = "198.18.0.50";
 const VPC_HOST: &str = "198.18.1.5";
 const INTERNET_HOST: &str = "203.0.113.10";
 const ECHO_PORT: u16 = 7101;
@@ -59,6 +63,7 @@ fn spec() -> EniNodeSpec {
                 device_index: 0,
                 mac: format_mac(&PRIMARY_MAC),
                 subnet_cidr: "198.18.0.0/24".parse().unwrap(),
+                primary_ip: Some(ip(NODE_IP)),
                 addresses: vec![ip(POD1)],
                 prefixes: vec![],
             },
@@ -67,6 +72,7 @@ fn spec() -> EniNodeSpec {
                 device_index: 1,
                 mac: format_mac(&ENI2_MAC),
                 subnet_cidr: "198.18.0.0/24".parse().unwrap(),
+                primary_ip: Some(ip(ENI2_PRIMARY)),
                 addresses: vec![ip(POD2)],
                 prefixes: vec![],
             },
@@ -152,6 +158,7 @@ impl World {
             (NODE_IP, "e0", PRIMARY_MAC),
             (POD1, "e0", PRIMARY_MAC),
             (POD2, "e1", ENI2_MAC),
+            (ENI2_PRIMARY, "e1", ENI2_MAC),
         ] {
             sh(
                 &w.vpc,
@@ -217,7 +224,7 @@ impl World {
                 chain pre {{
                     type filter hook prerouting priority -300; policy accept;
                     iifname \"e0\" ip saddr != {{ {NODE_IP}, {POD1} }} counter name \"dropped\" drop
-                    iifname \"e1\" ip saddr != {{ {POD2} }} counter name \"dropped\" drop
+                    iifname \"e1\" ip saddr != {{ {POD2}, {ENI2_PRIMARY} }} counter name \"dropped\" drop
                     iifname \"e0\" ip saddr {POD1} counter name \"pod1_by_eni1\"
                     iifname \"e1\" ip saddr {POD2} counter name \"pod2_by_eni2\"
                 }}
@@ -393,6 +400,10 @@ fn each_pod_address_leaves_by_its_own_eni_and_off_vpc_traffic_is_snated() {
     assert_eq!(first.devices["eni-second"], "eth1");
     assert!(first.missing.is_empty());
     assert!(first.ops.contains(&EniOp::LinkUp { dev: "eth1".into() }));
+    assert!(first.ops.contains(&EniOp::AddAddress {
+        dev: "eth1".into(),
+        address: format!("{ENI2_PRIMARY}/24").parse().unwrap()
+    }));
     let second = agent.converge(&spec()).unwrap();
     assert_eq!(second.ops, vec![], "second converge planned work");
 
@@ -413,7 +424,50 @@ fn each_pod_address_leaves_by_its_own_eni_and_off_vpc_traffic_is_snated() {
         v4(nl.addrs(eth0.index).unwrap()),
         vec!["198.18.0.10/24".parse::<IpNet>().unwrap()]
     );
-    assert!(v4(nl.addrs(eth1.index).unwrap()).is_empty());
+    // The second ENI's device carries that ENI's primary IP with the subnet's length, and nothing else.
+    assert_eq!(
+        v4(nl.addrs(eth1.index).unwrap()),
+        vec![format!("{ENI2_PRIMARY}/24").parse::<IpNet>().unwrap()]
+    );
+    // ... without a prefix route in `main`: the node's own traffic to its subnet still leaves by the primary
+    // interface with the node IP, while a pod of ENI 2 reaches the same subnet by ENI 2 (its table).
+    let main = sh(&w.node, "ip", &["-4", "route", "show", "table", "main"]);
+    assert!(!main.contains("dev eth1"), "main table: {main}");
+    let own = sh(&w.node, "ip", &["-4", "route", "get", SAME_SUBNET]);
+    assert!(
+        own.contains("dev eth0") && own.contains(&format!("src {NODE_IP}")),
+        "{own}"
+    );
+    let from_pod2 = sh(
+        &w.node,
+        "ip",
+        &[
+            "-4",
+            "route",
+            "get",
+            SAME_SUBNET,
+            "from",
+            POD2,
+            "iif",
+            "vp2",
+        ],
+    );
+    assert!(from_pod2.contains("dev eth1"), "{from_pod2}");
+    let from_pod1 = sh(
+        &w.node,
+        "ip",
+        &[
+            "-4",
+            "route",
+            "get",
+            SAME_SUBNET,
+            "from",
+            POD1,
+            "iif",
+            "vp1",
+        ],
+    );
+    assert!(from_pod1.contains("dev eth0"), "{from_pod1}");
 
     // ENI 2's pod reaches the VPC host by ENI 2 with its own address; ENI 1's pod by ENI 1.
     assert_eq!(

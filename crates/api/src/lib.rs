@@ -159,6 +159,11 @@ pub struct PoolEni {
     /// (the subnet's first host address), as the VPC router answers there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_cidr: Option<String>,
+    /// The ENI's own primary private IPv4 address (never a pod's): the agent puts it on a secondary ENI's
+    /// device, with the subnet's prefix length, so ARP and locally-originated traffic there use an address
+    /// that ENI owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_ip: Option<String>,
     /// Secondary private IPv4 addresses available to pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,

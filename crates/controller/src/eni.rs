@@ -151,6 +151,8 @@ impl EniPassReport {
 struct Observed {
     view: EniView,
     mac: String,
+    /// The ENI's own primary private IP (the pool status carries it for the agent).
+    primary_ip: Ipv4Addr,
     subnet: SubnetId,
 }
 
@@ -467,6 +469,7 @@ impl EniReconciler {
                         pods: device == 0 || self.owned(e),
                     },
                     mac: e.mac.clone(),
+                    primary_ip: e.primary_ip,
                     subnet: e.subnet.clone(),
                 })
             })
@@ -483,6 +486,7 @@ impl EniReconciler {
                         pods: true,
                     },
                     mac: e.mac.clone(),
+                    primary_ip: e.primary_ip,
                     subnet: e.subnet.clone(),
                 });
             }
@@ -513,6 +517,7 @@ impl EniReconciler {
                             pods: true,
                         },
                         mac: eni.mac,
+                        primary_ip: eni.primary_ip,
                         subnet: eni.subnet,
                     });
                 }
@@ -677,6 +682,7 @@ impl EniReconciler {
                     device_index,
                     mac: Some(o.mac.clone()),
                     subnet_cidr: memory.subnet_cidrs.get(&o.subnet).map(ToString::to_string),
+                    primary_ip: Some(o.primary_ip.to_string()),
                     addresses: o.view.addresses.iter().map(Ipv4Addr::to_string).collect(),
                     prefixes: o.view.prefixes.iter().map(Ipv4Net::to_string).collect(),
                 })

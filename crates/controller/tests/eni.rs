@@ -51,6 +51,9 @@ async fn default_targets_fill_the_primary_eni_of_each_node() {
         assert_eq!(e.device_index, 0);
         assert_eq!(e.addresses.len(), 9);
         assert!(e.mac.is_some() && e.subnet_cidr.is_some());
+        // The primary ENI's own address is the node IP, and never one of the pod addresses.
+        assert_eq!(e.primary_ip, Some(n.node_ip.to_string()));
+        assert!(!e.addresses.contains(&n.node_ip.to_string()));
     }
     converge(&r, &w.nodes, 3).await;
     // One AssignPrivateIpAddresses per node; no ENI created.
@@ -77,6 +80,18 @@ async fn default_targets_fill_the_primary_eni_of_each_node() {
     );
     assert!(second.attachment.as_ref().unwrap().delete_on_termination);
     assert_eq!(second.secondary_ips.len(), 9);
+    // The pool lists the second ENI with its own primary IP (what the agent puts on its device).
+    let pass = r.pass(&w.nodes).await;
+    let pooled = pass.nodes[0]
+        .pool
+        .enis
+        .iter()
+        .find(|e| e.device_index == 1)
+        .unwrap();
+    assert_eq!(pass.nodes[0].instance, w.nodes[0].instance);
+    assert_eq!(pooled.id, second.id.to_string());
+    assert_eq!(pooled.primary_ip, Some(second.primary_ip.to_string()));
+    assert!(!pooled.addresses.contains(&second.primary_ip.to_string()));
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
 

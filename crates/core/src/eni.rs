@@ -23,8 +23,14 @@
 //! nothing there and falls through to `main`, so the packet leaves by the primary interface, where the
 //! `inet underlay` table rewrites its source to the node IP (the address the primary ENI owns).
 //!
+//! A secondary ENI's device (`k > 0`) carries the ENI's own primary IP with the subnet's prefix length, added
+//! with `noprefixroute`: ARP for the subnet gateway and anything the node originates there use an address that
+//! ENI owns, and `main` gets no `<subnet> dev <eni k>` route (which would send the node's own traffic to the
+//! subnet out of a secondary ENI); pods reach their subnet through table `k` as before.
+//!
 //! Ownership: every route in tables `ENI_ROUTE_TABLE_BASE ..= ENI_ROUTE_TABLE_BASE + ENI_MAX_DEVICE_INDEX`, the
-//! link state (up, MTU) of secondary ENIs' devices, the sysctls of [`wanted_sysctls`], the `inet underlay` table.
+//! link state (up, MTU) of secondary ENIs' devices, the address on a secondary ENI's device equal to that ENI's
+//! primary IP (added when missing, never removed: it goes with the device), the sysctls of [`wanted_sysctls`], the `inet underlay` table.
 //! The primary interface (device index 0) is only read: its addresses, link state and MTU are the host's.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +51,9 @@ pub struct NodeEni {
     /// Lower-case `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
     pub subnet_cidr: Ipv4Net,
+    /// The ENI's own primary private IP: put on the device of a secondary ENI (device index > 0).
+    #[serde(default)]
+    pub primary_ip: Option<Ipv4Addr>,
     /// Secondary private IPs (never the ENI's primary address).
     #[serde(default)]
     pub addresses: Vec<Ipv4Addr>,
@@ -94,6 +103,8 @@ pub enum EniSpecError {
     AddressTwice(Ipv4Addr),
     #[error("the node IP {0} is listed as a pod address")]
     NodeIpAsPod(Ipv4Addr),
+    #[error("the primary IP {address} of ENI {eni} is listed as a pod address")]
+    PrimaryAsPod { eni: String, address: Ipv4Addr },
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (either case).
@@ -135,6 +146,17 @@ pub fn subnet_gateway(subnet: Ipv4Net) -> Ipv4Addr {
 }
 
 impl NodeEni {
+    /// The address a secondary ENI's device carries: its primary IP with the subnet's prefix length. `None`
+    /// for the primary ENI (the host's own) and when the record does not give the primary IP.
+    pub fn device_address(&self) -> Option<Ipv4Net> {
+        if self.device_index == 0 {
+            return None;
+        }
+        self.primary_ip.map(|ip| {
+            Ipv4Net::new(ip, self.subnet_cidr.prefix_len()).expect("a subnet's length is valid")
+        })
+    }
+
     /// Every pod address of the ENI: secondaries, then each prefix's addresses, in order.
     pub fn pod_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.addresses
@@ -189,6 +211,9 @@ impl EniNodeSpec {
                 value,
                 subnet: e.subnet_cidr,
             };
+            if let Some(p) = e.primary_ip.filter(|p| !e.subnet_cidr.contains(p)) {
+                return Err(outside("primary IP", p.to_string()));
+            }
             if let Some(a) = e.addresses.iter().find(|a| !e.subnet_cidr.contains(*a)) {
                 return Err(outside("address", a.to_string()));
             }
@@ -198,6 +223,12 @@ impl EniNodeSpec {
             for a in e.pod_addresses() {
                 if a == self.node_ip {
                     return Err(EniSpecError::NodeIpAsPod(a));
+                }
+                if let Some(o) = self.enis.iter().find(|o| o.primary_ip == Some(a)) {
+                    return Err(EniSpecError::PrimaryAsPod {
+                        eni: o.id.clone(),
+                        address: a,
+                    });
                 }
                 if !seen.insert(a) {
                     return Err(EniSpecError::AddressTwice(a));
@@ -279,6 +310,9 @@ pub struct EniObserved {
     pub sysctls: BTreeMap<String, String>,
     /// Every IPv4 route in the ENI tables ([`is_eni_table`]).
     pub routes: Vec<TableRoute>,
+    /// IPv4 addresses (with prefix length) per device name, for the devices that carry any.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, Vec<Ipv4Net>>,
     /// The `inet underlay` table, if it exists.
     pub nft: Option<ObservedNft>,
 }
@@ -297,6 +331,11 @@ pub enum EniOp {
     SetMtu {
         dev: String,
         mtu: u32,
+    },
+    /// Add the address to the device, without the kernel's prefix route in `main`.
+    AddAddress {
+        dev: String,
+        address: Ipv4Net,
     },
     /// Add or replace the route (by table and destination).
     PutRoute(TableRoute),
@@ -390,7 +429,7 @@ pub fn ruleset(spec: &EniNodeSpec) -> Ruleset {
 }
 
 /// Plans the changes that bring a node from `observed` to `spec`: sysctls, secondary ENI devices up with the
-/// record's MTU, the ENI tables' routes (new ones put before stale ones are deleted), the nft table last. An
+/// record's MTU and the ENI's primary IP, the ENI tables' routes (new ones put before stale ones are deleted), the nft table last. An
 /// empty `ops` means the node is converged.
 pub fn plan_eni(spec: &EniNodeSpec, observed: &EniObserved) -> EniPlan {
     let mut plan = EniPlan::default();
@@ -433,6 +472,17 @@ pub fn plan_eni(spec: &EniNodeSpec, observed: &EniObserved) -> EniPlan {
         if !d.up {
             plan.ops.push(EniOp::LinkUp { dev: name.clone() });
         }
+        if let Some(address) = e.device_address()
+            && !observed
+                .addresses
+                .get(name)
+                .is_some_and(|have| have.contains(&address))
+        {
+            plan.ops.push(EniOp::AddAddress {
+                dev: name.clone(),
+                address,
+            });
+        }
     }
 
     let want = wanted_routes(spec, &plan.devices);
@@ -474,6 +524,7 @@ mod tests {
                     device_index: 1,
                     mac: "02:00:00:00:00:02".into(),
                     subnet_cidr: "198.18.0.0/24".parse().unwrap(),
+                    primary_ip: Some("198.18.0.12".parse().unwrap()),
                     addresses: vec!["198.18.0.20".parse().unwrap()],
                     prefixes: vec!["198.18.0.32/28".parse().unwrap()],
                 },
@@ -482,6 +533,7 @@ mod tests {
                     device_index: 0,
                     mac: "02:00:00:00:00:01".into(),
                     subnet_cidr: "198.18.0.0/24".parse().unwrap(),
+                    primary_ip: Some("198.18.0.10".parse().unwrap()),
                     addresses: vec!["198.18.0.11".parse().unwrap()],
                     prefixes: vec![],
                 },
@@ -521,6 +573,11 @@ mod tests {
                 }
                 EniOp::SetMtu { dev, mtu } => {
                     o.devices.iter_mut().find(|d| &d.name == dev).unwrap().mtu = *mtu
+                }
+                EniOp::AddAddress { dev, address } => {
+                    let have = o.addresses.entry(dev.clone()).or_default();
+                    assert!(!have.contains(address), "{address} added twice to {dev}");
+                    have.push(*address);
                 }
                 EniOp::PutRoute(r) => {
                     o.routes
@@ -567,9 +624,15 @@ mod tests {
             dev: "eth1".into(),
             mtu: 9001
         }));
+        // The secondary ENI's device gets the ENI's primary IP with the subnet's length.
+        assert!(plan.ops.contains(&EniOp::AddAddress {
+            dev: "eth1".into(),
+            address: "198.18.0.12/24".parse().unwrap()
+        }));
         // The primary device is never touched.
         assert!(!plan.ops.iter().any(|op| matches!(op,
-            EniOp::LinkUp { dev } | EniOp::SetMtu { dev, .. } if dev == "eth0")));
+            EniOp::LinkUp { dev } | EniOp::SetMtu { dev, .. } | EniOp::AddAddress { dev, .. }
+                if dev == "eth0")));
         let puts: Vec<&TableRoute> = plan
             .ops
             .iter()
@@ -627,6 +690,30 @@ mod tests {
         let s = spec();
         let plan = plan_eni(&s, &observed());
         let mut o = apply(observed(), &plan.ops);
+        assert_eq!(plan_eni(&s, &o).ops, vec![]);
+        // Other addresses on the ENI devices (the host's, or ones the record no longer names) are left alone.
+        o.addresses
+            .entry("eth1".into())
+            .or_default()
+            .push("198.18.0.99/24".parse().unwrap());
+        o.addresses
+            .entry("eth0".into())
+            .or_default()
+            .push("198.18.0.10/24".parse().unwrap());
+        assert_eq!(plan_eni(&s, &o).ops, vec![]);
+        // An address missing again (removed by hand) is put back, and only it.
+        o.addresses.get_mut("eth1").unwrap().retain(|a| {
+            a.prefix_len() != 24 || a.addr() != "198.18.0.12".parse::<Ipv4Addr>().unwrap()
+        });
+        assert_eq!(
+            plan_eni(&s, &o).ops,
+            vec![EniOp::AddAddress {
+                dev: "eth1".into(),
+                address: "198.18.0.12/24".parse().unwrap()
+            }]
+        );
+        let again = plan_eni(&s, &o).ops;
+        o = apply(o, &again);
         assert_eq!(plan_eni(&s, &o).ops, vec![]);
         // A detached ENI's leftovers and a foreign route in an owned table are deleted.
         let stale = TableRoute {
@@ -699,6 +786,27 @@ mod tests {
         let mut s = spec();
         s.enis[1].addresses.push("198.18.0.10".parse().unwrap());
         assert!(matches!(s.validate(), Err(EniSpecError::NodeIpAsPod(_))));
+        let mut s = spec();
+        s.enis[1].addresses.push("198.18.0.12".parse().unwrap());
+        assert!(matches!(
+            s.validate(),
+            Err(EniSpecError::PrimaryAsPod { .. })
+        ));
+        let mut s = spec();
+        s.enis[0].primary_ip = Some("198.19.0.12".parse().unwrap());
+        assert!(matches!(
+            s.validate(),
+            Err(EniSpecError::OutsideSubnet { .. })
+        ));
+        // Without the primary IP in the record, the device gets no address.
+        let mut s = spec();
+        s.enis[0].primary_ip = None;
+        assert!(
+            !plan_eni(&s, &observed())
+                .ops
+                .iter()
+                .any(|op| matches!(op, EniOp::AddAddress { .. }))
+        );
         assert_eq!(spec().validate(), Ok(()));
     }
 }

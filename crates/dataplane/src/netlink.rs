@@ -9,7 +9,7 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer,
     NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -517,6 +517,19 @@ impl Netlink {
         )
     }
 
+    /// Adds the address without the prefix route the kernel would otherwise put in `main`
+    /// (`ip addr add … noprefixroute`).
+    pub fn addr_add_no_prefix_route(&mut self, index: u32, net: IpNet) -> Result<()> {
+        let mut msg = Self::addr_message(index, net);
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &|| format!("addr add {net} dev {index} noprefixroute"),
+        )
+    }
+
     pub fn addr_del(&mut self, index: u32, net: IpNet) -> Result<()> {
         let msg = Self::addr_message(index, net);
         self.request(RouteNetlinkMessage::DelAddress(msg), 0, &|| {
@@ -526,17 +539,24 @@ impl Netlink {
 
     /// Addresses on one link.
     pub fn addrs(&mut self, index: u32) -> Result<Vec<IpNet>> {
-        let mut q = AddressMessage::default();
-        q.header.index = index;
+        Ok(self
+            .addrs_all()?
+            .into_iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, net)| net)
+            .collect())
+    }
+
+    /// Every address of every link, as (link index, address) — one dump.
+    pub fn addrs_all(&mut self) -> Result<Vec<(u32, IpNet)>> {
+        let q = AddressMessage::default();
         let msgs = self.dump(RouteNetlinkMessage::GetAddress(q), &|| {
-            format!("addr dump dev {index}")
+            "addr dump".to_string()
         })?;
         let mut out = Vec::new();
         for m in msgs {
             if let RouteNetlinkMessage::NewAddress(a) = m {
-                if a.header.index != index {
-                    continue;
-                }
+                let index = a.header.index;
                 let ip = a.attributes.iter().find_map(|x| match x {
                     AddressAttribute::Local(ip) => Some(*ip),
                     _ => None,
@@ -548,7 +568,7 @@ impl Netlink {
                     })
                 });
                 if let Some(net) = ip.and_then(|ip| IpNet::new(ip, a.header.prefix_len).ok()) {
-                    out.push(net);
+                    out.push((index, net));
                 }
             }
         }

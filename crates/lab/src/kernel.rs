@@ -247,8 +247,8 @@ fn add_bridge(fab: &str, name: &str, router: Ipv4Addr) -> Result<()> {
 
 /// The veth of one ENI: created in the fabric with its peer born inside the instance namespace (so it never
 /// appears in the caller's namespace), bridged into its subnet, and configured on the instance side the way
-/// EC2's images configure an ENI (its primary address with the subnet's length; the default route via the
-/// subnet router on device 0).
+/// EC2's images configure the primary interface (device 0: its primary address with the subnet's length, the
+/// default route via the subnet router); a secondary ENI's device is only brought up.
 fn add_port(fab: &str, name: &str, p: &PortSpec) -> Result<()> {
     ip(
         fab,
@@ -284,10 +284,12 @@ fn add_port(fab: &str, name: &str, p: &PortSpec) -> Result<()> {
         &["fdb", "replace", &p.mac, "dev", name, "master", "static"],
     )?;
     ip(fab, &["link", "set", name, "up"])?;
-    ip(
-        &p.netns,
-        &["addr", "add", &p.address.to_string(), "dev", &p.ifname],
-    )?;
+    if let Some(address) = p.address {
+        ip(
+            &p.netns,
+            &["addr", "add", &address.to_string(), "dev", &p.ifname],
+        )?;
+    }
     ip(&p.netns, &["link", "set", &p.ifname, "up"])?;
     if let Some(gw) = p.gateway {
         ip(

@@ -43,8 +43,10 @@ pub struct PortSpec {
     pub netns: String,
     pub ifname: String,
     pub mac: String,
-    /// The ENI's primary address with the subnet's prefix length.
-    pub address: Ipv4Net,
+    /// The ENI's primary address with the subnet's prefix length, configured as the image configures the
+    /// primary interface: device index 0 only. A secondary ENI's device comes up bare; in eni mode the
+    /// agent puts the address there itself (without a prefix route in `main`).
+    pub address: Option<Ipv4Net>,
     /// Default route of the instance, via the subnet router (device index 0 only).
     pub gateway: Option<Ipv4Addr>,
 }
@@ -194,7 +196,9 @@ pub fn plan_fabric(lab: &LabId, model: &Model, internet: bool) -> Result<FabricS
                 netns: lab.instance_netns(instance),
                 ifname: instance_ifname(device_index),
                 mac: e.mac.clone(),
-                address: Ipv4Net::new(e.primary, subnet.cidr.prefix_len()).expect("valid prefix"),
+                address: (device_index == 0).then(|| {
+                    Ipv4Net::new(e.primary, subnet.cidr.prefix_len()).expect("valid prefix")
+                }),
                 gateway: (device_index == 0).then_some(router),
             },
         );

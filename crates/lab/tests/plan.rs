@@ -171,7 +171,7 @@ fn a_fresh_fabric_is_built_in_dependency_order() {
     let port = spec.ports.values().next().unwrap();
     assert_eq!(port.mac, i.primary_eni().unwrap().mac);
     assert_eq!(port.ifname, "eth0");
-    assert_eq!(port.address, Ipv4Net::new(i.private_ip, 24).unwrap());
+    assert_eq!(port.address, Some(Ipv4Net::new(i.private_ip, 24).unwrap()));
     assert_eq!(port.gateway, Some("198.18.0.1".parse().unwrap()));
     // Each subnet: owned table first, then its VPC table.
     let table = vpc_table(&r.main);

@@ -137,6 +137,14 @@ pub fn eni_spec_from_record(
         let subnet_cidr: Ipv4Net = subnet
             .parse()
             .map_err(|_| bad("subnetCidr", subnet, "an IPv4 CIDR"))?;
+        let primary_ip = e
+            .primary_ip
+            .as_deref()
+            .map(|p| {
+                p.parse()
+                    .map_err(|_| bad("primaryIp", p, "an IPv4 address"))
+            })
+            .transpose()?;
         let addresses = e
             .addresses
             .iter()
@@ -155,6 +163,7 @@ pub fn eni_spec_from_record(
             device_index: e.device_index,
             mac: mac.to_ascii_lowercase(),
             subnet_cidr,
+            primary_ip,
             addresses,
             prefixes,
         });
@@ -476,6 +485,7 @@ mod tests {
             device_index: index,
             mac: Some(format!("02:00:00:00:00:0{index}").to_uppercase()),
             subnet_cidr: Some("198.18.0.0/24".into()),
+            primary_ip: Some(format!("198.18.0.{}", 100 + index)),
             addresses: addrs.iter().map(|s| s.to_string()).collect(),
             prefixes: prefixes.iter().map(|s| s.to_string()).collect(),
         }
@@ -496,6 +506,7 @@ mod tests {
         assert_eq!(s.enis.len(), 2);
         assert_eq!(s.enis[1].mac, "02:00:00:00:00:01");
         assert_eq!(s.pool_size(), 18);
+        assert_eq!(s.enis[1].primary_ip, Some("198.18.0.101".parse().unwrap()));
         assert!(!s.external_snat);
         // No ENIs yet: a spec with none (the pool waits).
         assert!(
@@ -515,6 +526,9 @@ mod tests {
             "{e}"
         );
         bad.addresses.clear();
+        bad.primary_ip = Some("198.18.0".into());
+        let e = eni_spec_from_record(&record(vec![bad.clone()]), &opts()).unwrap_err();
+        assert!(e.to_string().contains("primaryIp"), "{e}");
         bad.mac = None;
         let e = eni_spec_from_record(&record(vec![bad]), &opts()).unwrap_err();
         assert!(e.to_string().contains("mac"), "{e}");

@@ -2,10 +2,11 @@
 //!
 //! ```text
 //!   EniAgent::converge(spec)
-//!     observe  ── dataplane: links (name, MAC, MTU, up), routes of the ENI tables, sysctls
+//!     observe  ── dataplane: links (name, MAC, MTU, up), IPv4 addresses, routes of the ENI tables, sysctls
 //!              └─ nft -j list table inet underlay (nsenter into the namespace)
 //!     plan     ── underlay_core::eni::plan_eni (pure): ENI id → device, ops
-//!     apply    ── dataplane: sysctl writes, link up / MTU, route replace/delete (EEXIST/ENOENT = done)
+//!     apply    ── dataplane: sysctl writes, link up / MTU, ENI primary IP (noprefixroute),
+//!                 route replace/delete (EEXIST/ENOENT = done)
 //!              └─ nft -f - : one atomic batch replacing only `inet underlay`
 //! ```
 //!
@@ -20,7 +21,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 use underlay_core::eni::{
     EniNodeSpec, EniObserved, EniOp, EniSpecError, ObservedDevice, TableRoute, format_mac,
@@ -111,6 +112,12 @@ impl EniAgent {
                 up: l.up,
             })
             .collect();
+        let mut addresses: BTreeMap<String, Vec<Ipv4Net>> = BTreeMap::new();
+        for (index, net) in nl.addrs_all()? {
+            if let (IpNet::V4(net), Some(name)) = (net, names_by_index.get(&index)) {
+                addresses.entry(name.clone()).or_default().push(net);
+            }
+        }
         let mut routes = Vec::new();
         // One dump of every table, keeping the ENI tables' IPv4 routes.
         for r in nl.routes_v4_all_tables()? {
@@ -151,6 +158,7 @@ impl EniAgent {
             devices,
             sysctls,
             routes,
+            addresses,
             nft,
         })
     }
@@ -172,6 +180,11 @@ impl EniAgent {
                 EniOp::SetMtu { dev, mtu } => {
                     let i = link_index(&mut nl, dev)?;
                     nl.link_set_mtu(i, *mtu)?;
+                }
+                EniOp::AddAddress { dev, address } => {
+                    let i = link_index(&mut nl, dev)?;
+                    nl.addr_add_no_prefix_route(i, IpNet::V4(*address))
+                        .ignore_exists()?;
                 }
                 EniOp::PutRoute(r) => {
                     let dev = r.dev.as_deref().unwrap_or_default();

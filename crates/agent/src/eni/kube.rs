@@ -34,16 +34,10 @@ use super::EniAgent;
 use crate::config::DEFAULT_MTU;
 use crate::health_http::{HealthServer, Ready};
 use crate::routed::kube::{
-    AgentFacts, AgentStatus, DEFAULT_STATUS_INTERVAL, PoolFact, Record, RecordCache, watch_record,
-    write_status,
+    DEFAULT_STATUS_INTERVAL, PoolFact, Record, RecordCache, status_loop, watch_record,
 };
 use crate::routed::runner::{DEFAULT_CONVERGE_INTERVAL, bind_in, default_health_addr};
 use crate::{AgentConfig, AgentError, Fault, IpamService};
-
-/// Longest wait between status write attempts while the API fails.
-const STATUS_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Time the IPAM socket has to accept a connection when the status writer checks it.
-const IPAM_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How to run `eni` mode from the Kubernetes API.
 #[derive(Debug, Clone)]
@@ -225,14 +219,28 @@ pub async fn run_eni_on_kube(
             shared.clone(),
             pool_tx,
         )),
-        tokio::spawn(status_loop(
-            api,
-            rx,
-            opts.clone(),
-            shared.clone(),
-            config.socket.clone(),
-            config.cni_conf_dir.join(names::CNI_CONFLIST),
-        )),
+        tokio::spawn({
+            let (ipam_shared, fact_shared, fact_opts) =
+                (shared.clone(), shared.clone(), opts.clone());
+            status_loop(
+                api,
+                rx,
+                opts.node_name.clone(),
+                opts.status_interval,
+                shared.ready.clone(),
+                move || ipam_shared.ipam.get().cloned(),
+                move |node| match (
+                    fact_shared.ipam.get(),
+                    eni_spec_from_record(node, &fact_opts),
+                ) {
+                    (Some(s), _) => PoolFact::ServingAddresses(s.capacity()),
+                    (None, Err(e)) => PoolFact::Invalid(e.to_string()),
+                    (None, Ok(_)) => PoolFact::WaitingForEnis,
+                },
+                config.socket.clone(),
+                config.cni_conf_dir.join(names::CNI_CONFLIST),
+            )
+        }),
     ];
 
     tokio::pin!(shutdown);
@@ -355,75 +363,6 @@ async fn converge_loop(
             Err(e) => tracing::warn!(error = %e, "converge failed"),
         }
         shared.ready.converge_result(&r);
-    }
-}
-
-/// Every `status_interval`: refresh the IPAM facts, compute the wanted status, merge-patch it when it differs
-/// from what was last written. Failures back off (doubling, capped).
-async fn status_loop(
-    api: Api<UnderlayNode>,
-    rx: watch::Receiver<Record>,
-    opts: Arc<EniKubeOptions>,
-    shared: Arc<Shared>,
-    socket: PathBuf,
-    conflist: PathBuf,
-) {
-    let name = opts.node_name.clone();
-    let mut written: Option<AgentStatus> = None;
-    let mut delay = opts.status_interval;
-    loop {
-        tokio::time::sleep(delay).await;
-        let started = shared.ipam.get().is_some();
-        let serving = started
-            && matches!(
-                tokio::time::timeout(IPAM_PROBE_TIMEOUT, tokio::net::UnixStream::connect(&socket))
-                    .await,
-                Ok(Ok(_))
-            );
-        let cni = started && conflist.is_file();
-        shared.ready.update(|s| {
-            s.ipam_serving = serving;
-            s.conflist_written = cni;
-        });
-        let Some(node) = rx.borrow().clone() else {
-            continue;
-        };
-        let state = shared.ready.snapshot();
-        let pool = match (shared.ipam.get(), eni_spec_from_record(&node, &opts)) {
-            (Some(s), _) => PoolFact::ServingAddresses(s.capacity()),
-            (None, Err(e)) => PoolFact::Invalid(e.to_string()),
-            (None, Ok(_)) => PoolFact::WaitingForEnis,
-        };
-        let facts = AgentFacts {
-            pool,
-            cni_configured: cni,
-            ipam_serving: serving,
-            converged: match (state.converged, state.last_error) {
-                (true, _) => Some(Ok(())),
-                (false, Some(e)) => Some(Err(e)),
-                (false, None) => None,
-            },
-            pool_used: shared
-                .ipam
-                .get()
-                .map(|s| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
-                .unwrap_or(0),
-        };
-        let base = written
-            .clone()
-            .unwrap_or_else(|| AgentStatus::of(node.status.as_ref()));
-        match write_status(&api, &name, base, &facts, node.metadata.generation).await {
-            Ok(w) => {
-                written = Some(w);
-                delay = opts.status_interval;
-            }
-            Err(e) => {
-                if delay == opts.status_interval {
-                    tracing::warn!(node = %name, error = %e, "writing UnderlayNode status failed; retrying with backoff");
-                }
-                delay = (delay * 2).min(STATUS_BACKOFF_MAX.max(opts.status_interval));
-            }
-        }
     }
 }
 

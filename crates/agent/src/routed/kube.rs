@@ -408,14 +408,21 @@ pub async fn run_routed_on_kube(
             opts.clone(),
             shared.clone(),
         )),
-        tokio::spawn(status_loop(
-            api,
-            rx.clone(),
-            opts.clone(),
-            shared.clone(),
-            config.socket.clone(),
-            config.cni_conf_dir.join(names::CNI_CONFLIST),
-        )),
+        tokio::spawn({
+            let (ipam_shared, fact_shared, fact_opts) =
+                (shared.clone(), shared.clone(), opts.clone());
+            status_loop(
+                api,
+                rx.clone(),
+                opts.node_name.clone(),
+                opts.status_interval,
+                shared.ready.clone(),
+                move || ipam_shared.ipam.get().cloned(),
+                move |node| fact_shared.pool_fact(Some(&spec_from_record(node, &fact_opts))),
+                config.socket.clone(),
+                config.cni_conf_dir.join(names::CNI_CONFLIST),
+            )
+        }),
     ];
 
     tokio::pin!(shutdown);
@@ -634,22 +641,26 @@ async fn converge_loop(
     }
 }
 
-/// Every `status_interval`: refresh the IPAM facts, compute the wanted status, and merge-patch it when it
-/// differs from what was last written. Failures back off (doubling, capped); a 409 re-reads and retries.
-async fn status_loop(
+/// The status writer of both modes. Every `interval`: refresh the IPAM facts, compute the wanted status
+/// (`pool_fact` says what the pool is, given the current record), and merge-patch it when it differs from what
+/// was last written. Failures back off (doubling, capped); a 409 re-reads and retries.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn status_loop(
     api: Api<UnderlayNode>,
     rx: watch::Receiver<Record>,
-    opts: Arc<KubeAgentOptions>,
-    shared: Arc<Shared>,
+    name: String,
+    interval: Duration,
+    ready: Ready,
+    ipam: impl Fn() -> Option<Arc<IpamService>>,
+    pool_fact: impl Fn(&UnderlayNode) -> PoolFact,
     socket: PathBuf,
     conflist: PathBuf,
 ) {
-    let name = opts.node_name.clone();
     let mut written: Option<AgentStatus> = None;
-    let mut delay = opts.status_interval;
+    let mut delay = interval;
     loop {
         tokio::time::sleep(delay).await;
-        let started = shared.ipam.get().is_some();
+        let started = ipam().is_some();
         let serving = started
             && matches!(
                 tokio::time::timeout(IPAM_PROBE_TIMEOUT, tokio::net::UnixStream::connect(&socket))
@@ -657,17 +668,16 @@ async fn status_loop(
                 Ok(Ok(_))
             );
         let cni = started && conflist.is_file();
-        shared.ready.update(|s| {
+        ready.update(|s| {
             s.ipam_serving = serving;
             s.conflist_written = cni;
         });
         let Some(node) = rx.borrow().clone() else {
             continue;
         };
-        let record = spec_from_record(&node, &opts);
-        let state = shared.ready.snapshot();
+        let state = ready.snapshot();
         let facts = AgentFacts {
-            pool: shared.pool_fact(Some(&record)),
+            pool: pool_fact(&node),
             cni_configured: cni,
             ipam_serving: serving,
             converged: match (state.converged, state.last_error) {
@@ -675,9 +685,7 @@ async fn status_loop(
                 (false, Some(e)) => Some(Err(e)),
                 (false, None) => None,
             },
-            pool_used: shared
-                .ipam
-                .get()
+            pool_used: ipam()
                 .map(|s| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
                 .unwrap_or(0),
         };
@@ -687,19 +695,19 @@ async fn status_loop(
             .unwrap_or_else(|| AgentStatus::of(node.status.as_ref()));
         match write_status(&api, &name, base, &facts, generation).await {
             Ok(w) => {
-                if delay > opts.status_interval {
+                if delay > interval {
                     tracing::info!(node = %name, "status written again");
                 }
                 written = Some(w);
-                delay = opts.status_interval;
+                delay = interval;
             }
             Err(e) => {
-                if delay == opts.status_interval {
+                if delay == interval {
                     tracing::warn!(node = %name, error = %e, "writing UnderlayNode status failed; retrying with backoff");
                 } else {
                     tracing::debug!(node = %name, error = %e, "status retry failed");
                 }
-                delay = (delay * 2).min(STATUS_BACKOFF_MAX.max(opts.status_interval));
+                delay = (delay * 2).min(STATUS_BACKOFF_MAX.max(interval));
             }
         }
     }

@@ -49,6 +49,25 @@ type Clock = Box<dyn Fn() -> SystemTime + Send + Sync>;
 struct Inner {
     ipam: Ipam,
     checkpoint: Checkpoint,
+    /// `eni` mode: the withdrawals the pool served now leaves out (see [`IpamService::update_pool`]).
+    release: Option<ReleaseEpoch>,
+}
+
+/// Which withdrawals of the controller an `eni`-mode pool leaves out: the `UnderlayNode` it came from (its
+/// uid: a recreated object starts its generations again) and that record's `pool.releaseGeneration`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseEpoch {
+    pub record_uid: String,
+    pub generation: u64,
+}
+
+/// What an `eni`-mode agent reports so that the controller can release addresses: every address it holds, and
+/// the withdrawals the pool it serves already leaves out. Both read under one lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldReport {
+    /// Allocated or cooling down, sorted.
+    pub held: Vec<std::net::Ipv4Addr>,
+    pub release: Option<ReleaseEpoch>,
 }
 
 /// The service the socket servers call.
@@ -83,7 +102,11 @@ impl IpamService {
     ) -> Result<IpamService, AgentError> {
         let ipam = load_ipam(&spec, cooldown, &checkpoint)?;
         Ok(IpamService {
-            inner: Mutex::new(Inner { ipam, checkpoint }),
+            inner: Mutex::new(Inner {
+                ipam,
+                checkpoint,
+                release: None,
+            }),
             mtu,
             fault,
             clock: Box::new(SystemTime::now),
@@ -163,20 +186,46 @@ impl IpamService {
     }
 
     /// `eni` mode: serves `spec` from now on, keeping every allocation (an allocated address the new pool no
-    /// longer lists stays with its pod and is never handed out again) and every cooling address. Returns false
+    /// longer lists stays with its pod and is never handed out again) and every cooling address. `release` says
+    /// which withdrawals `spec` already leaves out; it is recorded only once `spec` is served. Returns false
     /// when `spec` is the pool already served. The new state is checkpointed before it takes effect.
-    pub fn update_pool(&self, spec: PoolSpec) -> Result<bool, AgentError> {
+    pub fn update_pool(
+        &self,
+        spec: PoolSpec,
+        release: Option<ReleaseEpoch>,
+    ) -> Result<bool, AgentError> {
         let mut g = self.lock();
         if g.ipam.spec() == &spec {
+            g.release = release;
             return Ok(false);
         }
         let ipam = Ipam::restore(spec, g.ipam.cooldown(), g.ipam.snapshot())
             .map_err(|e| AgentError::Config(e.to_string()))?;
         g.checkpoint.save(&ipam.snapshot())?;
         g.ipam = ipam;
+        g.release = release;
         drop(g);
         self.report_pool();
         Ok(true)
+    }
+
+    /// `eni` mode: the addresses held and the withdrawals already left out; `None` for a block pool.
+    pub fn held_report(&self) -> Option<HeldReport> {
+        let now = (self.clock)();
+        let g = self.lock();
+        if !matches!(g.ipam.spec(), PoolSpec::Addresses(_)) {
+            return None;
+        }
+        let held: BTreeSet<std::net::Ipv4Addr> = g
+            .ipam
+            .allocations()
+            .map(|a| a.address)
+            .chain(g.ipam.cooling_at(now).map(|(a, _)| a))
+            .collect();
+        Some(HeldReport {
+            held: held.into_iter().collect(),
+            release: g.release.clone(),
+        })
     }
 
     /// Number of addresses in the pool served.

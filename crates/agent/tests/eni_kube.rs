@@ -68,6 +68,7 @@ fn pool_eni(id: &str, index: u32, mac: Mac, addrs: &[&str]) -> PoolEni {
         primary_ip: None,
         addresses: addrs.iter().map(|s| s.to_string()).collect(),
         prefixes: vec![],
+        ..PoolEni::default()
     }
 }
 
@@ -85,7 +86,10 @@ fn record(name: &str, enis: Vec<PoolEni>) -> UnderlayNode {
     );
     let size = enis.iter().map(|e| e.addresses.len() as u32).sum();
     n.status = Some(UnderlayNodeStatus {
-        pool: Some(Pool { block: None, enis }),
+        pool: Some(Pool {
+            enis,
+            ..Pool::default()
+        }),
         pool_size: size,
         ..Default::default()
     });
@@ -277,6 +281,61 @@ fn the_agent_serves_the_addresses_of_its_enis_and_follows_pool_changes() {
     assert!(held.contains(&"198.18.0.20/32".to_string()), "{held:?}");
     wait_for("poolUsed = 3", || {
         (status(&sim, &name).pool_used == 3).then_some(())
+    });
+    running.stop().unwrap();
+}
+
+/// The agent's half of the two-phase release: it reports what it holds and, once the pool it serves leaves the
+/// withdrawn addresses out, the record's release generation; a withdrawn address is never handed out.
+#[test]
+fn withdrawn_addresses_are_never_handed_out_and_the_generation_is_acknowledged() {
+    let (node, _wire) = node();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("{PREFIX}-{}-rel", std::process::id());
+    let sim = ApiSim::new();
+    let all = ["198.18.0.20", "198.18.0.21", "198.18.0.22"];
+    sim.insert(&record(&name, vec![pool_eni("eni-1", 1, MAC1, &all)]));
+    let cfg = config(dir.path());
+    let socket = cfg.socket.clone();
+    let running = start(&sim, cfg, PathBuf::from(node.path()), &name);
+    wait_for("Ready=True", || {
+        (condition(&sim, &name, conditions::READY).as_deref() == Some("True")).then_some(())
+    });
+    let a = allocate(&socket, "c1").unwrap();
+    let held = a.address.trim_end_matches("/32").to_string();
+    let s = wait_for("poolHeld with the allocation, generation 0", || {
+        let s = status(&sim, &name);
+        (s.pool_held.as_ref() == Some(&vec![held.clone()])).then_some(s)
+    });
+    assert_eq!(s.observed_release_generation, Some(0));
+
+    // The controller withdraws the two free addresses.
+    let free: Vec<String> = all
+        .iter()
+        .map(ToString::to_string)
+        .filter(|x| *x != held)
+        .collect();
+    assert!(sim.modify::<UnderlayNode>(None, &name, |n| {
+        let pool = n.status.as_mut().unwrap().pool.as_mut().unwrap();
+        pool.enis[0].addresses = vec![held.clone()];
+        pool.enis[0].releasing_addresses = free.clone();
+        pool.release_generation = 1;
+    }));
+    wait_for("generation 1 acknowledged", || {
+        (status(&sim, &name).observed_release_generation == Some(1)).then_some(())
+    });
+    // Acknowledged means served: no withdrawn address comes out, the pool is exhausted.
+    assert!(
+        allocate(&socket, "c2").is_err(),
+        "a withdrawn address was handed out"
+    );
+    // The pod leaves (no cooldown here): nothing is held any more.
+    Client::connect(&socket)
+        .unwrap()
+        .release(&AttachmentKey::new("c1", "eth0"))
+        .unwrap();
+    wait_for("poolHeld empty", || {
+        (status(&sim, &name).pool_held == Some(vec![])).then_some(())
     });
     running.stop().unwrap();
 }

@@ -30,7 +30,7 @@ fn record(name: &str, block: Option<&str>, routes: &[(&str, &str)]) -> UnderlayN
     n.status = Some(UnderlayNodeStatus {
         pool: block.map(|b| Pool {
             block: Some(b.into()),
-            enis: vec![],
+            ..Pool::default()
         }),
         pool_size: 64,
         routes: routes
@@ -278,7 +278,7 @@ mod root {
         assert!(sim.modify::<UnderlayNode>(None, name, |n| {
             n.status.as_mut().unwrap().pool = Some(Pool {
                 block: Some(block.to_string()),
-                enis: vec![],
+                ..Pool::default()
             });
         }));
     }
@@ -363,7 +363,7 @@ mod root {
             let s = n.status.get_or_insert_with(Default::default);
             s.pool = Some(Pool {
                 block: Some("100.64.0.0/26".into()),
-                enis: vec![],
+                ..Pool::default()
             });
             s.routes = vec![PeerRoute {
                 destination: "100.64.0.64/26".into(),

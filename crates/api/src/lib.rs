@@ -116,6 +116,14 @@ pub struct UnderlayNodeStatus {
     /// Addresses in the pool assigned to pods (reported by the agent).
     #[serde(default)]
     pub pool_used: u32,
+    /// `eni` mode: every address the agent holds (assigned to a pod, or cooling down after one), sorted. The
+    /// controller withdraws only addresses absent from it and unassigns withdrawn ones once it acknowledges them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_held: Option<Vec<String>>,
+    /// `eni` mode: the `pool.releaseGeneration` the agent's allocator served when it reported `poolHeld`: it
+    /// hands out no address the pool lists as releasing at that generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_release_generation: Option<u64>,
     /// Routes the agent installs on the node: peers' pod blocks reached directly through the peer's node IP
     /// (same subnet, routed mode).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -133,7 +141,7 @@ pub struct UnderlayNodeStatus {
 }
 
 /// A node's address pool.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Pool {
     /// Routed mode: the node's pod block (CIDR), e.g. `100.64.3.0/26`.
@@ -142,10 +150,18 @@ pub struct Pool {
     /// ENI mode: the ENIs attached for pods, with the addresses and prefixes each owns.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enis: Vec<PoolEni>,
+    /// ENI mode: bumped by the controller every time it withdraws more addresses or prefixes (moves them to an
+    /// ENI's `releasing*` lists).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub release_generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One ENI of an `eni`-mode pool.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolEni {
     /// ENI id, e.g. `eni-0abc`.
@@ -170,6 +186,13 @@ pub struct PoolEni {
     /// Delegated IPv4 prefixes (/28) available to pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefixes: Vec<String>,
+    /// Secondary addresses still assigned to the ENI but withdrawn from pods: the agent hands none out; the
+    /// controller unassigns each once the agent acknowledges the withdrawal and no longer holds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releasing_addresses: Vec<String>,
+    /// Prefixes withdrawn the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releasing_prefixes: Vec<String>,
 }
 
 /// A route the agent installs: a peer's pod block through the peer's node IP.
@@ -304,7 +327,7 @@ mod tests {
         node.status = Some(UnderlayNodeStatus {
             pool: Some(Pool {
                 block: Some("100.64.0.0/26".into()),
-                enis: vec![],
+                ..Pool::default()
             }),
             pool_size: 64,
             forwarder: Some(ForwarderRole::new(vec![ForwarderRoute {

@@ -13,6 +13,11 @@
 //!        └─► GC: `available` ENIs tagged with the cluster whose node is gone, once seen for `gc_grace`
 //! ```
 //!
+//! Releases are two-phase (see `core::eni_pool`): a pass first *withdraws* free addresses — it writes them to the
+//! node's pool status as releasing, bumping `pool.releaseGeneration` — and a later pass unassigns those the agent
+//! no longer holds once the agent reports serving that generation. The withdrawn set lives in the UnderlayNode
+//! status, not in memory, so a restarted controller neither forgets nor repeats a withdrawal.
+//!
 //! Crash safety: the client token of a create is `cluster · instance · device index · generation`, so a
 //! controller that dies after CreateNetworkInterface and re-issues it gets the same ENI back; an ENI created but
 //! never attached carries the node's tag and is attached (or deleted) by the next pass's plan. The generation
@@ -26,14 +31,14 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 use tokio::time::Instant;
-use underlay_api::{Pool, PoolEni};
+use underlay_api::{Pool, PoolEni, UnderlayNodeStatus};
 use underlay_cloud::{
     AddressRequest, Cloud, CloudError, CreateEniRequest, EniFilter, EniId, EniStatus, Instance,
     InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId, SubnetId, Tags,
 };
 use underlay_core::eni_pool::{
-    AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Targets, Used, max_pods,
-    plan_pool,
+    AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Releasing, Targets, Used,
+    max_pods, plan_pool,
 };
 use underlay_core::instance_types;
 use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
@@ -85,6 +90,81 @@ pub struct EniNode {
     pub instance: InstanceId,
     /// What its agent reports as used.
     pub used: Used,
+    /// What the node's pool status lists as withdrawn, and whether `used` was reported while the agent served
+    /// `release_generation`.
+    pub releasing: Releasing,
+    /// The pool status's `releaseGeneration`.
+    pub release_generation: u64,
+}
+
+impl EniNode {
+    /// A node with nothing withdrawn.
+    pub fn new(name: impl Into<String>, instance: InstanceId, used: Used) -> Self {
+        Self {
+            name: name.into(),
+            instance,
+            used,
+            releasing: Releasing::default(),
+            release_generation: 0,
+        }
+    }
+
+    /// Usage and withdrawals as an UnderlayNode status states them: the held addresses when the agent reports
+    /// them (else only the count, which releases nothing), the pool's releasing lists and generation.
+    /// Unparsable entries are left out (a held address so lost could be withdrawn: the allocator still refuses
+    /// it to new pods, and it is unassigned only once no longer held).
+    pub fn from_status(
+        name: impl Into<String>,
+        instance: InstanceId,
+        status: Option<&UnderlayNodeStatus>,
+    ) -> Self {
+        let mut node = Self::new(name, instance, Used::Count(0));
+        let Some(s) = status else {
+            return node;
+        };
+        node.used = match &s.pool_held {
+            Some(held) => {
+                let parsed: Option<std::collections::BTreeSet<Ipv4Addr>> =
+                    held.iter().map(|a| a.parse().ok()).collect();
+                match parsed {
+                    Some(set) => Used::Known(set),
+                    None => Used::Count(s.pool_used.max(held.len() as u32)),
+                }
+            }
+            None => Used::Count(s.pool_used),
+        };
+        if let Some(pool) = &s.pool {
+            node.release_generation = pool.release_generation;
+            for e in &pool.enis {
+                node.releasing.addresses.extend(
+                    e.releasing_addresses
+                        .iter()
+                        .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
+                );
+                node.releasing.prefixes.extend(
+                    e.releasing_prefixes
+                        .iter()
+                        .filter_map(|p| p.parse::<Ipv4Net>().ok()),
+                );
+            }
+            node.releasing.acknowledged =
+                s.observed_release_generation == Some(pool.release_generation);
+        }
+        node
+    }
+
+    /// Carry a pass's pool into the next one as the status would: its withdrawals and generation, acknowledged
+    /// by an agent whose `used` is current (the tests' and benchmarks' agent model).
+    pub fn carry(&mut self, report: &NodeReport) {
+        let status = UnderlayNodeStatus {
+            pool: Some(report.pool.clone()),
+            observed_release_generation: Some(report.pool.release_generation),
+            ..UnderlayNodeStatus::default()
+        };
+        let from = Self::from_status(self.name.clone(), self.instance.clone(), Some(&status));
+        self.releasing = from.releasing;
+        self.release_generation = from.release_generation;
+    }
 }
 
 /// What one pass did for one node.
@@ -332,6 +412,7 @@ impl EniReconciler {
                 enis: &views,
                 use_primary,
                 used: &node.used,
+                releasing: &node.releasing,
                 now,
                 excess_since,
                 release_delay: self.settings.release_delay,
@@ -351,12 +432,15 @@ impl EniReconciler {
         let applies = planned.into_iter().map(
             |(node, instance, observed, plan, use_primary, max_pods)| async move {
                 let mut observed = observed;
-                let result = self.apply(instance, &mut observed, &plan.ops).await;
+                let mut releasing = node.releasing.clone();
+                let result = self
+                    .apply(instance, &mut observed, &mut releasing, &plan.ops)
+                    .await;
                 let finished_at = self.now();
                 (
                     node,
                     instance,
-                    observed,
+                    (observed, releasing),
                     plan,
                     result,
                     use_primary,
@@ -376,8 +460,18 @@ impl EniReconciler {
         report.nodes = applied
             .into_iter()
             .map(
-                |(node, instance, observed, plan, result, use_primary, max_pods, finished_at)| {
-                    let (pool, pool_size) = self.pool_status(&observed, use_primary);
+                |(
+                    node,
+                    instance,
+                    (observed, releasing),
+                    plan,
+                    result,
+                    use_primary,
+                    max_pods,
+                    finished_at,
+                )| {
+                    let (pool, pool_size) =
+                        self.pool_status(&observed, use_primary, &releasing, node);
                     NodeReport {
                         name: node.name.clone(),
                         instance: node.instance.clone(),
@@ -494,11 +588,12 @@ impl EniReconciler {
         out
     }
 
-    /// Apply one node's ops in order, keeping `observed` up to date; stop at the first failure.
+    /// Apply one node's ops in order, keeping `observed` and `releasing` up to date; stop at the first failure.
     async fn apply(
         &self,
         instance: &Instance,
         observed: &mut Vec<Observed>,
+        releasing: &mut Releasing,
         ops: &[PoolOp],
     ) -> Result<(), CloudError> {
         for op in ops {
@@ -562,6 +657,7 @@ impl EniReconciler {
                     if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
                         o.view.addresses.retain(|a| !addresses.contains(a));
                     }
+                    releasing.addresses.retain(|a| !addresses.contains(a));
                 }
                 PoolOp::UnassignPrefixes { eni, prefixes } => {
                     self.cloud
@@ -570,6 +666,13 @@ impl EniReconciler {
                     if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
                         o.view.prefixes.retain(|p| !prefixes.contains(p));
                     }
+                    releasing.prefixes.retain(|p| !prefixes.contains(p));
+                }
+                PoolOp::WithdrawIps { addresses, .. } => {
+                    releasing.addresses.extend(addresses.iter().copied());
+                }
+                PoolOp::WithdrawPrefixes { prefixes, .. } => {
+                    releasing.prefixes.extend(prefixes.iter().copied());
                 }
                 PoolOp::DeleteEni { eni } => {
                     match self
@@ -664,8 +767,16 @@ impl EniReconciler {
         }
     }
 
-    /// The node's pool in the UnderlayNode status's terms: every attached ENI that carries pod addresses.
-    fn pool_status(&self, observed: &[Observed], use_primary: bool) -> (Pool, u32) {
+    /// The node's pool in the UnderlayNode status's terms: every attached ENI that carries pod addresses, its
+    /// withdrawn ones listed apart (and left out of the size). The release generation moves on when the pass
+    /// withdrew anything the status did not already list.
+    fn pool_status(
+        &self,
+        observed: &[Observed],
+        use_primary: bool,
+        releasing: &Releasing,
+        node: &EniNode,
+    ) -> (Pool, u32) {
         let memory = self.memory();
         let mut enis: Vec<PoolEni> = observed
             .iter()
@@ -677,14 +788,28 @@ impl EniReconciler {
                 {
                     return None;
                 }
+                let (releasing_addresses, addresses): (Vec<&Ipv4Addr>, Vec<&Ipv4Addr>) = o
+                    .view
+                    .addresses
+                    .iter()
+                    .partition(|a| releasing.addresses.contains(a));
+                let (releasing_prefixes, prefixes): (Vec<&Ipv4Net>, Vec<&Ipv4Net>) = o
+                    .view
+                    .prefixes
+                    .iter()
+                    .partition(|p| releasing.prefixes.contains(p));
+                let strings = |v: Vec<&Ipv4Addr>| v.iter().map(ToString::to_string).collect();
+                let cidrs = |v: Vec<&Ipv4Net>| v.iter().map(ToString::to_string).collect();
                 Some(PoolEni {
                     id: o.view.id.clone(),
                     device_index,
                     mac: Some(o.mac.clone()),
                     subnet_cidr: memory.subnet_cidrs.get(&o.subnet).map(ToString::to_string),
                     primary_ip: Some(o.primary_ip.to_string()),
-                    addresses: o.view.addresses.iter().map(Ipv4Addr::to_string).collect(),
-                    prefixes: o.view.prefixes.iter().map(Ipv4Net::to_string).collect(),
+                    addresses: strings(addresses),
+                    prefixes: cidrs(prefixes),
+                    releasing_addresses: strings(releasing_addresses),
+                    releasing_prefixes: cidrs(releasing_prefixes),
                 })
             })
             .collect();
@@ -693,7 +818,23 @@ impl EniReconciler {
             .iter()
             .map(|e| (e.addresses.len() + e.prefixes.len() * 16) as u32)
             .sum();
-        (Pool { block: None, enis }, size)
+        let withdrew = releasing
+            .addresses
+            .iter()
+            .any(|a| !node.releasing.addresses.contains(a))
+            || releasing
+                .prefixes
+                .iter()
+                .any(|p| !node.releasing.prefixes.contains(p));
+        let release_generation = node.release_generation + u64::from(withdrew);
+        (
+            Pool {
+                block: None,
+                enis,
+                release_generation,
+            },
+            size,
+        )
     }
 
     /// Delete `available` cluster ENIs whose node is gone (or that name no node), once seen for the grace period.

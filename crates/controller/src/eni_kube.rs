@@ -2,7 +2,8 @@
 //! lists Nodes and UnderlayNodes, runs one [`EniReconciler::pass`] and writes what it found.
 //!
 //! ```text
-//!   Nodes (providerID → instance) + UnderlayNode.status.poolUsed (agent) ─► EniReconciler::pass ─► EC2
+//!   Nodes (providerID → instance) + UnderlayNode.status (agent: poolHeld,  ─► EniReconciler::pass ─► EC2
+//!     observedReleaseGeneration; controller: pool.releasing*, releaseGeneration)
 //!        ▲                                                                        │
 //!        └── Node: taints not-ready / no-free-ips, max-pods annotation ◄──────────┤
 //!            UnderlayNode: created (spec, labels, owner), status.pool / poolSize ◄┘
@@ -26,7 +27,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use underlay_api::{Mode, UnderlayNode, UnderlayNodeSpec};
 use underlay_cloud::Cloud;
-use underlay_core::eni_pool::Used;
 use underlay_core::names;
 
 use crate::eni::{EniNode, EniReconciler, EniSettings, NodeReport};
@@ -231,15 +231,12 @@ impl EniLeader {
             .filter_map(|n| {
                 let provider = n.spec.as_ref()?.provider_id.as_deref()?;
                 let name = n.name_any();
-                let used = uns
-                    .get(&name)
-                    .and_then(|u| u.status.as_ref())
-                    .map_or(0, |s| s.pool_used);
-                Some(EniNode {
-                    instance: instance_id_of(provider)?,
+                let status = uns.get(&name).and_then(|u| u.status.as_ref());
+                Some(EniNode::from_status(
                     name,
-                    used: Used::Count(used),
-                })
+                    instance_id_of(provider)?,
+                    status,
+                ))
             })
             .collect();
         let report = self.reconciler.pass(&eni_nodes).await;

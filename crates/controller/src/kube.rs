@@ -467,7 +467,7 @@ pub fn status_fields(
     Some((
         Pool {
             block: Some(block.to_string()),
-            enis: vec![],
+            ..Pool::default()
         },
         u32::try_from(size).unwrap_or(u32::MAX),
         routes,

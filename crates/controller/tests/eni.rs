@@ -8,10 +8,11 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use eni_common::*;
+use underlay_api::UnderlayNodeStatus;
 use underlay_cloud::{
     Cloud, CreateEniRequest, EniFilter, EniStatus, InstanceFilter, Operation, Tags,
 };
-use underlay_controller::eni::{EniReconciler, EniSettings, client_token};
+use underlay_controller::eni::{EniNode, EniReconciler, EniSettings, client_token};
 use underlay_core::eni_pool::{AddressMode, Targets, Used};
 use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
 
@@ -55,14 +56,14 @@ async fn default_targets_fill_the_primary_eni_of_each_node() {
         assert_eq!(e.primary_ip, Some(n.node_ip.to_string()));
         assert!(!e.addresses.contains(&n.node_ip.to_string()));
     }
-    converge(&r, &w.nodes, 3).await;
+    converge(&r, &mut w.nodes, 3).await;
     // One AssignPrivateIpAddresses per node; no ENI created.
     let c = w.sim.counters();
     assert_eq!(c.calls_of(Operation::AssignPrivateIpAddresses), 4);
     assert_eq!(c.calls_of(Operation::CreateNetworkInterface), 0);
     // Used addresses grow past the warm ENI: a second ENI comes, tagged and deleted on termination.
     w.nodes[0].used = Used::Count(5);
-    let report = converge(&r, &w.nodes, 5).await;
+    let report = converge(&r, &mut w.nodes, 5).await;
     let _ = report;
     let enis = enis_of(&w, 0).await;
     assert_eq!(enis.len(), 2);
@@ -114,7 +115,7 @@ async fn fill_at_join_takes_every_slot_in_three_calls_per_eni_at_most() {
         assert_eq!(n.pool_size, 27, "{n:?}");
         assert_eq!(n.pool.enis.len(), 3);
     }
-    converge(&r, &w.nodes, 3).await;
+    converge(&r, &mut w.nodes, 3).await;
     let c = w.sim.counters();
     assert_eq!(c.calls_of(Operation::CreateNetworkInterface), 6);
     assert_eq!(c.calls_of(Operation::AttachNetworkInterface), 6);
@@ -145,7 +146,7 @@ async fn prefix_delegation_and_max_pods_110() {
         assert_eq!(n.pool.enis[0].prefixes.len(), 1);
     }
     w.nodes[1].used = Used::Count(40);
-    converge(&r, &w.nodes, 4).await;
+    converge(&r, &mut w.nodes, 4).await;
     let enis = enis_of(&w, 1).await;
     assert_eq!(enis.iter().map(|e| e.prefixes.len()).sum::<usize>(), 4);
     assert_no_leaks_and_no_duplicates(&w.sim);
@@ -164,7 +165,7 @@ async fn custom_networking_puts_pod_enis_in_the_zone_subnet_with_the_configured_
             ..settings()
         },
     );
-    let report = converge(&r, &w.nodes, 4).await;
+    let report = converge(&r, &mut w.nodes, 4).await;
     for (i, n) in report.nodes.iter().enumerate() {
         assert_eq!(n.max_pods, 20, "one ENI fewer carries pods");
         assert!(n.pool.enis.iter().all(|e| e.device_index != 0));
@@ -203,7 +204,7 @@ async fn excess_is_released_after_the_delay_and_never_a_used_address() {
     );
     // Twenty pods: the pool grows to 23.
     w.nodes[0].used = Used::Count(20);
-    let report = converge(&r, &w.nodes, 4).await;
+    let report = converge(&r, &mut w.nodes, 4).await;
     assert_eq!(report.nodes[0].pool_size, 23);
     // Pods leave; two stay, on addresses of the last ENI.
     let enis = enis_of(&w, 0).await;
@@ -223,7 +224,7 @@ async fn excess_is_released_after_the_delay_and_never_a_used_address() {
         "released before the delay"
     );
     tokio::time::sleep(Duration::from_secs(31)).await;
-    let report = converge(&r, &w.nodes, 3).await;
+    let report = converge(&r, &mut w.nodes, 3).await;
     assert_eq!(report.nodes[0].pool_size, 5);
     assert!(
         w.sim
@@ -237,6 +238,121 @@ async fn excess_is_released_after_the_delay_and_never_a_used_address() {
         .flat_map(|e| e.secondary_ips.clone())
         .collect();
     assert!(in_use.is_subset(&still), "a used address was released");
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+/// Two phases, as the UnderlayNode status carries them: a pass withdraws (no EC2 call, the pool lists them as
+/// releasing, the generation moves on); nothing is unassigned until the agent reports serving that generation;
+/// an address a pod took just before the agent stopped handing it out waits for the pod.
+#[tokio::test(start_paused = true)]
+async fn withdrawn_addresses_are_unassigned_only_once_the_agent_acknowledges_and_holds_none() {
+    let mut w = mk_world(8, None);
+    w.add_nodes(1, "m5.large");
+    let r = EniReconciler::new(
+        w.sim.clone(),
+        EniSettings {
+            targets: Targets {
+                warm_ip_target: Some(3),
+                minimum_ip_target: Some(5),
+                ..Targets::default()
+            },
+            ..settings()
+        },
+    );
+    w.nodes[0].used = Used::Count(20);
+    converge(&r, &mut w.nodes, 4).await;
+    let unassigns = || {
+        w.sim
+            .counters()
+            .calls_of(Operation::UnassignPrivateIpAddresses)
+    };
+    let before = unassigns();
+
+    // Two pods stay. Past the delay, a pass withdraws 18 addresses and calls nothing.
+    let pool: Vec<Ipv4Addr> = enis_of(&w, 0)
+        .await
+        .iter()
+        .flat_map(|e| e.secondary_ips.clone())
+        .collect();
+    let in_use: BTreeSet<Ipv4Addr> = pool.iter().take(2).copied().collect();
+    let held = |set: &BTreeSet<Ipv4Addr>| Some(set.iter().map(ToString::to_string).collect());
+    let mut status = UnderlayNodeStatus {
+        pool_held: held(&in_use),
+        observed_release_generation: Some(0),
+        ..UnderlayNodeStatus::default()
+    };
+    let node = |status: &UnderlayNodeStatus| {
+        EniNode::from_status("node-0", w.nodes[0].instance.clone(), Some(status))
+    };
+    r.pass(&[node(&status)]).await;
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let report = r.pass(&[node(&status)]).await;
+    let pool_status = report.nodes[0].pool.clone();
+    let withdrawn: BTreeSet<String> = pool_status
+        .enis
+        .iter()
+        .flat_map(|e| e.releasing_addresses.clone())
+        .collect();
+    assert_eq!(withdrawn.len(), 18, "{pool_status:?}");
+    assert_eq!(pool_status.release_generation, 1);
+    assert_eq!(
+        report.nodes[0].pool_size, 5,
+        "withdrawn addresses leave the pool size"
+    );
+    assert!(
+        pool_status
+            .enis
+            .iter()
+            .all(|e| e.addresses.iter().all(|a| !withdrawn.contains(a)))
+    );
+    assert_eq!(unassigns(), before);
+
+    // The status now lists them; the agent still reports generation 0: nothing is unassigned, nothing more
+    // withdrawn, the generation stays.
+    status.pool = Some(pool_status);
+    for _ in 0..2 {
+        let report = r.pass(&[node(&status)]).await;
+        assert_eq!(unassigns(), before);
+        assert_eq!(report.nodes[0].pool, *status.pool.as_ref().unwrap());
+    }
+
+    // The agent serves generation 1, but a pod got one withdrawn address just before: all others go.
+    let late: Ipv4Addr = withdrawn.iter().next().unwrap().parse().unwrap();
+    let mut holding = in_use.clone();
+    holding.insert(late);
+    status.pool_held = held(&holding);
+    status.observed_release_generation = Some(1);
+    let report = r.pass(&[node(&status)]).await;
+    assert!(unassigns() > before);
+    let assigned: BTreeSet<Ipv4Addr> = enis_of(&w, 0)
+        .await
+        .iter()
+        .flat_map(|e| e.secondary_ips.clone())
+        .collect();
+    assert!(
+        holding.is_subset(&assigned),
+        "a held address was unassigned"
+    );
+    assert_eq!(assigned.len(), 5 + 1);
+    let still: Vec<String> = report.nodes[0]
+        .pool
+        .enis
+        .iter()
+        .flat_map(|e| e.releasing_addresses.clone())
+        .collect();
+    assert_eq!(still, vec![late.to_string()]);
+
+    // The pod leaves: the last one goes.
+    status.pool = Some(report.nodes[0].pool.clone());
+    status.pool_held = held(&in_use);
+    r.pass(&[node(&status)]).await;
+    let assigned: BTreeSet<Ipv4Addr> = enis_of(&w, 0)
+        .await
+        .iter()
+        .flat_map(|e| e.secondary_ips.clone())
+        .collect();
+    assert_eq!(assigned.len(), 5);
+    assert!(!assigned.contains(&late));
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
 
@@ -343,7 +459,7 @@ async fn a_restarted_controller_reuses_the_eni_its_token_made() {
         2,
         "the pass did not re-issue the create"
     );
-    converge(&r, &w.nodes, 5).await;
+    converge(&r, &mut w.nodes, 5).await;
     assert_eq!(
         w.sim.snapshot().enis.len(),
         2,

@@ -107,7 +107,7 @@ async fn killed_at_random_points_and_restarted_twenty_five_times() {
             "no kill landed between a create and its attach"
         );
         let r = controller(&w.sim, settings(targets));
-        converge(&r, &w.nodes, 30).await;
+        converge(&r, &mut w.nodes, 30).await;
         assert_no_leaks_and_no_duplicates(&w.sim);
         // Nothing but the nodes' ENIs: at most three per live node.
         let snap = w.sim.snapshot();
@@ -175,7 +175,7 @@ async fn instances_terminated_mid_attach_leave_no_eni_behind() {
         let report = pass.await.unwrap();
         assert_eq!(report.nodes.len(), 8);
         left_for_the_collector += available_cluster_enis(&w);
-        converge(&r, &w.nodes, 20).await;
+        converge(&r, &mut w.nodes, 20).await;
         assert_no_leaks_and_no_duplicates(&w.sim);
     }
     assert!(
@@ -246,7 +246,7 @@ async fn injected_errors_and_throttling_then_recovery() {
     w.sim.update_faults(|f| {
         f.error_rates.clear();
     });
-    converge(&r, &w.nodes, 20).await;
+    converge(&r, &mut w.nodes, 20).await;
     assert_no_leaks_and_no_duplicates(&w.sim);
     // The throttled describes and assigns were retried by the queue, not surfaced as failures only.
     assert!(w.sim.describe_vpc(&w.vpc).await.is_ok());

@@ -3,11 +3,11 @@
 //! [`plan_pool`] returns the EC2 work that brings the pool within its targets, as data.
 //!
 //! ```text
-//!   PoolInput { limits, mode, targets, enis, used, now, excess_since }
+//!   PoolInput { limits, mode, targets, enis, used, releasing, now, excess_since }
 //!        │
 //!        ▼ plan_pool (pure)
-//!   PoolPlan { ops: [AttachEni | CreateEni | AssignIps | AssignPrefixes | UnassignIps | UnassignPrefixes
-//!                    | DeleteEni], want, have, high, excess_since }
+//!   PoolPlan { ops: [UnassignIps | UnassignPrefixes | AttachEni | CreateEni | AssignIps | AssignPrefixes
+//!                    | WithdrawIps | WithdrawPrefixes | DeleteEni], want, have, high, excess_since }
 //! ```
 //!
 //! The targets mean what amazon-vpc-cni's knobs mean:
@@ -21,10 +21,21 @@
 //!
 //! Work is counted in *units*: one secondary address, or one /28 prefix. Each ENI has `ipv4_per_eni - 1` slots
 //! (its primary address takes one); a prefix takes a slot. Every assign is one call for at most the ENI's free
-//! slots. Releases wait `release_delay` after excess was first seen, touch only addresses (or prefixes) no pod
-//! uses, and happen only when the used addresses are known (a bare count cannot say which ones are free).
+//! slots.
+//!
+//! Releasing excess takes two phases, because what the agent reports is always a little old: an address it
+//! reported free may be handed to a pod a moment later.
+//! 1. *Withdraw*: once the pool has been above its targets for `release_delay`, free units (by the agent's last
+//!    report) are withdrawn: no EC2 call, the node's pool status lists them as releasing and the agent stops
+//!    handing them out. Withdrawn units no longer count in the pool.
+//! 2. *Unassign*: once the agent reports usage made while already serving the pool without them
+//!    ([`Releasing::acknowledged`]), the withdrawn units it does not hold can never be handed out again and are
+//!    unassigned. A withdrawn unit a pod still holds waits until the pod is gone.
+//!
+//! A unit is never un-withdrawn: when the pool must grow again, fresh units are assigned. Nothing is released
+//! when only a count of used addresses is known (it cannot say which ones are free).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -153,10 +164,19 @@ impl EniView {
     fn slots_taken(&self) -> u32 {
         (self.addresses.len() + self.prefixes.len()) as u32
     }
-    fn units(&self, mode: AddressMode) -> u32 {
+    /// Units that pods may get: withdrawn ones left out.
+    fn units(&self, mode: AddressMode, releasing: &Releasing) -> u32 {
         match mode {
-            AddressMode::SecondaryIps => self.addresses.len() as u32,
-            AddressMode::Prefixes => self.prefixes.len() as u32,
+            AddressMode::SecondaryIps => self
+                .addresses
+                .iter()
+                .filter(|a| !releasing.addresses.contains(a))
+                .count() as u32,
+            AddressMode::Prefixes => self
+                .prefixes
+                .iter()
+                .filter(|p| !releasing.prefixes.contains(p))
+                .count() as u32,
         }
     }
 }
@@ -179,6 +199,34 @@ impl Used {
     }
 }
 
+/// Units withdrawn from the node's pods and waiting to be unassigned (the two-phase release, see the module doc).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Releasing {
+    pub addresses: BTreeSet<Ipv4Addr>,
+    pub prefixes: BTreeSet<Ipv4Net>,
+    /// The `used` report was made by an agent already serving the pool without these units: whichever of them
+    /// it does not hold is free for good.
+    pub acknowledged: bool,
+}
+
+/// Nothing withdrawn.
+pub static NOTHING_RELEASING: Releasing = Releasing {
+    addresses: BTreeSet::new(),
+    prefixes: BTreeSet::new(),
+    acknowledged: false,
+};
+
+impl Releasing {
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.prefixes.is_empty()
+    }
+
+    /// `address` is withdrawn (itself, or the prefix it belongs to).
+    pub fn covers(&self, address: &Ipv4Addr) -> bool {
+        self.addresses.contains(address) || self.prefixes.iter().any(|p| p.contains(address))
+    }
+}
+
 /// Everything [`plan_pool`] looks at. Times are offsets on one monotonic clock chosen by the caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolInput<'a> {
@@ -190,6 +238,8 @@ pub struct PoolInput<'a> {
     /// Whether the primary ENI (device 0) carries pod addresses (false with a per-zone ENI subnet).
     pub use_primary: bool,
     pub used: &'a Used,
+    /// What earlier plans withdrew (from the node's pool status), and whether `used` postdates it.
+    pub releasing: &'a Releasing,
     pub now: Duration,
     /// When the pool was first seen above its targets (from the previous plan's [`PoolPlan::excess_since`]).
     pub excess_since: Option<Duration>,
@@ -218,11 +268,21 @@ pub enum PoolOp {
         eni: String,
         count: u32,
     },
+    /// Unassign withdrawn addresses no pod holds.
     UnassignIps {
         eni: String,
         addresses: Vec<Ipv4Addr>,
     },
     UnassignPrefixes {
+        eni: String,
+        prefixes: Vec<Ipv4Net>,
+    },
+    /// Withdraw free addresses from the pods (no EC2 call: the pool status lists them as releasing).
+    WithdrawIps {
+        eni: String,
+        addresses: Vec<Ipv4Addr>,
+    },
+    WithdrawPrefixes {
         eni: String,
         prefixes: Vec<Ipv4Net>,
     },
@@ -238,7 +298,7 @@ pub struct PoolPlan {
     pub ops: Vec<PoolOp>,
     /// Pool size the targets ask for (capped at what the instance can hold).
     pub want: u32,
-    /// Pool size now (attached ENIs that carry pods).
+    /// Pool size now (attached ENIs that carry pods, withdrawn units left out).
     pub have: u32,
     /// Largest pool size that is not excess.
     pub high: u32,
@@ -266,7 +326,11 @@ fn div_ceil(a: u32, b: u32) -> u32 {
 fn wanted_units(input: &PoolInput<'_>, cap: u32) -> (u32, u32) {
     let t = &input.targets;
     let per_unit = input.mode.addresses_per_unit();
-    let used = input.used.count();
+    // Pods on withdrawn units leave with them: they do not count toward the pool's targets.
+    let used = match input.used {
+        Used::Known(held) => held.iter().filter(|a| !input.releasing.covers(a)).count() as u32,
+        Used::Count(n) => *n,
+    };
     let slots = input.limits.slots_per_eni().max(1);
     if t.fill_at_join {
         return (cap, cap);
@@ -308,10 +372,15 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
         .enis
         .iter()
         .filter(|e| carries(e))
-        .map(|e| e.units(mode))
+        .map(|e| e.units(mode, input.releasing))
         .sum();
 
     let mut ops = Vec::new();
+    // Phase two of a release first: the slots it frees serve this plan's assigns.
+    let freed = match input.used {
+        Used::Known(held) if input.releasing.acknowledged => unassign(input, held, &mut ops),
+        _ => BTreeMap::new(),
+    };
     let mut excess_since = None;
     let mut taken: BTreeSet<u32> = input.enis.iter().filter_map(|e| e.device_index).collect();
     let first_pod_index = if input.use_primary { 0 } else { 1 };
@@ -342,7 +411,11 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
             None => ops.push(PoolOp::DeleteEni { eni: e.id.clone() }),
         }
     }
-    let have_after_adopt = have + adopted.iter().map(|e| e.units(mode)).sum::<u32>();
+    let have_after_adopt = have
+        + adopted
+            .iter()
+            .map(|e| e.units(mode, input.releasing))
+            .sum::<u32>();
 
     if have_after_adopt < want {
         let mut missing = want - have_after_adopt;
@@ -357,7 +430,8 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
             if missing == 0 {
                 break;
             }
-            let free = slots.saturating_sub(e.slots_taken());
+            let free =
+                (slots + freed.get(&e.id).copied().unwrap_or(0)).saturating_sub(e.slots_taken());
             let n = free.min(missing);
             if n > 0 {
                 ops.push(match mode {
@@ -389,7 +463,7 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
     {
         let since = input.excess_since.unwrap_or(input.now);
         if input.now.saturating_sub(since) >= input.release_delay {
-            release(input, used, have_after_adopt - want, &adopted, &mut ops);
+            withdraw(input, used, have_after_adopt - want, &adopted, &mut ops);
         } else {
             excess_since = Some(since);
         }
@@ -404,8 +478,55 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
     }
 }
 
-/// Unassign up to `excess` free units, from the highest device index down.
-fn release(
+/// Phase two: unassign every withdrawn unit of an attached ENI that `held` (acknowledged) does not hold.
+/// Returns the slots freed per ENI.
+fn unassign(
+    input: &PoolInput<'_>,
+    held: &BTreeSet<Ipv4Addr>,
+    ops: &mut Vec<PoolOp>,
+) -> BTreeMap<String, u32> {
+    let mut freed = BTreeMap::new();
+    let r = input.releasing;
+    for e in input
+        .enis
+        .iter()
+        .filter(|e| e.pods && e.device_index.is_some())
+    {
+        let addresses: Vec<Ipv4Addr> = e
+            .addresses
+            .iter()
+            .filter(|a| r.addresses.contains(a) && !held.contains(a))
+            .copied()
+            .collect();
+        let prefixes: Vec<Ipv4Net> = e
+            .prefixes
+            .iter()
+            .filter(|p| r.prefixes.contains(p) && !held.iter().any(|a| p.contains(a)))
+            .copied()
+            .collect();
+        let n = (addresses.len() + prefixes.len()) as u32;
+        if !addresses.is_empty() {
+            ops.push(PoolOp::UnassignIps {
+                eni: e.id.clone(),
+                addresses,
+            });
+        }
+        if !prefixes.is_empty() {
+            ops.push(PoolOp::UnassignPrefixes {
+                eni: e.id.clone(),
+                prefixes,
+            });
+        }
+        if n > 0 {
+            freed.insert(e.id.clone(), n);
+        }
+    }
+    freed
+}
+
+/// Phase one: withdraw up to `excess` units no pod holds (by the last report), from the highest device index
+/// down.
+fn withdraw(
     input: &PoolInput<'_>,
     used: &BTreeSet<Ipv4Addr>,
     mut excess: u32,
@@ -413,6 +534,7 @@ fn release(
     ops: &mut Vec<PoolOp>,
 ) {
     let max_enis = input.limits.max_enis;
+    let r = input.releasing;
     let mut enis: Vec<&EniView> = input
         .enis
         .iter()
@@ -434,13 +556,13 @@ fn release(
                     .addresses
                     .iter()
                     .rev()
-                    .filter(|a| !used.contains(a))
+                    .filter(|a| !used.contains(a) && !r.addresses.contains(a))
                     .take(excess as usize)
                     .copied()
                     .collect();
                 if !free.is_empty() {
                     excess -= free.len() as u32;
-                    ops.push(PoolOp::UnassignIps {
+                    ops.push(PoolOp::WithdrawIps {
                         eni: e.id.clone(),
                         addresses: free,
                     });
@@ -451,13 +573,13 @@ fn release(
                     .prefixes
                     .iter()
                     .rev()
-                    .filter(|p| !used.iter().any(|a| p.contains(a)))
+                    .filter(|p| !r.prefixes.contains(p) && !used.iter().any(|a| p.contains(a)))
                     .take(excess as usize)
                     .copied()
                     .collect();
                 if !free.is_empty() {
                     excess -= free.len() as u32;
-                    ops.push(PoolOp::UnassignPrefixes {
+                    ops.push(PoolOp::WithdrawPrefixes {
                         eni: e.id.clone(),
                         prefixes: free,
                     });
@@ -504,6 +626,7 @@ mod tests {
             enis,
             use_primary: true,
             used,
+            releasing: &NOTHING_RELEASING,
             now: Duration::from_secs(1000),
             excess_since: None,
             release_delay: Duration::from_secs(30),
@@ -677,15 +800,13 @@ mod tests {
     }
 
     #[test]
-    fn excess_waits_for_the_release_delay_then_releases_only_free_addresses() {
+    fn excess_is_withdrawn_after_the_release_delay_and_unassigned_once_acknowledged() {
         let enis = [
             mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
             mk_eni("eni-1", Some(1), &[11, 12, 13, 14, 15, 16, 17, 18, 19]),
         ];
-        let in_use: BTreeSet<Ipv4Addr> = [1u32, 18]
-            .iter()
-            .map(|n| Ipv4Addr::from(0xc612_0000 + n))
-            .collect();
+        let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
+        let in_use: BTreeSet<Ipv4Addr> = [1u32, 18].into_iter().map(ip).collect();
         let used = Used::Known(in_use.clone());
         let targets = Targets {
             warm_ip_target: Some(2),
@@ -706,8 +827,48 @@ mod tests {
         input.now += Duration::from_secs(29);
         assert!(plan_pool(&input).ops.is_empty());
         input.now += Duration::from_secs(1);
+
+        // Phase one: 14 free addresses withdrawn (18 assigned, 4 wanted), none a pod holds; no EC2 call.
         let plan = plan_pool(&input);
-        let released: Vec<Ipv4Addr> = plan
+        let withdrawn: BTreeSet<Ipv4Addr> = plan
+            .ops
+            .iter()
+            .flat_map(|op| match op {
+                PoolOp::WithdrawIps { addresses, .. } => addresses.clone(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(withdrawn.len(), 14);
+        assert!(withdrawn.iter().all(|a| !in_use.contains(a)));
+
+        // Withdrawn, not yet acknowledged: they no longer count, and nothing is unassigned or withdrawn again.
+        let releasing = Releasing {
+            addresses: withdrawn.clone(),
+            ..Releasing::default()
+        };
+        input.releasing = &releasing;
+        input.excess_since = plan.excess_since;
+        let waiting = plan_pool(&input);
+        assert_eq!(waiting.have, 4);
+        assert!(waiting.ops.is_empty(), "{waiting:?}");
+
+        // Phase two: acknowledged, and a pod got one of them just before the agent stopped handing them out:
+        // every other withdrawn address is unassigned, that one waits.
+        let late = *withdrawn.iter().next().unwrap();
+        let mut holding = in_use.clone();
+        holding.insert(late);
+        let holding = Used::Known(holding);
+        let acknowledged = Releasing {
+            acknowledged: true,
+            ..releasing.clone()
+        };
+        let input = PoolInput {
+            used: &holding,
+            releasing: &acknowledged,
+            ..input
+        };
+        let plan = plan_pool(&input);
+        let unassigned: BTreeSet<Ipv4Addr> = plan
             .ops
             .iter()
             .flat_map(|op| match op {
@@ -715,15 +876,67 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(released.len(), 14);
-        assert!(released.iter().all(|a| !in_use.contains(a)));
-        // With only a count, nothing is released.
-        let count = Used::Count(2);
+        let mut expected = withdrawn.clone();
+        expected.remove(&late);
+        assert_eq!(unassigned, expected);
+
+        // The same report, not acknowledged: nothing is unassigned.
         let input = PoolInput {
-            used: &count,
+            releasing: &releasing,
             ..input
         };
         assert!(plan_pool(&input).ops.is_empty());
+
+        // With only a count, nothing is withdrawn.
+        let count = Used::Count(2);
+        let input = PoolInput {
+            used: &count,
+            releasing: &NOTHING_RELEASING,
+            excess_since: Some(Duration::ZERO),
+            ..input
+        };
+        assert!(plan_pool(&input).ops.is_empty());
+    }
+
+    #[test]
+    fn slots_freed_by_an_unassign_serve_the_same_plans_assigns() {
+        // A full ENI (9 of 9 slots) with 5 withdrawn addresses, acknowledged and free; the pods now need more
+        // than the 4 left: the unassigns come first and the assign reuses their slots.
+        let enis = [mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9])];
+        let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
+        let releasing = Releasing {
+            addresses: [5u32, 6, 7, 8, 9].into_iter().map(ip).collect(),
+            prefixes: BTreeSet::new(),
+            acknowledged: true,
+        };
+        let used = Used::Known([1u32, 2, 3].into_iter().map(ip).collect());
+        let targets = Targets {
+            warm_ip_target: Some(3),
+            ..Targets::default()
+        };
+        let limits = PoolLimits {
+            max_enis: 1,
+            ipv4_per_eni: 10,
+            vcpus: 2,
+        };
+        let mut input = mk_input(limits, AddressMode::SecondaryIps, targets, &enis, &used);
+        input.releasing = &releasing;
+        let plan = plan_pool(&input);
+        assert_eq!(plan.have, 4);
+        assert_eq!(plan.want, 6);
+        assert_eq!(
+            plan.ops,
+            vec![
+                PoolOp::UnassignIps {
+                    eni: "eni-p".into(),
+                    addresses: releasing.addresses.iter().copied().collect(),
+                },
+                PoolOp::AssignIps {
+                    eni: "eni-p".into(),
+                    count: 2,
+                },
+            ]
+        );
     }
 
     // ---- properties --------------------------------------------------------------------------------------
@@ -789,6 +1002,7 @@ mod tests {
                     e.prefixes.retain(|p| !prefixes.contains(p));
                 }
                 PoolOp::DeleteEni { eni } => enis.retain(|e| &e.id != eni),
+                PoolOp::WithdrawIps { .. } | PoolOp::WithdrawPrefixes { .. } => {}
             }
         }
         for e in enis.iter() {
@@ -844,6 +1058,9 @@ mod tests {
             }
             let release_delay = Duration::from_secs(30);
             let mut now = Duration::ZERO;
+            // The agent, modelled exactly: it serves the pool without withdrawn units and its report is current
+            // (acknowledged); the release's safety under stale reports is the unit tests'.
+            let mut releasing = Releasing { acknowledged: true, ..Releasing::default() };
             for used_target in used_steps {
                 // Pods take up to `used_target` of the pool's addresses, a pseudo-random subset.
                 let pool: Vec<Ipv4Addr> = enis.iter()
@@ -852,6 +1069,7 @@ mod tests {
                         AddressMode::SecondaryIps => e.addresses.clone(),
                         AddressMode::Prefixes => e.prefixes.iter().flat_map(|p| p.hosts().chain([p.network(), p.broadcast()])).collect(),
                     })
+                    .filter(|a| !releasing.covers(a))
                     .collect();
                 let mut used_set = BTreeSet::new();
                 for (i, a) in pool.iter().enumerate() {
@@ -863,13 +1081,21 @@ mod tests {
                 // Plan twice (the second after the release delay), applying each plan.
                 let mut excess_since = None;
                 let mut last = None;
-                for _ in 0..3 {
-                    let input = PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, now, excess_since, release_delay };
+                for _ in 0..4 {
+                    let input = PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, releasing: &releasing, now, excess_since, release_delay };
                     let plan = plan_pool(&input);
                     for op in &plan.ops {
                         match op {
-                            PoolOp::UnassignIps { addresses, .. } => prop_assert!(addresses.iter().all(|a| !used_set.contains(a))),
-                            PoolOp::UnassignPrefixes { prefixes, .. } => prop_assert!(prefixes.iter().all(|p| !used_set.iter().any(|a| p.contains(a)))),
+                            PoolOp::UnassignIps { addresses, .. } => prop_assert!(addresses.iter().all(|a| !used_set.contains(a) && releasing.addresses.contains(a))),
+                            PoolOp::UnassignPrefixes { prefixes, .. } => prop_assert!(prefixes.iter().all(|p| !used_set.iter().any(|a| p.contains(a)) && releasing.prefixes.contains(p))),
+                            PoolOp::WithdrawIps { addresses, .. } => {
+                                prop_assert!(addresses.iter().all(|a| !used_set.contains(a) && !releasing.addresses.contains(a)));
+                                releasing.addresses.extend(addresses.iter().copied());
+                            }
+                            PoolOp::WithdrawPrefixes { prefixes, .. } => {
+                                prop_assert!(prefixes.iter().all(|p| !used_set.iter().any(|a| p.contains(a)) && !releasing.prefixes.contains(p)));
+                                releasing.prefixes.extend(prefixes.iter().copied());
+                            }
                             PoolOp::CreateEni { units, .. } | PoolOp::AssignIps { count: units, .. } | PoolOp::AssignPrefixes { count: units, .. } => {
                                 prop_assert!(*units >= 1 && *units <= limits.slots_per_eni());
                             }
@@ -885,12 +1111,18 @@ mod tests {
                         }
                     }
                     enis = after;
+                    // Unassigned units leave the releasing set with the ENI's addresses.
+                    let assigned: BTreeSet<Ipv4Addr> = enis.iter().flat_map(|e| e.addresses.iter().copied()).collect();
+                    let assigned_prefixes: BTreeSet<Ipv4Net> = enis.iter().flat_map(|e| e.prefixes.iter().copied()).collect();
+                    releasing.addresses.retain(|a| assigned.contains(a));
+                    releasing.prefixes.retain(|p| assigned_prefixes.contains(p));
                     excess_since = plan.excess_since;
                     now += release_delay;
                     last = Some(plan);
                 }
-                let final_plan = plan_pool(&PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, now, excess_since, release_delay });
+                let final_plan = plan_pool(&PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, releasing: &releasing, now, excess_since, release_delay });
                 let _ = last;
+                prop_assert!(releasing.is_empty(), "withdrawn but never unassigned: {:?}", releasing);
                 // Converged: nothing left to do, and the pool is between its targets, except that prefixes
                 // holding a used address cannot be released.
                 prop_assert!(final_plan.ops.is_empty(), "not converged: {:?}", final_plan);

@@ -9,11 +9,16 @@
 //!                                                               │     first non-empty pool: start IPAM (crate::serve)
 //!                                                               │     later: IpamService::update_pool (keeps every
 //!                                                               │     allocation: only free addresses can go)
-//!   health endpoint (node netns) ◄── Ready ◄────────────────────┴─► status writer: conditions + poolUsed
+//!   health endpoint (node netns) ◄── Ready ◄────────────────────┴─► status writer: conditions, poolUsed,
+//!                                                                     poolHeld, observedReleaseGeneration
 //! ```
 //!
 //! The controller owns `spec` and `status.{pool,poolSize}` and taints the Node `underlay.dev/no-free-ips` from
-//! `poolSize`/`poolUsed`; the agent writes only `status.{conditions,poolUsed,observedGeneration}`.
+//! `poolSize`/`poolUsed`; the agent writes only `status.{conditions,poolUsed,poolHeld,observedReleaseGeneration,
+//! observedGeneration}`. Addresses the controller withdraws are in the ENIs' `releasing*` lists, not in
+//! `addresses`/`prefixes`, so the pool built from the record leaves them out; once the allocator serves that
+//! pool, the agent reports the record's `releaseGeneration` and what it still holds, and the controller
+//! unassigns the rest.
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,6 +42,7 @@ use crate::routed::kube::{
     DEFAULT_STATUS_INTERVAL, PoolFact, Record, RecordCache, status_loop, watch_record,
 };
 use crate::routed::runner::{DEFAULT_CONVERGE_INTERVAL, bind_in, default_health_addr};
+use crate::service::ReleaseEpoch;
 use crate::{AgentConfig, AgentError, Fault, IpamService};
 
 /// How to run `eni` mode from the Kubernetes API.
@@ -272,6 +278,19 @@ pub async fn run_eni_on_kube(
     result
 }
 
+/// The withdrawals a pool built from `node` leaves out (its releasing lists are not in [`EniNodeSpec`]): the
+/// record's uid and `pool.releaseGeneration`. `None` for a record without a uid (never from the API server).
+fn release_epoch(node: &UnderlayNode) -> Option<ReleaseEpoch> {
+    Some(ReleaseEpoch {
+        record_uid: node.metadata.uid.clone()?,
+        generation: node
+            .status
+            .as_ref()
+            .and_then(|s| s.pool.as_ref())
+            .map_or(0, |p| p.release_generation),
+    })
+}
+
 /// Waits for the first non-empty pool the converge loop publishes.
 async fn first_pool(mut rx: watch::Receiver<Vec<PoolAddress>>) -> Vec<PoolAddress> {
     loop {
@@ -296,7 +315,7 @@ async fn converge_loop(
 ) {
     let mut tick = tokio::time::interval(opts.converge_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<EniNodeSpec> = None;
+    let mut last: Option<(EniNodeSpec, Option<ReleaseEpoch>)> = None;
     let mut logged_error: Option<String> = None;
     loop {
         tokio::select! {
@@ -306,7 +325,7 @@ async fn converge_loop(
         let record = rx.borrow_and_update().clone();
         if let Some(node) = record {
             match eni_spec_from_record(&node, &opts) {
-                Ok(spec) => last = Some(spec),
+                Ok(spec) => last = Some((spec, release_epoch(&node))),
                 Err(e) => {
                     let msg = e.to_string();
                     if logged_error.as_ref() != Some(&msg) {
@@ -316,7 +335,7 @@ async fn converge_loop(
                 }
             }
         }
-        let Some(spec) = last.clone() else {
+        let Some((spec, release)) = last.clone() else {
             continue;
         };
         let a = agent.clone();
@@ -346,7 +365,7 @@ async fn converge_loop(
                 if let Some(service) = shared.ipam.get()
                     && !pool.is_empty()
                 {
-                    match service.update_pool(PoolSpec::Addresses(pool.clone())) {
+                    match service.update_pool(PoolSpec::Addresses(pool.clone()), release) {
                         Ok(true) => tracing::info!(addresses = pool.len(), "pool updated"),
                         Ok(false) => {}
                         Err(e) => {
@@ -412,7 +431,10 @@ mod tests {
             },
         );
         n.status = Some(UnderlayNodeStatus {
-            pool: Some(Pool { block: None, enis }),
+            pool: Some(Pool {
+                enis,
+                ..Pool::default()
+            }),
             ..Default::default()
         });
         n
@@ -427,6 +449,7 @@ mod tests {
             primary_ip: Some(format!("198.18.0.{}", 100 + index)),
             addresses: addrs.iter().map(|s| s.to_string()).collect(),
             prefixes: prefixes.iter().map(|s| s.to_string()).collect(),
+            ..PoolEni::default()
         }
     }
 

@@ -201,6 +201,10 @@ pub struct AgentFacts {
     /// The last converge: `None` before the first, the error message on failure.
     pub converged: Option<Result<(), String>>,
     pub pool_used: u32,
+    /// `eni` mode: every address held (allocated or cooling), sorted; `None` in routed mode.
+    pub pool_held: Option<Vec<String>>,
+    /// `eni` mode: the record's `pool.releaseGeneration` the allocator serves, when it serves this record's.
+    pub observed_release_generation: Option<u64>,
 }
 
 /// The part of `status` the agent owns: what its merge patch writes.
@@ -209,6 +213,9 @@ pub struct AgentFacts {
 pub struct AgentStatus {
     pub conditions: Vec<Condition>,
     pub pool_used: u32,
+    /// Written as `null` when absent, so that a value the agent can no longer vouch for is removed.
+    pub pool_held: Option<Vec<String>>,
+    pub observed_release_generation: Option<u64>,
     pub observed_generation: Option<i64>,
 }
 
@@ -219,6 +226,8 @@ impl AgentStatus {
         AgentStatus {
             conditions: s.conditions,
             pool_used: s.pool_used,
+            pool_held: s.pool_held,
+            observed_release_generation: s.observed_release_generation,
             observed_generation: s.observed_generation,
         }
     }
@@ -324,6 +333,8 @@ pub fn desired_status(
     AgentStatus {
         conditions,
         pool_used: facts.pool_used,
+        pool_held: facts.pool_held.clone(),
+        observed_release_generation: facts.observed_release_generation,
         observed_generation: generation,
     }
 }
@@ -676,6 +687,13 @@ pub(crate) async fn status_loop(
             continue;
         };
         let state = ready.snapshot();
+        let held = ipam().and_then(|s| s.held_report());
+        // A generation counts only for the object it came from: a recreated UnderlayNode starts again at 0.
+        let observed_release_generation = held
+            .as_ref()
+            .and_then(|h| h.release.as_ref())
+            .filter(|r| node.metadata.uid.as_deref() == Some(r.record_uid.as_str()))
+            .map(|r| r.generation);
         let facts = AgentFacts {
             pool: pool_fact(&node),
             cni_configured: cni,
@@ -688,6 +706,8 @@ pub(crate) async fn status_loop(
             pool_used: ipam()
                 .map(|s| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
                 .unwrap_or(0),
+            pool_held: held.map(|h| h.held.iter().map(ToString::to_string).collect()),
+            observed_release_generation,
         };
         let generation = node.metadata.generation;
         let base = written
@@ -779,7 +799,7 @@ mod tests {
         n.status = Some(UnderlayNodeStatus {
             pool: block.map(|b| Pool {
                 block: Some(b.into()),
-                enis: vec![],
+                ..Pool::default()
             }),
             ..Default::default()
         });
@@ -793,6 +813,8 @@ mod tests {
             ipam_serving: true,
             converged: Some(Ok(())),
             pool_used: 3,
+            pool_held: None,
+            observed_release_generation: None,
         }
     }
 

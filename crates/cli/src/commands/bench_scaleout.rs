@@ -177,11 +177,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
                 &subnets[n % subnets.len()],
             ))
             .with_context(|| format!("launching {}", args.instance_type))?;
-        nodes.push(EniNode {
-            name: format!("node-{n}"),
-            instance: i.id,
-            used: Used::Count(0),
-        });
+        nodes.push(EniNode::new(format!("node-{n}"), i.id, Used::Count(0)));
     }
 
     // The spread of arrival times after a token: one latency's spread, except for the DeleteOnTermination

@@ -74,11 +74,11 @@ impl EniWorld {
             .sim
             .run_instance(RunInstance::new(instance_type, subnet))
             .unwrap();
-        self.nodes.push(EniNode {
-            name: format!("node-{}", self.nodes.len()),
-            instance: i.id.clone(),
-            used: Used::Count(0),
-        });
+        self.nodes.push(EniNode::new(
+            format!("node-{}", self.nodes.len()),
+            i.id.clone(),
+            Used::Count(0),
+        ));
         i.id
     }
 
@@ -121,11 +121,27 @@ pub fn use_addresses(w: &mut EniWorld, node: usize, k: usize) {
     w.nodes[node].used = Used::Known(pool.take(k).collect());
 }
 
-/// Pass until a pass finds every node within its targets with nothing to do and nothing to collect.
-pub async fn converge(r: &EniReconciler, nodes: &[EniNode], max_passes: usize) -> EniPassReport {
+/// Carry each node's withdrawals from a pass into the next, as its UnderlayNode status would, acknowledged by
+/// an agent whose `used` is current.
+pub fn carry(nodes: &mut [EniNode], report: &EniPassReport) {
+    for n in &report.nodes {
+        if let Some(node) = nodes.iter_mut().find(|x| x.name == n.name) {
+            node.carry(n);
+        }
+    }
+}
+
+/// Pass until a pass finds every node within its targets with nothing to do and nothing to collect (carrying
+/// withdrawals from pass to pass).
+pub async fn converge(
+    r: &EniReconciler,
+    nodes: &mut [EniNode],
+    max_passes: usize,
+) -> EniPassReport {
     let mut last = None;
     for _ in 0..max_passes {
         let report = r.pass(nodes).await;
+        carry(nodes, &report);
         if report.quiet() {
             return report;
         }

@@ -1,6 +1,7 @@
 //! underlay-cni in `eni` mode, per spec version: ADD installs the pod's `to <pod> lookup main` and
 //! `from <pod> lookup <ENI table>` rules with the table the agent names, CHECK verifies them (and fails once one
-//! is removed), DEL removes them (twice is fine), a failed ADD leaves none behind.
+//! is removed), DEL removes them (twice is fine), a failed ADD leaves none behind: neither one that fails before
+//! the rules nor a retried ADD that fails while the attachment's rules are in place.
 #![cfg(feature = "root-tests")]
 
 mod common;
@@ -137,8 +138,50 @@ fn failed_add_leaves_no_rule() {
     );
     let pod = TestNs::new("ulcnie-fail-p").unwrap();
     // The pod namespace already has an eth0 (another plugin's veth): the pair cannot be created, after the
-    // allocation; the rollback must give the address back and leave no rule for it.
+    // allocation and before any rule; the rollback must give the address back, and no rule may appear.
     let other = TestNs::new("ulcnie-fail-o").unwrap();
+    foreign_eth0(&pod, &other);
+    let r = node.cni("ADD", "cx", &pod.path(), "eth0", &node.conf("1.1.0"));
+    assert!(!r.ok, "ADD should fail: {:?}", r.json);
+    assert!(pod_rules(&node, "198.18.0.20").is_empty());
+    assert!(node.allocations().is_empty());
+}
+
+/// The rollback must delete rules that are in place when the ADD fails, not only avoid adding them. Within one
+/// ADD the rules are its last step, so nothing after them can fail; a retried ADD of the same attachment gets the
+/// same address and table and finds the first ADD's rules in place, so its failure is where the rollback has
+/// rules to delete. Left behind, they would steer the next holder of the address (which may sit on another ENI)
+/// by the old table.
+#[test]
+fn failed_retried_add_deletes_the_rules_in_place() {
+    let t1 = route_table(1);
+    let node = Node::new_eni(
+        "ulcnie-retry",
+        &[("198.18.0.20", "eth1", t1)],
+        "198.18.0.0/24",
+    );
+    let pod = TestNs::new("ulcnie-retry-p").unwrap();
+    let other = TestNs::new("ulcnie-retry-o").unwrap();
+    let conf = node.conf("1.1.0");
+    node.cni("ADD", "cr", &pod.path(), "eth0", &conf)
+        .expect_ok();
+    assert_eq!(pod_rules(&node, "198.18.0.20"), expected("198.18.0.20", t1));
+
+    // Between the ADD and its retry the pod's eth0 is replaced by a foreign one: our veth goes (its pod end
+    // with it) and another plugin's eth0 takes the name, so the retry cannot create the pair.
+    let ours = node.host_veths();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    node.nl().link_del(ours[0].index).unwrap();
+    foreign_eth0(&pod, &other);
+
+    node.cni("ADD", "cr", &pod.path(), "eth0", &conf)
+        .expect_err(underlay_cni::spec::code::DATAPLANE);
+    assert_eq!(pod_rules(&node, "198.18.0.20"), Vec::<Rule>::new());
+    assert!(node.allocations().is_empty());
+}
+
+/// Puts a veth named eth0 into `pod`, its peer in `other` (another plugin's interface, as far as we know).
+fn foreign_eth0(pod: &TestNs, other: &TestNs) {
     pod.netns()
         .netlink()
         .unwrap()
@@ -152,8 +195,4 @@ fn failed_add_leaves_no_rule() {
             up: false,
         })
         .unwrap();
-    let r = node.cni("ADD", "cx", &pod.path(), "eth0", &node.conf("1.1.0"));
-    assert!(!r.ok, "ADD should fail: {:?}", r.json);
-    assert!(pod_rules(&node, "198.18.0.20").is_empty());
-    assert!(node.allocations().is_empty());
 }

@@ -3,6 +3,7 @@
 //! (a tokio worker, a pooled thread). The one exception, [`Netns::netlink_in_place`], is for single-threaded
 //! synchronous processes and switches back before it returns.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -138,6 +139,38 @@ impl Netns {
                 .and_then(|mut f| f.read_to_string(&mut s))
                 .map_err(|e| Error::kernel(format!("read {}", path.display()), e))?;
             Ok(s.trim_end().to_string())
+        })
+    }
+
+    /// Reads several sysctls of this namespace on one namespace thread: key → value, surrounding whitespace
+    /// removed. A key that cannot be read (no such device, no such file) is left out rather than failing the
+    /// whole read: an observer comparing against wanted values sees it as "not as wanted", and the write that
+    /// follows reports the real error. Only entering the namespace fails the call.
+    pub fn read_sysctls<I>(&self, keys: I) -> Result<BTreeMap<String, String>>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let keys: Vec<(String, PathBuf)> = keys
+            .into_iter()
+            .map(|k| {
+                let k = k.into();
+                let path = sysctl_path(&k);
+                (k, path)
+            })
+            .collect();
+        self.run(move || {
+            let mut out = BTreeMap::new();
+            for (k, path) in keys {
+                let mut s = String::new();
+                if File::open(&path)
+                    .and_then(|mut f| f.read_to_string(&mut s))
+                    .is_ok()
+                {
+                    out.insert(k, s.trim().to_string());
+                }
+            }
+            Ok(out)
         })
     }
 

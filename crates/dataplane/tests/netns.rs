@@ -156,6 +156,36 @@ fn addresses_routes_neighbours_and_rules() {
 }
 
 #[test]
+fn read_sysctls_reads_the_namespace_and_leaves_out_unreadable_keys() {
+    let ns = TestNs::new("uldp-sysctls").unwrap();
+    let root = Netns::current().unwrap();
+    let before = root.read_sysctl("net.ipv4.conf.lo.rp_filter").unwrap();
+    let want = if before == "2" { "1" } else { "2" };
+    ns.netns()
+        .write_sysctl("net.ipv4.conf.lo.rp_filter", want)
+        .unwrap();
+    let got = ns
+        .netns()
+        .read_sysctls([
+            "net/ipv4/conf/lo/rp_filter",
+            "net.ipv4.conf.lo.rp_filter",
+            "net/ipv4/conf/nosuchdev/rp_filter",
+        ])
+        .unwrap();
+    assert_eq!(
+        got.into_iter().collect::<Vec<_>>(),
+        [
+            ("net.ipv4.conf.lo.rp_filter".to_string(), want.to_string()),
+            ("net/ipv4/conf/lo/rp_filter".to_string(), want.to_string()),
+        ]
+    );
+    assert_eq!(
+        root.read_sysctl("net.ipv4.conf.lo.rp_filter").unwrap(),
+        before
+    );
+}
+
+#[test]
 fn sysctl_writes_land_in_the_namespace_not_the_caller() {
     let ns = TestNs::new("uldp-sysctl").unwrap();
     let root = Netns::current().unwrap();

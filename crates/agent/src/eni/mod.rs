@@ -17,9 +17,7 @@
 pub mod kube;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::net::IpAddr;
-use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
@@ -138,21 +136,10 @@ impl EniAgent {
             });
         }
         routes.sort();
-        let keys: Vec<String> = wanted_sysctls().into_iter().map(|(k, _)| k).collect();
-        let sysctls = self.ns.run(move || {
-            let mut out = BTreeMap::new();
-            for k in keys {
-                let mut s = String::new();
-                // Unreadable means "not as wanted": the plan writes it, and the write reports the error.
-                if std::fs::File::open(Path::new("/proc/sys").join(&k))
-                    .and_then(|mut f| f.read_to_string(&mut s))
-                    .is_ok()
-                {
-                    out.insert(k, s.trim().to_string());
-                }
-            }
-            Ok(out)
-        })?;
+        // Unreadable means "not as wanted": the plan writes it, and the write reports the error.
+        let sysctls = self
+            .ns
+            .read_sysctls(wanted_sysctls().into_iter().map(|(k, _)| k))?;
         let nft = nft::observe(self.ns.path())?;
         Ok(EniObserved {
             devices,

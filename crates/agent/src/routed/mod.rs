@@ -16,9 +16,7 @@ pub mod nft;
 pub mod runner;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -115,24 +113,10 @@ impl RoutedAgent {
                 },
             })
             .collect();
-        let keys: Vec<String> = wanted_sysctls(&uplink)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        let sysctls = self.ns.run(move || {
-            let mut out = BTreeMap::new();
-            for k in keys {
-                let mut s = String::new();
-                // Unreadable means "not as wanted": the plan writes it, and the write reports the error.
-                if std::fs::File::open(Path::new("/proc/sys").join(&k))
-                    .and_then(|mut f| f.read_to_string(&mut s))
-                    .is_ok()
-                {
-                    out.insert(k, s.trim().to_string());
-                }
-            }
-            Ok(out)
-        })?;
+        // Unreadable means "not as wanted": the plan writes it, and the write reports the error.
+        let sysctls = self
+            .ns
+            .read_sysctls(wanted_sysctls(&uplink).into_iter().map(|(k, _)| k))?;
         let nft = nft::observe(self.ns.path())?;
         Ok(NodeObserved {
             uplink,

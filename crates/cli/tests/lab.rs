@@ -68,9 +68,10 @@ fn name(tag: &str) -> String {
     format!("{tag}{:03x}", std::process::id() % 4096)
 }
 
-/// Eni mode: pods get ENI addresses (14 per m5.large node outgrow the primary ENI's 9 secondaries, so second
+/// Eni mode: pods get ENI addresses (16 per m5.xlarge node outgrow the primary ENI's 14 secondaries, so second
 /// ENIs carry pods), source/dest check stays on for every ENI, and every path class answers: pod↔pod across
-/// zones, a VPC host outside the cluster, the internet.
+/// zones, a VPC host outside the cluster, the internet. Then the churn: 15 more pods per node grow every pool
+/// by an ENI's worth, leave, and the excess is unassigned while the 16 pods that stayed keep their addresses.
 #[test]
 fn eni_demo_passes_with_source_dest_check_on_everywhere() {
     let _s = serial();
@@ -85,7 +86,7 @@ fn eni_demo_passes_with_source_dest_check_on_everywhere() {
         "--mode",
         "eni",
         "--instance-type",
-        "m5.large",
+        "m5.xlarge",
         "--zones",
         "2",
         "--subnets-per-zone",
@@ -93,7 +94,7 @@ fn eni_demo_passes_with_source_dest_check_on_everywhere() {
         "--nodes",
         "4",
         "--pods-per-node",
-        "14",
+        "16",
         "--format",
         "json",
         "--cni-plugin",
@@ -102,7 +103,7 @@ fn eni_demo_passes_with_source_dest_check_on_everywhere() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert!(out.status.success(), "{report:#}");
     assert_eq!(report["passed"], true);
-    assert_eq!(report["pods"], 56);
+    assert_eq!(report["pods"], 64);
     assert_eq!(report["status"]["mode"], "eni");
     // More than one ENI per node, none with the check off.
     assert!(
@@ -137,6 +138,22 @@ fn eni_demo_passes_with_source_dest_check_on_everywhere() {
             > 0
     );
     assert_eq!(report["status"]["throttled"], 0);
+    // The churn: pools grew by at least an ENI's worth per node (14 addresses), shrank back, EC2 holds exactly
+    // the pools, and no staying pod lost its address or its connectivity.
+    let churn = &report["churn"];
+    assert_eq!(churn["pods_added"], 60, "{churn:#}");
+    let (before, peak, after) = (
+        churn["pool_before"].as_u64().unwrap(),
+        churn["pool_peak"].as_u64().unwrap(),
+        churn["pool_after"].as_u64().unwrap(),
+    );
+    assert!(peak >= before + 4 * 14, "{churn:#}");
+    assert!(after < peak, "{churn:#}");
+    assert_eq!(churn["assigned_after"], churn["pool_after"]);
+    assert!(churn["unassign_calls"].as_u64().unwrap() > 0);
+    assert!(churn["settle_ms"].is_number(), "{churn:#}");
+    assert!(churn["kept_pods_unassigned"].as_array().unwrap().is_empty());
+    assert_eq!(churn["check"]["pairs_ok"], churn["check"]["pairs_checked"]);
     assert!(lab_namespaces(&lab).is_empty());
 }
 
@@ -198,6 +215,22 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     assert!(report["api_calls"]["CreateRoute"].as_u64().unwrap() > 0);
     // Every controller call waits in the rate-aware queue: vpcsim, which enforces AWS's buckets, throttles none.
     assert_eq!(report["status"]["throttled"], 0);
+    // The churn: pools grew by at least an ENI's worth per node (14 addresses), shrank back, EC2 holds exactly
+    // the pools, and no staying pod lost its address or its connectivity.
+    let churn = &report["churn"];
+    assert_eq!(churn["pods_added"], 60, "{churn:#}");
+    let (before, peak, after) = (
+        churn["pool_before"].as_u64().unwrap(),
+        churn["pool_peak"].as_u64().unwrap(),
+        churn["pool_after"].as_u64().unwrap(),
+    );
+    assert!(peak >= before + 4 * 14, "{churn:#}");
+    assert!(after < peak, "{churn:#}");
+    assert_eq!(churn["assigned_after"], churn["pool_after"]);
+    assert!(churn["unassign_calls"].as_u64().unwrap() > 0);
+    assert!(churn["settle_ms"].is_number(), "{churn:#}");
+    assert!(churn["kept_pods_unassigned"].as_array().unwrap().is_empty());
+    assert_eq!(churn["check"]["pairs_ok"], churn["check"]["pairs_checked"]);
     assert!(lab_namespaces(&lab).is_empty());
 }
 

@@ -122,19 +122,29 @@ enum Cmd {
     },
     /// Kill a forwarder under a steady probe: blackhole, routes moved, time to fail back.
     Failover(Target),
+    /// Eni mode: a burst of pods on every node grows the pools, then leaves; the excess is released and the
+    /// pods that stayed keep their addresses.
+    Churn {
+        /// Pods added to each node (default: one more than an ENI's addresses, so every node needs another
+        /// ENI's worth).
+        #[arg(long)]
+        burst: Option<usize>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Stop the lab and remove every namespace, link and file it created.
     Down {
         #[arg(long, default_value = "demo")]
         name: String,
     },
-    /// up, status, check, failover, down; exits non-zero if anything fails.
+    /// up, status, check, failover (routed) or churn (eni), down; exits non-zero if anything fails.
     Demo {
         #[command(flatten)]
         shape: Shape,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
-        /// Skip the failover scenario.
-        #[arg(long)]
+        /// Skip the failover (routed) or churn (eni) scenario.
+        #[arg(long, alias = "no-churn")]
         no_failover: bool,
     },
     /// The background process behind `up` (not for direct use).
@@ -158,6 +168,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Cmd::Status(t) => request(&t, json!({"cmd": "status"})),
         Cmd::Check(t) => request(&t, json!({"cmd": "check"})),
         Cmd::Failover(t) => request(&t, json!({"cmd": "failover"})),
+        Cmd::Churn { burst, target } => request(&target, json!({"cmd": "churn", "burst": burst})),
         Cmd::Fail { node, target } => request(&target, json!({"cmd": "fail", "node": node})),
         Cmd::Recover { node, target } => request(&target, json!({"cmd": "recover", "node": node})),
         Cmd::Down { name } => down(&name),
@@ -208,15 +219,23 @@ fn demo(shape: Shape, format: Format, no_failover: bool) -> anyhow::Result<()> {
     let mut lab = Lab::up(config)?;
     let mut run = || -> anyhow::Result<DemoReport> {
         let check = lab.check()?;
-        // Failover moves routed mode's VPC routes between forwarders; eni mode has none to move.
-        let failover = if no_failover || lab.config.mode == underlay_api::Mode::Eni {
+        // Failover moves routed mode's VPC routes between forwarders; eni mode has none to move, its pools
+        // grow and shrink instead.
+        let eni = lab.config.mode == underlay_api::Mode::Eni;
+        let failover = if no_failover || eni {
             None
         } else {
             Some(lab.failover()?)
         };
-        // After the fail-back the lab must be whole again.
+        let churn = if no_failover || !eni {
+            None
+        } else {
+            let burst = underlay_lab::scenario::default_burst(&lab.config.instance_type);
+            Some(lab.churn(burst)?)
+        };
+        // After the fail-back (or the churn) the lab must be whole again.
         let status = lab.status();
-        Ok(DemoReport::new(status, check, failover))
+        Ok(DemoReport::new(status, check, failover, churn))
     };
     let report = run();
     let down = lab.down();
@@ -368,6 +387,14 @@ fn handle(lab: &mut Lab, cmd: &str, req: &Value) -> anyhow::Result<(Value, Strin
         }
         "failover" => {
             let r = lab.failover()?;
+            (serde_json::to_value(&r)?, r.human())
+        }
+        "churn" => {
+            let burst = match req["burst"].as_u64() {
+                Some(n) => usize::try_from(n)?,
+                None => underlay_lab::scenario::default_burst(&lab.config.instance_type),
+            };
+            let r = lab.churn(burst)?;
             (serde_json::to_value(&r)?, r.human())
         }
         "fail" => {

@@ -14,6 +14,7 @@
 //! forwarder under a steady probe. Everything the lab creates carries its prefix and goes on [`Lab::down`] or drop.
 
 mod check;
+mod churn;
 mod echo;
 mod failover;
 mod report;
@@ -37,6 +38,7 @@ use underlay_vpcsim::{AddressOrder, RunInstance, VpcSim};
 use crate::{Fabric, FabricOptions, LabId, kernel};
 
 pub use check::{CheckReport, PathClass};
+pub use churn::{ChurnReport, default_burst};
 pub use failover::FailoverReport;
 pub use report::{DemoReport, StatusReport};
 
@@ -48,6 +50,9 @@ pub const VPC_CIDR: Ipv4Net = crate::plan::ipnet_v4(198, 18, 0, 0, 16);
 pub const POD_CIDR: Ipv4Net = crate::plan::ipnet_v4(100, 64, 0, 0, 16);
 /// Instance type of every lab node.
 pub const NODE_TYPE: &str = "m5.large";
+/// How long a released pod address cools down before reuse in the lab's agents (60 s in a cluster): while it
+/// cools it counts as held, so `lab churn` would otherwise wait a minute for pools to shrink.
+pub const LAB_COOLDOWN: Duration = Duration::from_secs(5);
 /// Pod MTU in the lab (veths carry 1500 by default; the fabric does not model jumbo frames).
 pub const LAB_MTU: u32 = 1500;
 
@@ -76,6 +81,9 @@ pub struct LabConfig {
     pub mode: underlay_api::Mode,
     /// EC2 instance type of every node (vpcsim enforces its ENI and address limits).
     pub instance_type: String,
+    /// Eni mode: how long the controller waits before releasing excess addresses (30 s by default in a cluster;
+    /// shorter in the lab so that `lab churn` sees pools shrink within the demo).
+    pub release_delay: Duration,
 }
 
 impl LabConfig {
@@ -97,6 +105,7 @@ impl LabConfig {
             cni_plugin,
             mode: underlay_api::Mode::Routed,
             instance_type: NODE_TYPE.to_string(),
+            release_delay: Duration::from_secs(3),
         }
     }
 
@@ -466,7 +475,10 @@ impl Lab {
     /// Eni mode: the real eni controller (ENIs created, attached and filled through the rate-aware queue, the
     /// UnderlayNodes' `status.pool.enis`, the Nodes' taints), leader-elected on the API stand-in.
     fn start_eni_controller(&mut self) {
-        let settings = underlay_controller::EniSettings::new(format!("lab-{}", self.id.as_str()));
+        let settings = underlay_controller::EniSettings {
+            release_delay: self.config.release_delay,
+            ..underlay_controller::EniSettings::new(format!("lab-{}", self.id.as_str()))
+        };
         let queue = RateLimitedCloud::new(self.sim.clone(), QueueConfig::default());
         let cloud: Arc<dyn Cloud> = Arc::new(queue);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -508,6 +520,7 @@ impl Lab {
             plugin_source: None,
             // DEL deletes the pod's veth itself: the agent runs outside the node namespace.
             reap_links: false,
+            cooldown_secs: LAB_COOLDOWN.as_secs(),
             ..Default::default()
         };
         let netns = PathBuf::from(format!("/var/run/netns/{}", node.netns));

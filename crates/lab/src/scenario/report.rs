@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::Lab;
 use super::check::CheckReport;
+use super::churn::ChurnReport;
 use super::failover::FailoverReport;
 
 /// `lab status`: the lab's shape and the VPC's route tables.
@@ -127,12 +128,19 @@ pub struct DemoReport {
     pub status: StatusReport,
     pub check: CheckReport,
     pub failover: Option<FailoverReport>,
+    /// Eni mode: a burst of pods grows the pools, then leaves and the pools shrink back.
+    pub churn: Option<ChurnReport>,
     /// Why it failed, when it did.
     pub failures: Vec<String>,
 }
 
 impl DemoReport {
-    pub fn new(status: StatusReport, check: CheckReport, failover: Option<FailoverReport>) -> Self {
+    pub fn new(
+        status: StatusReport,
+        check: CheckReport,
+        failover: Option<FailoverReport>,
+        churn: Option<ChurnReport>,
+    ) -> Self {
         let within = status
             .routes_per_table
             .values()
@@ -171,6 +179,20 @@ impl DemoReport {
             )),
             _ => {}
         }
+        match &churn {
+            Some(c) if !c.passed() => failures.push(format!(
+                "churn: pools {} → {} → {} addresses (EC2 {} after), settled {:?} ms, {} staying pod(s) unassigned, {}/{} pairs",
+                c.pool_before,
+                c.pool_peak,
+                c.pool_after,
+                c.assigned_after,
+                c.settle_ms,
+                c.kept_pods_unassigned.len(),
+                c.check.pairs_ok,
+                c.check.pairs_checked
+            )),
+            _ => {}
+        }
         DemoReport {
             passed: failures.is_empty(),
             nodes: status.nodes,
@@ -186,6 +208,7 @@ impl DemoReport {
             status,
             check,
             failover,
+            churn,
             failures,
         }
     }
@@ -196,6 +219,9 @@ impl DemoReport {
         s.push_str(&self.check.human());
         if let Some(f) = &self.failover {
             s.push_str(&f.human());
+        }
+        if let Some(c) = &self.churn {
+            s.push_str(&c.human());
         }
         let _ = writeln!(s, "{}", if self.passed { "PASS" } else { "FAIL" });
         for f in &self.failures {

@@ -463,7 +463,15 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
     {
         let since = input.excess_since.unwrap_or(input.now);
         if input.now.saturating_sub(since) >= input.release_delay {
-            withdraw(input, used, have_after_adopt - want, &adopted, &mut ops);
+            // Never the last unit: the agent serves no empty pool, so it could not acknowledge that withdrawal.
+            let keep = want.max(1);
+            withdraw(
+                input,
+                used,
+                have_after_adopt.saturating_sub(keep),
+                &adopted,
+                &mut ops,
+            );
         } else {
             excess_since = Some(since);
         }
@@ -899,6 +907,37 @@ mod tests {
     }
 
     #[test]
+    fn the_last_address_is_never_withdrawn() {
+        // No pods and targets that ask for nothing: everything but one address goes.
+        let enis = [mk_eni("eni-p", Some(0), &[1, 2, 3, 4])];
+        let used = Used::Known(BTreeSet::new());
+        let targets = Targets {
+            warm_ip_target: Some(0),
+            minimum_ip_target: Some(0),
+            ..Targets::default()
+        };
+        let mut input = mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            targets,
+            &enis,
+            &used,
+        );
+        input.excess_since = Some(Duration::ZERO);
+        let plan = plan_pool(&input);
+        assert_eq!(
+            plan.ops,
+            vec![PoolOp::WithdrawIps {
+                eni: "eni-p".into(),
+                addresses: [4u32, 3, 2]
+                    .into_iter()
+                    .map(|n| Ipv4Addr::from(0xc612_0000 + n))
+                    .collect(),
+            }]
+        );
+    }
+
+    #[test]
     fn slots_freed_by_an_unassign_serve_the_same_plans_assigns() {
         // A full ENI (9 of 9 slots) with 5 withdrawn addresses, acknowledged and free; the pods now need more
         // than the 4 left: the unassigns come first and the assign reuses their slots.
@@ -1135,7 +1174,8 @@ mod tests {
                         .filter(|p| used_set.iter().any(|a| p.contains(a)))
                         .count() as u32 * PREFIX_ADDRESSES,
                 };
-                prop_assert!(final_plan.have <= final_plan.high.max(pinned), "above targets: {:?}", final_plan);
+                // The last unit is never withdrawn.
+                prop_assert!(final_plan.have <= final_plan.high.max(pinned).max(mode.addresses_per_unit()), "above targets: {:?}", final_plan);
                 prop_assert!(enis.iter().all(|e| e.device_index.is_some()), "an orphan left unattached");
                 prop_assert!(enis.len() as u32 <= limits.max_enis);
             }

@@ -67,6 +67,8 @@ pub struct ReleaseEpoch {
 pub struct HeldReport {
     /// Allocated or cooling down, sorted.
     pub held: Vec<std::net::Ipv4Addr>,
+    /// The part of `held` cooling down, sorted.
+    pub cooling: Vec<std::net::Ipv4Addr>,
     pub release: Option<ReleaseEpoch>,
 }
 
@@ -216,14 +218,17 @@ impl IpamService {
         if !matches!(g.ipam.spec(), PoolSpec::Addresses(_)) {
             return None;
         }
+        let cooling: BTreeSet<std::net::Ipv4Addr> =
+            g.ipam.cooling_at(now).map(|(a, _)| a).collect();
         let held: BTreeSet<std::net::Ipv4Addr> = g
             .ipam
             .allocations()
             .map(|a| a.address)
-            .chain(g.ipam.cooling_at(now).map(|(a, _)| a))
+            .chain(cooling.iter().copied())
             .collect();
         Some(HeldReport {
             held: held.into_iter().collect(),
+            cooling: cooling.into_iter().collect(),
             release: g.release.clone(),
         })
     }

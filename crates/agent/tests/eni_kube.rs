@@ -337,5 +337,10 @@ fn withdrawn_addresses_are_never_handed_out_and_the_generation_is_acknowledged()
     wait_for("poolHeld empty", || {
         (status(&sim, &name).pool_held == Some(vec![])).then_some(())
     });
+    assert_eq!(
+        status(&sim, &name).pool_cooling,
+        Some(vec![]),
+        "no cooldown here"
+    );
     running.stop().unwrap();
 }

@@ -120,6 +120,10 @@ pub struct UnderlayNodeStatus {
     /// controller withdraws only addresses absent from it and unassigns withdrawn ones once it acknowledges them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_held: Option<Vec<String>>,
+    /// `eni` mode: the part of `poolHeld` no pod has, cooling down after one (sorted). The controller may
+    /// withdraw these, and unassigns them only once they have left `poolHeld`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_cooling: Option<Vec<String>>,
     /// `eni` mode: the `pool.releaseGeneration` the agent's allocator served when it reported `poolHeld`: it
     /// hands out no address the pool lists as releasing at that generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]

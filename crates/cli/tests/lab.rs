@@ -151,6 +151,14 @@ fn eni_demo_passes_with_source_dest_check_on_everywhere() {
     assert!(after < peak, "{churn:#}");
     assert_eq!(churn["assigned_after"], churn["pool_after"]);
     assert!(churn["unassign_calls"].as_u64().unwrap() > 0);
+    // The ENI each node grew by was emptied, detached and deleted.
+    assert!(
+        churn["enis_peak"].as_u64().unwrap() > churn["enis_before"].as_u64().unwrap(),
+        "{churn:#}"
+    );
+    assert_eq!(churn["enis_after"], churn["enis_before"], "{churn:#}");
+    assert!(churn["detach_calls"].as_u64().unwrap() > 0);
+    assert_eq!(churn["delete_calls"], churn["detach_calls"]);
     assert!(churn["settle_ms"].is_number(), "{churn:#}");
     assert!(churn["kept_pods_unassigned"].as_array().unwrap().is_empty());
     assert_eq!(churn["check"]["pairs_ok"], churn["check"]["pairs_checked"]);
@@ -228,6 +236,14 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     assert!(after < peak, "{churn:#}");
     assert_eq!(churn["assigned_after"], churn["pool_after"]);
     assert!(churn["unassign_calls"].as_u64().unwrap() > 0);
+    // The ENI each node grew by was emptied, detached and deleted.
+    assert!(
+        churn["enis_peak"].as_u64().unwrap() > churn["enis_before"].as_u64().unwrap(),
+        "{churn:#}"
+    );
+    assert_eq!(churn["enis_after"], churn["enis_before"], "{churn:#}");
+    assert!(churn["detach_calls"].as_u64().unwrap() > 0);
+    assert_eq!(churn["delete_calls"], churn["detach_calls"]);
     assert!(churn["settle_ms"].is_number(), "{churn:#}");
     assert!(churn["kept_pods_unassigned"].as_array().unwrap().is_empty());
     assert_eq!(churn["check"]["pairs_ok"], churn["check"]["pairs_checked"]);

@@ -138,9 +138,8 @@ impl Operation {
     /// Whether a controller in `mode` issues this call. Every describe in both modes (read-only; EC2 cannot
     /// scope them to resources anyway) and ModifyNetworkInterfaceAttribute (routed: source/dest check off; eni:
     /// DeleteOnTermination after an attach); routed mode adds the route calls; eni mode adds creating (with
-    /// tags on create), attaching and deleting ENIs and assigning and unassigning addresses and prefixes.
-    /// Nothing detaches an ENI: pod ENIs go with their instance (DeleteOnTermination) or, when left
-    /// `available`, are deleted by the collector.
+    /// tags on create), attaching, detaching (an ENI emptied by releases) and deleting ENIs, and assigning and
+    /// unassigning addresses and prefixes.
     pub fn used_in(self, mode: ControllerMode) -> bool {
         match self {
             Operation::DescribeVpcs
@@ -156,10 +155,10 @@ impl Operation {
             Operation::CreateNetworkInterface
             | Operation::AttachNetworkInterface
             | Operation::DeleteNetworkInterface
+            | Operation::DetachNetworkInterface
             | Operation::AssignPrivateIpAddresses
             | Operation::UnassignPrivateIpAddresses
             | Operation::CreateTags => mode == ControllerMode::Eni,
-            Operation::DetachNetworkInterface => false,
         }
     }
 
@@ -517,6 +516,7 @@ mod tests {
                 "DescribeNetworkInterfaces",
                 "CreateNetworkInterface",
                 "AttachNetworkInterface",
+                "DetachNetworkInterface",
                 "DeleteNetworkInterface",
                 "AssignPrivateIpAddresses",
                 "UnassignPrivateIpAddresses",
@@ -525,7 +525,6 @@ mod tests {
             ]
         );
         assert!(!Operation::DetachNetworkInterface.used_in(ControllerMode::Routed));
-        assert!(!Operation::DetachNetworkInterface.used_in(ControllerMode::Eni));
     }
 
     #[test]

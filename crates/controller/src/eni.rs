@@ -8,7 +8,8 @@
 //!        ├─► core::eni_pool::plan_pool per node ─► sort by deficit, largest first
 //!        │
 //!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
-//!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination)
+//!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination);
+//!        │     an ENI emptied by releases is detached, and deleted by the next pass
 //!        │
 //!        └─► GC: `available` ENIs tagged with the cluster whose node is gone, once seen for `gc_grace`
 //! ```
@@ -95,6 +96,8 @@ pub struct EniNode {
     pub releasing: Releasing,
     /// The pool status's `releaseGeneration`.
     pub release_generation: u64,
+    /// Of the used addresses, those cooling down after a pod (withdrawable, not yet unassignable).
+    pub cooling: BTreeSet<Ipv4Addr>,
 }
 
 impl EniNode {
@@ -106,6 +109,7 @@ impl EniNode {
             used,
             releasing: Releasing::default(),
             release_generation: 0,
+            cooling: BTreeSet::new(),
         }
     }
 
@@ -124,7 +128,7 @@ impl EniNode {
         };
         node.used = match &s.pool_held {
             Some(held) => {
-                let parsed: Option<std::collections::BTreeSet<Ipv4Addr>> =
+                let parsed: Option<BTreeSet<Ipv4Addr>> =
                     held.iter().map(|a| a.parse().ok()).collect();
                 match parsed {
                     Some(set) => Used::Known(set),
@@ -133,6 +137,12 @@ impl EniNode {
             }
             None => Used::Count(s.pool_used),
         };
+        node.cooling = s
+            .pool_cooling
+            .iter()
+            .flatten()
+            .filter_map(|a| a.parse().ok())
+            .collect();
         if let Some(pool) = &s.pool {
             node.release_generation = pool.release_generation;
             for e in &pool.enis {
@@ -412,6 +422,7 @@ impl EniReconciler {
                 enis: &views,
                 use_primary,
                 used: &node.used,
+                cooling: &node.cooling,
                 releasing: &node.releasing,
                 now,
                 excess_since,
@@ -667,6 +678,21 @@ impl EniReconciler {
                         o.view.prefixes.retain(|p| !prefixes.contains(p));
                     }
                     releasing.prefixes.retain(|p| !prefixes.contains(p));
+                }
+                PoolOp::DetachEni { eni } => {
+                    let attachment = instance
+                        .enis
+                        .iter()
+                        .find(|e| e.id.as_str() == eni)
+                        .and_then(|e| e.attachment.as_ref());
+                    if let Some(a) = attachment {
+                        match self.cloud.detach_network_interface(&a.id, false).await {
+                            Ok(()) => {}
+                            Err(e) if e.is_not_found() => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    observed.retain(|o| &o.view.id != eni);
                 }
                 PoolOp::WithdrawIps { addresses, .. } => {
                     releasing.addresses.extend(addresses.iter().copied());

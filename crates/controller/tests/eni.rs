@@ -224,8 +224,19 @@ async fn excess_is_released_after_the_delay_and_never_a_used_address() {
         "released before the delay"
     );
     tokio::time::sleep(Duration::from_secs(31)).await;
-    let report = converge(&r, &mut w.nodes, 3).await;
+    // Withdraw, unassign, detach the emptied ENI, delete it.
+    let report = converge(&r, &mut w.nodes, 6).await;
     assert_eq!(report.nodes[0].pool_size, 5);
+    // ENI 1 was emptied (the used addresses are on ENI 2): detached and deleted; the primary stays.
+    let left: Vec<u32> = enis_of(&w, 0)
+        .await
+        .iter()
+        .map(|e| e.attachment.as_ref().unwrap().device_index)
+        .collect();
+    assert_eq!(left, vec![0, 2]);
+    let counters = w.sim.counters();
+    assert_eq!(counters.calls_of(Operation::DetachNetworkInterface), 1);
+    assert_eq!(counters.calls_of(Operation::DeleteNetworkInterface), 1);
     assert!(
         w.sim
             .counters()
@@ -353,6 +364,11 @@ async fn withdrawn_addresses_are_unassigned_only_once_the_agent_acknowledges_and
         .collect();
     assert_eq!(assigned.len(), 5);
     assert!(!assigned.contains(&late));
+    // Emptied ENIs are detached, then deleted by the next pass.
+    let mut node0 = node(&status);
+    node0.used = Used::Known(in_use.clone());
+    converge(&r, &mut [node0], 3).await;
+    assert!(w.sim.counters().calls_of(Operation::DetachNetworkInterface) > 0);
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
 

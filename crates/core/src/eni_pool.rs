@@ -6,8 +6,8 @@
 //!   PoolInput { limits, mode, targets, enis, used, releasing, now, excess_since }
 //!        │
 //!        ▼ plan_pool (pure)
-//!   PoolPlan { ops: [UnassignIps | UnassignPrefixes | AttachEni | CreateEni | AssignIps | AssignPrefixes
-//!                    | WithdrawIps | WithdrawPrefixes | DeleteEni], want, have, high, excess_since }
+//!   PoolPlan { ops: [UnassignIps | UnassignPrefixes | AttachEni | DeleteEni | CreateEni | AssignIps
+//!                    | AssignPrefixes | WithdrawIps | WithdrawPrefixes | DetachEni], want, have, high, excess_since }
 //! ```
 //!
 //! The targets mean what amazon-vpc-cni's knobs mean:
@@ -209,6 +209,9 @@ pub struct Releasing {
     pub acknowledged: bool,
 }
 
+/// No address (for [`PoolInput::cooling`] when nothing cools down).
+pub static NO_ADDRESSES: BTreeSet<Ipv4Addr> = BTreeSet::new();
+
 /// Nothing withdrawn.
 pub static NOTHING_RELEASING: Releasing = Releasing {
     addresses: BTreeSet::new(),
@@ -238,6 +241,10 @@ pub struct PoolInput<'a> {
     /// Whether the primary ENI (device 0) carries pod addresses (false with a per-zone ENI subnet).
     pub use_primary: bool,
     pub used: &'a Used,
+    /// Of the `Used::Known` addresses, those no pod has: cooling down after one. They may be withdrawn (the
+    /// agent keeps them out of its pool and reports them held until they have cooled), never unassigned before.
+    /// Withdrawing them lets a release empty the highest ENIs rather than whatever happened to be cool.
+    pub cooling: &'a BTreeSet<Ipv4Addr>,
     /// What earlier plans withdrew (from the node's pool status), and whether `used` postdates it.
     pub releasing: &'a Releasing,
     pub now: Duration,
@@ -286,7 +293,12 @@ pub enum PoolOp {
         eni: String,
         prefixes: Vec<Ipv4Net>,
     },
-    /// Delete an unattached ENI of the node that has no device index to go to.
+    /// Detach an attached secondary ENI that holds no address any more; a later plan deletes it once
+    /// `available`.
+    DetachEni {
+        eni: String,
+    },
+    /// Delete an unattached ENI of the node that has no device index to go to, or that holds no address.
     DeleteEni {
         eni: String,
     },
@@ -390,13 +402,18 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
         Some(i)
     };
 
-    // Unattached ENIs created for this node: attach them where there is room, delete the others.
+    // Unattached ENIs created for this node: attach them where there is room, delete the others. One without
+    // any address was detached after its addresses were released (a create always carries some): deleted.
     let mut adopted = Vec::new();
     for e in input
         .enis
         .iter()
         .filter(|e| e.device_index.is_none() && e.pods)
     {
+        if e.slots_taken() == 0 {
+            ops.push(PoolOp::DeleteEni { eni: e.id.clone() });
+            continue;
+        }
         match free_index(&mut taken) {
             Some(device_index) => {
                 ops.push(PoolOp::AttachEni {
@@ -477,6 +494,18 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
         }
     }
 
+    // Emptied secondary ENIs go when the pool needs no growth: their device index and the account's ENI quota
+    // come back (a later growth creates a fresh ENI, as amazon-vpc-cni frees ENIs beyond its warm target).
+    if have_after_adopt >= want {
+        for e in input
+            .enis
+            .iter()
+            .filter(|e| carries(e) && e.device_index != Some(0) && e.slots_taken() == 0)
+        {
+            ops.push(PoolOp::DetachEni { eni: e.id.clone() });
+        }
+    }
+
     PoolPlan {
         ops,
         want: want * per_unit,
@@ -532,8 +561,8 @@ fn unassign(
     freed
 }
 
-/// Phase one: withdraw up to `excess` units no pod holds (by the last report), from the highest device index
-/// down.
+/// Phase one: withdraw up to `excess` units no pod has (by the last report; cooling ones included), from the
+/// highest device index down.
 fn withdraw(
     input: &PoolInput<'_>,
     used: &BTreeSet<Ipv4Addr>,
@@ -543,6 +572,7 @@ fn withdraw(
 ) {
     let max_enis = input.limits.max_enis;
     let r = input.releasing;
+    let allocated = |a: &Ipv4Addr| used.contains(a) && !input.cooling.contains(a);
     let mut enis: Vec<&EniView> = input
         .enis
         .iter()
@@ -564,7 +594,7 @@ fn withdraw(
                     .addresses
                     .iter()
                     .rev()
-                    .filter(|a| !used.contains(a) && !r.addresses.contains(a))
+                    .filter(|a| !allocated(a) && !r.addresses.contains(a))
                     .take(excess as usize)
                     .copied()
                     .collect();
@@ -581,7 +611,10 @@ fn withdraw(
                     .prefixes
                     .iter()
                     .rev()
-                    .filter(|p| !r.prefixes.contains(p) && !used.iter().any(|a| p.contains(a)))
+                    .filter(|p| {
+                        !r.prefixes.contains(p)
+                            && !used.iter().any(|a| allocated(a) && p.contains(a))
+                    })
                     .take(excess as usize)
                     .copied()
                     .collect();
@@ -634,6 +667,7 @@ mod tests {
             enis,
             use_primary: true,
             used,
+            cooling: &NO_ADDRESSES,
             releasing: &NOTHING_RELEASING,
             now: Duration::from_secs(1000),
             excess_since: None,
@@ -899,11 +933,66 @@ mod tests {
         let count = Used::Count(2);
         let input = PoolInput {
             used: &count,
+            cooling: &NO_ADDRESSES,
             releasing: &NOTHING_RELEASING,
             excess_since: Some(Duration::ZERO),
             ..input
         };
         assert!(plan_pool(&input).ops.is_empty());
+    }
+
+    #[test]
+    fn cooling_addresses_are_withdrawn_to_empty_the_highest_eni_but_unassigned_only_once_cool() {
+        // One pod on the primary; ENI 1's addresses all just left their pods, two of them still cool down.
+        let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
+        let enis = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            mk_eni("eni-1", Some(1), &[11, 12, 13]),
+        ];
+        let cooling: BTreeSet<Ipv4Addr> = [12u32, 13].into_iter().map(ip).collect();
+        let mut held = cooling.clone();
+        held.insert(ip(1));
+        let used = Used::Known(held);
+        let targets = Targets {
+            warm_ip_target: Some(2),
+            minimum_ip_target: Some(9),
+            ..Targets::default()
+        };
+        let mut input = mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            targets,
+            &enis,
+            &used,
+        );
+        input.cooling = &cooling;
+        input.excess_since = Some(Duration::ZERO);
+        // 12 assigned, 9 wanted: the three of ENI 1 go, cooling or not (not three of the primary's).
+        let plan = plan_pool(&input);
+        assert_eq!(
+            plan.ops,
+            vec![PoolOp::WithdrawIps {
+                eni: "eni-1".into(),
+                addresses: vec![ip(13), ip(12), ip(11)],
+            }]
+        );
+        // Acknowledged while two still cool: only the cool one is unassigned.
+        let releasing = Releasing {
+            addresses: [11u32, 12, 13].into_iter().map(ip).collect(),
+            prefixes: BTreeSet::new(),
+            acknowledged: true,
+        };
+        let input = PoolInput {
+            releasing: &releasing,
+            ..input
+        };
+        assert_eq!(
+            plan_pool(&input).ops,
+            vec![PoolOp::UnassignIps {
+                eni: "eni-1".into(),
+                addresses: vec![ip(11)],
+            }]
+        );
     }
 
     #[test]
@@ -933,6 +1022,67 @@ mod tests {
                     .into_iter()
                     .map(|n| Ipv4Addr::from(0xc612_0000 + n))
                     .collect(),
+            }]
+        );
+    }
+
+    #[test]
+    fn an_emptied_eni_is_detached_then_deleted_unless_the_pool_must_grow() {
+        let targets = Targets {
+            warm_ip_target: Some(2),
+            ..Targets::default()
+        };
+        let used = Used::Known(BTreeSet::new());
+        // ENI 1 lost its last addresses to a release: detached (never the primary, empty as it may be).
+        let enis = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3]),
+            mk_eni("eni-1", Some(1), &[]),
+        ];
+        let input = mk_input(
+            limits("m5.large"),
+            AddressMode::SecondaryIps,
+            targets,
+            &enis,
+            &used,
+        );
+        assert_eq!(
+            plan_pool(&input).ops,
+            vec![PoolOp::DetachEni {
+                eni: "eni-1".into()
+            }]
+        );
+        // Once detached (available, still tagged for the node), it is deleted, not attached again.
+        let detached = [
+            mk_eni("eni-p", Some(0), &[1, 2, 3]),
+            mk_eni("eni-1", None, &[]),
+        ];
+        let input = PoolInput {
+            enis: &detached,
+            ..input
+        };
+        assert_eq!(
+            plan_pool(&input).ops,
+            vec![PoolOp::DeleteEni {
+                eni: "eni-1".into()
+            }]
+        );
+        // Pods need more than the primary holds: the empty ENI is filled, not detached.
+        let busy = Used::Known(
+            [1u32, 2, 3]
+                .into_iter()
+                .map(|n| Ipv4Addr::from(0xc612_0000 + n))
+                .collect(),
+        );
+        let input = PoolInput {
+            enis: &enis,
+            used: &busy,
+            ..input
+        };
+        assert_eq!(
+            plan_pool(&input).ops,
+            vec![PoolOp::AssignIps {
+                eni: "eni-p".into(),
+                count: 2
             }]
         );
     }
@@ -1041,6 +1191,14 @@ mod tests {
                     e.prefixes.retain(|p| !prefixes.contains(p));
                 }
                 PoolOp::DeleteEni { eni } => enis.retain(|e| &e.id != eni),
+                PoolOp::DetachEni { eni } => {
+                    let e = enis.iter_mut().find(|e| &e.id == eni).unwrap();
+                    assert!(
+                        e.slots_taken() == 0 && e.device_index != Some(0),
+                        "detaching {e:?}"
+                    );
+                    e.device_index = None;
+                }
                 PoolOp::WithdrawIps { .. } | PoolOp::WithdrawPrefixes { .. } => {}
             }
         }
@@ -1120,8 +1278,8 @@ mod tests {
                 // Plan twice (the second after the release delay), applying each plan.
                 let mut excess_since = None;
                 let mut last = None;
-                for _ in 0..4 {
-                    let input = PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, releasing: &releasing, now, excess_since, release_delay };
+                for _ in 0..6 {
+                    let input = PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, cooling: &NO_ADDRESSES, releasing: &releasing, now, excess_since, release_delay };
                     let plan = plan_pool(&input);
                     for op in &plan.ops {
                         match op {
@@ -1159,7 +1317,7 @@ mod tests {
                     now += release_delay;
                     last = Some(plan);
                 }
-                let final_plan = plan_pool(&PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, releasing: &releasing, now, excess_since, release_delay });
+                let final_plan = plan_pool(&PoolInput { limits, mode, targets, enis: &enis, use_primary, used: &used, cooling: &NO_ADDRESSES, releasing: &releasing, now, excess_since, release_delay });
                 let _ = last;
                 prop_assert!(releasing.is_empty(), "withdrawn but never unassigned: {:?}", releasing);
                 // Converged: nothing left to do, and the pool is between its targets, except that prefixes

@@ -203,6 +203,8 @@ pub struct AgentFacts {
     pub pool_used: u32,
     /// `eni` mode: every address held (allocated or cooling), sorted; `None` in routed mode.
     pub pool_held: Option<Vec<String>>,
+    /// `eni` mode: the cooling part of `pool_held`.
+    pub pool_cooling: Option<Vec<String>>,
     /// `eni` mode: the record's `pool.releaseGeneration` the allocator serves, when it serves this record's.
     pub observed_release_generation: Option<u64>,
 }
@@ -215,6 +217,7 @@ pub struct AgentStatus {
     pub pool_used: u32,
     /// Written as `null` when absent, so that a value the agent can no longer vouch for is removed.
     pub pool_held: Option<Vec<String>>,
+    pub pool_cooling: Option<Vec<String>>,
     pub observed_release_generation: Option<u64>,
     pub observed_generation: Option<i64>,
 }
@@ -227,6 +230,7 @@ impl AgentStatus {
             conditions: s.conditions,
             pool_used: s.pool_used,
             pool_held: s.pool_held,
+            pool_cooling: s.pool_cooling,
             observed_release_generation: s.observed_release_generation,
             observed_generation: s.observed_generation,
         }
@@ -334,6 +338,7 @@ pub fn desired_status(
         conditions,
         pool_used: facts.pool_used,
         pool_held: facts.pool_held.clone(),
+        pool_cooling: facts.pool_cooling.clone(),
         observed_release_generation: facts.observed_release_generation,
         observed_generation: generation,
     }
@@ -706,7 +711,12 @@ pub(crate) async fn status_loop(
             pool_used: ipam()
                 .map(|s| u32::try_from(s.allocated()).unwrap_or(u32::MAX))
                 .unwrap_or(0),
-            pool_held: held.map(|h| h.held.iter().map(ToString::to_string).collect()),
+            pool_held: held
+                .as_ref()
+                .map(|h| h.held.iter().map(ToString::to_string).collect()),
+            pool_cooling: held
+                .as_ref()
+                .map(|h| h.cooling.iter().map(ToString::to_string).collect()),
             observed_release_generation,
         };
         let generation = node.metadata.generation;
@@ -814,6 +824,7 @@ mod tests {
             converged: Some(Ok(())),
             pool_used: 3,
             pool_held: None,
+            pool_cooling: None,
             observed_release_generation: None,
         }
     }

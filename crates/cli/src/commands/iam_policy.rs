@@ -272,7 +272,11 @@ mod tests {
         assert_eq!(owned["Resource"], "arn:aws-cn:ec2:*:*:network-interface/*");
         assert_eq!(
             owned["Action"],
-            json!(["ec2:AttachNetworkInterface", "ec2:DeleteNetworkInterface"])
+            json!([
+                "ec2:AttachNetworkInterface",
+                "ec2:DetachNetworkInterface",
+                "ec2:DeleteNetworkInterface"
+            ])
         );
         // Addresses: also on the node's untagged primary ENI, so unconditioned; and only these two actions.
         let addresses = statement(&doc, "NodeEniAddresses");
@@ -284,19 +288,14 @@ mod tests {
                 "ec2:UnassignPrivateIpAddresses"
             ])
         );
-        // Never called: no detach, no route changes, no retagging of an existing ENI.
+        // Never called: no route changes, no retagging of an existing ENI.
         let all: Vec<&Value> = doc["Statement"]
             .as_array()
             .unwrap()
             .iter()
             .flat_map(|s| s["Action"].as_array().unwrap())
             .collect();
-        for a in [
-            "ec2:DetachNetworkInterface",
-            "ec2:CreateRoute",
-            "ec2:ReplaceRoute",
-            "ec2:DeleteRoute",
-        ] {
+        for a in ["ec2:CreateRoute", "ec2:ReplaceRoute", "ec2:DeleteRoute"] {
             assert!(!all.iter().any(|x| *x == a), "{a} in the eni policy");
         }
         let create = statement(&doc, "CreateTaggedEnis");

@@ -24,6 +24,8 @@ use crate::kernel;
 
 /// How long pools may take to settle after the burst leaves: the cooldown, the release delay and a few passes.
 const SETTLE_WAIT: Duration = Duration::from_secs(60);
+/// Pools count as settled once unchanged and tidy for this long (a few of the lab controller's 1 s passes).
+const QUIET: Duration = Duration::from_secs(3);
 
 /// What `lab churn` measured.
 #[derive(Debug, Clone, Serialize)]
@@ -41,12 +43,19 @@ pub struct ChurnReport {
     pub assigned_before: usize,
     pub assigned_peak: usize,
     pub assigned_after: usize,
-    /// Unassign calls the controller made while the burst left.
+    /// ENIs attached to the nodes, same moments: a growth by an ENI's worth attaches one per node; an ENI the
+    /// release empties is detached and deleted.
+    pub enis_before: usize,
+    pub enis_peak: usize,
+    pub enis_after: usize,
+    /// Unassign, detach and delete calls the controller made while the burst left.
     pub unassign_calls: u64,
+    pub detach_calls: u64,
+    pub delete_calls: u64,
     /// The controller's release delay.
     pub release_delay_ms: f64,
-    /// From the burst's last DEL to every node settled (nothing releasing, EC2 holding exactly the pool);
-    /// `None` if that took longer than the wait.
+    /// From the burst's last DEL to every node settled (nothing releasing, EC2 holding exactly the pool, no
+    /// emptied ENI attached, no detached one left behind); `None` if that took longer than the wait.
     pub settle_ms: Option<f64>,
     /// Addresses of the pods that stayed that EC2 no longer assigns to their node (must be none).
     pub kept_pods_unassigned: Vec<String>,
@@ -84,6 +93,11 @@ impl ChurnReport {
             self.assigned_peak,
             self.assigned_after,
             self.unassign_calls
+        );
+        let _ = writeln!(
+            s,
+            "  node ENIs {} → {} → {} ({} detached, {} deleted)",
+            self.enis_before, self.enis_peak, self.enis_after, self.detach_calls, self.delete_calls
         );
         match self.settle_ms {
             Some(ms) => {
@@ -123,9 +137,70 @@ struct NodePool {
     releasing: usize,
     /// Pod addresses EC2 assigns to the node's ENIs.
     assigned: BTreeSet<Ipv4Addr>,
+    /// ENIs attached to the node.
+    enis: usize,
+    /// Attached secondary ENIs without any address (the controller detaches them).
+    empty_enis: usize,
+}
+
+/// Pool addresses, EC2-assigned addresses and attached ENIs over all nodes.
+fn totals(pools: &[NodePool]) -> (u32, usize, usize) {
+    (
+        pools.iter().map(|p| p.size).sum(),
+        pools.iter().map(|p| p.assigned.len()).sum(),
+        pools.iter().map(|p| p.enis).sum(),
+    )
 }
 
 impl Lab {
+    /// Every node tidy — nothing withdrawn, EC2 holding exactly the pool, no emptied ENI attached — and no
+    /// detached ENI of the cluster left.
+    fn pools_tidy(&self, pools: &[NodePool]) -> bool {
+        let detached_left = self
+            .sim
+            .snapshot()
+            .enis
+            .iter()
+            .any(|e| e.attachment.is_none() && e.tags.contains_key(names::TAG_CLUSTER));
+        !detached_left
+            && pools.iter().all(|p| {
+                p.releasing == 0 && p.empty_enis == 0 && p.assigned.len() == p.size as usize
+            })
+    }
+
+    /// Waits until the pools are tidy, `done`, and unchanged for [`QUIET`], or `deadline`. Returns the pools and
+    /// when the quiet stretch began (`None` at the deadline). `each` sees every sample first.
+    fn wait_pools_quiet(
+        &self,
+        deadline: Instant,
+        mut each: impl FnMut(&[NodePool]),
+        done: impl Fn(&[NodePool]) -> bool,
+    ) -> (Vec<NodePool>, Option<Instant>) {
+        let mut quiet_since: Option<(Instant, (u32, usize, usize))> = None;
+        loop {
+            let pools = self.node_pools();
+            each(&pools);
+            let now = Instant::now();
+            if self.pools_tidy(&pools) && done(&pools) {
+                let t = totals(&pools);
+                match quiet_since {
+                    Some((since, seen)) if seen == t => {
+                        if now.duration_since(since) >= QUIET {
+                            return (pools, Some(since));
+                        }
+                    }
+                    _ => quiet_since = Some((now, t)),
+                }
+            } else {
+                quiet_since = None;
+            }
+            if now > deadline {
+                return (pools, None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn node_pools(&self) -> Vec<NodePool> {
         let snap = self.sim.snapshot();
         self.nodes
@@ -142,7 +217,7 @@ impl Lab {
                         .map(|e| e.releasing_addresses.len() + e.releasing_prefixes.len())
                         .sum()
                 });
-                let assigned = snap
+                let attached: Vec<_> = snap
                     .enis
                     .iter()
                     .filter(|e| {
@@ -150,6 +225,9 @@ impl Lab {
                             .as_ref()
                             .is_some_and(|a| a.instance == n.instance.id)
                     })
+                    .collect();
+                let assigned = attached
+                    .iter()
                     .flat_map(|e| {
                         e.secondary_ips
                             .iter()
@@ -161,10 +239,20 @@ impl Lab {
                             .collect::<Vec<_>>()
                     })
                     .collect();
+                let empty_enis = attached
+                    .iter()
+                    .filter(|e| {
+                        e.attachment.as_ref().is_some_and(|a| a.device_index != 0)
+                            && e.secondary_ips.is_empty()
+                            && e.prefixes.is_empty()
+                    })
+                    .count();
                 NodePool {
                     size: status.pool_size,
                     releasing,
                     assigned,
+                    enis: attached.len(),
+                    empty_enis,
                 }
             })
             .collect()
@@ -195,18 +283,21 @@ impl Lab {
             bail!("a burst of 0 pods changes nothing");
         }
         self.wait_fabric()?;
-        let sum = |pools: &[NodePool]| -> (u32, usize) {
-            (
-                pools.iter().map(|p| p.size).sum(),
-                pools.iter().map(|p| p.assigned.len()).sum(),
-            )
-        };
-        let (pool_before, assigned_before) = sum(&self.node_pools());
+        let sum = totals;
+        // Pools may still be growing to their targets for the pods already there.
+        let (before, quiet) = self.wait_pools_quiet(Instant::now() + SETTLE_WAIT, |_| {}, |_| true);
+        if quiet.is_none() {
+            progress("pools still changing before the burst; measuring from here");
+        }
+        let (pool_before, assigned_before, enis_before) = sum(&before);
         // Prefixes are unassigned by the same call.
-        let unassigns = |lab: &Lab| {
-            lab.sim
-                .counters()
-                .calls_of(Operation::UnassignPrivateIpAddresses)
+        let calls = |lab: &Lab| {
+            let c = lab.sim.counters();
+            [
+                c.calls_of(Operation::UnassignPrivateIpAddresses),
+                c.calls_of(Operation::DetachNetworkInterface),
+                c.calls_of(Operation::DeleteNetworkInterface),
+            ]
         };
 
         let total = burst * self.nodes.len();
@@ -239,13 +330,13 @@ impl Lab {
         }
         let grow_ms = started.elapsed().as_secs_f64() * 1e3;
         let peak = self.node_pools();
-        let (pool_peak, assigned_peak) = sum(&peak);
+        let (pool_peak, assigned_peak, enis_peak) = sum(&peak);
         progress(format!(
             "{total} burst pods wired in {:.1} s; pools {pool_before} → {pool_peak} addresses",
             grow_ms / 1e3
         ));
 
-        let unassigns_before = unassigns(self);
+        let calls_before = calls(self);
         for p in &added {
             self.remove_pod(p)?;
         }
@@ -259,32 +350,27 @@ impl Lab {
         let deadline = left + SETTLE_WAIT;
         let mut last = Instant::now();
         // Pools may still grow for a moment: the burst's addresses count as held while they cool down.
-        let (mut pool_peak, mut assigned_peak) = (pool_peak, assigned_peak);
-        let settle_ms = loop {
-            let pools = self.node_pools();
-            let (size, assigned) = sum(&pools);
-            pool_peak = pool_peak.max(size);
-            assigned_peak = assigned_peak.max(assigned);
-            let settled = pools
-                .iter()
-                .all(|p| p.releasing == 0 && p.assigned.len() == p.size as usize);
-            if settled && size < pool_peak {
-                break Some(left.elapsed().as_secs_f64() * 1e3);
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
+        let peak = std::cell::Cell::new((pool_peak, assigned_peak, enis_peak));
+        let (after, quiet) = self.wait_pools_quiet(
+            deadline,
+            |pools| {
+            let (size, assigned, enis) = sum(pools);
+            let (p, a, e) = peak.get();
+            peak.set((p.max(size), a.max(assigned), e.max(enis)));
             if last.elapsed() > Duration::from_secs(5) {
                 let releasing: usize = pools.iter().map(|p| p.releasing).sum();
                 progress(format!(
-                    "pools {size} addresses, {releasing} withdrawn, {assigned} assigned in EC2"
+                    "pools {size} addresses, {releasing} withdrawn, {assigned} assigned in EC2, {enis} ENIs"
                 ));
                 last = Instant::now();
             }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let after = self.node_pools();
-        let (pool_after, assigned_after) = sum(&after);
+            },
+            // Shrunk from the peak (during the cooldown the pools hold still, tidy but not released).
+            |pools| sum(pools).0 < peak.get().0,
+        );
+        let (pool_peak, assigned_peak, enis_peak) = peak.get();
+        let settle_ms = quiet.map(|since| since.duration_since(left).as_secs_f64() * 1e3);
+        let (pool_after, assigned_after, enis_after) = sum(&after);
         let kept_pods_unassigned = self
             .pods
             .iter()
@@ -305,7 +391,12 @@ impl Lab {
             assigned_before,
             assigned_peak,
             assigned_after,
-            unassign_calls: unassigns(self) - unassigns_before,
+            enis_before,
+            enis_peak,
+            enis_after,
+            unassign_calls: calls(self)[0] - calls_before[0],
+            detach_calls: calls(self)[1] - calls_before[1],
+            delete_calls: calls(self)[2] - calls_before[2],
             release_delay_ms: self.config.release_delay.as_secs_f64() * 1e3,
             settle_ms,
             kept_pods_unassigned,

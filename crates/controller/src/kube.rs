@@ -70,7 +70,7 @@ pub const ACTION_FAILOVER: &str = "Failover";
 /// A missing instance is described again after this many retry periods.
 const MISSING_RECHECK: u32 = 5;
 /// Attempts of one status or Node write answered 409 Conflict (each after re-reading the object).
-const CONFLICT_ATTEMPTS: usize = 4;
+pub(crate) const CONFLICT_ATTEMPTS: usize = 4;
 
 /// How this replica campaigns and leads.
 #[derive(Debug, Clone)]
@@ -88,8 +88,8 @@ pub struct KubeOptions {
     /// Told `true` when this replica starts leading and `false` once its work has stopped (after losing the
     /// lease or at shutdown). For observers: health endpoints, metrics, tests.
     pub leading: Option<watch::Sender<bool>>,
-    /// `eni` mode: counts the leader's completed passes (a pass that listed the API and ran the reconciler), for
-    /// the readiness endpoint. Routed mode reports its passes as `ControllerEvent::Pass` instead.
+    /// `eni` mode: counts the leader's completed passes (each runs the reconciler over complete watch caches),
+    /// for the readiness endpoint. Routed mode reports its passes as `ControllerEvent::Pass` instead.
     pub passes: Option<watch::Sender<u64>>,
     /// The Nodes this controller manages (`--node-selector`); the rest get no UnderlayNode, taint, podCIDR,
     /// route or ENI. Default: every Node.
@@ -276,11 +276,11 @@ pub(crate) struct Elector {
     observed: Option<(String, Instant)>,
 }
 
-fn is_conflict(e: &::kube::Error) -> bool {
+pub(crate) fn is_conflict(e: &::kube::Error) -> bool {
     matches!(e, ::kube::Error::Api(s) if s.is_conflict())
 }
 
-fn is_not_found(e: &::kube::Error) -> bool {
+pub(crate) fn is_not_found(e: &::kube::Error) -> bool {
     matches!(e, ::kube::Error::Api(s) if s.is_not_found())
 }
 
@@ -753,7 +753,7 @@ fn rv_number<K: Resource>(o: &K) -> Option<u64> {
 }
 
 /// Objects of a watch, kept complete across restarts of the watch (buffered between `Init` and `InitDone`).
-fn apply_watch_event<K: Resource + Clone>(
+pub(crate) fn apply_watch_event<K: Resource + Clone>(
     map: &mut BTreeMap<String, K>,
     buffer: &mut Option<BTreeMap<String, K>>,
     synced: &mut bool,

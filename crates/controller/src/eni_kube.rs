@@ -35,7 +35,7 @@ use ::kube::{Client, Resource, ResourceExt};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Taint};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use underlay_api::{Mode, UnderlayNode, UnderlayNodeSpec};
 use underlay_cloud::Cloud;
@@ -55,6 +55,8 @@ pub const DEFAULT_ENI_RESYNC: Duration = Duration::from_secs(5);
 /// of a pass and a pass an API change triggers: a join of many nodes, or an agent's burst of status writes, makes
 /// one pass, and passes never run back to back (each costs EC2 describes).
 pub const ENI_DEBOUNCE: Duration = Duration::from_secs(1);
+/// Nodes whose UnderlayNode and Node the leader writes at once.
+const WRITE_CONCURRENCY: usize = 8;
 
 /// The Node patch (taints and max-pods annotation) that brings `node` in line, if any. Pure.
 pub fn node_patch(
@@ -454,18 +456,28 @@ impl EniLeader {
             .collect()
     }
 
-    /// One pass over the cached Nodes; `false` when an API write failed (the pass is retried sooner).
+    /// One pass over the cached Nodes; `false` when an API write failed (the pass is retried sooner). Each node's
+    /// UnderlayNode and Node are written as soon as the reconciler hands over its report, not after the whole pass:
+    /// on a large join the first nodes' pools are ready (and their not-ready taint lifted) long before the last.
     async fn pass(&mut self) -> bool {
         let eni_nodes = self.eni_nodes();
-        let report = self.reconciler.pass(&eni_nodes).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = &*self;
+        let finished =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|n| (n, rx)) });
+        let writes = finished
+            .map(|n| async move { this.write_node(&n).await })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect::<Vec<Written>>();
+        let (report, written) =
+            futures::join!(this.reconciler.pass_with(&eni_nodes, Some(tx)), writes);
         for e in &report.errors {
             tracing::warn!(error = %e, "eni pass");
         }
         let mut ok = true;
-        for n in &report.nodes {
-            let written = self.write_node(n).await;
-            ok &= written.ok;
-            self.remember(written);
+        for w in written {
+            ok &= w.ok;
+            self.remember(w);
         }
         ok & self.release_unselected().await
     }

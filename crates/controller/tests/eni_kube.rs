@@ -469,3 +469,59 @@ async fn a_change_is_acted_on_without_waiting_for_the_resync() {
     r.stop().await;
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
+
+#[tokio::test]
+async fn a_node_whose_work_is_done_is_written_before_a_slow_node_finishes() {
+    let mut w = mk_world(46, None);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        w.add_node("m5.large");
+        insert_node(&w, &api, i);
+    }
+    // node-0's pool is already full (a previous leader filled it): its pass has nothing to do.
+    let settings = EniSettings {
+        targets: Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        },
+        ..EniSettings::new(CLUSTER)
+    };
+    let filled = underlay_controller::eni::EniReconciler::new(w.sim.clone(), settings)
+        .pass(&w.nodes[..1])
+        .await;
+    assert!(filled.nodes[0].ready(), "{filled:#?}");
+    // node-1 needs ENIs, and creating one takes far longer than the test waits.
+    w.sim.update_faults(|f| {
+        f.op_latency.insert(
+            underlay_cloud::Operation::CreateNetworkInterface,
+            underlay_vpcsim::Latency::Fixed(Duration::from_secs(3600)),
+        );
+    });
+    let r = start_filling(&w, &api, Duration::from_millis(100));
+
+    // node-0 gets its status, max pods and taint while node-1's pass is still creating its ENI.
+    wait_for("node-0's status, max pods and taint", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        let node: Node = api.get(None, "node-0")?;
+        let annotated = node
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(names::MAX_PODS_ANNOTATION)?
+            == "29";
+        (un.status.as_ref()?.pool_size == 27
+            && annotated
+            && taints(&api, "node-0") == vec![names::TAINT_NOT_READY])
+        .then_some(())
+    })
+    .await;
+    wait_for("node-1's ENI being created", || {
+        let calls = w.sim.counters().calls;
+        (calls.get(&underlay_cloud::Operation::CreateNetworkInterface) >= Some(&1)).then_some(())
+    })
+    .await;
+    assert!(api.get::<UnderlayNode>(None, "node-1").is_none());
+    assert_eq!(*r.passes.borrow(), 0, "the first pass has not ended");
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}

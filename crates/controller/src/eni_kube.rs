@@ -1,7 +1,7 @@
-//! `eni` mode on the Kubernetes API: the same Lease as routed mode; while leading, the leader keeps Nodes and
-//! UnderlayNodes in caches fed by watches, runs an [`EniReconciler::pass`] over them when something a pass reads
-//! changed (after [`ENI_DEBOUNCE`], so a burst of changes makes one pass) and at least every `resync` (pools
-//! follow EC2 state and usage even without API events), and writes what it found.
+//! `eni` mode on the Kubernetes API: the same Lease and lease loop as routed mode ([`crate::kube`]); while leading,
+//! the leader keeps Nodes and UnderlayNodes in caches fed by watches, runs an [`EniReconciler::pass`] over them
+//! when something a pass reads changed (after [`ENI_DEBOUNCE`], so a burst of changes makes one pass) and at least
+//! every `resync` (pools follow EC2 state and usage even without API events), and writes what it found.
 //!
 //! ```text
 //!   watch Nodes (selector) ──► cache ─┐  relevant change: pass in ENI_DEBOUNCE; else every resync
@@ -43,9 +43,8 @@ use underlay_core::names;
 
 use crate::eni::{EniNode, EniReconciler, EniSettings, NodeReport};
 use crate::kube::{
-    CONFLICT_ATTEMPTS, Elector, KubeError, KubeOptions, LeaseState, apply_watch_event,
-    has_underlay_taint, instance_id_of, is_conflict, is_not_found, owner_ref, ready,
-    untaint_if_unselected,
+    CONFLICT_ATTEMPTS, KubeError, KubeOptions, apply_watch_event, has_underlay_taint,
+    instance_id_of, is_conflict, is_not_found, lead, owner_ref, ready, untaint_if_unselected,
 };
 use crate::selector::NodeSelector;
 
@@ -120,97 +119,30 @@ pub async fn run_eni_on_kube(
     settings: EniSettings,
     resync: Duration,
     opts: KubeOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubeError> {
-    if opts.renew_every.is_zero()
-        || opts.renew_every >= opts.lease_duration
-        || resync.is_zero()
-        || opts.retry_every.is_zero()
-    {
+    if resync.is_zero() || opts.retry_every.is_zero() {
         return Err(KubeError::Options(
-            "renew_every must be non-zero and shorter than lease_duration; resync and retry_every non-zero"
-                .into(),
+            "resync and retry_every must be non-zero".into(),
         ));
     }
-    let mut elector = Elector::new(
-        Api::namespaced(client.clone(), &opts.lease_namespace),
-        opts.identity.clone(),
-        opts.lease_duration,
-    );
-    loop {
-        loop {
-            if *shutdown.borrow() {
-                return Ok(());
-            }
-            match tokio::time::timeout(opts.renew_every, elector.try_acquire_or_renew()).await {
-                Ok(Ok(LeaseState::Held)) => break,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "campaigning for the lease"),
-                Err(_) => tracing::warn!("campaigning for the lease: request timed out"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(opts.renew_every) => {}
-                r = shutdown.changed() => if r.is_err() { return Ok(()); },
-            }
-        }
-        tracing::info!(identity = %opts.identity, mode = "eni", "leading");
-        if let Some(tx) = &opts.leading {
-            tx.send_replace(true);
-        }
+    let timing = Timing {
+        resync,
+        debounce: ENI_DEBOUNCE,
+        retry_every: opts.retry_every,
+    };
+    lead(&client, &opts, "eni", shutdown, |stop| {
         // A fresh reconciler per term: everything it needs is in EC2 and the API.
-        let leader = EniLeader::new(
+        EniLeader::new(
             client.clone(),
             EniReconciler::new(cloud.clone(), settings.clone()),
             opts.node_selector.clone(),
-            Timing {
-                resync,
-                debounce: ENI_DEBOUNCE,
-                retry_every: opts.retry_every,
-            },
+            timing,
             opts.passes.clone(),
-        );
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut task = tokio::spawn(leader.run(stop_rx));
-        let mut last_renewed = Instant::now();
-        let shutting_down = loop {
-            let deadline = last_renewed + opts.lease_duration;
-            tokio::select! {
-                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break true; },
-                r = &mut task => {
-                    tracing::error!(result = ?r, "eni leader task ended; stepping down");
-                    break false;
-                }
-                _ = tokio::time::sleep(opts.renew_every) => {
-                    if Instant::now() >= deadline {
-                        break false;
-                    }
-                    let started = Instant::now();
-                    match tokio::time::timeout_at(deadline, elector.try_acquire_or_renew()).await {
-                        Ok(Ok(LeaseState::Held)) => last_renewed = started,
-                        Ok(Ok(LeaseState::Other(holder))) => {
-                            tracing::warn!(%holder, "lease taken by another replica; stepping down");
-                            break false;
-                        }
-                        Ok(Ok(LeaseState::Conflict)) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease"),
-                        Err(_) => tracing::warn!("renewing the lease: request timed out"),
-                    }
-                }
-            }
-        };
-        let _ = stop_tx.send(true);
-        task.abort();
-        let _ = (&mut task).await;
-        if let Some(tx) = &opts.leading {
-            tx.send_replace(false);
-        }
-        if shutting_down {
-            if let Err(e) = elector.release().await {
-                tracing::warn!(error = %e, "releasing the lease");
-            }
-            return Ok(());
-        }
-    }
+        )
+        .run(stop)
+    })
+    .await
 }
 
 /// When the leader passes.

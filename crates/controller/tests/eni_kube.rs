@@ -525,3 +525,48 @@ async fn a_node_whose_work_is_done_is_written_before_a_slow_node_finishes() {
     r.stop().await;
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
+
+#[tokio::test]
+async fn lease_write_conflicts_do_not_end_the_term() {
+    let mut w = mk_world(47, None);
+    let api = ApiSim::new();
+    w.add_node("m5.large");
+    insert_node(&w, &api, 0);
+    let r = start_filling(&w, &api, Duration::from_millis(100));
+    wait_for("node-0's full pool", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        (un.status.as_ref()?.pool_size == 27).then_some(())
+    })
+    .await;
+    // Renewals answered 409 for longer than the lease lasts at one renewal per period (6 × 500 ms ≥ 3 s): a
+    // leader that reads the lease again at once keeps its term.
+    api.take_requests();
+    let mut requests = Vec::new();
+    for _ in 0..6 {
+        api.inject_conflict(underlay_apisim::Kind::Lease);
+    }
+    let lease_writes = |requests: &[underlay_apisim::RecordedRequest]| -> Vec<u16> {
+        requests
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.contains("/leases/"))
+            .map(|r| r.status)
+            .collect()
+    };
+    wait_for("six conflicts, then a renewal", || {
+        requests.extend(api.take_requests());
+        let writes = lease_writes(&requests);
+        (writes.iter().filter(|s| **s == 409).count() == 6 && writes.last() == Some(&200))
+            .then_some(())
+    })
+    .await;
+    let seen = *r.passes.borrow();
+    wait_for("five more passes", || {
+        (*r.passes.borrow() >= seen + 5).then_some(())
+    })
+    .await;
+    // One term: the watches were started (and the Nodes listed) once.
+    requests.extend(api.take_requests());
+    assert_eq!(lists(&requests, "/api/v1/nodes"), 0, "{requests:#?}");
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}

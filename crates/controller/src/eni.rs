@@ -9,7 +9,8 @@
 //!        │
 //!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
 //!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination);
-//!        │     an ENI emptied by releases is detached, and deleted by the next pass
+//!        │     an ENI emptied by releases is detached, and deleted by the next pass;
+//!        │     each node's NodeReport handed over as its ops finish (`pass_with`), before the pass ends
 //!        │
 //!        └─► GC: `available` ENIs tagged with the cluster whose node is gone, once seen for `gc_grace`
 //! ```
@@ -29,8 +30,10 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::FutureExt;
 use ipnet::Ipv4Net;
 use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use underlay_api::{Pool, PoolEni, UnderlayNodeStatus};
 use underlay_cloud::{
@@ -361,6 +364,18 @@ impl EniReconciler {
 
     /// One pass over `nodes`: observe, plan, apply, collect. Errors of one node never stop the others.
     pub async fn pass(&self, nodes: &[EniNode]) -> EniPassReport {
+        self.pass_with(nodes, None).await
+    }
+
+    /// [`Self::pass`], handing each node's [`NodeReport`] to `finished` as soon as that node's ops are done (and
+    /// the subnet CIDRs its status carries are known), while other nodes' ops still run: a caller writes the
+    /// first nodes' statuses without waiting for the slowest node. The returned report holds every node's report
+    /// too. `finished` is dropped when the pass returns.
+    pub async fn pass_with(
+        &self,
+        nodes: &[EniNode],
+        finished: Option<UnboundedSender<NodeReport>>,
+    ) -> EniPassReport {
         let mut report = EniPassReport::default();
         let ids: Vec<InstanceId> = nodes.iter().map(|n| n.instance.clone()).collect();
         let filter = EniFilter {
@@ -440,50 +455,26 @@ impl EniReconciler {
         }
         // Largest deficit first: the queue serves callers of a bucket in arrival order.
         planned.sort_by_key(|p| std::cmp::Reverse(p.3.deficit()));
+        // Subnet CIDRs (for the status) are learnt while the work runs; a node is reported once its ops are done
+        // and they are known.
+        let subnets = self
+            .learn_subnets(instances.values())
+            .map(|r| r.map_err(|e| e.to_string()))
+            .shared();
+        let finished = &finished;
         let applies = planned.into_iter().map(
-            |(node, instance, observed, plan, use_primary, max_pods)| async move {
-                let mut observed = observed;
-                let mut releasing = node.releasing.clone();
-                let result = self
-                    .apply(instance, &mut observed, &mut releasing, &plan.ops)
-                    .await;
-                let finished_at = self.now();
-                (
-                    node,
-                    instance,
-                    (observed, releasing),
-                    plan,
-                    result,
-                    use_primary,
-                    max_pods,
-                    finished_at,
-                )
-            },
-        );
-        // Subnet CIDRs (for the status only) are learnt while the work runs.
-        let (applied, subnets) = futures::join!(
-            futures::future::join_all(applies),
-            self.learn_subnets(instances.values())
-        );
-        if let Err(e) = subnets {
-            report.errors.push(format!("DescribeSubnets: {e}"));
-        }
-        report.nodes = applied
-            .into_iter()
-            .map(
-                |(
-                    node,
-                    instance,
-                    (observed, releasing),
-                    plan,
-                    result,
-                    use_primary,
-                    max_pods,
-                    finished_at,
-                )| {
+            |(node, instance, mut observed, plan, use_primary, max_pods)| {
+                let subnets = subnets.clone();
+                async move {
+                    let mut releasing = node.releasing.clone();
+                    let result = self
+                        .apply(instance, &mut observed, &mut releasing, &plan.ops)
+                        .await;
+                    let finished_at = self.now();
+                    let _ = subnets.await;
                     let (pool, pool_size) =
                         self.pool_status(&observed, use_primary, &releasing, node);
-                    NodeReport {
+                    let report = NodeReport {
                         name: node.name.clone(),
                         instance: node.instance.clone(),
                         plan,
@@ -497,10 +488,20 @@ impl EniReconciler {
                         subnet: instance.subnet.clone(),
                         node_ip: instance.private_ip,
                         primary_eni: instance.primary_eni().map(|e| e.id.to_string()),
+                    };
+                    if let Some(tx) = finished {
+                        // A receiver gone (a caller that stopped listening) changes nothing for the pass.
+                        let _ = tx.send(report.clone());
                     }
-                },
-            )
-            .collect();
+                    report
+                }
+            },
+        );
+        let (applied, subnets) = futures::join!(futures::future::join_all(applies), subnets);
+        if let Err(e) = subnets {
+            report.errors.push(format!("DescribeSubnets: {e}"));
+        }
+        report.nodes = applied;
 
         let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();
         self.collect(&cluster_enis, &live, &mut report).await;

@@ -1,29 +1,41 @@
-//! `eni` mode on the Kubernetes API: the same Lease as routed mode; while leading, every `resync` the leader
-//! lists Nodes and UnderlayNodes, runs one [`EniReconciler::pass`] and writes what it found.
+//! `eni` mode on the Kubernetes API: the same Lease and lease loop as routed mode ([`crate::kube`]); while leading,
+//! the leader keeps Nodes and UnderlayNodes in caches fed by watches, runs an [`EniReconciler::pass`] over them
+//! when something a pass reads changed (after [`ENI_DEBOUNCE`], so a burst of changes makes one pass) and at least
+//! every `resync` (pools follow EC2 state and usage even without API events), and writes what it found.
 //!
 //! ```text
-//!   Nodes (providerID → instance) + UnderlayNode.status (agent: poolHeld,  ─► EniReconciler::pass ─► EC2
-//!     observedReleaseGeneration; controller: pool.releasing*, releaseGeneration)
-//!        ▲                                                                        │
-//!        └── Node: taints not-ready / no-free-ips, max-pods annotation ◄──────────┤
-//!            UnderlayNode: created (spec, labels, owner), status.pool / poolSize ◄┘
+//!   watch Nodes (selector) ──► cache ─┐  relevant change: pass in ENI_DEBOUNCE; else every resync
+//!   watch UnderlayNodes ─────► cache ─┤
+//!     (agent: poolHeld, observedReleaseGeneration; controller: pool.releasing*, releaseGeneration)
+//!                                     ▼
+//!                      EniNode per Node ─► EniReconciler::pass ─► EC2
+//!                                                                   │
+//!   Node: taints not-ready / no-free-ips, max-pods annotation ◄─────┤
+//!   UnderlayNode: created (spec, labels, owner), status.pool / poolSize ◄┘
 //! ```
+//!
+//! No pass runs before both watches have completed their initial list: a partial node set must not drive
+//! decisions. The leader's own writes go into the caches at once (a watch event older than a write's response does
+//! not undo it), so the next pass reads what the last one wrote, as a fresh list would have shown it.
 //!
 //! Taints (only the controller touches them): `underlay.dev/not-ready` until the pool is non-empty and the agent
 //! reports Ready; `underlay.dev/no-free-ips` while `poolSize - poolUsed == 0` with a non-empty pool.
 //!
-//! Only the Nodes `KubeOptions::node_selector` selects are listed. A Node leaving the selection loses its
-//! UnderlayNode and its underlay taints; the ENIs attached to it stay.
+//! Only the Nodes `KubeOptions::node_selector` selects are watched (the watch carries it as its label selector).
+//! A Node leaving the selection loses its UnderlayNode and its underlay taints; the ENIs attached to it stay.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use ::kube::runtime::WatchStreamExt;
+use ::kube::runtime::watcher::{self, Event as WatchEvent, watcher as watch_stream};
 use ::kube::{Client, Resource, ResourceExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Taint};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use underlay_api::{Mode, UnderlayNode, UnderlayNodeSpec};
 use underlay_cloud::Cloud;
@@ -31,13 +43,19 @@ use underlay_core::names;
 
 use crate::eni::{EniNode, EniReconciler, EniSettings, NodeReport};
 use crate::kube::{
-    Elector, KubeError, KubeOptions, LeaseState, has_underlay_taint, instance_id_of, owner_ref,
-    ready, untaint_if_unselected,
+    CONFLICT_ATTEMPTS, KubeError, KubeOptions, apply_watch_event, has_underlay_taint,
+    instance_id_of, is_conflict, is_not_found, lead, owner_ref, ready, untaint_if_unselected,
 };
 use crate::selector::NodeSelector;
 
-/// Default period of an `eni`-mode pass.
+/// Default period of an `eni`-mode pass when nothing on the API changes.
 pub const DEFAULT_ENI_RESYNC: Duration = Duration::from_secs(5);
+/// Delay between the first API change a pass reads and the pass it triggers, and the least time between the end
+/// of a pass and a pass an API change triggers: a join of many nodes, or an agent's burst of status writes, makes
+/// one pass, and passes never run back to back (each costs EC2 describes).
+pub const ENI_DEBOUNCE: Duration = Duration::from_secs(1);
+/// Nodes whose UnderlayNode and Node the leader writes at once.
+const WRITE_CONCURRENCY: usize = 8;
 
 /// The Node patch (taints and max-pods annotation) that brings `node` in line, if any. Pure.
 pub fn node_patch(
@@ -92,204 +110,413 @@ pub fn node_patch(
     Some(patch)
 }
 
-/// Campaign for the lease; while holding it, run `eni` mode every `resync`. Returns when `shutdown` turns true
-/// (releasing the lease if held) or its sender is dropped. API and EC2 errors are logged and retried.
+/// Campaign for the lease; while holding it, run `eni` mode: a pass when the watched Nodes or UnderlayNodes
+/// change, and at least every `resync`. Returns when `shutdown` turns true (releasing the lease if held) or its
+/// sender is dropped. API and EC2 errors are logged and retried.
 pub async fn run_eni_on_kube(
     client: Client,
     cloud: Arc<dyn Cloud>,
     settings: EniSettings,
     resync: Duration,
     opts: KubeOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubeError> {
-    if opts.renew_every.is_zero() || opts.renew_every >= opts.lease_duration || resync.is_zero() {
+    if resync.is_zero() || opts.retry_every.is_zero() {
         return Err(KubeError::Options(
-            "renew_every must be non-zero and shorter than lease_duration; resync non-zero".into(),
+            "resync and retry_every must be non-zero".into(),
         ));
     }
-    let mut elector = Elector::new(
-        Api::namespaced(client.clone(), &opts.lease_namespace),
-        opts.identity.clone(),
-        opts.lease_duration,
-    );
-    loop {
-        loop {
-            if *shutdown.borrow() {
-                return Ok(());
-            }
-            match tokio::time::timeout(opts.renew_every, elector.try_acquire_or_renew()).await {
-                Ok(Ok(LeaseState::Held)) => break,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "campaigning for the lease"),
-                Err(_) => tracing::warn!("campaigning for the lease: request timed out"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(opts.renew_every) => {}
-                r = shutdown.changed() => if r.is_err() { return Ok(()); },
-            }
-        }
-        tracing::info!(identity = %opts.identity, mode = "eni", "leading");
-        if let Some(tx) = &opts.leading {
-            tx.send_replace(true);
-        }
+    let timing = Timing {
+        resync,
+        debounce: ENI_DEBOUNCE,
+        retry_every: opts.retry_every,
+    };
+    lead(&client, &opts, "eni", shutdown, |stop| {
         // A fresh reconciler per term: everything it needs is in EC2 and the API.
-        let mut leader = EniLeader {
-            nodes_api: Api::all(client.clone()),
-            uns_api: Api::all(client.clone()),
-            reconciler: EniReconciler::new(cloud.clone(), settings.clone()),
-            selector: opts.node_selector.clone(),
-            swept: false,
-        };
-        let passes = opts.passes.clone();
-        let mut task = tokio::spawn(async move {
-            loop {
-                if leader.pass().await
-                    && let Some(tx) = &passes
-                {
-                    tx.send_modify(|n| *n += 1);
-                }
-                tokio::time::sleep(resync).await;
-            }
-        });
-        let mut last_renewed = Instant::now();
-        let shutting_down = loop {
-            let deadline = last_renewed + opts.lease_duration;
-            tokio::select! {
-                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { break true; },
-                r = &mut task => {
-                    tracing::error!(result = ?r, "eni leader task ended; stepping down");
-                    break false;
-                }
-                _ = tokio::time::sleep(opts.renew_every) => {
-                    if Instant::now() >= deadline {
-                        break false;
-                    }
-                    let started = Instant::now();
-                    match tokio::time::timeout_at(deadline, elector.try_acquire_or_renew()).await {
-                        Ok(Ok(LeaseState::Held)) => last_renewed = started,
-                        Ok(Ok(LeaseState::Other(holder))) => {
-                            tracing::warn!(%holder, "lease taken by another replica; stepping down");
-                            break false;
-                        }
-                        Ok(Ok(LeaseState::Conflict)) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease"),
-                        Err(_) => tracing::warn!("renewing the lease: request timed out"),
-                    }
-                }
-            }
-        };
-        task.abort();
-        let _ = (&mut task).await;
-        if let Some(tx) = &opts.leading {
-            tx.send_replace(false);
-        }
-        if shutting_down {
-            if let Err(e) = elector.release().await {
-                tracing::warn!(error = %e, "releasing the lease");
-            }
-            return Ok(());
+        EniLeader::new(
+            client.clone(),
+            EniReconciler::new(cloud.clone(), settings.clone()),
+            opts.node_selector.clone(),
+            timing,
+            opts.passes.clone(),
+        )
+        .run(stop)
+    })
+    .await
+}
+
+/// When the leader passes.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// Longest time between passes.
+    resync: Duration,
+    /// Coalescing delay of a pass an API change triggers ([`ENI_DEBOUNCE`]).
+    debounce: Duration,
+    /// Next pass after one whose API writes failed.
+    retry_every: Duration,
+}
+
+/// Objects of one watch, complete once `synced`.
+#[derive(Debug)]
+struct Cache<K> {
+    objects: BTreeMap<String, K>,
+    /// Objects of a (re)list in progress, swapped in when it completes.
+    relist: Option<BTreeMap<String, K>>,
+    synced: bool,
+}
+
+impl<K: Resource + Clone> Cache<K> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relist: None,
+            synced: false,
         }
     }
+
+    /// Apply a watch event; `true` when it changed what a pass reads of an object (`facts`), or completed a list.
+    fn absorb<F: PartialEq>(&mut self, ev: WatchEvent<K>, facts: impl Fn(&K) -> F) -> bool {
+        let name = match &ev {
+            WatchEvent::Apply(o) | WatchEvent::Delete(o) => {
+                Some(o.meta().name.clone().unwrap_or_default())
+            }
+            WatchEvent::Init | WatchEvent::InitApply(_) => None,
+            WatchEvent::InitDone => {
+                apply_watch_event(&mut self.objects, &mut self.relist, &mut self.synced, ev);
+                return true;
+            }
+        };
+        let facts_of = |c: &Self| name.as_ref().and_then(|n| c.objects.get(n)).map(&facts);
+        let before = facts_of(self);
+        apply_watch_event(&mut self.objects, &mut self.relist, &mut self.synced, ev);
+        before != facts_of(self)
+    }
+
+    /// Store a write's response (unless the cache already holds a newer version).
+    fn remember(&mut self, o: K) {
+        let mut synced = self.synced;
+        apply_watch_event(
+            &mut self.objects,
+            &mut None,
+            &mut synced,
+            WatchEvent::Apply(o),
+        );
+    }
+}
+
+/// What a pass reads of a Node.
+fn node_facts(n: &Node) -> impl PartialEq + use<> {
+    let spec = n.spec.as_ref();
+    (
+        n.uid(),
+        n.meta().deletion_timestamp.is_some(),
+        spec.and_then(|s| s.provider_id.clone()),
+        spec.and_then(|s| s.taints.clone()),
+        n.annotations().get(names::MAX_PODS_ANNOTATION).cloned(),
+    )
+}
+
+/// What a pass reads of an UnderlayNode: its spec, the agent's report (usage, held addresses, acknowledged
+/// release generation, Ready) and the pool the controller wrote.
+fn underlay_node_facts(u: &UnderlayNode) -> impl PartialEq + use<> {
+    let status = u.status.clone().unwrap_or_default();
+    (
+        u.spec.clone(),
+        u.meta().deletion_timestamp.is_some(),
+        ready(u),
+        status.pool,
+        status.pool_size,
+        status.pool_used,
+        status.pool_held,
+        status.observed_release_generation,
+    )
+}
+
+/// What writing one node's report produced: the objects as the API answered them (for the caches).
+#[derive(Debug, Default)]
+struct Written {
+    node: Option<Node>,
+    underlay_node: Option<UnderlayNode>,
+    /// Every write needed succeeded.
+    ok: bool,
 }
 
 struct EniLeader {
     nodes_api: Api<Node>,
     uns_api: Api<UnderlayNode>,
     reconciler: EniReconciler,
-    /// The Nodes this controller manages: the Node list's label selector.
+    /// The Nodes this controller manages: the Node watch's label selector.
     selector: NodeSelector,
+    timing: Timing,
+    passes: Option<watch::Sender<u64>>,
+    /// The selected Nodes.
+    nodes: Cache<Node>,
+    uns: Cache<UnderlayNode>,
     /// This term's sweep of unselected Nodes for leftover underlay taints is done.
     swept: bool,
 }
 
 impl EniLeader {
-    /// One pass; `false` when the API could not be listed (nothing was reconciled).
-    async fn pass(&mut self) -> bool {
-        let mut lp = ListParams::default();
-        if let Some(q) = self.selector.to_query() {
-            lp = lp.labels(&q);
+    fn new(
+        client: Client,
+        reconciler: EniReconciler,
+        selector: NodeSelector,
+        timing: Timing,
+        passes: Option<watch::Sender<u64>>,
+    ) -> Self {
+        Self {
+            nodes_api: Api::all(client.clone()),
+            uns_api: Api::all(client),
+            reconciler,
+            selector,
+            timing,
+            passes,
+            nodes: Cache::new(),
+            uns: Cache::new(),
+            swept: false,
         }
-        let nodes = match self.nodes_api.list(&lp).await {
-            Ok(l) => l.items,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing Nodes");
-                return false;
-            }
-        };
-        let uns: BTreeMap<String, UnderlayNode> =
-            match self.uns_api.list(&ListParams::default()).await {
-                Ok(l) => l.items.into_iter().map(|u| (u.name_any(), u)).collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "listing UnderlayNodes");
-                    return false;
+    }
+
+    /// Watch, and pass when due, until `stop` turns true.
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut node_config = watcher::Config::default();
+        if let Some(q) = self.selector.to_query() {
+            node_config = node_config.labels(&q);
+        }
+        let node_events = watch_stream(self.nodes_api.clone(), node_config).default_backoff();
+        let un_events =
+            watch_stream(self.uns_api.clone(), watcher::Config::default()).default_backoff();
+        futures::pin_mut!(node_events, un_events);
+        // The first pass runs as soon as both caches are complete.
+        let mut due = Instant::now();
+        loop {
+            let synced = self.nodes.synced && self.uns.synced;
+            tokio::select! {
+                r = stop.changed() => if r.is_err() || *stop.borrow() { return; },
+                Some(ev) = node_events.next() => {
+                    if self.absorb_node(ev) {
+                        due = due.min(Instant::now() + self.timing.debounce);
+                    }
                 }
-            };
-        let by_name: BTreeMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), n)).collect();
-        let eni_nodes: Vec<EniNode> = nodes
-            .iter()
+                Some(ev) = un_events.next() => {
+                    if self.absorb_underlay_node(ev) {
+                        due = due.min(Instant::now() + self.timing.debounce);
+                    }
+                }
+                _ = tokio::time::sleep_until(due), if synced => {
+                    // The watches keep being read while the pass runs (a stalled watch is dropped by the API
+                    // server); what they bring is applied after it.
+                    let (mut held_nodes, mut held_uns) = (Vec::new(), Vec::new());
+                    let ok = {
+                        let pass = self.pass();
+                        futures::pin_mut!(pass);
+                        loop {
+                            tokio::select! {
+                                ok = &mut pass => break ok,
+                                Some(ev) = node_events.next() => held_nodes.push(ev),
+                                Some(ev) = un_events.next() => held_uns.push(ev),
+                            }
+                        }
+                    };
+                    if let Some(tx) = &self.passes {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    let now = Instant::now();
+                    let wait = if ok {
+                        self.timing.resync
+                    } else {
+                        self.timing.retry_every.min(self.timing.resync)
+                    };
+                    due = now + wait;
+                    let mut changed = false;
+                    for ev in held_nodes {
+                        changed |= self.absorb_node(ev);
+                    }
+                    for ev in held_uns {
+                        changed |= self.absorb_underlay_node(ev);
+                    }
+                    if changed {
+                        due = due.min(now + self.timing.debounce);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Apply a Node watch event; `true` when a pass should follow.
+    fn absorb_node(&mut self, ev: Result<WatchEvent<Node>, watcher::Error>) -> bool {
+        match ev {
+            Ok(ev) => self.nodes.absorb(ev, node_facts),
+            Err(e) => {
+                tracing::warn!(error = %e, "watching Nodes");
+                false
+            }
+        }
+    }
+
+    /// Apply an UnderlayNode watch event; `true` when a pass should follow.
+    fn absorb_underlay_node(
+        &mut self,
+        ev: Result<WatchEvent<UnderlayNode>, watcher::Error>,
+    ) -> bool {
+        match ev {
+            Ok(ev) => self.uns.absorb(ev, underlay_node_facts),
+            Err(e) => {
+                tracing::warn!(error = %e, "watching UnderlayNodes");
+                false
+            }
+        }
+    }
+
+    /// The reconciler's view of the selected Nodes: instance from `spec.providerID`, usage and withdrawals from
+    /// the UnderlayNode status.
+    fn eni_nodes(&self) -> Vec<EniNode> {
+        self.nodes
+            .objects
+            .values()
             .filter(|n| n.meta().deletion_timestamp.is_none())
             .filter_map(|n| {
                 let provider = n.spec.as_ref()?.provider_id.as_deref()?;
                 let name = n.name_any();
-                let status = uns.get(&name).and_then(|u| u.status.as_ref());
+                let status = self.uns.objects.get(&name).and_then(|u| u.status.as_ref());
                 Some(EniNode::from_status(
                     name,
                     instance_id_of(provider)?,
                     status,
                 ))
             })
-            .collect();
-        let report = self.reconciler.pass(&eni_nodes).await;
+            .collect()
+    }
+
+    /// One pass over the cached Nodes; `false` when an API write failed (the pass is retried sooner). Each node's
+    /// UnderlayNode and Node are written as soon as the reconciler hands over its report, not after the whole pass:
+    /// on a large join the first nodes' pools are ready (and their not-ready taint lifted) long before the last.
+    async fn pass(&mut self) -> bool {
+        let eni_nodes = self.eni_nodes();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = &*self;
+        let finished =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|n| (n, rx)) });
+        let writes = finished
+            .map(|n| async move { this.write_node(&n).await })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect::<Vec<Written>>();
+        let (report, written) =
+            futures::join!(this.reconciler.pass_with(&eni_nodes, Some(tx)), writes);
         for e in &report.errors {
             tracing::warn!(error = %e, "eni pass");
         }
-        for n in &report.nodes {
-            if let Some(err) = &n.error {
-                tracing::warn!(node = %n.name, error = %err, "eni provisioning");
+        let mut ok = true;
+        for w in written {
+            ok &= w.ok;
+            self.remember(w);
+        }
+        ok & self.release_unselected().await
+    }
+
+    fn remember(&mut self, written: Written) {
+        if let Some(n) = written.node {
+            self.nodes.remember(n);
+        }
+        if let Some(u) = written.underlay_node {
+            self.uns.remember(u);
+        }
+    }
+
+    /// Bring one node's UnderlayNode (created if missing, status) and Node (taints, max-pods annotation) in line
+    /// with its report.
+    async fn write_node(&self, n: &NodeReport) -> Written {
+        let mut out = Written {
+            ok: true,
+            ..Written::default()
+        };
+        if let Some(err) = &n.error {
+            tracing::warn!(node = %n.name, error = %err, "eni provisioning");
+        }
+        // Gone from the selection (or deleted) since the pass began: nothing to write.
+        let Some(node) = self.nodes.objects.get(&n.name) else {
+            return out;
+        };
+        if node.meta().deletion_timestamp.is_some() {
+            return out;
+        }
+        let mut un = match self.uns.objects.get(&n.name) {
+            Some(un) => un.clone(),
+            None => match self.create_underlay_node(node, n).await {
+                Some(un) => {
+                    out.underlay_node = Some(un.clone());
+                    un
+                }
+                None => {
+                    out.ok = false;
+                    return out;
+                }
+            },
+        };
+        match self.write_status(&un, n).await {
+            Ok(Some(written)) => {
+                un = written;
+                out.underlay_node = Some(un.clone());
             }
-            let Some(node) = by_name.get(&n.name) else {
-                continue;
+            Ok(None) => {}
+            Err(()) => out.ok = false,
+        }
+        let used = un.status.as_ref().map_or(0, |s| s.pool_used);
+        let pp = PatchParams::apply(names::FIELD_MANAGER_CONTROLLER);
+        let mut node = node.clone();
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            let Some(patch) = node_patch(&node, ready(&un), n.pool_size, used, n.max_pods) else {
+                break;
             };
-            let un = match uns.get(&n.name) {
-                Some(un) => un.clone(),
-                None => match self.create_underlay_node(node, n).await {
-                    Some(un) => un,
-                    None => continue,
-                },
-            };
-            self.write_status(&un, n).await;
-            let status = un.status.as_ref();
-            let used = status.map_or(0, |s| s.pool_used);
-            if let Some(patch) = node_patch(node, ready(&un), n.pool_size, used, n.max_pods) {
-                let pp = PatchParams::apply(names::FIELD_MANAGER_CONTROLLER);
-                if let Err(e) = self
-                    .nodes_api
-                    .patch(&n.name, &pp, &Patch::Merge(&patch))
-                    .await
-                {
+            match self
+                .nodes_api
+                .patch(&n.name, &pp, &Patch::Merge(&patch))
+                .await
+            {
+                Ok(patched) => {
+                    out.node = Some(patched);
+                    break;
+                }
+                // The cache was behind (a kubelet status update, a taint by someone else): read it again.
+                Err(e) if is_conflict(&e) && attempt < CONFLICT_ATTEMPTS => {
+                    match self.nodes_api.get_opt(&n.name).await {
+                        Ok(Some(fresh)) => {
+                            out.node = Some(fresh.clone());
+                            node = fresh;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(node = %n.name, error = %e, "reading Node");
+                            out.ok = false;
+                            break;
+                        }
+                    }
+                }
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => {
                     tracing::warn!(node = %n.name, error = %e, "patching Node");
+                    out.ok = false;
+                    break;
                 }
             }
         }
-        self.release_unselected(&by_name, &uns).await;
-        true
+        out
     }
 
     /// Nodes outside the selection are not managed: an UnderlayNode whose Node left the selection is deleted and
     /// the Node's underlay taints removed (once per term, every unselected Node's). Their ENIs are left as they
     /// are: attached ENIs stay with the instance (and go with it, DeleteOnTermination); the node is planned again
-    /// from them if it is selected again.
-    async fn release_unselected(
-        &mut self,
-        selected: &BTreeMap<String, &Node>,
-        uns: &BTreeMap<String, UnderlayNode>,
-    ) {
+    /// from them if it is selected again. `false` when something failed.
+    async fn release_unselected(&mut self) -> bool {
         if self.selector.is_all() {
-            return;
+            return true;
         }
-        let mut names: BTreeSet<String> = uns
+        let mut ok = true;
+        let mut names: BTreeSet<String> = self
+            .uns
+            .objects
             .values()
-            .filter(|u| u.spec.mode == Mode::Eni && !selected.contains_key(&u.name_any()))
+            .filter(|u| u.spec.mode == Mode::Eni && !self.nodes.objects.contains_key(&u.name_any()))
             .map(ResourceExt::name_any)
             .collect();
         if !self.swept {
@@ -303,27 +530,39 @@ impl EniLeader {
                     );
                     self.swept = true;
                 }
-                Err(e) => tracing::warn!(error = %e, "listing Nodes for leftover taints"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing Nodes for leftover taints");
+                    ok = false;
+                }
             }
         }
         for name in names {
             if let Err(e) = untaint_if_unselected(&self.nodes_api, &self.selector, &name).await {
                 tracing::warn!(node = %name, error = %e, "untainting unselected Node");
+                ok = false;
                 continue;
             }
-            if !uns.contains_key(&name) {
+            if !self.uns.objects.contains_key(&name) {
                 continue;
             }
             match self.uns_api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {
-                    tracing::info!(node = %name, "Node outside the node selector: UnderlayNode deleted")
+                    tracing::info!(node = %name, "Node outside the node selector: UnderlayNode deleted");
+                    self.uns.objects.remove(&name);
                 }
-                Err(::kube::Error::Api(s)) if s.is_not_found() => {}
-                Err(e) => tracing::warn!(node = %name, error = %e, "deleting UnderlayNode"),
+                Err(e) if is_not_found(&e) => {
+                    self.uns.objects.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "deleting UnderlayNode");
+                    ok = false;
+                }
             }
         }
+        ok
     }
 
+    /// Create the node's UnderlayNode; the existing one when the cache had not seen it yet.
     async fn create_underlay_node(&self, node: &Node, n: &NodeReport) -> Option<UnderlayNode> {
         let spec = UnderlayNodeSpec {
             instance_id: n.instance.to_string(),
@@ -345,6 +584,15 @@ impl EniLeader {
         };
         match self.uns_api.create(&pp, &un).await {
             Ok(created) => Some(created),
+            Err(::kube::Error::Api(s)) if s.is_already_exists() => {
+                match self.uns_api.get_opt(&n.name).await {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::warn!(node = %n.name, error = %e, "reading UnderlayNode");
+                        None
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(node = %n.name, error = %e, "creating UnderlayNode");
                 None
@@ -352,21 +600,30 @@ impl EniLeader {
         }
     }
 
-    async fn write_status(&self, un: &UnderlayNode, n: &NodeReport) {
+    /// The pool and its size into the status; `Ok(None)` when it already says so.
+    async fn write_status(
+        &self,
+        un: &UnderlayNode,
+        n: &NodeReport,
+    ) -> Result<Option<UnderlayNode>, ()> {
         let current = un.status.as_ref();
         if current.and_then(|s| s.pool.as_ref()) == Some(&n.pool)
             && current.map(|s| s.pool_size) == Some(n.pool_size)
         {
-            return;
+            return Ok(None);
         }
         let patch = json!({ "status": { "pool": n.pool, "poolSize": n.pool_size } });
         let pp = PatchParams::apply(names::FIELD_MANAGER_CONTROLLER);
-        if let Err(e) = self
+        match self
             .uns_api
             .patch_status(&n.name, &pp, &Patch::Merge(&patch))
             .await
         {
-            tracing::warn!(node = %n.name, error = %e, "writing UnderlayNode status");
+            Ok(written) => Ok(Some(written)),
+            Err(e) => {
+                tracing::warn!(node = %n.name, error = %e, "writing UnderlayNode status");
+                Err(())
+            }
         }
     }
 }

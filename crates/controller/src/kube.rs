@@ -21,6 +21,7 @@
 //! selector). A Node leaving the selection is released as a deleted one is, and its underlay taints are removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,7 +71,7 @@ pub const ACTION_FAILOVER: &str = "Failover";
 /// A missing instance is described again after this many retry periods.
 const MISSING_RECHECK: u32 = 5;
 /// Attempts of one status or Node write answered 409 Conflict (each after re-reading the object).
-const CONFLICT_ATTEMPTS: usize = 4;
+pub(crate) const CONFLICT_ATTEMPTS: usize = 4;
 
 /// How this replica campaigns and leads.
 #[derive(Debug, Clone)]
@@ -88,8 +89,8 @@ pub struct KubeOptions {
     /// Told `true` when this replica starts leading and `false` once its work has stopped (after losing the
     /// lease or at shutdown). For observers: health endpoints, metrics, tests.
     pub leading: Option<watch::Sender<bool>>,
-    /// `eni` mode: counts the leader's completed passes (a pass that listed the API and ran the reconciler), for
-    /// the readiness endpoint. Routed mode reports its passes as `ControllerEvent::Pass` instead.
+    /// `eni` mode: counts the leader's completed passes (each runs the reconciler over complete watch caches),
+    /// for the readiness endpoint. Routed mode reports its passes as `ControllerEvent::Pass` instead.
     pub passes: Option<watch::Sender<u64>>,
     /// The Nodes this controller manages (`--node-selector`); the rest get no UnderlayNode, taint, podCIDR,
     /// route or ENI. Default: every Node.
@@ -137,19 +138,61 @@ pub async fn run_routed_on_kube(
     config: ControllerConfig,
     prober: Option<Arc<dyn Prober>>,
     opts: KubeOptions,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     events: Option<broadcast::Sender<ControllerEvent>>,
 ) -> Result<(), KubeError> {
+    check_lease_timing(&opts)?;
+    if opts.retry_every.is_zero() || opts.identity.is_empty() {
+        return Err(KubeError::Options(
+            "retry_every must be non-zero and identity non-empty".to_string(),
+        ));
+    }
+    lead(&client, &opts, "routed", shutdown, |stop| {
+        Leader::new(
+            client.clone(),
+            cloud.clone(),
+            lanes.clone(),
+            config.clone(),
+            prober.clone(),
+            opts.retry_every,
+            events.clone(),
+        )
+        .selecting(opts.node_selector.clone())
+        .run(stop)
+    })
+    .await
+}
+
+fn check_lease_timing(opts: &KubeOptions) -> Result<(), KubeError> {
     if opts.renew_every.is_zero() || opts.renew_every >= opts.lease_duration {
         return Err(KubeError::Options(format!(
             "renew_every ({:?}) must be non-zero and shorter than lease_duration ({:?})",
             opts.renew_every, opts.lease_duration
         )));
     }
-    if opts.retry_every.is_zero() || opts.identity.is_empty() {
-        return Err(KubeError::Options(
-            "retry_every must be non-zero and identity non-empty".to_string(),
-        ));
+    Ok(())
+}
+
+/// The lease loop of both modes: campaign for the lease; while holding it, run the leader's work — one task per
+/// term, made by `work` from a receiver told `true` when the term ends — and renew every `renew_every`. The term
+/// ends when the lease is lost (another holder, or no renewal for `lease_duration`), when the work task ends on
+/// its own, or at shutdown; the task is aborted at once, so a write in flight is dropped with it and only the
+/// lease holder writes. Returns when `shutdown` turns true (releasing the lease if held) or its sender is dropped.
+/// `opts.leading` is told `true` when a term starts and `false` once its work has stopped.
+pub(crate) async fn lead<W, F>(
+    client: &Client,
+    opts: &KubeOptions,
+    mode: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+    mut work: W,
+) -> Result<(), KubeError>
+where
+    W: FnMut(watch::Receiver<bool>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    check_lease_timing(opts)?;
+    if opts.identity.is_empty() {
+        return Err(KubeError::Options("identity must be non-empty".to_string()));
     }
     let set_leading = |v: bool| {
         if let Some(tx) = &opts.leading {
@@ -185,20 +228,10 @@ pub async fn run_routed_on_kube(
         }
 
         // Lead.
-        tracing::info!(identity = %opts.identity, lease = names::LEADER_LEASE, "leading");
+        tracing::info!(identity = %opts.identity, lease = names::LEADER_LEASE, mode, "leading");
         set_leading(true);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let leader = Leader::new(
-            client.clone(),
-            cloud.clone(),
-            lanes.clone(),
-            config.clone(),
-            prober.clone(),
-            opts.retry_every,
-            events.clone(),
-        )
-        .selecting(opts.node_selector.clone());
-        let mut task = tokio::spawn(leader.run(stop_rx));
+        let mut task = tokio::spawn(work(stop_rx));
         let mut last_renewed = acquired_at;
         let mut next_renew = Instant::now() + opts.renew_every;
         let shutting_down = loop {
@@ -243,7 +276,7 @@ pub async fn run_routed_on_kube(
         task.abort();
         let _ = (&mut task).await;
         set_leading(false);
-        tracing::info!(identity = %opts.identity, "stopped leading");
+        tracing::info!(identity = %opts.identity, mode, "stopped leading");
         if shutting_down {
             if let Err(e) = elector.release().await {
                 tracing::warn!(error = %e, "releasing the lease");
@@ -276,11 +309,11 @@ pub(crate) struct Elector {
     observed: Option<(String, Instant)>,
 }
 
-fn is_conflict(e: &::kube::Error) -> bool {
+pub(crate) fn is_conflict(e: &::kube::Error) -> bool {
     matches!(e, ::kube::Error::Api(s) if s.is_conflict())
 }
 
-fn is_not_found(e: &::kube::Error) -> bool {
+pub(crate) fn is_not_found(e: &::kube::Error) -> bool {
     matches!(e, ::kube::Error::Api(s) if s.is_not_found())
 }
 
@@ -753,7 +786,7 @@ fn rv_number<K: Resource>(o: &K) -> Option<u64> {
 }
 
 /// Objects of a watch, kept complete across restarts of the watch (buffered between `Init` and `InitDone`).
-fn apply_watch_event<K: Resource + Clone>(
+pub(crate) fn apply_watch_event<K: Resource + Clone>(
     map: &mut BTreeMap<String, K>,
     buffer: &mut Option<BTreeMap<String, K>>,
     synced: &mut bool,

@@ -486,3 +486,48 @@ async fn a_restarted_controller_reuses_the_eni_its_token_made() {
     assert_eq!(enis.len(), 2);
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
+
+#[tokio::test(start_paused = true)]
+async fn pass_with_hands_over_each_node_as_soon_as_its_ops_are_done() {
+    let mut w = mk_world(12, None);
+    w.add_nodes(2, "m5.large");
+    let fill = EniSettings {
+        targets: Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        },
+        ..settings()
+    };
+    let r = EniReconciler::new(w.sim.clone(), fill);
+    // node-0 is full already; node-1 needs ENIs, and every create takes a minute.
+    assert!(r.pass(&w.nodes[..1]).await.nodes[0].ready());
+    w.sim.update_faults(|f| {
+        f.op_latency.insert(
+            Operation::CreateNetworkInterface,
+            underlay_vpcsim::Latency::Fixed(Duration::from_secs(60)),
+        );
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let pass = r.pass_with(&w.nodes, Some(tx));
+    tokio::pin!(pass);
+    let first = tokio::select! {
+        n = rx.recv() => n.expect("a node handed over"),
+        _ = &mut pass => panic!("the pass ended before handing over any node"),
+    };
+    assert_eq!(first.name, "node-0");
+    assert!(first.ready() && first.plan.ops.is_empty(), "{first:?}");
+    assert!(first.pool.enis.iter().all(|e| e.subnet_cidr.is_some()));
+    let report = pass.await;
+    let second = rx.recv().await.expect("node-1 handed over");
+    assert_eq!(second.name, "node-1");
+    assert!(second.ready(), "{second:?}");
+    assert!(first.finished_at < second.finished_at);
+    assert!(
+        rx.recv().await.is_none(),
+        "one report per node, then closed"
+    );
+    let mut names: Vec<&str> = report.nodes.iter().map(|n| n.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["node-0", "node-1"]);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}

@@ -307,3 +307,266 @@ async fn eni_mode_manages_only_selected_nodes() {
         .unwrap();
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
+
+/// A running `eni`-mode controller: its shutdown switch, its task and its pass counter.
+struct Running {
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), underlay_controller::kube::KubeError>>,
+    passes: watch::Receiver<u64>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.send_replace(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Node `node-<i>` on `w`'s instance `i`.
+fn insert_node(w: &EniWorld, api: &ApiSim, i: usize) {
+    let zone = ZONES[i % ZONES.len()];
+    api.insert(&Node {
+        metadata: ObjectMeta {
+            name: Some(format!("node-{i}")),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            provider_id: Some(format!("aws:///{zone}/{}", w.nodes[i].instance)),
+            ..Default::default()
+        }),
+        status: None,
+    });
+}
+
+/// Run the controller with pools filled at join and the given resync period.
+fn start_filling(w: &EniWorld, api: &ApiSim, resync: Duration) -> Running {
+    let settings = EniSettings {
+        targets: Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        },
+        ..EniSettings::new(CLUSTER)
+    };
+    let (shutdown, rx) = watch::channel(false);
+    let (passes_tx, passes) = watch::channel(0u64);
+    let opts = KubeOptions {
+        identity: "eni-test".into(),
+        lease_namespace: "kube-system".into(),
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(500),
+        retry_every: Duration::from_millis(200),
+        leading: None,
+        passes: Some(passes_tx),
+        node_selector: Default::default(),
+    };
+    let task = tokio::spawn(run_eni_on_kube(
+        api.client(),
+        w.sim.clone(),
+        settings,
+        resync,
+        opts,
+        rx,
+    ));
+    Running {
+        shutdown,
+        task,
+        passes,
+    }
+}
+
+fn mark_ready(api: &ApiSim, name: &str) {
+    assert!(api.modify::<UnderlayNode>(None, name, |u| {
+        let status = u.status.get_or_insert_with(Default::default);
+        status.conditions.push(Condition {
+            type_: conditions::READY.into(),
+            status: "True".into(),
+            reason: "Test".into(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::now()),
+            observed_generation: None,
+        });
+    }));
+}
+
+/// Lists (not watches) of `path` among `requests`.
+fn lists(requests: &[underlay_apisim::RecordedRequest], path: &str) -> usize {
+    requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == path && !r.query.contains("watch=true"))
+        .count()
+}
+
+#[tokio::test]
+async fn passes_read_watch_caches_instead_of_listing() {
+    let mut w = mk_world(44, None);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        w.add_node("m5.large");
+        insert_node(&w, &api, i);
+    }
+    let r = start_filling(&w, &api, Duration::from_millis(100));
+    for i in 0..2 {
+        wait_for("a full pool in the status", || {
+            let un: UnderlayNode = api.get(None, &format!("node-{i}"))?;
+            (un.status.as_ref()?.pool_size == 27).then_some(())
+        })
+        .await;
+    }
+    // Passes keep coming every resync (pools follow EC2 even without API events) ...
+    let seen = *r.passes.borrow();
+    wait_for("ten more passes", || {
+        (*r.passes.borrow() >= seen + 10).then_some(())
+    })
+    .await;
+    // ... but each kind was listed once, when its watch started.
+    let requests = api.take_requests();
+    assert_eq!(lists(&requests, "/api/v1/nodes"), 1, "{requests:#?}");
+    assert_eq!(
+        lists(&requests, "/apis/underlay.dev/v1alpha1/underlaynodes"),
+        1,
+        "{requests:#?}"
+    );
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test]
+async fn a_change_is_acted_on_without_waiting_for_the_resync() {
+    let mut w = mk_world(45, None);
+    let api = ApiSim::new();
+    w.add_node("m5.large");
+    insert_node(&w, &api, 0);
+    // A resync far longer than any wait below: only API events can drive the passes that follow the first.
+    let r = start_filling(&w, &api, Duration::from_secs(600));
+    wait_for("node-0's full pool and not-ready taint", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        (un.status.as_ref()?.pool_size == 27
+            && taints(&api, "node-0") == vec![names::TAINT_NOT_READY])
+        .then_some(())
+    })
+    .await;
+
+    // The agent reports Ready: the taint goes.
+    mark_ready(&api, "node-0");
+    wait_for("the not-ready taint lifted", || {
+        taints(&api, "node-0").is_empty().then_some(())
+    })
+    .await;
+
+    // A node joins: it gets its pool.
+    w.add_node("m5.large");
+    insert_node(&w, &api, 1);
+    wait_for("the joining node's full pool", || {
+        let un: UnderlayNode = api.get(None, "node-1")?;
+        (un.status.as_ref()?.pool_size == 27).then_some(())
+    })
+    .await;
+    assert_eq!(enis_of(&w, &w.nodes[1].instance), 3);
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test]
+async fn a_node_whose_work_is_done_is_written_before_a_slow_node_finishes() {
+    let mut w = mk_world(46, None);
+    let api = ApiSim::new();
+    for i in 0..2 {
+        w.add_node("m5.large");
+        insert_node(&w, &api, i);
+    }
+    // node-0's pool is already full (a previous leader filled it): its pass has nothing to do.
+    let settings = EniSettings {
+        targets: Targets {
+            fill_at_join: true,
+            ..Targets::default()
+        },
+        ..EniSettings::new(CLUSTER)
+    };
+    let filled = underlay_controller::eni::EniReconciler::new(w.sim.clone(), settings)
+        .pass(&w.nodes[..1])
+        .await;
+    assert!(filled.nodes[0].ready(), "{filled:#?}");
+    // node-1 needs ENIs, and creating one takes far longer than the test waits.
+    w.sim.update_faults(|f| {
+        f.op_latency.insert(
+            underlay_cloud::Operation::CreateNetworkInterface,
+            underlay_vpcsim::Latency::Fixed(Duration::from_secs(3600)),
+        );
+    });
+    let r = start_filling(&w, &api, Duration::from_millis(100));
+
+    // node-0 gets its status, max pods and taint while node-1's pass is still creating its ENI.
+    wait_for("node-0's status, max pods and taint", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        let node: Node = api.get(None, "node-0")?;
+        let annotated = node
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(names::MAX_PODS_ANNOTATION)?
+            == "29";
+        (un.status.as_ref()?.pool_size == 27
+            && annotated
+            && taints(&api, "node-0") == vec![names::TAINT_NOT_READY])
+        .then_some(())
+    })
+    .await;
+    wait_for("node-1's ENI being created", || {
+        let calls = w.sim.counters().calls;
+        (calls.get(&underlay_cloud::Operation::CreateNetworkInterface) >= Some(&1)).then_some(())
+    })
+    .await;
+    assert!(api.get::<UnderlayNode>(None, "node-1").is_none());
+    assert_eq!(*r.passes.borrow(), 0, "the first pass has not ended");
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+#[tokio::test]
+async fn lease_write_conflicts_do_not_end_the_term() {
+    let mut w = mk_world(47, None);
+    let api = ApiSim::new();
+    w.add_node("m5.large");
+    insert_node(&w, &api, 0);
+    let r = start_filling(&w, &api, Duration::from_millis(100));
+    wait_for("node-0's full pool", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        (un.status.as_ref()?.pool_size == 27).then_some(())
+    })
+    .await;
+    // Renewals answered 409 for longer than the lease lasts at one renewal per period (6 × 500 ms ≥ 3 s): a
+    // leader that reads the lease again at once keeps its term.
+    api.take_requests();
+    let mut requests = Vec::new();
+    for _ in 0..6 {
+        api.inject_conflict(underlay_apisim::Kind::Lease);
+    }
+    let lease_writes = |requests: &[underlay_apisim::RecordedRequest]| -> Vec<u16> {
+        requests
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.contains("/leases/"))
+            .map(|r| r.status)
+            .collect()
+    };
+    wait_for("six conflicts, then a renewal", || {
+        requests.extend(api.take_requests());
+        let writes = lease_writes(&requests);
+        (writes.iter().filter(|s| **s == 409).count() == 6 && writes.last() == Some(&200))
+            .then_some(())
+    })
+    .await;
+    let seen = *r.passes.borrow();
+    wait_for("five more passes", || {
+        (*r.passes.borrow() >= seen + 5).then_some(())
+    })
+    .await;
+    // One term: the watches were started (and the Nodes listed) once.
+    requests.extend(api.take_requests());
+    assert_eq!(lists(&requests, "/api/v1/nodes"), 0, "{requests:#?}");
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}

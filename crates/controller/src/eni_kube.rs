@@ -601,6 +601,10 @@ impl EniLeader {
     }
 
     /// The pool and its size into the status; `Ok(None)` when it already says so.
+    /// Writes the node's pool, on condition that the object is still the one the pass read: the two-phase
+    /// release must never write a withdrawal (and its generation) over one it did not see — say its own earlier
+    /// write, whose response was lost — or a generation could stand for two different sets. A conflict caused by
+    /// the agent's writes alone (the pool is as the pass read it) is retried once against the fresh object.
     async fn write_status(
         &self,
         un: &UnderlayNode,
@@ -612,13 +616,42 @@ impl EniLeader {
         {
             return Ok(None);
         }
-        let patch = json!({ "status": { "pool": n.pool, "poolSize": n.pool_size } });
         let pp = PatchParams::apply(names::FIELD_MANAGER_CONTROLLER);
-        match self
+        let patch = |rv: Option<String>| {
+            json!({
+                "metadata": { "resourceVersion": rv },
+                "status": { "pool": n.pool, "poolSize": n.pool_size },
+            })
+        };
+        let first = self
             .uns_api
-            .patch_status(&n.name, &pp, &Patch::Merge(&patch))
-            .await
-        {
+            .patch_status(&n.name, &pp, &Patch::Merge(&patch(un.resource_version())))
+            .await;
+        let result = match first {
+            Err(::kube::Error::Api(s)) if s.code == 409 => {
+                match self.uns_api.get_status(&n.name).await {
+                    Ok(fresh)
+                        if fresh.status.as_ref().and_then(|s| s.pool.as_ref())
+                            == current.and_then(|s| s.pool.as_ref()) =>
+                    {
+                        self.uns_api
+                            .patch_status(
+                                &n.name,
+                                &pp,
+                                &Patch::Merge(&patch(fresh.resource_version())),
+                            )
+                            .await
+                    }
+                    Ok(_) => {
+                        tracing::info!(node = %n.name, "UnderlayNode pool changed since the pass read it; the next pass plans from the new one");
+                        return Err(());
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match result {
             Ok(written) => Ok(Some(written)),
             Err(e) => {
                 tracing::warn!(node = %n.name, error = %e, "writing UnderlayNode status");

@@ -344,6 +344,16 @@ fn insert_node(w: &EniWorld, api: &ApiSim, i: usize) {
 
 /// Run the controller with pools filled at join and the given resync period.
 fn start_filling(w: &EniWorld, api: &ApiSim, resync: Duration) -> Running {
+    start_filling_retrying(w, api, resync, Duration::from_millis(200))
+}
+
+/// [`start_filling`] with the pass after a failed API write `retry_every` away.
+fn start_filling_retrying(
+    w: &EniWorld,
+    api: &ApiSim,
+    resync: Duration,
+    retry_every: Duration,
+) -> Running {
     let settings = EniSettings {
         targets: Targets {
             fill_at_join: true,
@@ -358,7 +368,7 @@ fn start_filling(w: &EniWorld, api: &ApiSim, resync: Duration) -> Running {
         lease_namespace: "kube-system".into(),
         lease_duration: Duration::from_secs(3),
         renew_every: Duration::from_millis(500),
-        retry_every: Duration::from_millis(200),
+        retry_every,
         leading: None,
         passes: Some(passes_tx),
         node_selector: Default::default(),
@@ -567,6 +577,66 @@ async fn lease_write_conflicts_do_not_end_the_term() {
     // One term: the watches were started (and the Nodes listed) once.
     requests.extend(api.take_requests());
     assert_eq!(lists(&requests, "/api/v1/nodes"), 0, "{requests:#?}");
+    r.stop().await;
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+/// The pool is written on condition that the object is the one the pass read (a stale write could pair a
+/// release generation with a set the agent never saw). A conflict caused by the agent's half of the status alone
+/// is retried at once against the re-read object, not left to a later pass.
+#[tokio::test]
+async fn a_conflicting_pool_write_is_retried_against_the_reread_object() {
+    let mut w = mk_world(47, None);
+    let api = ApiSim::new();
+    w.add_node("m5.large");
+    insert_node(&w, &api, 0);
+    // Neither a resync nor a retry pass within the test: only the write's own retry can land the pool.
+    let r = start_filling_retrying(&w, &api, Duration::from_secs(600), Duration::from_secs(600));
+    let un = wait_for("node-0's full pool", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        (un.status.as_ref()?.pool_size == 27).then_some(un)
+    })
+    .await;
+    // EC2 loses one address of the pool (fill-at-join assigns another), the next status write conflicts, and
+    // the agent's Ready report drives the pass.
+    let eni = &un.status.as_ref().unwrap().pool.as_ref().unwrap().enis[1];
+    let gone: std::net::Ipv4Addr = eni.addresses[0].parse().unwrap();
+    underlay_cloud::Cloud::unassign_private_ips(
+        w.sim.as_ref(),
+        &underlay_cloud::EniId::new(eni.id.as_str()),
+        &[gone],
+    )
+    .await
+    .unwrap();
+    api.take_requests();
+    api.inject_conflict(underlay_apisim::Kind::UnderlayNode);
+    mark_ready(&api, "node-0");
+    wait_for("the pool written without the lost address", || {
+        let un: UnderlayNode = api.get(None, "node-0")?;
+        let s = un.status?;
+        let listed = s
+            .pool?
+            .enis
+            .iter()
+            .any(|e| e.addresses.contains(&gone.to_string()));
+        (s.pool_size == 27 && !listed).then_some(())
+    })
+    .await;
+    let status_calls: Vec<(String, u16)> = api
+        .take_requests()
+        .into_iter()
+        .filter(|q| q.path.ends_with("/underlaynodes/node-0/status"))
+        .map(|q| (q.method, q.status))
+        .collect();
+    let conflict = status_calls
+        .iter()
+        .position(|c| c.1 == 409)
+        .expect("the injected conflict");
+    assert_eq!(
+        status_calls[conflict + 1..].first().map(|c| c.0.as_str()),
+        Some("GET"),
+        "{status_calls:?}"
+    );
     r.stop().await;
     assert_no_leaks_and_no_duplicates(&w.sim);
 }

@@ -10,12 +10,13 @@
 //!                                                               │     later: IpamService::update_pool (keeps every
 //!                                                               │     allocation: only free addresses can go)
 //!   health endpoint (node netns) ◄── Ready ◄────────────────────┴─► status writer: conditions, poolUsed,
-//!                                                                     poolHeld, observedReleaseGeneration
+//!                                                                     poolHeld, poolCooling,
+//!                                                                     observedReleaseGeneration
 //! ```
 //!
 //! The controller owns `spec` and `status.{pool,poolSize}` and taints the Node `underlay.dev/no-free-ips` from
-//! `poolSize`/`poolUsed`; the agent writes only `status.{conditions,poolUsed,poolHeld,observedReleaseGeneration,
-//! observedGeneration}`. Addresses the controller withdraws are in the ENIs' `releasing*` lists, not in
+//! `poolSize`/`poolUsed`; the agent writes only `status.{conditions,poolUsed,poolHeld,poolCooling,
+//! observedReleaseGeneration,observedGeneration}`. Addresses the controller withdraws are in the ENIs' `releasing*` lists, not in
 //! `addresses`/`prefixes`, so the pool built from the record leaves them out; once the allocator serves that
 //! pool, the agent reports the record's `releaseGeneration` and what it still holds, and the controller
 //! unassigns the rest.

@@ -223,30 +223,6 @@ fn demo_on_a_small_cluster_passes_and_leaves_nothing() {
     assert!(report["api_calls"]["CreateRoute"].as_u64().unwrap() > 0);
     // Every controller call waits in the rate-aware queue: vpcsim, which enforces AWS's buckets, throttles none.
     assert_eq!(report["status"]["throttled"], 0);
-    // The churn: pools grew by at least an ENI's worth per node (14 addresses), shrank back, EC2 holds exactly
-    // the pools, and no staying pod lost its address or its connectivity.
-    let churn = &report["churn"];
-    assert_eq!(churn["pods_added"], 60, "{churn:#}");
-    let (before, peak, after) = (
-        churn["pool_before"].as_u64().unwrap(),
-        churn["pool_peak"].as_u64().unwrap(),
-        churn["pool_after"].as_u64().unwrap(),
-    );
-    assert!(peak >= before + 4 * 14, "{churn:#}");
-    assert!(after < peak, "{churn:#}");
-    assert_eq!(churn["assigned_after"], churn["pool_after"]);
-    assert!(churn["unassign_calls"].as_u64().unwrap() > 0);
-    // The ENI each node grew by was emptied, detached and deleted.
-    assert!(
-        churn["enis_peak"].as_u64().unwrap() > churn["enis_before"].as_u64().unwrap(),
-        "{churn:#}"
-    );
-    assert_eq!(churn["enis_after"], churn["enis_before"], "{churn:#}");
-    assert!(churn["detach_calls"].as_u64().unwrap() > 0);
-    assert_eq!(churn["delete_calls"], churn["detach_calls"]);
-    assert!(churn["settle_ms"].is_number(), "{churn:#}");
-    assert!(churn["kept_pods_unassigned"].as_array().unwrap().is_empty());
-    assert_eq!(churn["check"]["pairs_ok"], churn["check"]["pairs_checked"]);
     assert!(lab_namespaces(&lab).is_empty());
 }
 

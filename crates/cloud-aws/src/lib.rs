@@ -640,7 +640,9 @@ impl Cloud for Ec2Cloud {
                     vcpus: count(i.v_cpu_info().and_then(|v| v.default_v_cpus())),
                     max_enis: count(net.and_then(|n| n.maximum_network_interfaces())),
                     ipv4_per_eni: count(net.and_then(|n| n.ipv4_addresses_per_interface())),
-                    prefix_delegation: i.hypervisor() == Some(&ec2::InstanceTypeHypervisor::Nitro),
+                    // Nitro types report hypervisor `nitro`; bare-metal ones (also built on Nitro) report none.
+                    prefix_delegation: i.hypervisor() == Some(&ec2::InstanceTypeHypervisor::Nitro)
+                        || i.bare_metal() == Some(true),
                 }
             })
             .collect())

@@ -6,6 +6,7 @@
 //!   pass(nodes) ─► DescribeInstances(ids) + DescribeNetworkInterfaces(tag cluster) ─► per node: EniView[]
 //!        │
 //!        ├─► core::eni_pool::plan_pool per node ─► sort by deficit, largest first
+//!        │     (a node whose type cannot have the mode's addresses, prefixes on non-Nitro, is refused: no call)
 //!        │
 //!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
 //!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination)
@@ -174,8 +175,10 @@ pub struct NodeReport {
     pub instance: InstanceId,
     /// The plan the pass applied (want/have before the pass).
     pub plan: PoolPlan,
-    /// Every op succeeded (or there were none).
+    /// Every op succeeded (or there were none), and none was held back.
     pub applied: bool,
+    /// The first failed op's error, or why the node's ops were not tried (e.g. prefix mode on a non-Nitro
+    /// instance type: refused up front, no EC2 call for the node).
     pub error: Option<String>,
     /// The pool after the pass, in the UnderlayNode status's terms.
     #[serde(skip)]
@@ -197,9 +200,9 @@ impl NodeReport {
         self.applied && self.pool_size > 0 && self.pool_size >= self.plan.want
     }
 
-    /// The pool was within its targets before the pass and nothing needed doing.
+    /// The pool was within its targets before the pass, nothing needed doing and nothing was refused.
     pub fn converged(&self) -> bool {
-        self.plan.ops.is_empty() && self.plan.within_targets()
+        self.plan.ops.is_empty() && self.plan.within_targets() && self.error.is_none()
     }
 }
 
@@ -224,6 +227,18 @@ impl EniPassReport {
             && self.awaiting_collection == 0
             && self.errors.is_empty()
     }
+}
+
+/// One live node, planned.
+struct Planned<'a> {
+    node: &'a EniNode,
+    instance: &'a Instance,
+    observed: Vec<Observed>,
+    plan: PoolPlan,
+    use_primary: bool,
+    max_pods: u32,
+    /// Why none of the node's plan is applied (the address mode is impossible on its instance type).
+    refused: Option<String>,
 }
 
 /// An ENI as the pass sees it: the planner's view plus what the status needs.
@@ -325,6 +340,7 @@ impl EniReconciler {
                     max_enis: t.max_enis,
                     ipv4_per_eni: t.ipv4_per_eni,
                     vcpus: t.vcpus,
+                    prefix_delegation: t.prefix_delegation,
                 },
             );
         }
@@ -405,7 +421,7 @@ impl EniReconciler {
             let views: Vec<EniView> = observed.iter().map(|o| o.view.clone()).collect();
             let use_primary = self.use_primary(&instance.zone);
             let excess_since = self.memory().excess_since.get(&node.name).copied();
-            let plan = plan_pool(&PoolInput {
+            let mut plan = plan_pool(&PoolInput {
                 limits,
                 mode: self.settings.mode,
                 targets: self.settings.targets,
@@ -417,6 +433,18 @@ impl EniReconciler {
                 excess_since,
                 release_delay: self.settings.release_delay,
             });
+            // Refused up front: every call of this node's plan would fail, pass after pass.
+            let refused = (!limits.supports(self.settings.mode)).then(|| {
+                format!(
+                    "{} is not a Nitro instance type: prefix delegation needs Nitro; use secondary IPs for this \
+                     node group (a controller without prefix delegation whose node selector selects it)",
+                    instance.instance_type
+                )
+            });
+            if refused.is_some() {
+                plan.ops.clear();
+                plan.excess_since = None;
+            }
             {
                 let mut memory = self.memory();
                 match plan.excess_since {
@@ -424,31 +452,31 @@ impl EniReconciler {
                     None => memory.excess_since.remove(&node.name),
                 };
             }
-            let max_pods = max_pods(&limits, self.settings.mode, use_primary);
-            planned.push((node, instance, observed, plan, use_primary, max_pods));
+            planned.push(Planned {
+                node,
+                instance,
+                observed,
+                max_pods: max_pods(&limits, self.settings.mode, use_primary),
+                plan,
+                use_primary,
+                refused,
+            });
         }
         // Largest deficit first: the queue serves callers of a bucket in arrival order.
-        planned.sort_by_key(|p| std::cmp::Reverse(p.3.deficit()));
-        let applies = planned.into_iter().map(
-            |(node, instance, observed, plan, use_primary, max_pods)| async move {
-                let mut observed = observed;
-                let mut releasing = node.releasing.clone();
-                let result = self
-                    .apply(instance, &mut observed, &mut releasing, &plan.ops)
-                    .await;
-                let finished_at = self.now();
-                (
-                    node,
-                    instance,
-                    (observed, releasing),
-                    plan,
-                    result,
-                    use_primary,
-                    max_pods,
-                    finished_at,
-                )
-            },
-        );
+        planned.sort_by_key(|p| std::cmp::Reverse(p.plan.deficit()));
+        let applies = planned.into_iter().map(|p| async move {
+            let mut observed = p.observed.clone();
+            let mut releasing = p.node.releasing.clone();
+            let result = match &p.refused {
+                Some(why) => Err(why.clone()),
+                None => self
+                    .apply(p.instance, &mut observed, &mut releasing, &p.plan.ops)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            let finished_at = self.now();
+            (p, observed, releasing, result, finished_at)
+        });
         // Subnet CIDRs (for the status only) are learnt while the work runs.
         let (applied, subnets) = futures::join!(
             futures::future::join_all(applies),
@@ -459,36 +487,25 @@ impl EniReconciler {
         }
         report.nodes = applied
             .into_iter()
-            .map(
-                |(
-                    node,
-                    instance,
-                    (observed, releasing),
-                    plan,
-                    result,
-                    use_primary,
-                    max_pods,
+            .map(|(p, observed, releasing, result, finished_at)| {
+                let (pool, pool_size) =
+                    self.pool_status(&observed, p.use_primary, &releasing, p.node);
+                NodeReport {
+                    name: p.node.name.clone(),
+                    instance: p.node.instance.clone(),
+                    plan: p.plan,
+                    applied: result.is_ok(),
+                    error: result.err(),
+                    pool,
+                    pool_size,
+                    max_pods: p.max_pods,
                     finished_at,
-                )| {
-                    let (pool, pool_size) =
-                        self.pool_status(&observed, use_primary, &releasing, node);
-                    NodeReport {
-                        name: node.name.clone(),
-                        instance: node.instance.clone(),
-                        plan,
-                        applied: result.is_ok(),
-                        error: result.err().map(|e| e.to_string()),
-                        pool,
-                        pool_size,
-                        max_pods,
-                        finished_at,
-                        zone: instance.zone.clone(),
-                        subnet: instance.subnet.clone(),
-                        node_ip: instance.private_ip,
-                        primary_eni: instance.primary_eni().map(|e| e.id.to_string()),
-                    }
-                },
-            )
+                    zone: p.instance.zone.clone(),
+                    subnet: p.instance.subnet.clone(),
+                    node_ip: p.instance.private_ip,
+                    primary_eni: p.instance.primary_eni().map(|e| e.id.to_string()),
+                }
+            })
             .collect();
 
         let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();

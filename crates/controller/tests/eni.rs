@@ -470,3 +470,105 @@ async fn a_restarted_controller_reuses_the_eni_its_token_made() {
     assert_eq!(enis.len(), 2);
     assert_no_leaks_and_no_duplicates(&w.sim);
 }
+
+/// Prefix delegation on a non-Nitro type fails on every call, forever: such a node is refused up front (no EC2
+/// mutation for it, its error says why, its max pods are the host-network pods only) and the others carry on.
+/// Whether a type is Nitro comes from the built-in table, or from DescribeInstanceTypes for a type the table
+/// lacks.
+#[tokio::test(start_paused = true)]
+async fn prefix_mode_refuses_non_nitro_nodes_up_front_and_serves_the_others() {
+    for learnt in [false, true] {
+        let mut w = mk_world(9, None);
+        w.add_nodes(2, "m5.large");
+        w.add_node("c4.large");
+        w.add_node("t2.medium");
+        let xen = if learnt {
+            ["x9.large", "x9.medium"]
+        } else {
+            ["c4.large", "t2.medium"]
+        };
+        let cloud: std::sync::Arc<dyn Cloud> = if learnt {
+            std::sync::Arc::new(AliasedTypes::new(
+                w.sim.clone(),
+                &[
+                    ("c4.large", "x9.large"),
+                    ("t2.medium", "x9.medium"),
+                    ("m5.large", "x9n.large"),
+                ],
+            ))
+        } else {
+            w.sim.clone()
+        };
+        let r = EniReconciler::new(
+            cloud,
+            EniSettings {
+                mode: AddressMode::Prefixes,
+                targets: Targets {
+                    warm_prefix_target: Some(1),
+                    ..Targets::default()
+                },
+                ..settings()
+            },
+        );
+        let before = w.sim.snapshot();
+        for _ in 0..4 {
+            let report = r.pass(&w.nodes).await;
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(report.nodes.len(), 4);
+            carry(&mut w.nodes, &report);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let report = r.pass(&w.nodes).await;
+        let by_name = |name: &str| report.nodes.iter().find(|n| n.name == name).unwrap();
+        for n in ["node-0", "node-1"].map(by_name) {
+            assert!(n.converged() && n.ready(), "{n:?}");
+            assert_eq!(n.max_pods, 110);
+        }
+        for (n, ty) in ["node-2", "node-3"].map(by_name).into_iter().zip(xen) {
+            let error = n.error.as_deref().unwrap_or_default();
+            assert!(
+                error.contains("is not a Nitro instance type: prefix delegation needs Nitro"),
+                "{n:?}"
+            );
+            assert!(error.starts_with(ty), "{error}");
+            assert!(n.plan.ops.is_empty() && !n.applied && !n.converged() && !n.ready());
+            assert_eq!(n.max_pods, 2, "no prefixes, so no pod addresses: {n:?}");
+            assert_eq!(n.pool_size, 0);
+        }
+        assert!(!report.quiet());
+        // No EC2 call ever touched the refused nodes: their only ENIs are the primaries as launched, and EC2 never
+        // refused a request.
+        let snap = w.sim.snapshot();
+        for node in &w.nodes[2..] {
+            let was: Vec<_> = before
+                .enis
+                .iter()
+                .filter(|e| {
+                    e.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.instance == node.instance)
+                })
+                .collect();
+            let now: Vec<_> = snap
+                .enis
+                .iter()
+                .filter(|e| {
+                    e.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.instance == node.instance)
+                })
+                .collect();
+            assert_eq!(was, now);
+            assert!(
+                !snap
+                    .enis
+                    .iter()
+                    .any(|e| e.tags.get(TAG_NODE) == Some(&node.instance.to_string())),
+                "an ENI was created for a refused node"
+            );
+        }
+        let c = w.sim.counters();
+        assert!(c.errors.is_empty(), "EC2 refused calls: {:?}", c.errors);
+        assert_no_leaks_and_no_duplicates(&w.sim);
+    }
+}

@@ -6,7 +6,8 @@
 //!   pass(nodes) ─► DescribeInstances(ids) + DescribeNetworkInterfaces(tag cluster) ─► per node: EniView[]
 //!        │
 //!        ├─► core::eni_pool::plan_pool per node ─► sort by deficit, largest first
-//!        │     (a node whose type cannot have the mode's addresses, prefixes on non-Nitro, is refused: no call)
+//!        │     (a node whose type cannot have the mode's addresses, prefixes on non-Nitro, is refused: no call;
+//!        │      growth into a subnet EC2 found out of addresses waits 5 s, doubling to 5 min, then one node tries)
 //!        │
 //!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
 //!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination)
@@ -49,6 +50,11 @@ pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_secs(30);
 /// Default time an `available` ENI of a gone node is left alone before it is deleted: longer than a create and
 /// an attach take, so an ENI between the two is never collected.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(120);
+/// Default first wait before growing into a subnet again after EC2 found it out of addresses
+/// (`InsufficientFreeAddressesInSubnet`, `InsufficientCidrBlocks`); it doubles while the subnet stays full.
+pub const DEFAULT_SUBNET_BACKOFF: Duration = Duration::from_secs(5);
+/// Default cap of that wait.
+pub const DEFAULT_SUBNET_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Instance ids per DescribeInstances call (EC2 takes up to 200 values per filter).
 const DESCRIBE_CHUNK: usize = 100;
 
@@ -67,6 +73,10 @@ pub struct EniSettings {
     pub security_groups: Vec<SecurityGroupId>,
     pub release_delay: Duration,
     pub gc_grace: Duration,
+    /// After a subnet answers that it is out of addresses, no node grows into it for this long; the wait
+    /// doubles with each further refusal up to `subnet_backoff_max` and ends with the first success.
+    pub subnet_backoff: Duration,
+    pub subnet_backoff_max: Duration,
 }
 
 impl EniSettings {
@@ -79,6 +89,8 @@ impl EniSettings {
             security_groups: Vec::new(),
             release_delay: DEFAULT_RELEASE_DELAY,
             gc_grace: DEFAULT_GC_GRACE,
+            subnet_backoff: DEFAULT_SUBNET_BACKOFF,
+            subnet_backoff_max: DEFAULT_SUBNET_BACKOFF_MAX,
         }
     }
 }
@@ -239,6 +251,21 @@ struct Planned<'a> {
     max_pods: u32,
     /// Why none of the node's plan is applied (the address mode is impossible on its instance type).
     refused: Option<String>,
+    /// The plan's ops this pass applies: all of them, or all but the growth into subnets backing off.
+    ops: Vec<PoolOp>,
+    /// Why some growth was held back (a subnet out of addresses).
+    held: Option<String>,
+}
+
+/// A subnet EC2 found out of addresses: nobody grows into it until `until`, then one node tries.
+#[derive(Debug, Clone)]
+struct SubnetBackoff {
+    /// Refusals in a row, each after the previous wait ended.
+    refusals: u32,
+    /// On the reconciler's clock.
+    until: Duration,
+    /// The last refusal's AWS error code.
+    code: String,
 }
 
 /// An ENI as the pass sees it: the planner's view plus what the status needs.
@@ -260,6 +287,8 @@ struct Memory {
     /// When each `available` cluster ENI was first seen so.
     available_since: BTreeMap<EniId, Duration>,
     subnet_cidrs: BTreeMap<SubnetId, Ipv4Net>,
+    /// Subnets EC2 last found out of addresses, and until when nothing grows into them.
+    subnet_backoff: BTreeMap<SubnetId, SubnetBackoff>,
     /// Limits of instance types the built-in table lacks, from DescribeInstanceTypes.
     described_types: BTreeMap<String, PoolLimits>,
 }
@@ -457,22 +486,28 @@ impl EniReconciler {
                 instance,
                 observed,
                 max_pods: max_pods(&limits, self.settings.mode, use_primary),
+                ops: plan.ops.clone(),
                 plan,
                 use_primary,
                 refused,
+                held: None,
             });
         }
         // Largest deficit first: the queue serves callers of a bucket in arrival order.
         planned.sort_by_key(|p| std::cmp::Reverse(p.plan.deficit()));
+        self.hold_growth(&mut planned, now);
         let applies = planned.into_iter().map(|p| async move {
             let mut observed = p.observed.clone();
             let mut releasing = p.node.releasing.clone();
             let result = match &p.refused {
                 Some(why) => Err(why.clone()),
-                None => self
-                    .apply(p.instance, &mut observed, &mut releasing, &p.plan.ops)
+                None => match self
+                    .apply(p.instance, &mut observed, &mut releasing, &p.ops)
                     .await
-                    .map_err(|e| e.to_string()),
+                {
+                    Err(e) => Err(e.to_string()),
+                    Ok(()) => p.held.clone().map_or(Ok(()), Err),
+                },
             };
             let finished_at = self.now();
             (p, observed, releasing, result, finished_at)
@@ -511,6 +546,134 @@ impl EniReconciler {
         let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();
         self.collect(&cluster_enis, &live, &mut report).await;
         report
+    }
+
+    /// The subnet pod ENIs of `instance` are created in: the zone's ENI subnet, else the node's own.
+    fn eni_subnet(&self, instance: &Instance) -> SubnetId {
+        self.settings
+            .subnets
+            .get(&instance.zone)
+            .cloned()
+            .unwrap_or_else(|| instance.subnet.clone())
+    }
+
+    /// The subnet an op takes new addresses from, if it takes any.
+    fn growth_subnet(
+        &self,
+        op: &PoolOp,
+        instance: &Instance,
+        observed: &[Observed],
+    ) -> Option<SubnetId> {
+        match op {
+            PoolOp::CreateEni { .. } => Some(self.eni_subnet(instance)),
+            PoolOp::AssignIps { eni, .. } | PoolOp::AssignPrefixes { eni, .. } => observed
+                .iter()
+                .find(|o| &o.view.id == eni)
+                .map(|o| o.subnet.clone()),
+            _ => None,
+        }
+    }
+
+    /// Hold back growth into subnets that are backing off. Once a subnet's wait is over, only the first node
+    /// (largest deficit) that grows into it tries this pass; the others wait for its answer.
+    fn hold_growth(&self, planned: &mut [Planned<'_>], now: Duration) {
+        let memory = self.memory();
+        if memory.subnet_backoff.is_empty() {
+            return;
+        }
+        let mut trying: BTreeSet<SubnetId> = BTreeSet::new();
+        for p in planned.iter_mut().filter(|p| p.refused.is_none()) {
+            let mut held: BTreeMap<SubnetId, String> = BTreeMap::new();
+            let mut ops = Vec::with_capacity(p.ops.len());
+            for op in &p.ops {
+                let hold = self
+                    .growth_subnet(op, p.instance, &p.observed)
+                    .and_then(|s| {
+                        let b = memory.subnet_backoff.get(&s)?;
+                        let why = if now < b.until {
+                            format!(
+                                "subnet {s} is out of addresses ({}): not growing into it for another {}s",
+                                b.code,
+                                (b.until - now).as_secs_f64().ceil()
+                            )
+                        } else if trying.contains(&s) || held.contains_key(&s) {
+                            format!(
+                                "subnet {s} is out of addresses ({}): another node tries it first",
+                                b.code
+                            )
+                        } else {
+                            return None;
+                        };
+                        Some((s, why))
+                    });
+                match hold {
+                    Some((s, why)) => {
+                        held.entry(s).or_insert(why);
+                    }
+                    None => ops.push(op.clone()),
+                }
+            }
+            // The node that tries a subnet this pass is the first one whose growth into it is not held.
+            for op in &ops {
+                if let Some(s) = self.growth_subnet(op, p.instance, &p.observed)
+                    && memory.subnet_backoff.contains_key(&s)
+                {
+                    trying.insert(s);
+                }
+            }
+            if !held.is_empty() {
+                p.ops = ops;
+                p.held = Some(held.into_values().collect::<Vec<_>>().join("; "));
+            }
+        }
+    }
+
+    /// An op that takes addresses from `subnet` succeeded: the subnet has room again.
+    fn subnet_has_room(&self, subnet: &SubnetId) {
+        self.memory().subnet_backoff.remove(subnet);
+    }
+
+    /// EC2 found `subnet` out of addresses: start waiting, or wait twice as long when the wait just ended
+    /// (a refusal while already waiting came from the same moment and counts once).
+    fn subnet_full(&self, subnet: &SubnetId, e: &CloudError) {
+        let now = self.now();
+        let (first, max) = (
+            self.settings.subnet_backoff,
+            self.settings.subnet_backoff_max,
+        );
+        let mut memory = self.memory();
+        let b = memory
+            .subnet_backoff
+            .entry(subnet.clone())
+            .or_insert_with(|| SubnetBackoff {
+                refusals: 0,
+                until: Duration::ZERO,
+                code: String::new(),
+            });
+        b.code.clone_from(&e.code);
+        if b.refusals > 0 && now < b.until {
+            return;
+        }
+        b.refusals += 1;
+        let wait = first
+            .saturating_mul(1u32.checked_shl(b.refusals - 1).unwrap_or(u32::MAX))
+            .min(max);
+        b.until = now + wait;
+        tracing::info!(
+            subnet = %subnet,
+            code = %e.code,
+            wait_s = wait.as_secs(),
+            "subnet out of addresses: backing off"
+        );
+    }
+
+    /// Note what a growth op's answer says about its subnet.
+    fn growth_answer<T>(&self, subnet: &SubnetId, result: &Result<T, CloudError>) {
+        match result {
+            Ok(_) => self.subnet_has_room(subnet),
+            Err(e) if e.is_insufficient_addresses() => self.subnet_full(subnet, e),
+            Err(_) => {}
+        }
     }
 
     /// DescribeInstances for some ids. EC2 fails the whole call when one id is unknown; then ask one by one.
@@ -647,22 +810,32 @@ impl EniReconciler {
                     }
                 }
                 PoolOp::AssignIps { eni, count } => {
+                    let subnet = self.growth_subnet(op, instance, observed);
                     let added = self
                         .cloud
                         .assign_private_ips(
                             &EniId::new(eni.as_str()),
                             &AddressRequest::Count(*count),
                         )
-                        .await?;
+                        .await;
+                    if let Some(s) = &subnet {
+                        self.growth_answer(s, &added);
+                    }
+                    let added = added?;
                     if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
                         o.view.addresses.extend(added);
                     }
                 }
                 PoolOp::AssignPrefixes { eni, count } => {
+                    let subnet = self.growth_subnet(op, instance, observed);
                     let added = self
                         .cloud
                         .assign_prefixes(&EniId::new(eni.as_str()), &AddressRequest::Count(*count))
-                        .await?;
+                        .await;
+                    if let Some(s) = &subnet {
+                        self.growth_answer(s, &added);
+                    }
+                    let added = added?;
                     if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
                         o.view.prefixes.extend(added);
                     }
@@ -716,12 +889,7 @@ impl EniReconciler {
         units: u32,
     ) -> Result<NetworkInterface, CloudError> {
         let primary = instance.primary_eni();
-        let subnet = self
-            .settings
-            .subnets
-            .get(&instance.zone)
-            .cloned()
-            .unwrap_or_else(|| instance.subnet.clone());
+        let subnet = self.eni_subnet(instance);
         let security_groups = if self.settings.security_groups.is_empty() {
             primary
                 .map(|p| p.security_groups.clone())
@@ -755,7 +923,9 @@ impl EniReconciler {
         let bump = || {
             *self.memory().generation.entry(key.clone()).or_default() = generation + 1;
         };
-        let eni = match self.cloud.create_network_interface(&request).await {
+        let created = self.cloud.create_network_interface(&request).await;
+        self.growth_answer(&request.subnet, &created);
+        let eni = match created {
             Ok(eni) => eni,
             Err(e) => {
                 if e.code == "IdempotentParameterMismatch" {

@@ -15,6 +15,7 @@ use underlay_cloud::{
 use underlay_controller::eni::{EniNode, EniReconciler, EniSettings, client_token};
 use underlay_core::eni_pool::{AddressMode, Targets, Used};
 use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
+use underlay_vpcsim::RunInstance;
 
 fn settings() -> EniSettings {
     EniSettings {
@@ -571,4 +572,101 @@ async fn prefix_mode_refuses_non_nitro_nodes_up_front_and_serves_the_others() {
         assert!(c.errors.is_empty(), "EC2 refused calls: {:?}", c.errors);
         assert_no_leaks_and_no_duplicates(&w.sim);
     }
+}
+
+/// A subnet out of addresses is not asked again on every pass: after EC2's refusal nothing grows into it for
+/// 5 s, then one node tries, and each further refusal doubles the wait (up to 5 min). Growth resumes with the
+/// first success once addresses are freed.
+#[tokio::test(start_paused = true)]
+async fn a_full_subnet_is_retried_on_a_doubling_schedule_and_growth_resumes_once_freed() {
+    let mut w = mk_world(10, None);
+    // 27 usable addresses: two nodes' primaries and a foreign ENI with 20 secondaries leave 4 free, short of
+    // the 9 each node's primary ENI wants.
+    let tiny = w
+        .sim
+        .create_subnet(&w.vpc, ZONES[0], net("198.18.96.0/27"))
+        .unwrap();
+    for n in 0..2 {
+        let i = w
+            .sim
+            .run_instance(RunInstance::new("m5.large", &tiny))
+            .unwrap();
+        w.nodes
+            .push(EniNode::new(format!("node-{n}"), i.id, Used::Count(0)));
+    }
+    let filler = w
+        .sim
+        .create_network_interface(&CreateEniRequest {
+            subnet: tiny.clone(),
+            security_groups: Vec::new(),
+            description: "someone else's".to_owned(),
+            tags: Tags::new(),
+            client_token: String::new(),
+            secondary_ip_count: 20,
+            prefix_count: 0,
+        })
+        .await
+        .unwrap();
+    let calls = || {
+        let c = w.sim.counters();
+        c.calls_of(Operation::AssignPrivateIpAddresses)
+            + c.calls_of(Operation::CreateNetworkInterface)
+    };
+    let before = calls();
+    let growth = || calls() - before;
+    let r = EniReconciler::new(w.sim.clone(), settings());
+    let s = r.settings().clone();
+    assert_eq!(
+        (s.subnet_backoff, s.subnet_backoff_max),
+        (Duration::from_secs(5), Duration::from_secs(300))
+    );
+    let first = r.pass(&w.nodes).await;
+    assert_eq!(growth(), 2, "one refused assign per node");
+    for n in &first.nodes {
+        assert!(
+            n.error
+                .as_deref()
+                .is_some_and(|e| e.contains("InsufficientFreeAddressesInSubnet")),
+            "{n:?}"
+        );
+    }
+    // A pass every 5 s for 10 minutes.
+    let passes = 120u32;
+    let mut held = 0;
+    for _ in 0..passes {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let report = r.pass(&w.nodes).await;
+        for n in &report.nodes {
+            assert!(!n.applied && n.pool_size == 0, "{n:?}");
+            let e = n.error.as_deref().unwrap_or_default();
+            assert!(e.contains("InsufficientFreeAddressesInSubnet"), "{e}");
+            held += usize::from(e.contains(&format!("subnet {tiny} is out of addresses")));
+        }
+    }
+    // The waits since the first refusal: 5, 10, 20, … 300 s. At most one try per wait that ended.
+    let elapsed = Duration::from_secs(5) * passes;
+    let mut ended = 0;
+    let (mut wait, mut at) = (s.subnet_backoff, Duration::ZERO);
+    while at + wait <= elapsed {
+        at += wait;
+        ended += 1;
+        wait = (wait * 2).min(s.subnet_backoff_max);
+    }
+    let tries = growth() - 2;
+    assert!(
+        tries <= ended && tries >= ended - 1,
+        "{tries} tries in {elapsed:?}; the schedule allows {ended} (without backoff: {})",
+        2 * passes
+    );
+    assert!(
+        held >= 2 * passes as usize - tries as usize,
+        "passes that held back: {held}"
+    );
+    // Addresses come free: the next try succeeds and every node grows.
+    w.sim.delete_network_interface(&filler.id).await.unwrap();
+    let report = converge(&r, &mut w.nodes, 70).await;
+    for n in &report.nodes {
+        assert_eq!(n.pool_size, 9, "{n:?}");
+    }
+    assert_no_leaks_and_no_duplicates(&w.sim);
 }

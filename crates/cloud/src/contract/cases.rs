@@ -930,7 +930,8 @@ async fn full_subnet_is_insufficient_addresses(f: &dyn Fixture) -> CaseResult {
     let w = world(f).await?;
     let c = f.cloud();
     // The /28 has 11 usable addresses: one ENI with 10 secondaries takes them all.
-    c.create_network_interface(&eni_request(&w.subnets[3], "", 10))
+    let full = c
+        .create_network_interface(&eni_request(&w.subnets[3], "", 10))
         .await?;
     expect_error(
         c.create_network_interface(&eni_request(&w.subnets[3], "", 0))
@@ -938,6 +939,13 @@ async fn full_subnet_is_insufficient_addresses(f: &dyn Fixture) -> CaseResult {
         ErrorKind::InsufficientAddresses,
         Some("InsufficientFreeAddressesInSubnet"),
         "an ENI in a full subnet",
+    )?;
+    expect_error(
+        c.assign_private_ips(&full.id, &AddressRequest::Count(1))
+            .await,
+        ErrorKind::InsufficientAddresses,
+        Some("InsufficientFreeAddressesInSubnet"),
+        "a secondary address in a full subnet",
     )
 }
 

@@ -137,7 +137,7 @@ impl ControllerMode {
 impl Operation {
     /// Whether a controller in `mode` issues this call. Every describe in both modes (read-only; EC2 cannot
     /// scope them to resources anyway) and ModifyNetworkInterfaceAttribute (routed: source/dest check off; eni:
-    /// DeleteOnTermination after an attach); routed mode adds the route calls; eni mode adds creating (with
+    /// DeleteOnTermination after an attach, and again where that failed); routed mode adds the route calls; eni mode adds creating (with
     /// tags on create), attaching and deleting ENIs and assigning and unassigning addresses and prefixes.
     /// Nothing detaches an ENI: pod ENIs go with their instance (DeleteOnTermination) or, when left
     /// `available`, are deleted by the collector.

@@ -10,7 +10,8 @@
 //!        │      growth into a subnet EC2 found out of addresses waits 5 s, doubling to 5 min, then one node tries)
 //!        │
 //!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
-//!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination)
+//!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination);
+//!        │     then DeleteOnTermination set again on any pod ENI attached without it (a failed modify)
 //!        │
 //!        └─► GC: `available` ENIs tagged with the cluster whose node is gone, once seen for `gc_grace`
 //! ```
@@ -35,8 +36,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 use underlay_api::{Pool, PoolEni, UnderlayNodeStatus};
 use underlay_cloud::{
-    AddressRequest, Cloud, CloudError, CreateEniRequest, EniFilter, EniId, EniStatus, Instance,
-    InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId, SubnetId, Tags,
+    AddressRequest, Attachment, AttachmentId, Cloud, CloudError, CreateEniRequest, EniFilter,
+    EniId, EniStatus, Instance, InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId,
+    SubnetId, Tags,
 };
 use underlay_core::eni_pool::{
     AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Releasing, Targets, Used,
@@ -204,6 +206,9 @@ pub struct NodeReport {
     pub subnet: SubnetId,
     pub node_ip: Ipv4Addr,
     pub primary_eni: Option<String>,
+    /// Pod ENIs found attached without DeleteOnTermination (its ModifyNetworkInterfaceAttribute after the attach
+    /// had failed), set again this pass.
+    pub repairs: Vec<EniId>,
 }
 
 impl NodeReport {
@@ -212,9 +217,13 @@ impl NodeReport {
         self.applied && self.pool_size > 0 && self.pool_size >= self.plan.want
     }
 
-    /// The pool was within its targets before the pass, nothing needed doing and nothing was refused.
+    /// The pool was within its targets before the pass, nothing needed doing or repairing, and nothing was
+    /// refused.
     pub fn converged(&self) -> bool {
-        self.plan.ops.is_empty() && self.plan.within_targets() && self.error.is_none()
+        self.plan.ops.is_empty()
+            && self.plan.within_targets()
+            && self.repairs.is_empty()
+            && self.error.is_none()
     }
 }
 
@@ -255,6 +264,22 @@ struct Planned<'a> {
     ops: Vec<PoolOp>,
     /// Why some growth was held back (a subnet out of addresses).
     held: Option<String>,
+    /// Pod ENIs attached without DeleteOnTermination: set it again.
+    repairs: Vec<(EniId, AttachmentId)>,
+}
+
+/// Pod ENIs of the node (ours: device index 0 is the instance's own) attached without DeleteOnTermination, as
+/// when the ModifyNetworkInterfaceAttribute after an attach failed. Such an ENI would outlive its instance.
+fn dot_repairs(observed: &[Observed]) -> Vec<(EniId, AttachmentId)> {
+    observed
+        .iter()
+        .filter(|o| o.view.pods)
+        .filter_map(|o| {
+            let a = o.attachment.as_ref()?;
+            (a.device_index != 0 && !a.delete_on_termination)
+                .then(|| (EniId::new(o.view.id.as_str()), a.id.clone()))
+        })
+        .collect()
 }
 
 /// A subnet EC2 found out of addresses: nobody grows into it until `until`, then one node tries.
@@ -276,6 +301,8 @@ struct Observed {
     /// The ENI's own primary private IP (the pool status carries it for the agent).
     primary_ip: Ipv4Addr,
     subnet: SubnetId,
+    /// Set when attached.
+    attachment: Option<Attachment>,
 }
 
 #[derive(Debug, Default)]
@@ -481,10 +508,16 @@ impl EniReconciler {
                     None => memory.excess_since.remove(&node.name),
                 };
             }
+            let repairs = if refused.is_some() {
+                Vec::new()
+            } else {
+                dot_repairs(&observed)
+            };
             planned.push(Planned {
                 node,
                 instance,
                 observed,
+                repairs,
                 max_pods: max_pods(&limits, self.settings.mode, use_primary),
                 ops: plan.ops.clone(),
                 plan,
@@ -501,13 +534,17 @@ impl EniReconciler {
             let mut releasing = p.node.releasing.clone();
             let result = match &p.refused {
                 Some(why) => Err(why.clone()),
-                None => match self
-                    .apply(p.instance, &mut observed, &mut releasing, &p.ops)
-                    .await
-                {
-                    Err(e) => Err(e.to_string()),
-                    Ok(()) => p.held.clone().map_or(Ok(()), Err),
-                },
+                None => {
+                    let applied = self
+                        .apply(p.instance, &mut observed, &mut releasing, &p.ops)
+                        .await;
+                    // Whatever became of the plan: an ENI that would outlive its instance is worth the call.
+                    let repaired = self.repair(&p.repairs).await;
+                    match (applied, repaired) {
+                        (Err(e), _) | (Ok(()), Err(e)) => Err(e.to_string()),
+                        (Ok(()), Ok(())) => p.held.clone().map_or(Ok(()), Err),
+                    }
+                }
             };
             let finished_at = self.now();
             (p, observed, releasing, result, finished_at)
@@ -539,6 +576,7 @@ impl EniReconciler {
                     subnet: p.instance.subnet.clone(),
                     node_ip: p.instance.private_ip,
                     primary_eni: p.instance.primary_eni().map(|e| e.id.to_string()),
+                    repairs: p.repairs.into_iter().map(|(eni, _)| eni).collect(),
                 }
             })
             .collect();
@@ -733,7 +771,8 @@ impl EniReconciler {
             .enis
             .iter()
             .filter_map(|e| {
-                let device = e.attachment.as_ref()?.device_index;
+                let attachment = e.attachment.clone()?;
+                let device = attachment.device_index;
                 Some(Observed {
                     view: EniView {
                         id: e.id.to_string(),
@@ -745,6 +784,7 @@ impl EniReconciler {
                     mac: e.mac.clone(),
                     primary_ip: e.primary_ip,
                     subnet: e.subnet.clone(),
+                    attachment: Some(attachment),
                 })
             })
             .collect();
@@ -762,6 +802,7 @@ impl EniReconciler {
                     mac: e.mac.clone(),
                     primary_ip: e.primary_ip,
                     subnet: e.subnet.clone(),
+                    attachment: None,
                 });
             }
         }
@@ -794,6 +835,7 @@ impl EniReconciler {
                         mac: eni.mac,
                         primary_ip: eni.primary_ip,
                         subnet: eni.subnet,
+                        attachment: None,
                     });
                 }
                 PoolOp::AttachEni { eni, device_index } => {
@@ -879,6 +921,28 @@ impl EniReconciler {
             }
         }
         Ok(())
+    }
+
+    /// Set DeleteOnTermination on each attachment again; an attachment gone meanwhile needs nothing. Every repair
+    /// is tried; the first failure is returned.
+    async fn repair(&self, repairs: &[(EniId, AttachmentId)]) -> Result<(), CloudError> {
+        let mut first = Ok(());
+        for (eni, attachment) in repairs {
+            match self
+                .cloud
+                .set_delete_on_termination(eni, attachment, true)
+                .await
+            {
+                Ok(()) => tracing::info!(eni = %eni, "DeleteOnTermination set again"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        first
     }
 
     /// CreateNetworkInterface with the deterministic client token, then attach with DeleteOnTermination.

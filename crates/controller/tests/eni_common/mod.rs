@@ -156,7 +156,8 @@ pub async fn converge(
     panic!("no quiet pass in {max_passes} passes; last: {last:#?}");
 }
 
-/// The end state every test asserts: no leaked ENI, no address held twice.
+/// The end state every test asserts: no leaked ENI, every attached one of ours going with its instance, no
+/// address held twice.
 pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
     let snap = sim.snapshot();
     let terminated: BTreeSet<&InstanceId> = snap
@@ -178,6 +179,12 @@ pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
             assert!(
                 !terminated.contains(&a.instance),
                 "ENI {} attached to terminated {}",
+                eni.id,
+                a.instance
+            );
+            assert!(
+                !ours || a.delete_on_termination,
+                "ENI {} attached to {} would outlive it (no DeleteOnTermination)",
                 eni.id,
                 a.instance
             );
@@ -302,6 +309,16 @@ impl Cloud for AliasedTypes {
     ) -> CloudResult<AttachmentId> {
         self.sim
             .attach_network_interface(eni, instance, device_index, delete_on_termination)
+            .await
+    }
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        attachment: &AttachmentId,
+        enabled: bool,
+    ) -> CloudResult<()> {
+        self.sim
+            .set_delete_on_termination(eni, attachment, enabled)
             .await
     }
     async fn detach_network_interface(

@@ -640,7 +640,9 @@ impl Cloud for Ec2Cloud {
                     vcpus: count(i.v_cpu_info().and_then(|v| v.default_v_cpus())),
                     max_enis: count(net.and_then(|n| n.maximum_network_interfaces())),
                     ipv4_per_eni: count(net.and_then(|n| n.ipv4_addresses_per_interface())),
-                    prefix_delegation: i.hypervisor() == Some(&ec2::InstanceTypeHypervisor::Nitro),
+                    // Nitro types report hypervisor `nitro`; bare-metal ones (also built on Nitro) report none.
+                    prefix_delegation: i.hypervisor() == Some(&ec2::InstanceTypeHypervisor::Nitro)
+                        || i.bare_metal() == Some(true),
                 }
             })
             .collect())
@@ -794,20 +796,31 @@ impl Cloud for Ec2Cloud {
         if delete_on_termination {
             // If this fails the ENI stays attached without DeleteOnTermination; the caller sees the error, and
             // the next reconcile observes the attachment and sets the attribute again.
-            self.client
-                .modify_network_interface_attribute()
-                .network_interface_id(eni.as_str())
-                .attachment(
-                    ec2::NetworkInterfaceAttachmentChanges::builder()
-                        .attachment_id(attachment.as_str())
-                        .delete_on_termination(true)
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(classify_sdk_error)?;
+            self.set_delete_on_termination(eni, &attachment, true)
+                .await?;
         }
         Ok(attachment)
+    }
+
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        attachment: &AttachmentId,
+        enabled: bool,
+    ) -> Result<()> {
+        self.client
+            .modify_network_interface_attribute()
+            .network_interface_id(eni.as_str())
+            .attachment(
+                ec2::NetworkInterfaceAttachmentChanges::builder()
+                    .attachment_id(attachment.as_str())
+                    .delete_on_termination(enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(classify_sdk_error)?;
+        Ok(())
     }
 
     async fn detach_network_interface(&self, attachment: &AttachmentId, force: bool) -> Result<()> {

@@ -101,7 +101,11 @@ async fn describes_are_scoped_paginated_and_converted() -> anyhow::Result<()> {
     assert_eq!(by_id, by_vpc);
 
     let types = cloud
-        .describe_instance_types(&["m5.large".to_owned(), "t2.micro".to_owned()])
+        .describe_instance_types(&[
+            "m5.large".to_owned(),
+            "t2.micro".to_owned(),
+            "m5.metal".to_owned(),
+        ])
         .await?;
     let m5 = types
         .iter()
@@ -114,6 +118,12 @@ async fn describes_are_scoped_paginated_and_converted() -> anyhow::Result<()> {
         .find(|t| t.instance_type == "t2.micro")
         .unwrap();
     assert!(!t2.prefix_delegation);
+    // Bare metal reports no hypervisor, and is Nitro all the same.
+    let metal = types
+        .iter()
+        .find(|t| t.instance_type == "m5.metal")
+        .unwrap();
+    assert!(metal.prefix_delegation, "{metal:?}");
 
     // Never unfiltered: refused before any request.
     let err = cloud

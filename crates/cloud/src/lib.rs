@@ -76,7 +76,9 @@ pub trait Cloud: Send + Sync + std::fmt::Debug {
         &self,
         request: &CreateEniRequest,
     ) -> Result<NetworkInterface>;
-    /// AttachNetworkInterface, then (if asked) ModifyNetworkInterfaceAttribute to set DeleteOnTermination.
+    /// AttachNetworkInterface, then (if asked) ModifyNetworkInterfaceAttribute to set DeleteOnTermination. When
+    /// the second call fails, the ENI stays attached without it (as in EC2); [`Cloud::set_delete_on_termination`]
+    /// repairs that.
     async fn attach_network_interface(
         &self,
         eni: &EniId,
@@ -84,6 +86,14 @@ pub trait Cloud: Send + Sync + std::fmt::Debug {
         device_index: u32,
         delete_on_termination: bool,
     ) -> Result<AttachmentId>;
+    /// ModifyNetworkInterfaceAttribute `Attachment.DeleteOnTermination` of the ENI's current attachment
+    /// (`InvalidAttachmentID.NotFound` when `attachment` is not it).
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        attachment: &AttachmentId,
+        enabled: bool,
+    ) -> Result<()>;
     /// DetachNetworkInterface.
     async fn detach_network_interface(&self, attachment: &AttachmentId, force: bool) -> Result<()>;
     /// DeleteNetworkInterface (must be `available`).

@@ -548,6 +548,19 @@ impl<C: Cloud> Cloud for RateLimitedCloud<C> {
         .await
     }
 
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        attachment: &AttachmentId,
+        enabled: bool,
+    ) -> Result<()> {
+        let c = &self.shared.inner;
+        self.run(&[Operation::ModifyNetworkInterfaceAttribute], true, || {
+            c.set_delete_on_termination(eni, attachment, enabled)
+        })
+        .await
+    }
+
     async fn detach_network_interface(&self, attachment: &AttachmentId, force: bool) -> Result<()> {
         let c = &self.shared.inner;
         self.run(&[Operation::DetachNetworkInterface], true, || {

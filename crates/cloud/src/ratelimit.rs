@@ -137,9 +137,9 @@ impl ControllerMode {
 impl Operation {
     /// Whether a controller in `mode` issues this call. Every describe in both modes (read-only; EC2 cannot
     /// scope them to resources anyway) and ModifyNetworkInterfaceAttribute (routed: source/dest check off; eni:
-    /// DeleteOnTermination after an attach); routed mode adds the route calls; eni mode adds creating (with
-    /// tags on create), attaching, detaching (an ENI emptied by releases) and deleting ENIs, and assigning and
-    /// unassigning addresses and prefixes.
+    /// DeleteOnTermination after an attach, and again where that failed); routed mode adds the route calls; eni
+    /// mode adds creating (with tags on create), attaching, detaching (an ENI emptied by releases) and deleting
+    /// ENIs, and assigning and unassigning addresses and prefixes.
     pub fn used_in(self, mode: ControllerMode) -> bool {
         match self {
             Operation::DescribeVpcs

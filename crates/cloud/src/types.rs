@@ -189,7 +189,8 @@ pub struct InstanceTypeInfo {
     pub max_enis: u32,
     /// IPv4 addresses per ENI, the primary included.
     pub ipv4_per_eni: u32,
-    /// Nitro instances support /28 prefix delegation.
+    /// EC2 delegates /28 prefixes to the type's ENIs: Nitro types (`Hypervisor` = `nitro`) and bare-metal
+    /// types (no hypervisor, built on Nitro). Xen types refuse prefixes.
     pub prefix_delegation: bool,
 }
 

@@ -158,6 +158,14 @@ impl Cloud for ThrottlingStub {
         }
         Ok(AttachmentId::new("eni-attach-1"))
     }
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        _: &AttachmentId,
+        _: bool,
+    ) -> Result<()> {
+        self.call(Operation::ModifyNetworkInterfaceAttribute, eni.to_string())
+    }
     async fn detach_network_interface(&self, a: &AttachmentId, _: bool) -> Result<()> {
         self.call(Operation::DetachNetworkInterface, a.to_string())
     }

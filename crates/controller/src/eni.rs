@@ -6,9 +6,12 @@
 //!   pass(nodes) ─► DescribeInstances(ids) + DescribeNetworkInterfaces(tag cluster) ─► per node: EniView[]
 //!        │
 //!        ├─► core::eni_pool::plan_pool per node ─► sort by deficit, largest first
+//!        │     (a node whose type cannot have the mode's addresses, prefixes on non-Nitro, is refused: no call;
+//!        │      growth into a subnet EC2 found out of addresses waits 5 s, doubling to 5 min, then one node tries)
 //!        │
 //!        ├─► apply every node's ops concurrently, in that order, through the given Cloud (the rate-aware queue);
 //!        │     CreateEni = CreateNetworkInterface(client token, tags) + Attach(DeleteOnTermination);
+//!        │     then DeleteOnTermination set again on any pod ENI attached without it (a failed modify);
 //!        │     an ENI emptied by releases is detached, and deleted by the next pass;
 //!        │     each node's NodeReport handed over as its ops finish (`pass_with`), before the pass ends
 //!        │
@@ -37,8 +40,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use underlay_api::{Pool, PoolEni, UnderlayNodeStatus};
 use underlay_cloud::{
-    AddressRequest, Cloud, CloudError, CreateEniRequest, EniFilter, EniId, EniStatus, Instance,
-    InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId, SubnetId, Tags,
+    AddressRequest, Attachment, AttachmentId, Cloud, CloudError, CreateEniRequest, EniFilter,
+    EniId, EniStatus, Instance, InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId,
+    SubnetId, Tags,
 };
 use underlay_core::eni_pool::{
     AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Releasing, Targets, Used,
@@ -52,6 +56,11 @@ pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_secs(30);
 /// Default time an `available` ENI of a gone node is left alone before it is deleted: longer than a create and
 /// an attach take, so an ENI between the two is never collected.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(120);
+/// Default first wait before growing into a subnet again after EC2 found it out of addresses
+/// (`InsufficientFreeAddressesInSubnet`, `InsufficientCidrBlocks`); it doubles while the subnet stays full.
+pub const DEFAULT_SUBNET_BACKOFF: Duration = Duration::from_secs(5);
+/// Default cap of that wait.
+pub const DEFAULT_SUBNET_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Instance ids per DescribeInstances call (EC2 takes up to 200 values per filter).
 const DESCRIBE_CHUNK: usize = 100;
 
@@ -70,6 +79,10 @@ pub struct EniSettings {
     pub security_groups: Vec<SecurityGroupId>,
     pub release_delay: Duration,
     pub gc_grace: Duration,
+    /// After a subnet answers that it is out of addresses, no node grows into it for this long; the wait
+    /// doubles with each further refusal up to `subnet_backoff_max` and ends with the first success.
+    pub subnet_backoff: Duration,
+    pub subnet_backoff_max: Duration,
 }
 
 impl EniSettings {
@@ -82,6 +95,8 @@ impl EniSettings {
             security_groups: Vec::new(),
             release_delay: DEFAULT_RELEASE_DELAY,
             gc_grace: DEFAULT_GC_GRACE,
+            subnet_backoff: DEFAULT_SUBNET_BACKOFF,
+            subnet_backoff_max: DEFAULT_SUBNET_BACKOFF_MAX,
         }
     }
 }
@@ -187,8 +202,10 @@ pub struct NodeReport {
     pub instance: InstanceId,
     /// The plan the pass applied (want/have before the pass).
     pub plan: PoolPlan,
-    /// Every op succeeded (or there were none).
+    /// Every op succeeded (or there were none), and none was held back.
     pub applied: bool,
+    /// The first failed op's error, or why the node's ops were not tried (e.g. prefix mode on a non-Nitro
+    /// instance type: refused up front, no EC2 call for the node).
     pub error: Option<String>,
     /// The pool after the pass, in the UnderlayNode status's terms.
     #[serde(skip)]
@@ -202,6 +219,9 @@ pub struct NodeReport {
     pub subnet: SubnetId,
     pub node_ip: Ipv4Addr,
     pub primary_eni: Option<String>,
+    /// Pod ENIs found attached without DeleteOnTermination (its ModifyNetworkInterfaceAttribute after the attach
+    /// had failed), set again this pass.
+    pub repairs: Vec<EniId>,
 }
 
 impl NodeReport {
@@ -210,9 +230,13 @@ impl NodeReport {
         self.applied && self.pool_size > 0 && self.pool_size >= self.plan.want
     }
 
-    /// The pool was within its targets before the pass and nothing needed doing.
+    /// The pool was within its targets before the pass, nothing needed doing or repairing, and nothing was
+    /// refused.
     pub fn converged(&self) -> bool {
-        self.plan.ops.is_empty() && self.plan.within_targets()
+        self.plan.ops.is_empty()
+            && self.plan.within_targets()
+            && self.repairs.is_empty()
+            && self.error.is_none()
     }
 }
 
@@ -239,6 +263,49 @@ impl EniPassReport {
     }
 }
 
+/// One live node, planned.
+struct Planned<'a> {
+    node: &'a EniNode,
+    instance: &'a Instance,
+    observed: Vec<Observed>,
+    plan: PoolPlan,
+    use_primary: bool,
+    max_pods: u32,
+    /// Why none of the node's plan is applied (the address mode is impossible on its instance type).
+    refused: Option<String>,
+    /// The plan's ops this pass applies: all of them, or all but the growth into subnets backing off.
+    ops: Vec<PoolOp>,
+    /// Why some growth was held back (a subnet out of addresses).
+    held: Option<String>,
+    /// Pod ENIs attached without DeleteOnTermination: set it again.
+    repairs: Vec<(EniId, AttachmentId)>,
+}
+
+/// Pod ENIs of the node (ours: device index 0 is the instance's own) attached without DeleteOnTermination, as
+/// when the ModifyNetworkInterfaceAttribute after an attach failed. Such an ENI would outlive its instance.
+fn dot_repairs(observed: &[Observed]) -> Vec<(EniId, AttachmentId)> {
+    observed
+        .iter()
+        .filter(|o| o.view.pods)
+        .filter_map(|o| {
+            let a = o.attachment.as_ref()?;
+            (a.device_index != 0 && !a.delete_on_termination)
+                .then(|| (EniId::new(o.view.id.as_str()), a.id.clone()))
+        })
+        .collect()
+}
+
+/// A subnet EC2 found out of addresses: nobody grows into it until `until`, then one node tries.
+#[derive(Debug, Clone)]
+struct SubnetBackoff {
+    /// Refusals in a row, each after the previous wait ended.
+    refusals: u32,
+    /// On the reconciler's clock.
+    until: Duration,
+    /// The last refusal's AWS error code.
+    code: String,
+}
+
 /// An ENI as the pass sees it: the planner's view plus what the status needs.
 #[derive(Debug, Clone)]
 struct Observed {
@@ -247,6 +314,8 @@ struct Observed {
     /// The ENI's own primary private IP (the pool status carries it for the agent).
     primary_ip: Ipv4Addr,
     subnet: SubnetId,
+    /// Set when attached.
+    attachment: Option<Attachment>,
 }
 
 #[derive(Debug, Default)]
@@ -258,6 +327,8 @@ struct Memory {
     /// When each `available` cluster ENI was first seen so.
     available_since: BTreeMap<EniId, Duration>,
     subnet_cidrs: BTreeMap<SubnetId, Ipv4Net>,
+    /// Subnets EC2 last found out of addresses, and until when nothing grows into them.
+    subnet_backoff: BTreeMap<SubnetId, SubnetBackoff>,
     /// Limits of instance types the built-in table lacks, from DescribeInstanceTypes.
     described_types: BTreeMap<String, PoolLimits>,
 }
@@ -338,6 +409,7 @@ impl EniReconciler {
                     max_enis: t.max_enis,
                     ipv4_per_eni: t.ipv4_per_eni,
                     vcpus: t.vcpus,
+                    prefix_delegation: t.prefix_delegation,
                 },
             );
         }
@@ -430,7 +502,7 @@ impl EniReconciler {
             let views: Vec<EniView> = observed.iter().map(|o| o.view.clone()).collect();
             let use_primary = self.use_primary(&instance.zone);
             let excess_since = self.memory().excess_since.get(&node.name).copied();
-            let plan = plan_pool(&PoolInput {
+            let mut plan = plan_pool(&PoolInput {
                 limits,
                 mode: self.settings.mode,
                 targets: self.settings.targets,
@@ -443,6 +515,18 @@ impl EniReconciler {
                 excess_since,
                 release_delay: self.settings.release_delay,
             });
+            // Refused up front: every call of this node's plan would fail, pass after pass.
+            let refused = (!limits.supports(self.settings.mode)).then(|| {
+                format!(
+                    "{} is not a Nitro instance type: prefix delegation needs Nitro; use secondary IPs for this \
+                     node group (a controller without prefix delegation whose node selector selects it)",
+                    instance.instance_type
+                )
+            });
+            if refused.is_some() {
+                plan.ops.clear();
+                plan.excess_since = None;
+            }
             {
                 let mut memory = self.memory();
                 match plan.excess_since {
@@ -450,11 +534,27 @@ impl EniReconciler {
                     None => memory.excess_since.remove(&node.name),
                 };
             }
-            let max_pods = max_pods(&limits, self.settings.mode, use_primary);
-            planned.push((node, instance, observed, plan, use_primary, max_pods));
+            let repairs = if refused.is_some() {
+                Vec::new()
+            } else {
+                dot_repairs(&observed)
+            };
+            planned.push(Planned {
+                node,
+                instance,
+                observed,
+                repairs,
+                max_pods: max_pods(&limits, self.settings.mode, use_primary),
+                ops: plan.ops.clone(),
+                plan,
+                use_primary,
+                refused,
+                held: None,
+            });
         }
         // Largest deficit first: the queue serves callers of a bucket in arrival order.
-        planned.sort_by_key(|p| std::cmp::Reverse(p.3.deficit()));
+        planned.sort_by_key(|p| std::cmp::Reverse(p.plan.deficit()));
+        self.hold_growth(&mut planned, now);
         // Subnet CIDRs (for the status) are learnt while the work runs; a node is reported once its ops are done
         // and they are known.
         let subnets = self
@@ -462,41 +562,52 @@ impl EniReconciler {
             .map(|r| r.map_err(|e| e.to_string()))
             .shared();
         let finished = &finished;
-        let applies = planned.into_iter().map(
-            |(node, instance, mut observed, plan, use_primary, max_pods)| {
-                let subnets = subnets.clone();
-                async move {
-                    let mut releasing = node.releasing.clone();
-                    let result = self
-                        .apply(instance, &mut observed, &mut releasing, &plan.ops)
-                        .await;
-                    let finished_at = self.now();
-                    let _ = subnets.await;
-                    let (pool, pool_size) =
-                        self.pool_status(&observed, use_primary, &releasing, node);
-                    let report = NodeReport {
-                        name: node.name.clone(),
-                        instance: node.instance.clone(),
-                        plan,
-                        applied: result.is_ok(),
-                        error: result.err().map(|e| e.to_string()),
-                        pool,
-                        pool_size,
-                        max_pods,
-                        finished_at,
-                        zone: instance.zone.clone(),
-                        subnet: instance.subnet.clone(),
-                        node_ip: instance.private_ip,
-                        primary_eni: instance.primary_eni().map(|e| e.id.to_string()),
-                    };
-                    if let Some(tx) = finished {
-                        // A receiver gone (a caller that stopped listening) changes nothing for the pass.
-                        let _ = tx.send(report.clone());
+        let applies = planned.into_iter().map(|p| {
+            let subnets = subnets.clone();
+            async move {
+                let mut observed = p.observed.clone();
+                let mut releasing = p.node.releasing.clone();
+                let result = match &p.refused {
+                    Some(why) => Err(why.clone()),
+                    None => {
+                        let applied = self
+                            .apply(p.instance, &mut observed, &mut releasing, &p.ops)
+                            .await;
+                        // Whatever became of the plan: an ENI that would outlive its instance is worth the call.
+                        let repaired = self.repair(&p.repairs).await;
+                        match (applied, repaired) {
+                            (Err(e), _) | (Ok(()), Err(e)) => Err(e.to_string()),
+                            (Ok(()), Ok(())) => p.held.clone().map_or(Ok(()), Err),
+                        }
                     }
-                    report
+                };
+                let finished_at = self.now();
+                let _ = subnets.await;
+                let (pool, pool_size) =
+                    self.pool_status(&observed, p.use_primary, &releasing, p.node);
+                let report = NodeReport {
+                    name: p.node.name.clone(),
+                    instance: p.node.instance.clone(),
+                    plan: p.plan,
+                    applied: result.is_ok(),
+                    error: result.err(),
+                    pool,
+                    pool_size,
+                    max_pods: p.max_pods,
+                    finished_at,
+                    zone: p.instance.zone.clone(),
+                    subnet: p.instance.subnet.clone(),
+                    node_ip: p.instance.private_ip,
+                    primary_eni: p.instance.primary_eni().map(|e| e.id.to_string()),
+                    repairs: p.repairs.into_iter().map(|(eni, _)| eni).collect(),
+                };
+                if let Some(tx) = finished {
+                    // A receiver gone (a caller that stopped listening) changes nothing for the pass.
+                    let _ = tx.send(report.clone());
                 }
-            },
-        );
+                report
+            }
+        });
         let (applied, subnets) = futures::join!(futures::future::join_all(applies), subnets);
         if let Err(e) = subnets {
             report.errors.push(format!("DescribeSubnets: {e}"));
@@ -506,6 +617,134 @@ impl EniReconciler {
         let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();
         self.collect(&cluster_enis, &live, &mut report).await;
         report
+    }
+
+    /// The subnet pod ENIs of `instance` are created in: the zone's ENI subnet, else the node's own.
+    fn eni_subnet(&self, instance: &Instance) -> SubnetId {
+        self.settings
+            .subnets
+            .get(&instance.zone)
+            .cloned()
+            .unwrap_or_else(|| instance.subnet.clone())
+    }
+
+    /// The subnet an op takes new addresses from, if it takes any.
+    fn growth_subnet(
+        &self,
+        op: &PoolOp,
+        instance: &Instance,
+        observed: &[Observed],
+    ) -> Option<SubnetId> {
+        match op {
+            PoolOp::CreateEni { .. } => Some(self.eni_subnet(instance)),
+            PoolOp::AssignIps { eni, .. } | PoolOp::AssignPrefixes { eni, .. } => observed
+                .iter()
+                .find(|o| &o.view.id == eni)
+                .map(|o| o.subnet.clone()),
+            _ => None,
+        }
+    }
+
+    /// Hold back growth into subnets that are backing off. Once a subnet's wait is over, only the first node
+    /// (largest deficit) that grows into it tries this pass; the others wait for its answer.
+    fn hold_growth(&self, planned: &mut [Planned<'_>], now: Duration) {
+        let memory = self.memory();
+        if memory.subnet_backoff.is_empty() {
+            return;
+        }
+        let mut trying: BTreeSet<SubnetId> = BTreeSet::new();
+        for p in planned.iter_mut().filter(|p| p.refused.is_none()) {
+            let mut held: BTreeMap<SubnetId, String> = BTreeMap::new();
+            let mut ops = Vec::with_capacity(p.ops.len());
+            for op in &p.ops {
+                let hold = self
+                    .growth_subnet(op, p.instance, &p.observed)
+                    .and_then(|s| {
+                        let b = memory.subnet_backoff.get(&s)?;
+                        let why = if now < b.until {
+                            format!(
+                                "subnet {s} is out of addresses ({}): not growing into it for another {}s",
+                                b.code,
+                                (b.until - now).as_secs_f64().ceil()
+                            )
+                        } else if trying.contains(&s) || held.contains_key(&s) {
+                            format!(
+                                "subnet {s} is out of addresses ({}): another node tries it first",
+                                b.code
+                            )
+                        } else {
+                            return None;
+                        };
+                        Some((s, why))
+                    });
+                match hold {
+                    Some((s, why)) => {
+                        held.entry(s).or_insert(why);
+                    }
+                    None => ops.push(op.clone()),
+                }
+            }
+            // The node that tries a subnet this pass is the first one whose growth into it is not held.
+            for op in &ops {
+                if let Some(s) = self.growth_subnet(op, p.instance, &p.observed)
+                    && memory.subnet_backoff.contains_key(&s)
+                {
+                    trying.insert(s);
+                }
+            }
+            if !held.is_empty() {
+                p.ops = ops;
+                p.held = Some(held.into_values().collect::<Vec<_>>().join("; "));
+            }
+        }
+    }
+
+    /// An op that takes addresses from `subnet` succeeded: the subnet has room again.
+    fn subnet_has_room(&self, subnet: &SubnetId) {
+        self.memory().subnet_backoff.remove(subnet);
+    }
+
+    /// EC2 found `subnet` out of addresses: start waiting, or wait twice as long when the wait just ended
+    /// (a refusal while already waiting came from the same moment and counts once).
+    fn subnet_full(&self, subnet: &SubnetId, e: &CloudError) {
+        let now = self.now();
+        let (first, max) = (
+            self.settings.subnet_backoff,
+            self.settings.subnet_backoff_max,
+        );
+        let mut memory = self.memory();
+        let b = memory
+            .subnet_backoff
+            .entry(subnet.clone())
+            .or_insert_with(|| SubnetBackoff {
+                refusals: 0,
+                until: Duration::ZERO,
+                code: String::new(),
+            });
+        b.code.clone_from(&e.code);
+        if b.refusals > 0 && now < b.until {
+            return;
+        }
+        b.refusals += 1;
+        let wait = first
+            .saturating_mul(1u32.checked_shl(b.refusals - 1).unwrap_or(u32::MAX))
+            .min(max);
+        b.until = now + wait;
+        tracing::info!(
+            subnet = %subnet,
+            code = %e.code,
+            wait_s = wait.as_secs(),
+            "subnet out of addresses: backing off"
+        );
+    }
+
+    /// Note what a growth op's answer says about its subnet.
+    fn growth_answer<T>(&self, subnet: &SubnetId, result: &Result<T, CloudError>) {
+        match result {
+            Ok(_) => self.subnet_has_room(subnet),
+            Err(e) if e.is_insufficient_addresses() => self.subnet_full(subnet, e),
+            Err(_) => {}
+        }
     }
 
     /// DescribeInstances for some ids. EC2 fails the whole call when one id is unknown; then ask one by one.
@@ -565,7 +804,8 @@ impl EniReconciler {
             .enis
             .iter()
             .filter_map(|e| {
-                let device = e.attachment.as_ref()?.device_index;
+                let attachment = e.attachment.clone()?;
+                let device = attachment.device_index;
                 Some(Observed {
                     view: EniView {
                         id: e.id.to_string(),
@@ -577,6 +817,7 @@ impl EniReconciler {
                     mac: e.mac.clone(),
                     primary_ip: e.primary_ip,
                     subnet: e.subnet.clone(),
+                    attachment: Some(attachment),
                 })
             })
             .collect();
@@ -594,6 +835,7 @@ impl EniReconciler {
                     mac: e.mac.clone(),
                     primary_ip: e.primary_ip,
                     subnet: e.subnet.clone(),
+                    attachment: None,
                 });
             }
         }
@@ -626,6 +868,7 @@ impl EniReconciler {
                         mac: eni.mac,
                         primary_ip: eni.primary_ip,
                         subnet: eni.subnet,
+                        attachment: None,
                     });
                 }
                 PoolOp::AttachEni { eni, device_index } => {
@@ -642,22 +885,32 @@ impl EniReconciler {
                     }
                 }
                 PoolOp::AssignIps { eni, count } => {
+                    let subnet = self.growth_subnet(op, instance, observed);
                     let added = self
                         .cloud
                         .assign_private_ips(
                             &EniId::new(eni.as_str()),
                             &AddressRequest::Count(*count),
                         )
-                        .await?;
+                        .await;
+                    if let Some(s) = &subnet {
+                        self.growth_answer(s, &added);
+                    }
+                    let added = added?;
                     if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
                         o.view.addresses.extend(added);
                     }
                 }
                 PoolOp::AssignPrefixes { eni, count } => {
+                    let subnet = self.growth_subnet(op, instance, observed);
                     let added = self
                         .cloud
                         .assign_prefixes(&EniId::new(eni.as_str()), &AddressRequest::Count(*count))
-                        .await?;
+                        .await;
+                    if let Some(s) = &subnet {
+                        self.growth_answer(s, &added);
+                    }
+                    let added = added?;
                     if let Some(o) = observed.iter_mut().find(|o| &o.view.id == eni) {
                         o.view.prefixes.extend(added);
                     }
@@ -718,6 +971,28 @@ impl EniReconciler {
         Ok(())
     }
 
+    /// Set DeleteOnTermination on each attachment again; an attachment gone meanwhile needs nothing. Every repair
+    /// is tried; the first failure is returned.
+    async fn repair(&self, repairs: &[(EniId, AttachmentId)]) -> Result<(), CloudError> {
+        let mut first = Ok(());
+        for (eni, attachment) in repairs {
+            match self
+                .cloud
+                .set_delete_on_termination(eni, attachment, true)
+                .await
+            {
+                Ok(()) => tracing::info!(eni = %eni, "DeleteOnTermination set again"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        first
+    }
+
     /// CreateNetworkInterface with the deterministic client token, then attach with DeleteOnTermination.
     async fn create(
         &self,
@@ -726,12 +1001,7 @@ impl EniReconciler {
         units: u32,
     ) -> Result<NetworkInterface, CloudError> {
         let primary = instance.primary_eni();
-        let subnet = self
-            .settings
-            .subnets
-            .get(&instance.zone)
-            .cloned()
-            .unwrap_or_else(|| instance.subnet.clone());
+        let subnet = self.eni_subnet(instance);
         let security_groups = if self.settings.security_groups.is_empty() {
             primary
                 .map(|p| p.security_groups.clone())
@@ -765,7 +1035,9 @@ impl EniReconciler {
         let bump = || {
             *self.memory().generation.entry(key.clone()).or_default() = generation + 1;
         };
-        let eni = match self.cloud.create_network_interface(&request).await {
+        let created = self.cloud.create_network_interface(&request).await;
+        self.growth_answer(&request.subnet, &created);
+        let eni = match created {
             Ok(eni) => eni,
             Err(e) => {
                 if e.code == "IdempotentParameterMismatch" {

@@ -15,6 +15,7 @@ use underlay_cloud::{
 use underlay_controller::eni::{EniNode, EniReconciler, EniSettings, client_token};
 use underlay_core::eni_pool::{AddressMode, Targets, Used};
 use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
+use underlay_vpcsim::RunInstance;
 
 fn settings() -> EniSettings {
     EniSettings {
@@ -529,5 +530,204 @@ async fn pass_with_hands_over_each_node_as_soon_as_its_ops_are_done() {
     let mut names: Vec<&str> = report.nodes.iter().map(|n| n.name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["node-0", "node-1"]);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+}
+
+/// Prefix delegation on a non-Nitro type fails on every call, forever: such a node is refused up front (no EC2
+/// mutation for it, its error says why, its max pods are the host-network pods only) and the others carry on.
+/// Whether a type is Nitro comes from the built-in table, or from DescribeInstanceTypes for a type the table
+/// lacks.
+#[tokio::test(start_paused = true)]
+async fn prefix_mode_refuses_non_nitro_nodes_up_front_and_serves_the_others() {
+    for learnt in [false, true] {
+        let mut w = mk_world(9, None);
+        w.add_nodes(2, "m5.large");
+        w.add_node("c4.large");
+        w.add_node("t2.medium");
+        let xen = if learnt {
+            ["x9.large", "x9.medium"]
+        } else {
+            ["c4.large", "t2.medium"]
+        };
+        let cloud: std::sync::Arc<dyn Cloud> = if learnt {
+            std::sync::Arc::new(AliasedTypes::new(
+                w.sim.clone(),
+                &[
+                    ("c4.large", "x9.large"),
+                    ("t2.medium", "x9.medium"),
+                    ("m5.large", "x9n.large"),
+                ],
+            ))
+        } else {
+            w.sim.clone()
+        };
+        let r = EniReconciler::new(
+            cloud,
+            EniSettings {
+                mode: AddressMode::Prefixes,
+                targets: Targets {
+                    warm_prefix_target: Some(1),
+                    ..Targets::default()
+                },
+                ..settings()
+            },
+        );
+        let before = w.sim.snapshot();
+        for _ in 0..4 {
+            let report = r.pass(&w.nodes).await;
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(report.nodes.len(), 4);
+            carry(&mut w.nodes, &report);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let report = r.pass(&w.nodes).await;
+        let by_name = |name: &str| report.nodes.iter().find(|n| n.name == name).unwrap();
+        for n in ["node-0", "node-1"].map(by_name) {
+            assert!(n.converged() && n.ready(), "{n:?}");
+            assert_eq!(n.max_pods, 110);
+        }
+        for (n, ty) in ["node-2", "node-3"].map(by_name).into_iter().zip(xen) {
+            let error = n.error.as_deref().unwrap_or_default();
+            assert!(
+                error.contains("is not a Nitro instance type: prefix delegation needs Nitro"),
+                "{n:?}"
+            );
+            assert!(error.starts_with(ty), "{error}");
+            assert!(n.plan.ops.is_empty() && !n.applied && !n.converged() && !n.ready());
+            assert_eq!(n.max_pods, 2, "no prefixes, so no pod addresses: {n:?}");
+            assert_eq!(n.pool_size, 0);
+        }
+        assert!(!report.quiet());
+        // No EC2 call ever touched the refused nodes: their only ENIs are the primaries as launched, and EC2 never
+        // refused a request.
+        let snap = w.sim.snapshot();
+        for node in &w.nodes[2..] {
+            let was: Vec<_> = before
+                .enis
+                .iter()
+                .filter(|e| {
+                    e.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.instance == node.instance)
+                })
+                .collect();
+            let now: Vec<_> = snap
+                .enis
+                .iter()
+                .filter(|e| {
+                    e.attachment
+                        .as_ref()
+                        .is_some_and(|a| a.instance == node.instance)
+                })
+                .collect();
+            assert_eq!(was, now);
+            assert!(
+                !snap
+                    .enis
+                    .iter()
+                    .any(|e| e.tags.get(TAG_NODE) == Some(&node.instance.to_string())),
+                "an ENI was created for a refused node"
+            );
+        }
+        let c = w.sim.counters();
+        assert!(c.errors.is_empty(), "EC2 refused calls: {:?}", c.errors);
+        assert_no_leaks_and_no_duplicates(&w.sim);
+    }
+}
+
+/// A subnet out of addresses is not asked again on every pass: after EC2's refusal nothing grows into it for
+/// 5 s, then one node tries, and each further refusal doubles the wait (up to 5 min). Growth resumes with the
+/// first success once addresses are freed.
+#[tokio::test(start_paused = true)]
+async fn a_full_subnet_is_retried_on_a_doubling_schedule_and_growth_resumes_once_freed() {
+    let mut w = mk_world(10, None);
+    // 27 usable addresses: two nodes' primaries and a foreign ENI with 20 secondaries leave 4 free, short of
+    // the 9 each node's primary ENI wants.
+    let tiny = w
+        .sim
+        .create_subnet(&w.vpc, ZONES[0], net("198.18.96.0/27"))
+        .unwrap();
+    for n in 0..2 {
+        let i = w
+            .sim
+            .run_instance(RunInstance::new("m5.large", &tiny))
+            .unwrap();
+        w.nodes
+            .push(EniNode::new(format!("node-{n}"), i.id, Used::Count(0)));
+    }
+    let filler = w
+        .sim
+        .create_network_interface(&CreateEniRequest {
+            subnet: tiny.clone(),
+            security_groups: Vec::new(),
+            description: "someone else's".to_owned(),
+            tags: Tags::new(),
+            client_token: String::new(),
+            secondary_ip_count: 20,
+            prefix_count: 0,
+        })
+        .await
+        .unwrap();
+    let calls = || {
+        let c = w.sim.counters();
+        c.calls_of(Operation::AssignPrivateIpAddresses)
+            + c.calls_of(Operation::CreateNetworkInterface)
+    };
+    let before = calls();
+    let growth = || calls() - before;
+    let r = EniReconciler::new(w.sim.clone(), settings());
+    let s = r.settings().clone();
+    assert_eq!(
+        (s.subnet_backoff, s.subnet_backoff_max),
+        (Duration::from_secs(5), Duration::from_secs(300))
+    );
+    let first = r.pass(&w.nodes).await;
+    assert_eq!(growth(), 2, "one refused assign per node");
+    for n in &first.nodes {
+        assert!(
+            n.error
+                .as_deref()
+                .is_some_and(|e| e.contains("InsufficientFreeAddressesInSubnet")),
+            "{n:?}"
+        );
+    }
+    // A pass every 5 s for 10 minutes.
+    let passes = 120u32;
+    let mut held = 0;
+    for _ in 0..passes {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let report = r.pass(&w.nodes).await;
+        for n in &report.nodes {
+            assert!(!n.applied && n.pool_size == 0, "{n:?}");
+            let e = n.error.as_deref().unwrap_or_default();
+            assert!(e.contains("InsufficientFreeAddressesInSubnet"), "{e}");
+            held += usize::from(e.contains(&format!("subnet {tiny} is out of addresses")));
+        }
+    }
+    // The waits since the first refusal: 5, 10, 20, … 300 s. At most one try per wait that ended.
+    let elapsed = Duration::from_secs(5) * passes;
+    let mut ended = 0;
+    let (mut wait, mut at) = (s.subnet_backoff, Duration::ZERO);
+    while at + wait <= elapsed {
+        at += wait;
+        ended += 1;
+        wait = (wait * 2).min(s.subnet_backoff_max);
+    }
+    let tries = growth() - 2;
+    assert!(
+        tries <= ended && tries >= ended - 1,
+        "{tries} tries in {elapsed:?}; the schedule allows {ended} (without backoff: {})",
+        2 * passes
+    );
+    assert!(
+        held >= 2 * passes as usize - tries as usize,
+        "passes that held back: {held}"
+    );
+    // Addresses come free: the next try succeeds and every node grows.
+    w.sim.delete_network_interface(&filler.id).await.unwrap();
+    let report = converge(&r, &mut w.nodes, 70).await;
+    for n in &report.nodes {
+        assert_eq!(n.pool_size, 9, "{n:?}");
+    }
     assert_no_leaks_and_no_duplicates(&w.sim);
 }

@@ -251,3 +251,66 @@ async fn injected_errors_and_throttling_then_recovery() {
     // The throttled describes and assigns were retried by the queue, not surfaced as failures only.
     assert!(w.sim.describe_vpc(&w.vpc).await.is_ok());
 }
+
+/// The ModifyNetworkInterfaceAttribute that sets DeleteOnTermination after an attach fails once: the ENI is
+/// attached without it (it would outlive its instance) until the next pass sets it again.
+#[tokio::test(start_paused = true)]
+async fn a_failed_delete_on_termination_is_set_again_by_the_next_pass() {
+    let mut w = mk_world(41, None);
+    w.add_nodes(1, "m5.large");
+    // Five pods: the warm ENI target asks for a second ENI.
+    w.nodes[0].used = underlay_core::eni_pool::Used::Count(5);
+    let r = controller(&w.sim, settings(Targets::default()));
+    let dot = || -> Vec<(underlay_cloud::EniId, bool)> {
+        w.sim
+            .snapshot()
+            .enis
+            .iter()
+            .filter_map(|e| {
+                let a = e.attachment.as_ref()?;
+                (a.device_index != 0).then(|| (e.id.clone(), a.delete_on_termination))
+            })
+            .collect()
+    };
+    let modifies = || {
+        w.sim
+            .counters()
+            .calls_of(Operation::ModifyNetworkInterfaceAttribute)
+    };
+    // Half of a non-idempotent pair: the queue does not retry it.
+    w.sim
+        .fail_next(Operation::ModifyNetworkInterfaceAttribute, "InternalError");
+    let first = r.pass(&w.nodes).await;
+    assert!(
+        first.nodes[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("InternalError")),
+        "{:?}",
+        first.nodes[0]
+    );
+    let attached = dot();
+    assert_eq!(attached.len(), 1);
+    let (eni, set) = attached[0].clone();
+    assert!(!set, "the failed modify set DeleteOnTermination");
+    assert_eq!(modifies(), 1);
+
+    let second = r.pass(&w.nodes).await;
+    let n = &second.nodes[0];
+    assert_eq!(n.repairs, vec![eni.clone()]);
+    assert!(n.applied && n.error.is_none() && !n.converged(), "{n:?}");
+    assert_eq!(dot(), vec![(eni.clone(), true)]);
+    assert_eq!(modifies(), 2, "one call repairs it");
+    let third = r.pass(&w.nodes).await;
+    assert!(third.quiet(), "{third:?}");
+    assert_eq!(modifies(), 2);
+    assert_no_leaks_and_no_duplicates(&w.sim);
+
+    // The ENI goes with its instance: nothing is left for the collector.
+    w.terminate(0);
+    assert!(
+        w.sim.snapshot().enis.iter().all(|e| e.id != eni),
+        "the ENI outlived its instance"
+    );
+    assert_eq!(available_cluster_enis(&w), 0);
+}

@@ -81,6 +81,9 @@ pub struct PoolLimits {
     /// IPv4 addresses per ENI, its primary included.
     pub ipv4_per_eni: u32,
     pub vcpus: u32,
+    /// EC2 delegates /28 prefixes to this type's ENIs (Nitro: DescribeInstanceTypes' `Hypervisor` is `nitro`, or
+    /// the type is bare metal). On any other type, `AssignPrivateIpAddresses` with prefixes always fails.
+    pub prefix_delegation: bool,
 }
 
 impl From<&InstanceTypeLimits> for PoolLimits {
@@ -89,6 +92,7 @@ impl From<&InstanceTypeLimits> for PoolLimits {
             max_enis: t.max_enis,
             ipv4_per_eni: t.ipv4_per_eni,
             vcpus: t.vcpus,
+            prefix_delegation: t.nitro,
         }
     }
 }
@@ -97,6 +101,23 @@ impl PoolLimits {
     /// Slots an ENI offers to pods (addresses or prefixes): all but its primary address.
     pub fn slots_per_eni(&self) -> u32 {
         self.ipv4_per_eni.saturating_sub(1)
+    }
+
+    /// Whether pods can get addresses in `mode` on this type at all: prefixes only where EC2 delegates them.
+    pub fn supports(&self, mode: AddressMode) -> bool {
+        match mode {
+            AddressMode::SecondaryIps => true,
+            AddressMode::Prefixes => self.prefix_delegation,
+        }
+    }
+
+    /// Slots of an ENI pods can use in `mode`: none when the type does not support the mode.
+    fn pod_slots_per_eni(&self, mode: AddressMode) -> u32 {
+        if self.supports(mode) {
+            self.slots_per_eni()
+        } else {
+            0
+        }
     }
 
     /// ENIs that may carry pod addresses.
@@ -112,8 +133,11 @@ impl PoolLimits {
 /// Max pods of a node, as EKS computes its recommendation: `ENIs × (IPs per ENI − 1) + 2` with secondary IPs,
 /// `ENIs × (IPs per ENI − 1) × 16 + 2` with prefixes, one ENI fewer when the primary ENI carries no pods (custom
 /// networking), and Kubernetes' 110 (≤ 30 vCPUs) or 250 cap. m5.large: 29 with secondary IPs, 110 with prefixes.
+/// A type that cannot have prefixes has no pod slots in prefix mode: 2 (the host-network pods only).
 pub fn max_pods(limits: &PoolLimits, mode: AddressMode, use_primary: bool) -> u32 {
-    let raw = limits.pod_enis(use_primary) * limits.slots_per_eni() * mode.addresses_per_unit() + 2;
+    let raw =
+        limits.pod_enis(use_primary) * limits.pod_slots_per_eni(mode) * mode.addresses_per_unit()
+            + 2;
     let cap = if limits.vcpus <= EKS_SMALL_VCPUS {
         EKS_MAX_PODS_SMALL
     } else {
@@ -376,7 +400,8 @@ pub fn plan_pool(input: &PoolInput<'_>) -> PoolPlan {
             && e.device_index
                 .is_some_and(|d| d < max_enis && (input.use_primary || d != 0))
     };
-    let cap = input.limits.pod_enis(input.use_primary) * slots;
+    // Nothing can be assigned in a mode the type does not support (prefixes on a non-Nitro type).
+    let cap = input.limits.pod_enis(input.use_primary) * input.limits.pod_slots_per_eni(mode);
     let (want_raw, high_raw) = wanted_units(input, cap);
     let want = want_raw.min(cap);
     let high = high_raw.min(cap).max(want);
@@ -699,6 +724,32 @@ mod tests {
             max_pods(&limits("c6g.medium"), AddressMode::Prefixes, true),
             2 * 3 * 16 + 2
         );
+    }
+
+    #[test]
+    fn prefix_mode_on_a_non_nitro_type_has_no_pod_slots() {
+        let c4 = limits("c4.large");
+        assert!(!c4.supports(AddressMode::Prefixes) && c4.supports(AddressMode::SecondaryIps));
+        assert_eq!(max_pods(&c4, AddressMode::SecondaryIps, true), 29);
+        assert_eq!(max_pods(&c4, AddressMode::Prefixes, true), 2);
+        let enis = [mk_eni("eni-p", Some(0), &[])];
+        let used = Used::Count(20);
+        let targets = Targets {
+            warm_prefix_target: Some(1),
+            ..Targets::default()
+        };
+        let plan = plan_pool(&mk_input(c4, AddressMode::Prefixes, targets, &enis, &used));
+        assert_eq!(plan.ops, Vec::new(), "{plan:?}");
+        assert_eq!(plan.want, 0);
+        // The same node on a Nitro type of the same size gets its prefixes.
+        let plan = plan_pool(&mk_input(
+            limits("c5.large"),
+            AddressMode::Prefixes,
+            targets,
+            &enis,
+            &used,
+        ));
+        assert!(!plan.ops.is_empty());
     }
 
     #[test]
@@ -1107,6 +1158,7 @@ mod tests {
             max_enis: 1,
             ipv4_per_eni: 10,
             vcpus: 2,
+            prefix_delegation: true,
         };
         let mut input = mk_input(limits, AddressMode::SecondaryIps, targets, &enis, &used);
         input.releasing = &releasing;

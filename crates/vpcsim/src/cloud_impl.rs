@@ -660,22 +660,32 @@ impl Cloud for VpcSim {
             .await?;
         if delete_on_termination {
             // A second call, as in EC2: it draws from its own bucket and can fail after the attach succeeded.
-            self.call(Operation::ModifyNetworkInterfaceAttribute, false, |w, _| {
-                let e = w.state.eni_mut(eni)?;
-                match e.attachment.as_mut() {
-                    Some(a) if a.id == attachment => {
-                        a.delete_on_termination = true;
-                        Ok(())
-                    }
-                    _ => Err(err(
-                        "InvalidAttachmentID.NotFound",
-                        format!("The attachment ID '{attachment}' does not exist"),
-                    )),
-                }
-            })
-            .await?;
+            self.set_delete_on_termination(eni, &attachment, true)
+                .await?;
         }
         Ok(attachment)
+    }
+
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        attachment: &AttachmentId,
+        enabled: bool,
+    ) -> Result<()> {
+        self.call(Operation::ModifyNetworkInterfaceAttribute, false, |w, _| {
+            let e = w.state.eni_mut(eni)?;
+            match e.attachment.as_mut() {
+                Some(a) if &a.id == attachment => {
+                    a.delete_on_termination = enabled;
+                    Ok(())
+                }
+                _ => Err(err(
+                    "InvalidAttachmentID.NotFound",
+                    format!("The attachment ID '{attachment}' does not exist"),
+                )),
+            }
+        })
+        .await
     }
 
     async fn detach_network_interface(

@@ -9,8 +9,9 @@ use super::{
     Capability, Case, CaseError, CaseFuture, CaseResult, Fixture, World, WorldSpec, expect_error,
 };
 use crate::{
-    AddressRequest, CreateEniRequest, EniFilter, EniId, EniStatus, ErrorKind, InstanceFilter,
-    InstanceId, InstanceState, NetworkInterface, RouteState, RouteTarget, SubnetId, Tags,
+    AddressRequest, AttachmentId, CreateEniRequest, EniFilter, EniId, EniStatus, ErrorKind,
+    InstanceFilter, InstanceId, InstanceState, NetworkInterface, RouteState, RouteTarget, SubnetId,
+    Tags,
 };
 
 macro_rules! ensure {
@@ -49,6 +50,10 @@ pub fn cases() -> Vec<Case> {
         ),
         case!(eni_create_attach_detach_delete, []),
         case!(eni_client_token_is_idempotent, [ClientToken]),
+        case!(
+            delete_on_termination_is_set_on_the_attachment,
+            [DeleteOnTermination]
+        ),
         case!(eni_wrong_state_is_refused, [StateChecks]),
         case!(attachment_limit_per_instance_type, [InstanceLimits]),
         case!(secondary_ips_by_count, []),
@@ -607,6 +612,59 @@ async fn eni_create_attach_detach_delete(f: &dyn Fixture) -> CaseResult {
     )
 }
 
+async fn delete_on_termination_is_set_on_the_attachment(f: &dyn Fixture) -> CaseResult {
+    let w = world(f).await?;
+    let instance = f.run_instance(&w.subnets[0], "m5.large").await?;
+    let c = f.cloud();
+    let created = c
+        .create_network_interface(&eni_request(&w.subnets[0], "", 0))
+        .await?;
+    let att = c
+        .attach_network_interface(&created.id, &instance, 1, false)
+        .await?;
+    let dot = |e: &NetworkInterface| e.attachment.as_ref().map(|a| a.delete_on_termination);
+    ensure!(
+        dot(&eni(f, &created.id).await?) == Some(false),
+        "attached without DeleteOnTermination, described {:?}",
+        eni(f, &created.id).await?.attachment
+    );
+    c.set_delete_on_termination(&created.id, &att, true).await?;
+    let set = eni(f, &created.id).await?;
+    ensure!(
+        dot(&set) == Some(true),
+        "after setting it {:?}",
+        set.attachment
+    );
+    let i = c
+        .describe_instances(&InstanceFilter {
+            ids: vec![instance.clone()],
+            vpc: None,
+        })
+        .await?;
+    let seen = i[0].enis.iter().find(|e| e.id == created.id).and_then(dot);
+    ensure!(
+        seen == Some(true),
+        "the instance describes its ENI's DeleteOnTermination as {seen:?}"
+    );
+    c.set_delete_on_termination(&created.id, &att, false)
+        .await?;
+    ensure!(
+        dot(&eni(f, &created.id).await?) == Some(false),
+        "still set after clearing it"
+    );
+    expect_error(
+        c.set_delete_on_termination(
+            &created.id,
+            &AttachmentId::new("eni-attach-0123456789abcdef0"),
+            true,
+        )
+        .await,
+        ErrorKind::NotFound,
+        Some("InvalidAttachmentID.NotFound"),
+        "DeleteOnTermination of an attachment the ENI does not have",
+    )
+}
+
 async fn eni_client_token_is_idempotent(f: &dyn Fixture) -> CaseResult {
     let w = world(f).await?;
     let c = f.cloud();
@@ -930,7 +988,8 @@ async fn full_subnet_is_insufficient_addresses(f: &dyn Fixture) -> CaseResult {
     let w = world(f).await?;
     let c = f.cloud();
     // The /28 has 11 usable addresses: one ENI with 10 secondaries takes them all.
-    c.create_network_interface(&eni_request(&w.subnets[3], "", 10))
+    let full = c
+        .create_network_interface(&eni_request(&w.subnets[3], "", 10))
         .await?;
     expect_error(
         c.create_network_interface(&eni_request(&w.subnets[3], "", 0))
@@ -938,6 +997,13 @@ async fn full_subnet_is_insufficient_addresses(f: &dyn Fixture) -> CaseResult {
         ErrorKind::InsufficientAddresses,
         Some("InsufficientFreeAddressesInSubnet"),
         "an ENI in a full subnet",
+    )?;
+    expect_error(
+        c.assign_private_ips(&full.id, &AddressRequest::Count(1))
+            .await,
+        ErrorKind::InsufficientAddresses,
+        Some("InsufficientFreeAddressesInSubnet"),
+        "a secondary address in a full subnet",
     )
 }
 

@@ -149,10 +149,13 @@ pub enum Capability {
     /// CreateRoute to a network interface on a taken destination answers `RouteAlreadyExists` (moto checks
     /// this only for gateway targets and overwrites the route otherwise).
     DuplicateRouteCheck,
+    /// ModifyNetworkInterfaceAttribute `Attachment.DeleteOnTermination` changes what the attachment describes
+    /// (moto accepts the call and records nothing).
+    DeleteOnTermination,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 12] = [
+    pub const ALL: [Capability; 13] = [
         Capability::RouteLimit,
         Capability::InstanceLimits,
         Capability::PrefixDelegation,
@@ -165,6 +168,7 @@ impl Capability {
         Capability::ClientToken,
         Capability::InstanceRouteRule,
         Capability::DuplicateRouteCheck,
+        Capability::DeleteOnTermination,
     ];
 }
 
@@ -189,6 +193,7 @@ pub struct Capabilities {
     pub client_token: bool,
     pub instance_route_rule: bool,
     pub duplicate_route_check: bool,
+    pub delete_on_termination: bool,
 }
 
 impl Capabilities {
@@ -207,6 +212,7 @@ impl Capabilities {
             client_token: true,
             instance_route_rule: true,
             duplicate_route_check: true,
+            delete_on_termination: true,
         }
     }
 
@@ -229,6 +235,7 @@ impl Capabilities {
             client_token: false,
             instance_route_rule: false,
             duplicate_route_check: false,
+            delete_on_termination: false,
         }
     }
 
@@ -246,6 +253,7 @@ impl Capabilities {
             Capability::ClientToken => self.client_token,
             Capability::InstanceRouteRule => self.instance_route_rule,
             Capability::DuplicateRouteCheck => self.duplicate_route_check,
+            Capability::DeleteOnTermination => self.delete_on_termination,
         }
     }
 }

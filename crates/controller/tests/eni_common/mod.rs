@@ -8,7 +8,12 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
-use underlay_cloud::{EniStatus, InstanceId, InstanceState, RateLimits, SubnetId, Tags, VpcId};
+use underlay_cloud::{
+    AddressRequest, AttachmentId, Cloud, CreateEniRequest, EniFilter, EniId, EniStatus, Instance,
+    InstanceFilter, InstanceId, InstanceState, InstanceTypeInfo, NetworkInterface, RateLimits,
+    Result as CloudResult, RouteTable, RouteTableId, RouteTarget, Subnet, SubnetId, Tags, Vpc,
+    VpcId,
+};
 use underlay_controller::eni::{EniNode, EniPassReport, EniReconciler};
 use underlay_core::eni_pool::Used;
 use underlay_core::names::TAG_CLUSTER;
@@ -151,7 +156,8 @@ pub async fn converge(
     panic!("no quiet pass in {max_passes} passes; last: {last:#?}");
 }
 
-/// The end state every test asserts: no leaked ENI, no address held twice.
+/// The end state every test asserts: no leaked ENI, every attached one of ours going with its instance, no
+/// address held twice.
 pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
     let snap = sim.snapshot();
     let terminated: BTreeSet<&InstanceId> = snap
@@ -176,6 +182,12 @@ pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
                 eni.id,
                 a.instance
             );
+            assert!(
+                !ours || a.delete_on_termination,
+                "ENI {} attached to {} would outlive it (no DeleteOnTermination)",
+                eni.id,
+                a.instance
+            );
         }
         let mut addresses: Vec<u32> = vec![u32::from(eni.primary_ip)];
         addresses.extend(eni.secondary_ips.iter().map(|a| u32::from(*a)));
@@ -191,5 +203,158 @@ pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
                 eni.id
             );
         }
+    }
+}
+
+/// vpcsim under other instance-type names: instances are described with `aliases[real]` as their type, and
+/// DescribeInstanceTypes answers for the aliases. The built-in table knows none of the aliases, so the
+/// reconciler must learn them (Nitro or not) from DescribeInstanceTypes, as it does for a new AWS family.
+#[derive(Debug)]
+pub struct AliasedTypes {
+    pub sim: Arc<VpcSim>,
+    /// Real type → alias.
+    pub aliases: BTreeMap<String, String>,
+}
+
+impl AliasedTypes {
+    pub fn new(sim: Arc<VpcSim>, aliases: &[(&str, &str)]) -> Self {
+        Self {
+            sim,
+            aliases: aliases
+                .iter()
+                .map(|(r, a)| ((*r).to_owned(), (*a).to_owned()))
+                .collect(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Cloud for AliasedTypes {
+    async fn describe_vpc(&self, vpc: &VpcId) -> CloudResult<Vpc> {
+        self.sim.describe_vpc(vpc).await
+    }
+    async fn describe_subnets(&self, vpc: &VpcId) -> CloudResult<Vec<Subnet>> {
+        self.sim.describe_subnets(vpc).await
+    }
+    async fn describe_route_tables(&self, vpc: &VpcId) -> CloudResult<Vec<RouteTable>> {
+        self.sim.describe_route_tables(vpc).await
+    }
+    async fn describe_instances(&self, filter: &InstanceFilter) -> CloudResult<Vec<Instance>> {
+        let mut found = self.sim.describe_instances(filter).await?;
+        for i in &mut found {
+            if let Some(alias) = self.aliases.get(&i.instance_type) {
+                i.instance_type = alias.clone();
+            }
+        }
+        Ok(found)
+    }
+    async fn describe_instance_types(
+        &self,
+        types: &[String],
+    ) -> CloudResult<Vec<InstanceTypeInfo>> {
+        let real: Vec<String> = types
+            .iter()
+            .map(|t| {
+                self.aliases
+                    .iter()
+                    .find(|(_, a)| *a == t)
+                    .map_or_else(|| t.clone(), |(r, _)| r.clone())
+            })
+            .collect();
+        let mut infos = self.sim.describe_instance_types(&real).await?;
+        for t in &mut infos {
+            if let Some(alias) = self.aliases.get(&t.instance_type) {
+                t.instance_type = alias.clone();
+            }
+        }
+        Ok(infos)
+    }
+    async fn describe_network_interfaces(
+        &self,
+        filter: &EniFilter,
+    ) -> CloudResult<Vec<NetworkInterface>> {
+        self.sim.describe_network_interfaces(filter).await
+    }
+    async fn create_route(
+        &self,
+        table: &RouteTableId,
+        destination: Ipv4Net,
+        target: &RouteTarget,
+    ) -> CloudResult<()> {
+        self.sim.create_route(table, destination, target).await
+    }
+    async fn replace_route(
+        &self,
+        table: &RouteTableId,
+        destination: Ipv4Net,
+        target: &RouteTarget,
+    ) -> CloudResult<()> {
+        self.sim.replace_route(table, destination, target).await
+    }
+    async fn delete_route(&self, table: &RouteTableId, destination: Ipv4Net) -> CloudResult<()> {
+        self.sim.delete_route(table, destination).await
+    }
+    async fn create_network_interface(
+        &self,
+        request: &CreateEniRequest,
+    ) -> CloudResult<NetworkInterface> {
+        self.sim.create_network_interface(request).await
+    }
+    async fn attach_network_interface(
+        &self,
+        eni: &EniId,
+        instance: &InstanceId,
+        device_index: u32,
+        delete_on_termination: bool,
+    ) -> CloudResult<AttachmentId> {
+        self.sim
+            .attach_network_interface(eni, instance, device_index, delete_on_termination)
+            .await
+    }
+    async fn set_delete_on_termination(
+        &self,
+        eni: &EniId,
+        attachment: &AttachmentId,
+        enabled: bool,
+    ) -> CloudResult<()> {
+        self.sim
+            .set_delete_on_termination(eni, attachment, enabled)
+            .await
+    }
+    async fn detach_network_interface(
+        &self,
+        attachment: &AttachmentId,
+        force: bool,
+    ) -> CloudResult<()> {
+        self.sim.detach_network_interface(attachment, force).await
+    }
+    async fn delete_network_interface(&self, eni: &EniId) -> CloudResult<()> {
+        self.sim.delete_network_interface(eni).await
+    }
+    async fn assign_private_ips(
+        &self,
+        eni: &EniId,
+        request: &AddressRequest<Ipv4Addr>,
+    ) -> CloudResult<Vec<Ipv4Addr>> {
+        self.sim.assign_private_ips(eni, request).await
+    }
+    async fn unassign_private_ips(&self, eni: &EniId, addresses: &[Ipv4Addr]) -> CloudResult<()> {
+        self.sim.unassign_private_ips(eni, addresses).await
+    }
+    async fn assign_prefixes(
+        &self,
+        eni: &EniId,
+        request: &AddressRequest<Ipv4Net>,
+    ) -> CloudResult<Vec<Ipv4Net>> {
+        self.sim.assign_prefixes(eni, request).await
+    }
+    async fn unassign_prefixes(&self, eni: &EniId, prefixes: &[Ipv4Net]) -> CloudResult<()> {
+        self.sim.unassign_prefixes(eni, prefixes).await
+    }
+    async fn set_source_dest_check(&self, eni: &EniId, enabled: bool) -> CloudResult<()> {
+        self.sim.set_source_dest_check(eni, enabled).await
+    }
+    async fn create_tags(&self, resources: &[String], tags: &Tags) -> CloudResult<()> {
+        self.sim.create_tags(resources, tags).await
     }
 }

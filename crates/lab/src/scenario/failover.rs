@@ -80,18 +80,41 @@ impl Lab {
             .with_context(|| format!("no node {name} in lab {}", self.config.name))
     }
 
-    /// Kills a node as a crashed instance would look from the VPC: its agent stops and its uplink goes down.
+    /// The interfaces of the ENIs attached to node `i`, as named inside the instance (`eth<device index>`).
+    fn node_ifnames(&self, i: usize) -> Vec<String> {
+        let mut devices: Vec<u32> = self
+            .sim
+            .snapshot()
+            .enis
+            .iter()
+            .filter_map(|e| e.attachment.as_ref())
+            .filter(|a| a.instance == self.nodes[i].instance.id)
+            .map(|a| a.device_index)
+            .collect();
+        devices.sort_unstable();
+        devices
+            .into_iter()
+            .map(crate::names::instance_ifname)
+            .collect()
+    }
+
+    /// Kills a node as a crashed instance would look from the VPC: its agent stops and every ENI it has goes
+    /// down (in eni mode the secondary ENIs carry pods too).
     pub fn fail_node(&mut self, name: &str) -> anyhow::Result<()> {
         let i = self.node_index(name)?;
         self.stop_agent(i);
-        kernel::ip(&self.nodes[i].netns, &["link", "set", "eth0", "down"])?;
+        for dev in self.node_ifnames(i) {
+            kernel::ip(&self.nodes[i].netns, &["link", "set", &dev, "down"])?;
+        }
         Ok(())
     }
 
-    /// Brings a failed node back: uplink up, agent restarted (from its checkpoint).
+    /// Brings a failed node back: its ENIs up, agent restarted (from its checkpoint).
     pub fn recover_node(&mut self, name: &str) -> anyhow::Result<()> {
         let i = self.node_index(name)?;
-        kernel::ip(&self.nodes[i].netns, &["link", "set", "eth0", "up"])?;
+        for dev in self.node_ifnames(i) {
+            kernel::ip(&self.nodes[i].netns, &["link", "set", &dev, "up"])?;
+        }
         // The default route goes with the link; put the subnet router back as the instance had it.
         let gw = crate::plan::subnet_router(self.subnets[self.nodes[i].subnet].cidr).to_string();
         let _ = kernel::ip(

@@ -180,19 +180,6 @@ impl EniNode {
         }
         node
     }
-
-    /// Carry a pass's pool into the next one as the status would: its withdrawals and generation, acknowledged
-    /// by an agent whose `used` is current (the tests' and benchmarks' agent model).
-    pub fn carry(&mut self, report: &NodeReport) {
-        let status = UnderlayNodeStatus {
-            pool: Some(report.pool.clone()),
-            observed_release_generation: Some(report.pool.release_generation),
-            ..UnderlayNodeStatus::default()
-        };
-        let from = Self::from_status(self.name.clone(), self.instance.clone(), Some(&status));
-        self.releasing = from.releasing;
-        self.release_generation = from.release_generation;
-    }
 }
 
 /// What one pass did for one node.

@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
+use underlay_api::UnderlayNodeStatus;
 use underlay_cloud::{
     AddressRequest, AttachmentId, Cloud, CreateEniRequest, EniFilter, EniId, EniStatus, Instance,
     InstanceFilter, InstanceId, InstanceState, InstanceTypeInfo, NetworkInterface, RateLimits,
@@ -131,7 +132,15 @@ pub fn use_addresses(w: &mut EniWorld, node: usize, k: usize) {
 pub fn carry(nodes: &mut [EniNode], report: &EniPassReport) {
     for n in &report.nodes {
         if let Some(node) = nodes.iter_mut().find(|x| x.name == n.name) {
-            node.carry(n);
+            let status = UnderlayNodeStatus {
+                pool: Some(n.pool.clone()),
+                observed_release_generation: Some(n.pool.release_generation),
+                ..UnderlayNodeStatus::default()
+            };
+            let from =
+                EniNode::from_status(node.name.clone(), node.instance.clone(), Some(&status));
+            node.releasing = from.releasing;
+            node.release_generation = from.release_generation;
         }
     }
 }

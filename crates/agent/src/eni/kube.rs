@@ -34,15 +34,14 @@ use underlay_api::{Mode, UnderlayNode};
 use underlay_core::eni::{EniNodeSpec, EniSpecError, NodeEni, pool_addresses};
 use underlay_core::ipam::{PoolAddress, PoolSpec};
 use underlay_core::names;
-use underlay_dataplane::Netns;
 
 use super::EniAgent;
 use crate::config::DEFAULT_MTU;
-use crate::health_http::{HealthServer, Ready};
+use crate::health_http::Ready;
 use crate::routed::kube::{
     DEFAULT_STATUS_INTERVAL, PoolFact, Record, RecordCache, status_loop, watch_record,
 };
-use crate::routed::runner::{DEFAULT_CONVERGE_INTERVAL, bind_in, default_health_addr};
+use crate::routed::runner::{DEFAULT_CONVERGE_INTERVAL, default_health_addr, node_health};
 use crate::service::ReleaseEpoch;
 use crate::{AgentConfig, AgentError, Fault, IpamService};
 
@@ -200,16 +199,14 @@ pub async fn run_eni_on_kube(
 ) -> Result<(), AgentError> {
     let opts = Arc::new(opts);
     let shared = Arc::new(Shared::default());
-    let ns = match &opts.netns {
-        Some(p) => Netns::open(p),
-        None => Netns::current(),
-    }
-    .map_err(|e| AgentError::Config(format!("node namespace: {e}")))?;
-    let listener = bind_in(&ns, opts.health_addr)?;
-    let health =
-        HealthServer::from_std(listener, shared.ready.clone(), Some(config.socket.clone()))?
-            .with_metrics(opts.metrics.clone());
-    tracing::info!(addr = %opts.health_addr, node = %opts.node_name, "health endpoint listening");
+    let (ns, health) = node_health(
+        opts.netns.as_deref(),
+        opts.health_addr,
+        shared.ready.clone(),
+        config.socket.clone(),
+        opts.metrics.clone(),
+        &opts.node_name,
+    )?;
 
     let api: Api<UnderlayNode> = Api::all(client);
     let cache = RecordCache::beside(&config.checkpoint);

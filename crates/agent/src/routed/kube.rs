@@ -41,12 +41,11 @@ use underlay_core::ipam::PoolSpec;
 use underlay_core::names;
 use underlay_core::node::{NodeSpecError, RoutedNodeSpec};
 use underlay_core::planner::PeerRoute;
-use underlay_dataplane::Netns;
 
-use super::runner::{DEFAULT_CONVERGE_INTERVAL, bind_in, default_health_addr};
+use super::runner::{DEFAULT_CONVERGE_INTERVAL, default_health_addr, node_health};
 use super::{RoutedAgent, pool_from_record};
 use crate::config::DEFAULT_MTU;
-use crate::health_http::{HealthServer, Ready};
+use crate::health_http::Ready;
 use crate::{AgentConfig, AgentError, Fault, IpamService};
 
 /// Default interval between status writes (a write happens only when something changed).
@@ -392,16 +391,14 @@ pub async fn run_routed_on_kube(
 ) -> Result<(), AgentError> {
     let opts = Arc::new(opts);
     let shared = Arc::new(Shared::default());
-    let ns = match &opts.netns {
-        Some(p) => Netns::open(p),
-        None => Netns::current(),
-    }
-    .map_err(|e| AgentError::Config(format!("node namespace: {e}")))?;
-    let listener = bind_in(&ns, opts.health_addr)?;
-    let health =
-        HealthServer::from_std(listener, shared.ready.clone(), Some(config.socket.clone()))?
-            .with_metrics(opts.metrics.clone());
-    tracing::info!(addr = %opts.health_addr, node = %opts.node_name, "health endpoint listening");
+    let (ns, health) = node_health(
+        opts.netns.as_deref(),
+        opts.health_addr,
+        shared.ready.clone(),
+        config.socket.clone(),
+        opts.metrics.clone(),
+        &opts.node_name,
+    )?;
 
     let api: Api<UnderlayNode> = Api::all(client);
     let cache = RecordCache::beside(&config.checkpoint);

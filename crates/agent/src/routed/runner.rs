@@ -167,6 +167,27 @@ pub async fn run_routed(
     result
 }
 
+/// The node's namespace (`netns`, or the agent's own) and the health endpoint bound inside it on `addr`, serving
+/// `ready` (and `/metrics`); both modes on Kubernetes start this way.
+pub(crate) fn node_health(
+    netns: Option<&Path>,
+    addr: SocketAddr,
+    ready: Ready,
+    socket: PathBuf,
+    metrics: AgentMetrics,
+    node: &str,
+) -> Result<(Netns, HealthServer), AgentError> {
+    let ns = match netns {
+        Some(p) => Netns::open(p),
+        None => Netns::current(),
+    }
+    .map_err(|e| AgentError::Config(format!("node namespace: {e}")))?;
+    let listener = bind_in(&ns, addr)?;
+    let health = HealthServer::from_std(listener, ready, Some(socket))?.with_metrics(metrics);
+    tracing::info!(addr = %addr, node = %node, "health endpoint listening");
+    Ok((ns, health))
+}
+
 /// A listening TCP socket created inside `ns` (it stays there whichever thread uses it).
 pub(crate) fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<std::net::TcpListener, AgentError> {
     let io = |source| AgentError::Io {

@@ -1104,15 +1104,8 @@ impl EniReconciler {
             .iter()
             .map(|e| (e.addresses.len() + e.prefixes.len() * 16) as u32)
             .sum();
-        let withdrew = releasing
-            .addresses
-            .iter()
-            .any(|a| !node.releasing.addresses.contains(a))
-            || releasing
-                .prefixes
-                .iter()
-                .any(|p| !node.releasing.prefixes.contains(p));
-        let release_generation = node.release_generation + u64::from(withdrew);
+        let release_generation =
+            releasing.next_generation(&node.releasing, node.release_generation);
         (
             Pool {
                 block: None,

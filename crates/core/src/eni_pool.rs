@@ -248,6 +248,15 @@ impl Releasing {
         self.addresses.is_empty() && self.prefixes.is_empty()
     }
 
+    /// The pool status's release generation once the withdrawals are `self`, given they were `before` at
+    /// `generation`: it moves on when a unit was withdrawn that `before` did not list (unassigned units only
+    /// leave), so that an agent's acknowledgement of an older set never counts for a newer one.
+    pub fn next_generation(&self, before: &Releasing, generation: u64) -> u64 {
+        let withdrew = self.addresses.iter().any(|a| !before.addresses.contains(a))
+            || self.prefixes.iter().any(|p| !before.prefixes.contains(p));
+        generation + u64::from(withdrew)
+    }
+
     /// `address` is withdrawn (itself, or the prefix it belongs to).
     pub fn covers(&self, address: &Ipv4Addr) -> bool {
         self.addresses.contains(address) || self.prefixes.iter().any(|p| p.contains(address))
@@ -1044,6 +1053,33 @@ mod tests {
                 addresses: vec![ip(11)],
             }]
         );
+    }
+
+    #[test]
+    fn the_release_generation_moves_only_when_something_new_is_withdrawn() {
+        let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
+        let before = Releasing {
+            addresses: [1u32, 2].into_iter().map(ip).collect(),
+            ..Releasing::default()
+        };
+        // Unassigned ones left: same generation.
+        let fewer = Releasing {
+            addresses: [2u32].into_iter().map(ip).collect(),
+            ..Releasing::default()
+        };
+        assert_eq!(fewer.next_generation(&before, 7), 7);
+        assert_eq!(before.next_generation(&before, 7), 7);
+        // One more withdrawn (even as others left): the next generation.
+        let other = Releasing {
+            addresses: [2u32, 3].into_iter().map(ip).collect(),
+            ..Releasing::default()
+        };
+        assert_eq!(other.next_generation(&before, 7), 8);
+        let prefix = Releasing {
+            prefixes: ["100.64.0.16/28".parse().unwrap()].into_iter().collect(),
+            ..Releasing::default()
+        };
+        assert_eq!(prefix.next_generation(&Releasing::default(), 0), 1);
     }
 
     #[test]

@@ -232,6 +232,18 @@ pub struct NetworkInterface {
     pub tags: Tags,
 }
 
+impl NetworkInterface {
+    /// Every address the ENI holds besides its primary: the secondary addresses, then each prefix's addresses
+    /// (all of them: a delegated prefix is the ENI's whole, network and broadcast addresses included).
+    pub fn secondary_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.secondary_ips.iter().copied().chain(
+            self.prefixes.iter().flat_map(|p| {
+                (u32::from(p.network())..=u32::from(p.broadcast())).map(Ipv4Addr::from)
+            }),
+        )
+    }
+}
+
 /// Which ENIs to describe; every given field must match. At least one field must be set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EniFilter {

@@ -115,15 +115,7 @@ pub fn use_addresses(w: &mut EniWorld, node: usize, k: usize) {
         })
         .collect();
     enis.sort_by_key(|e| e.attachment.as_ref().map(|a| a.device_index));
-    let pool = enis.iter().flat_map(|e| {
-        e.secondary_ips
-            .iter()
-            .copied()
-            .chain(e.prefixes.iter().flat_map(|p| {
-                let base = u32::from(p.network());
-                (base..base + 16).map(Ipv4Addr::from)
-            }))
-    });
+    let pool = enis.iter().flat_map(|e| e.secondary_addresses());
     w.nodes[node].used = Used::Known(pool.take(k).collect());
 }
 
@@ -198,13 +190,8 @@ pub fn assert_no_leaks_and_no_duplicates(sim: &VpcSim) {
                 a.instance
             );
         }
-        let mut addresses: Vec<u32> = vec![u32::from(eni.primary_ip)];
-        addresses.extend(eni.secondary_ips.iter().map(|a| u32::from(*a)));
-        for p in &eni.prefixes {
-            let base = u32::from(p.network());
-            addresses.extend(base..base + 16);
-        }
-        for a in addresses {
+        let addresses = std::iter::once(eni.primary_ip).chain(eni.secondary_addresses());
+        for a in addresses.map(u32::from) {
             assert!(
                 seen.insert(a),
                 "address {} held twice (again by {})",

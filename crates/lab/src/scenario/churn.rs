@@ -228,16 +228,7 @@ impl Lab {
                     .collect();
                 let assigned = attached
                     .iter()
-                    .flat_map(|e| {
-                        e.secondary_ips
-                            .iter()
-                            .copied()
-                            .chain(e.prefixes.iter().flat_map(|p| {
-                                let base = u32::from(p.network());
-                                (base..base + 16).map(Ipv4Addr::from)
-                            }))
-                            .collect::<Vec<_>>()
-                    })
+                    .flat_map(|e| e.secondary_addresses())
                     .collect();
                 let empty_enis = attached
                     .iter()

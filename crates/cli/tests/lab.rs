@@ -47,6 +47,18 @@ fn lab_namespaces(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// After `lab recover <victim>`: every pair answers again within 20 s (a check every 2 s).
+fn assert_heals(lab: &str, victim: &str) {
+    let healed = (0..10).any(|_| {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        run(&["lab", "check", "--name", lab]).status.success()
+    });
+    assert!(
+        healed,
+        "pairs still unreachable 20 s after {victim} recovered"
+    );
+}
+
 /// Removes the lab whatever happens to the test.
 struct Guard(String);
 impl Drop for Guard {
@@ -302,14 +314,7 @@ fn a_background_lab_answers_each_command_and_down_removes_it() {
             .status
             .success()
     );
-    let healed = (0..10).any(|_| {
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        run(&["lab", "check", "--name", &lab]).status.success()
-    });
-    assert!(
-        healed,
-        "pairs still unreachable 20 s after {victim} recovered"
-    );
+    assert_heals(&lab, &victim);
 
     let down = run(&["lab", "down", "--name", &lab]);
     assert!(down.status.success());
@@ -450,14 +455,7 @@ fn eni_fail_stops_every_eni_of_the_node_and_recover_brings_it_back() {
             .status
             .success()
     );
-    let healed = (0..10).any(|_| {
-        std::thread::sleep(std::time::Duration::from_secs(2));
-        run(&["lab", "check", "--name", &lab]).status.success()
-    });
-    assert!(
-        healed,
-        "pairs still unreachable 20 s after {victim} recovered"
-    );
+    assert_heals(&lab, &victim);
     assert!(
         enis(&node_links(&lab, &ip)).iter().all(|(_, up)| *up),
         "recovered"

@@ -22,11 +22,14 @@ demo: build
 	$(UNDERLAY) lab down --name demo
 	$(UNDERLAY) lab demo --mode eni
 
-# Every test, including the root tests in network namespaces (feature `root-tests`).
+# Every check and every test: formatting, clippy with warnings as errors, and the tests, including the root tests
+# in network namespaces (feature `root-tests`).
 test: setup
 	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) test --workspace --all-features --no-fail-fast
 
+# The static checks alone (both also run in `make test`).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings

@@ -16,7 +16,7 @@ build: setup
 # pod pair, kills a forwarder, and exits non-zero if anything fails; then the same cluster in eni mode (pods on
 # ENI secondary IPs, source/dest check on for every ENI). It needs root (network namespaces).
 demo: build
-	$(UNDERLAY) plan --nodes 5000 --zones 3 --subnets-per-zone 2 --route-limit 50 --summary
+	$(UNDERLAY) plan --nodes 20000 --zones 3 --subnets-per-zone 2 --route-limit 500 --summary
 	$(UNDERLAY) lab down --name demo
 	$(UNDERLAY) lab demo
 	$(UNDERLAY) lab down --name demo

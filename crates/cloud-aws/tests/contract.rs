@@ -4,13 +4,16 @@
 //! vpcsim only (crates/vpcsim/tests/contract.rs).
 
 use aws_sdk_ec2::types as ec2;
+use ipnet::Ipv4Net;
 use underlay_cloud::contract::{
     self, Capabilities, Fixture, FixtureResult, Outcome, World, WorldSpec,
 };
 use underlay_cloud::queue::{QueueConfig, RateLimitedCloud};
-use underlay_cloud::{Cloud, InstanceId, RouteTableId, SecurityGroupId, SubnetId, VpcId};
+use underlay_cloud::{
+    Cloud, InstanceId, RouteTableId, RouteTarget, SecurityGroupId, SubnetId, VpcId,
+};
 use underlay_cloud_aws::moto::{AMI, MotoServer};
-use underlay_cloud_aws::{Ec2Cloud, classify_sdk_error};
+use underlay_cloud_aws::{AwsOptions, Ec2Cloud, classify_sdk_error};
 
 #[derive(Debug)]
 struct MotoFixture {
@@ -153,6 +156,19 @@ impl Fixture for MotoFixture {
         Ok(InstanceId::new(id))
     }
 
+    async fn add_routes(
+        &self,
+        table: &RouteTableId,
+        destinations: &[Ipv4Net],
+        target: &RouteTarget,
+    ) -> FixtureResult<()> {
+        // Past the queue (another tool's routes): the bare adapter, which moto never throttles.
+        for d in destinations {
+            self.sdk.create_route(table, *d, target).await?;
+        }
+        Ok(())
+    }
+
     async fn terminate_instance(&self, instance: &InstanceId) -> FixtureResult<()> {
         let c = self.sdk.client();
         c.terminate_instances()
@@ -203,8 +219,15 @@ async fn run_suite(fx: &MotoFixture) {
 async fn the_adapter_passes_the_contract_suite_on_moto() {
     let server = MotoServer::start().unwrap_or_else(|e| panic!("{e}"));
     let sdk = server.cloud().await;
+    // Pages of 5 (EC2's smallest MaxResults): where moto pages (DescribeInstances), the adapter follows them.
+    let paged = Ec2Cloud::new(&AwsOptions {
+        page_size: 5,
+        ..server.options()
+    })
+    .await
+    .expect("options carry a region");
     let fx = MotoFixture {
-        cloud: Box::new(sdk.clone()),
+        cloud: Box::new(paged),
         sdk,
         server,
         name: "aws-sdk-ec2 → moto 5.2",

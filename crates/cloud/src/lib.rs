@@ -21,7 +21,8 @@ pub mod types;
 pub use error::{CloudError, ErrorKind};
 pub use metrics::CloudMetrics;
 pub use ratelimit::{
-    Bucket, BucketLimits, BucketSet, ControllerMode, Operation, RateLimits, TokenBucket,
+    Bucket, BucketLimits, BucketOutlook, BucketSet, ControllerMode, Operation, RateLimits,
+    TokenBucket, choose_paths,
 };
 pub use types::*;
 
@@ -37,6 +38,17 @@ pub type Result<T> = std::result::Result<T, CloudError>;
 /// - Mutations are not retried here; callers (the adapter's queue, the controller) decide.
 #[async_trait::async_trait]
 pub trait Cloud: Send + Sync + std::fmt::Debug {
+    /// The bucket limits this implementation paces calls by (the rate-aware queue); `None` when it does not
+    /// pace (vpcsim, the bare adapter).
+    fn rate_limits(&self) -> Option<RateLimits> {
+        None
+    }
+
+    /// What a call drawing on `bucket` can expect now (the rate-aware queue); `None` when not pacing.
+    fn bucket_outlook(&self, _bucket: Bucket) -> Option<BucketOutlook> {
+        None
+    }
+
     /// DescribeVpcs for one VPC.
     async fn describe_vpc(&self, vpc: &VpcId) -> Result<Vpc>;
     /// DescribeSubnets filtered by `vpc-id`, with each subnet's free address count.

@@ -220,7 +220,11 @@ mod tests {
         let missing = CloudError::from_code("InvalidRoute.NotFound", "");
         m.record_call(Operation::DeleteRoute, Err(&missing), 0.01);
         m.record_retry(Operation::CreateRoute, ErrorKind::Throttled);
-        m.queue_depth_add(Bucket::Mutating, Priority::Failover, 1);
+        m.queue_depth_add(
+            Bucket::Action(Operation::ReplaceRoute),
+            Priority::Failover,
+            1,
+        );
         let t = text(&registry);
         for line in [
             r#"underlay_ec2_requests_total{operation="CreateRoute",result="ok"} 1"#,
@@ -230,7 +234,7 @@ mod tests {
             r#"underlay_ec2_throttles_total{operation="CreateRoute"} 1"#,
             r#"underlay_ec2_retries_total{operation="CreateRoute",kind="throttled"} 1"#,
             r#"underlay_ec2_request_duration_seconds_count{operation="CreateRoute"} 2"#,
-            r#"underlay_ec2_queue_depth{bucket="mutating",lane="failover"} 1"#,
+            r#"underlay_ec2_queue_depth{bucket="ReplaceRoute",lane="failover"} 1"#,
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
         }

@@ -13,8 +13,11 @@
 //! controllers in tests and in the lab get the same pacing and the same retries as production.
 //!
 //! - **Buckets.** The local model is a [`BucketSet`] built from [`RateLimits`] (by default AWS's published
-//!   account limits scaled by [`QueueConfig::share`], since other tools draw from the same account). A call
-//!   waits until its bucket has a token; callers of different buckets never wait for each other.
+//!   account limits scaled by [`QueueConfig::share`], since other tools draw from the same account). Every EC2
+//!   action has a bucket of its own, and a call waits in its action's lane until that bucket has a token:
+//!   CreateRoute, ReplaceRoute and DeleteRoute never wait for each other, nor ENI work for route work.
+//!   [`RateLimitedCloud::outlook`] tells a caller what a bucket holds and who waits on it, so it can choose
+//!   between ways that draw on different buckets (the eni reconciler's first addresses of a node).
 //! - **Order.** Within a bucket, callers are served first come, first served, except that every
 //!   [`Priority::Failover`] caller is served before any [`Priority::Normal`] one. A handle's priority is chosen
 //!   with [`RateLimitedCloud::with_priority`]; handles share one queue.
@@ -24,8 +27,10 @@
 //!   assigns); AttachNetworkInterface and counted assigns are returned to the caller, who observes and replans.
 //!   Every attempt takes a token. No attempt starts after the deadline, measured from the first attempt.
 //! - **Multi-call operations.** `attach_network_interface(.., delete_on_termination = true)` is two EC2 calls
-//!   (AttachNetworkInterface, ModifyNetworkInterfaceAttribute) and takes a token from each bucket. A paginated
-//!   describe is charged one token (pages beyond the first are rare at underlay's page sizes).
+//!   (AttachNetworkInterface, ModifyNetworkInterfaceAttribute) and takes a token from each bucket.
+//!   CreateNetworkInterface with addresses also takes an AssignPrivateIpAddresses token when
+//!   [`RateLimits::creation_draws_assign`] says so. A paginated describe is charged one token (pages beyond the
+//!   first are rare at underlay's page sizes: 1,000 items, or 100 route tables).
 //!
 //! Time comes from `tokio::time`, so tests run it with a paused clock.
 
@@ -40,7 +45,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::CloudMetrics;
-use crate::ratelimit::{Bucket, BucketSet, Operation, RateLimits};
+use crate::ratelimit::{Bucket, BucketOutlook, BucketSet, Operation, RateLimits};
 use crate::{
     AddressRequest, AttachmentId, Cloud, CreateEniRequest, EniFilter, EniId, Instance,
     InstanceFilter, InstanceId, InstanceTypeInfo, NetworkInterface, Result, RouteTable,
@@ -188,6 +193,8 @@ struct State {
 struct Shared<C> {
     inner: C,
     retry: RetryPolicy,
+    /// The buckets' limits as this queue paces them (the account's, scaled by its share).
+    limits: RateLimits,
     metrics: Option<CloudMetrics>,
     state: Mutex<State>,
     /// Woken whenever a lane's head may have changed.
@@ -260,6 +267,7 @@ impl<C: Cloud> RateLimitedCloud<C> {
             shared: Arc::new(Shared {
                 inner,
                 retry: config.retry,
+                limits: config.limits.scaled(share),
                 metrics,
                 state: Mutex::new(State {
                     buckets: BucketSet::new(config.limits.scaled(share)),
@@ -301,6 +309,18 @@ impl<C: Cloud> RateLimitedCloud<C> {
             .map(|(b, l)| (*b, l.len()))
             .collect();
         stats
+    }
+
+    /// What a caller of `bucket` can expect now: tokens left, refill, callers already waiting.
+    pub fn outlook(&self, bucket: Bucket) -> BucketOutlook {
+        let mut state = self.shared.lock();
+        let waiting = state.lanes.get(&bucket).map_or(0, Lanes::len);
+        let tokens = state.buckets.available(bucket, Instant::now().into_std());
+        BucketOutlook {
+            tokens,
+            refill_per_sec: self.shared.limits.limits(bucket).refill_per_sec,
+            waiting,
+        }
     }
 
     /// Wait in `op`'s lane until its bucket grants a token.
@@ -430,6 +450,14 @@ impl<C: Cloud> RateLimitedCloud<C> {
 
 #[async_trait::async_trait]
 impl<C: Cloud> Cloud for RateLimitedCloud<C> {
+    fn rate_limits(&self) -> Option<RateLimits> {
+        Some(self.shared.limits.clone())
+    }
+
+    fn bucket_outlook(&self, bucket: Bucket) -> Option<BucketOutlook> {
+        Some(self.outlook(bucket))
+    }
+
     async fn describe_vpc(&self, vpc: &VpcId) -> Result<Vpc> {
         let c = &self.shared.inner;
         self.run(&[Operation::DescribeVpcs], true, || c.describe_vpc(vpc))
@@ -519,11 +547,11 @@ impl<C: Cloud> Cloud for RateLimitedCloud<C> {
         request: &CreateEniRequest,
     ) -> Result<NetworkInterface> {
         let c = &self.shared.inner;
+        let with_addresses = request.secondary_ip_count > 0 || request.prefix_count > 0;
+        let ops = self.shared.limits.create_eni_draws(with_addresses);
         // The client token makes a repeat return the first ENI.
-        self.run(&[Operation::CreateNetworkInterface], true, || {
-            c.create_network_interface(request)
-        })
-        .await
+        self.run(&ops, true, || c.create_network_interface(request))
+            .await
     }
 
     async fn attach_network_interface(

@@ -1,21 +1,28 @@
 //! AWS's EC2 request throttling, as data: which token bucket each call draws from, and the buckets themselves.
 //!
-//! EC2 throttles per account and region. Each bucket holds up to `capacity` tokens, refills `refill_per_sec`
-//! tokens per second, and every call takes one token from its bucket or fails with `RequestLimitExceeded`.
-//! Published defaults (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html>):
+//! EC2 throttles per account and region, and (as AWS's throttling page now says) per API action: every action
+//! has a token bucket of its own, so CreateRoute, ReplaceRoute and DeleteRoute never draw from one another's
+//! bucket. Each bucket holds up to `capacity` tokens, refills `refill_per_sec` tokens per second, and every call
+//! takes one token from its bucket or fails with `RequestLimitExceeded`. Published defaults
+//! (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html>; see docs/aws.md for the copy read):
 //!
 //! ```text
-//!   bucket                                   capacity  refill/s
-//!   non-mutating (Describe*, filtered)            100        20
-//!   unfiltered, unpaginated Describe*              50        10
-//!   mutating (CreateRoute, CreateTags, …)          50         5
-//!   AssignPrivateIpAddresses                      100         5   ┐
-//!   UnassignPrivateIpAddresses                    100         5   │ resource-rate buckets,
-//!   CreateNetworkInterface                        100         5   │ one per action
-//!   DeleteNetworkInterface                        100         5   │
-//!   ModifyNetworkInterfaceAttribute               100         5   ┘
-//!   CreateTags                                    100        10     its own bucket too
+//!   each action's own bucket                         capacity  refill/s
+//!   Describe* (filtered or paginated)                     100        20
+//!   Describe* (unfiltered and unpaginated)                 50        10
+//!   mutating default (CreateRoute, ReplaceRoute,           50         5
+//!     DeleteRoute, AttachNetworkInterface, …)
+//!   AssignPrivateIpAddresses                              100         5
+//!   UnassignPrivateIpAddresses                            100         5
+//!   CreateNetworkInterface                                100         5
+//!   DeleteNetworkInterface                                100         5
+//!   ModifyNetworkInterfaceAttribute                       100         5
+//!   CreateTags                                            100        10
 //! ```
+//!
+//! Where AWS is silent the model takes the conservative reading and makes it a setting:
+//! [`RateLimits::creation_draws_assign`] (does CreateNetworkInterface with secondary addresses or prefixes also
+//! draw on AssignPrivateIpAddresses' bucket? assumed yes by default).
 //!
 //! vpcsim enforces these; the adapter's queue waits for a token before it calls, so underlay itself never
 //! causes `RequestLimitExceeded` under normal load. Time is passed in (`now`), so both stay deterministic.
@@ -95,20 +102,26 @@ impl Operation {
         self.name().starts_with("Describe")
     }
 
-    /// The bucket a call draws from. `unfiltered` only matters for describes (this port never sends one, but
-    /// vpcsim models the bucket for completeness).
+    /// The bucket a call draws from: the action's own. `unfiltered` only matters for describes (this port never
+    /// sends one, but vpcsim models the smaller bucket of an unfiltered, unpaginated describe).
     pub fn bucket(self, unfiltered: bool) -> Bucket {
-        match self {
-            op if op.is_describe() && unfiltered => Bucket::UnfilteredDescribe,
-            op if op.is_describe() => Bucket::Describe,
-            Operation::AssignPrivateIpAddresses
-            | Operation::UnassignPrivateIpAddresses
-            | Operation::CreateNetworkInterface
-            | Operation::DeleteNetworkInterface
-            | Operation::ModifyNetworkInterfaceAttribute
-            | Operation::CreateTags => Bucket::Resource(self),
-            _ => Bucket::Mutating,
+        if self.is_describe() && unfiltered {
+            Bucket::Unfiltered(self)
+        } else {
+            Bucket::Action(self)
         }
+    }
+
+    /// Whether AWS lists the action with a 100 / 5 bucket of its own (the ENI and address actions).
+    pub fn has_resource_sized_bucket(self) -> bool {
+        matches!(
+            self,
+            Operation::AssignPrivateIpAddresses
+                | Operation::UnassignPrivateIpAddresses
+                | Operation::CreateNetworkInterface
+                | Operation::DeleteNetworkInterface
+                | Operation::ModifyNetworkInterfaceAttribute
+        )
     }
 }
 
@@ -177,25 +190,38 @@ impl std::fmt::Display for Operation {
     }
 }
 
-/// One of EC2's token buckets.
+/// One of EC2's token buckets: every action has its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Bucket {
-    Describe,
-    UnfilteredDescribe,
-    Mutating,
-    /// A resource-rate bucket of its own for one action.
-    Resource(Operation),
+    /// The action's bucket (for a describe: filtered or paginated calls).
+    Action(Operation),
+    /// The smaller bucket of an unfiltered, unpaginated describe of this action.
+    Unfiltered(Operation),
 }
 
 impl Bucket {
-    /// Label for metrics (`bucket` label of queue metrics): `describe`, `unfiltered_describe`, `mutating`, or the
-    /// action's name for a resource-rate bucket.
+    /// The action whose bucket this is.
+    pub fn operation(self) -> Operation {
+        match self {
+            Bucket::Action(op) | Bucket::Unfiltered(op) => op,
+        }
+    }
+
+    /// Label for metrics (`bucket` label of queue metrics): the action's name, or `unfiltered_describe` for an
+    /// unfiltered describe's bucket (which this port never draws on).
     pub fn metric_label(self) -> &'static str {
         match self {
-            Bucket::Describe => "describe",
-            Bucket::UnfilteredDescribe => "unfiltered_describe",
-            Bucket::Mutating => "mutating",
-            Bucket::Resource(op) => op.name(),
+            Bucket::Action(op) => op.name(),
+            Bucket::Unfiltered(_) => "unfiltered_describe",
+        }
+    }
+}
+
+impl std::fmt::Display for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bucket::Action(op) => write!(f, "{op}"),
+            Bucket::Unfiltered(op) => write!(f, "{op} (unfiltered)"),
         }
     }
 }
@@ -207,20 +233,32 @@ pub struct BucketLimits {
     pub refill_per_sec: f64,
 }
 
-/// The limits of every bucket. [`RateLimits::aws_default`] is AWS's published account default.
+/// The limits of every bucket, by class of action (each action still has a bucket of its own of that size).
+/// [`RateLimits::aws_default`] is AWS's published account default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RateLimits {
+    /// Each describe's bucket (filtered or paginated calls).
     pub describe: BucketLimits,
+    /// Each describe's bucket for unfiltered, unpaginated calls.
     pub unfiltered_describe: BucketLimits,
+    /// Each other mutating action's bucket (route changes, attach, detach).
     pub mutating: BucketLimits,
-    /// Applied to each resource-rate action's own bucket (ENI create/delete/modify, address assign/unassign).
+    /// Each ENI and address action's bucket (ENI create/delete/modify, address assign/unassign).
     pub resource: BucketLimits,
-    /// CreateTags's own bucket.
+    /// CreateTags's bucket.
     pub create_tags: BucketLimits,
-    /// Limits of single resource-rate actions' buckets that differ from `resource` (e.g. a caller's own pacing
-    /// of one action with a headroom of its own).
+    /// Limits of single actions' buckets that differ from their class (e.g. a raised limit, or a caller's own
+    /// pacing of one action with a headroom of its own).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub per_action: BTreeMap<Operation, BucketLimits>,
+    /// Whether CreateNetworkInterface that asks for secondary addresses or prefixes also takes a token from
+    /// AssignPrivateIpAddresses' bucket. AWS does not say; `true` (the conservative reading) by default.
+    #[serde(default = "yes")]
+    pub creation_draws_assign: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for RateLimits {
@@ -253,7 +291,24 @@ impl RateLimits {
                 refill_per_sec: 10.0,
             },
             per_action: BTreeMap::new(),
+            creation_draws_assign: true,
         }
+    }
+
+    /// These limits with [`RateLimits::creation_draws_assign`] set to `draws`.
+    pub fn with_creation_draws_assign(mut self, draws: bool) -> Self {
+        self.creation_draws_assign = draws;
+        self
+    }
+
+    /// The actions whose buckets one CreateNetworkInterface takes a token from: its own, and AssignPrivateIp-
+    /// Addresses' when it asks for addresses and [`RateLimits::creation_draws_assign`] holds.
+    pub fn create_eni_draws(&self, with_addresses: bool) -> Vec<Operation> {
+        let mut ops = vec![Operation::CreateNetworkInterface];
+        if with_addresses && self.creation_draws_assign {
+            ops.push(Operation::AssignPrivateIpAddresses);
+        }
+        ops
     }
 
     /// Every bucket scaled (e.g. 0.5 to stay under half of the account's budget when other tools share it).
@@ -269,6 +324,7 @@ impl RateLimits {
             resource: s(self.resource),
             create_tags: s(self.create_tags),
             per_action: self.per_action.iter().map(|(o, b)| (*o, s(*b))).collect(),
+            creation_draws_assign: self.creation_draws_assign,
         }
     }
 
@@ -289,10 +345,11 @@ impl RateLimits {
             resource: h(self.resource),
             create_tags: h(self.create_tags),
             per_action: self.per_action.iter().map(|(o, b)| (*o, h(*b))).collect(),
+            creation_draws_assign: self.creation_draws_assign,
         }
     }
 
-    /// These limits with `op`'s own bucket set to `limits` (only resource-rate actions have one).
+    /// These limits with `op`'s own bucket set to `limits`.
     pub fn with_action(mut self, op: Operation, limits: BucketLimits) -> Self {
         self.per_action.insert(op, limits);
         self
@@ -300,12 +357,12 @@ impl RateLimits {
 
     pub fn limits(&self, bucket: Bucket) -> BucketLimits {
         match bucket {
-            Bucket::Describe => self.describe,
-            Bucket::UnfilteredDescribe => self.unfiltered_describe,
-            Bucket::Mutating => self.mutating,
-            Bucket::Resource(op) if self.per_action.contains_key(&op) => self.per_action[&op],
-            Bucket::Resource(Operation::CreateTags) => self.create_tags,
-            Bucket::Resource(_) => self.resource,
+            Bucket::Unfiltered(_) => self.unfiltered_describe,
+            Bucket::Action(op) if self.per_action.contains_key(&op) => self.per_action[&op],
+            Bucket::Action(op) if op.is_describe() => self.describe,
+            Bucket::Action(Operation::CreateTags) => self.create_tags,
+            Bucket::Action(op) if op.has_resource_sized_bucket() => self.resource,
+            Bucket::Action(_) => self.mutating,
         }
     }
 }
@@ -400,6 +457,73 @@ impl BucketSet {
             .or_insert_with(|| TokenBucket::new(limits, now))
             .try_take(now)
     }
+
+    /// Tokens in `bucket` now (a bucket never used is full).
+    pub fn available(&mut self, bucket: Bucket, now: Instant) -> f64 {
+        let limits = self.limits.limits(bucket);
+        self.buckets
+            .entry(bucket)
+            .or_insert_with(|| TokenBucket::new(limits, now))
+            .available(now)
+    }
+}
+
+/// What a caller can expect of one bucket now: the tokens in it, its refill, and the callers already waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BucketOutlook {
+    pub tokens: f64,
+    pub refill_per_sec: f64,
+    pub waiting: usize,
+}
+
+impl BucketOutlook {
+    /// Seconds until the `n`-th further caller (1-based, behind those waiting) would get its token.
+    pub fn wait_for(&self, n: usize) -> f64 {
+        let short = (self.waiting + n) as f64 - self.tokens;
+        if short <= 0.0 {
+            0.0
+        } else if self.refill_per_sec <= 0.0 {
+            f64::INFINITY
+        } else {
+            short / self.refill_per_sec
+        }
+    }
+}
+
+/// For `n` callers that can each do their work in one of several ways (`paths[i]`: the buckets way `i` takes a
+/// token from, one each), choose a way per caller, in order: the one whose last token would come soonest given
+/// the outlook of every bucket and the callers already sent down each way. Ties go to the earlier way. A bucket
+/// missing from `outlook` is taken as never short.
+pub fn choose_paths(
+    n: usize,
+    paths: &[Vec<Bucket>],
+    outlook: &BTreeMap<Bucket, BucketOutlook>,
+) -> Vec<usize> {
+    let mut sent: BTreeMap<Bucket, usize> = BTreeMap::new();
+    let mut chosen = Vec::with_capacity(n);
+    for _ in 0..n {
+        let finish = |path: &Vec<Bucket>| {
+            path.iter()
+                .map(|b| {
+                    outlook
+                        .get(b)
+                        .map_or(0.0, |o| o.wait_for(sent.get(b).copied().unwrap_or(0) + 1))
+                })
+                .fold(0.0, f64::max)
+        };
+        let Some(best) = (0..paths.len()).min_by(|a, b| {
+            finish(&paths[*a])
+                .total_cmp(&finish(&paths[*b]))
+                .then(a.cmp(b))
+        }) else {
+            break;
+        };
+        for b in &paths[best] {
+            *sent.entry(*b).or_default() += 1;
+        }
+        chosen.push(best);
+    }
+    chosen
 }
 
 #[cfg(test)]
@@ -418,39 +542,123 @@ mod tests {
         }
         let wait = set.try_take(Operation::CreateRoute, false, t0).unwrap_err();
         assert_eq!(wait, Duration::from_millis(200));
-        // Other mutating calls share the bucket; resource-rate actions do not.
-        assert!(set.try_take(Operation::DeleteRoute, false, t0).is_err());
+        // Every action has its own bucket: DeleteRoute and ReplaceRoute are untouched by CreateRoute's burst.
+        assert!(set.try_take(Operation::DeleteRoute, false, t0).is_ok());
         assert!(set.try_take(Operation::CreateTags, false, t0).is_ok());
         assert!(
             set.try_take(Operation::AssignPrivateIpAddresses, false, t0)
                 .is_ok()
         );
-        // One second later exactly five more succeed.
+        let ok = (0..60)
+            .filter(|_| set.try_take(Operation::ReplaceRoute, false, t0).is_ok())
+            .count();
+        assert_eq!(ok, 50);
+        // One second later exactly five more CreateRoute calls succeed.
         let t1 = t0 + Duration::from_secs(1);
         let ok = (0..10)
-            .filter(|_| set.try_take(Operation::ReplaceRoute, false, t1).is_ok())
+            .filter(|_| set.try_take(Operation::CreateRoute, false, t1).is_ok())
             .count();
         assert_eq!(ok, 5);
     }
 
     #[test]
-    fn buckets_per_operation() {
-        assert_eq!(
-            Operation::DescribeRouteTables.bucket(false),
-            Bucket::Describe
+    fn published_sizes_per_action() {
+        let l = RateLimits::aws_default();
+        let of = |op: Operation| {
+            let b = l.limits(op.bucket(false));
+            (b.capacity, b.refill_per_sec)
+        };
+        assert_eq!(of(Operation::CreateRoute), (50.0, 5.0));
+        assert_eq!(of(Operation::ReplaceRoute), (50.0, 5.0));
+        assert_eq!(of(Operation::AttachNetworkInterface), (50.0, 5.0));
+        assert_eq!(of(Operation::CreateNetworkInterface), (100.0, 5.0));
+        assert_eq!(of(Operation::AssignPrivateIpAddresses), (100.0, 5.0));
+        assert_eq!(of(Operation::ModifyNetworkInterfaceAttribute), (100.0, 5.0));
+        assert_eq!(of(Operation::CreateTags), (100.0, 10.0));
+        assert_eq!(of(Operation::DescribeRouteTables), (100.0, 20.0));
+        let u = l.limits(Operation::DescribeRouteTables.bucket(true));
+        assert_eq!((u.capacity, u.refill_per_sec), (50.0, 10.0));
+    }
+
+    #[test]
+    fn creation_with_addresses_draws_assign_only_when_set() {
+        let l = RateLimits::aws_default();
+        assert!(
+            l.creation_draws_assign,
+            "the conservative reading is the default"
         );
+        assert_eq!(
+            l.create_eni_draws(true),
+            [
+                Operation::CreateNetworkInterface,
+                Operation::AssignPrivateIpAddresses
+            ]
+        );
+        assert_eq!(
+            l.create_eni_draws(false),
+            [Operation::CreateNetworkInterface]
+        );
+        let l = l.with_creation_draws_assign(false);
+        assert_eq!(
+            l.create_eni_draws(true),
+            [Operation::CreateNetworkInterface]
+        );
+        assert!(!l.scaled(0.5).creation_draws_assign);
+    }
+
+    #[test]
+    fn paths_spread_over_independent_buckets_and_not_over_a_shared_one() {
+        let assign = Bucket::Action(Operation::AssignPrivateIpAddresses);
+        let create = Bucket::Action(Operation::CreateNetworkInterface);
+        let attach = Bucket::Action(Operation::AttachNetworkInterface);
+        let full = |tokens: f64| BucketOutlook {
+            tokens,
+            refill_per_sec: 5.0,
+            waiting: 0,
+        };
+        let outlook = BTreeMap::from([
+            (assign, full(100.0)),
+            (create, full(100.0)),
+            (attach, full(50.0)),
+        ]);
+        let independent = vec![vec![assign], vec![create, attach]];
+        let chosen = choose_paths(1000, &independent, &outlook);
+        let by_create = chosen.iter().filter(|c| **c == 1).count();
+        // Both ways finish together: 100 + 5t on Assign, 50 + 5t through attach.
+        assert_eq!(by_create, 475, "{by_create}");
+        // When creation also draws on Assign, the second way can never be sooner: everything goes by Assign.
+        let shared = vec![vec![assign], vec![create, assign, attach]];
+        assert!(
+            choose_paths(1000, &shared, &outlook)
+                .iter()
+                .all(|c| *c == 0)
+        );
+        // Callers already waiting on Assign push newcomers the other way at once.
+        let mut busy = outlook.clone();
+        busy.insert(
+            assign,
+            BucketOutlook {
+                tokens: 0.0,
+                refill_per_sec: 5.0,
+                waiting: 10,
+            },
+        );
+        assert_eq!(choose_paths(1, &independent, &busy), [1]);
+    }
+
+    #[test]
+    fn buckets_per_operation() {
+        for op in Operation::ALL {
+            assert_eq!(op.bucket(false), Bucket::Action(op));
+            assert_eq!(op.bucket(false).operation(), op);
+        }
         assert_eq!(
             Operation::DescribeRouteTables.bucket(true),
-            Bucket::UnfilteredDescribe
-        );
-        assert_eq!(Operation::CreateRoute.bucket(false), Bucket::Mutating);
-        assert_eq!(
-            Operation::AttachNetworkInterface.bucket(false),
-            Bucket::Mutating
+            Bucket::Unfiltered(Operation::DescribeRouteTables)
         );
         assert_eq!(
-            Operation::CreateNetworkInterface.bucket(false),
-            Bucket::Resource(Operation::CreateNetworkInterface)
+            Operation::CreateRoute.bucket(true),
+            Bucket::Action(Operation::CreateRoute)
         );
     }
 
@@ -485,15 +693,15 @@ mod tests {
         assert_eq!(l.describe.capacity, 100.0 - 24.0 - 1.0);
         let modify = Operation::ModifyNetworkInterfaceAttribute;
         let own = l
-            .limits(Bucket::Resource(modify))
+            .limits(Bucket::Action(modify))
             .less_headroom(Duration::from_secs(1));
         let l = l.with_action(modify, own);
         assert_eq!(
-            l.limits(Bucket::Resource(modify)).capacity,
+            l.limits(Bucket::Action(modify)).capacity,
             100.0 - 6.0 - 1.0 - 5.0 - 1.0
         );
         assert_eq!(
-            l.limits(Bucket::Resource(Operation::AssignPrivateIpAddresses))
+            l.limits(Bucket::Action(Operation::AssignPrivateIpAddresses))
                 .capacity,
             100.0 - 6.0 - 1.0
         );

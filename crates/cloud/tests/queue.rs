@@ -324,10 +324,10 @@ async fn failover_route_changes_jump_ahead_of_queued_bulk_work() {
         },
     );
     let rtb = RouteTableId::new("rtb-1");
-    // Drain the mutating bucket, then queue 40 planned route creations.
+    // Drain ReplaceRoute's bucket with planned retargets, then queue 40 more of them.
     for i in 0..50 {
         queue
-            .create_route(&rtb, dest(i), &eni_target())
+            .replace_route(&rtb, dest(i), &eni_target())
             .await
             .unwrap();
     }
@@ -336,7 +336,7 @@ async fn failover_route_changes_jump_ahead_of_queued_bulk_work() {
         let q = queue.clone();
         let rtb = rtb.clone();
         bulk.push(tokio::spawn(async move {
-            q.create_route(&rtb, dest(i), &eni_target()).await
+            q.replace_route(&rtb, dest(i), &eni_target()).await
         }));
     }
     // Let the bulk callers enter the queue.
@@ -354,14 +354,61 @@ async fn failover_route_changes_jump_ahead_of_queued_bulk_work() {
     }
 
     let log = stub.log.lock().unwrap();
-    let replace = log
-        .iter()
-        .position(|e| e.0 == Operation::ReplaceRoute)
-        .unwrap();
     // The bucket was empty: the failover call took the very next token, ahead of all 40 queued calls.
-    assert_eq!(replace, 50, "ReplaceRoute was call {replace}");
-    assert!(log[51..].iter().all(|e| e.0 == Operation::CreateRoute));
+    assert_eq!(log[50].3, dest(7).to_string(), "call 50 was {:?}", log[50]);
+    assert!(
+        log[51..]
+            .iter()
+            .all(|e| e.0 == Operation::ReplaceRoute && e.3 != dest(7).to_string())
+    );
     drop(log);
+    assert_eq!(stub.throttled(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn route_actions_do_not_wait_for_each_other() {
+    let stub = ThrottlingStub::new();
+    let queue = RateLimitedCloud::new(
+        stub.clone(),
+        QueueConfig {
+            share: 1.0,
+            retry: RetryPolicy::none(),
+            ..QueueConfig::default()
+        },
+    );
+    let rtb = RouteTableId::new("rtb-1");
+    // 200 route creations at once: 50 at once, then 5 per second for 30 s.
+    let mut bulk = Vec::new();
+    for i in 0..200 {
+        let q = queue.clone();
+        let rtb = rtb.clone();
+        bulk.push(tokio::spawn(async move {
+            q.create_route(&rtb, dest(i), &eni_target()).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(queue.stats().total_depth(), 150);
+    // A deletion and a (normal-lane) retarget behind that backlog are served at once: own buckets.
+    let t0 = Instant::now();
+    queue.delete_route(&rtb, dest(300)).await.unwrap();
+    queue
+        .replace_route(&rtb, dest(301), &eni_target())
+        .await
+        .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(10),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        queue
+            .outlook(Bucket::Action(Operation::CreateRoute))
+            .waiting
+            > 100
+    );
+    for t in bulk {
+        t.await.unwrap().unwrap();
+    }
     assert_eq!(stub.throttled(), 0);
 }
 

@@ -50,7 +50,8 @@ pub struct RoutedConfig {
     /// Routes kept free in every managed table (make-before-break needs one).
     pub headroom: u32,
     pub route_tables: ManagedTables,
-    /// Route limit of a managed table (EC2 does not report it: it is an account quota), 50 by default.
+    /// Route limit of a managed table (EC2 does not report it: it is an account quota), 500 by default (AWS's
+    /// default since mid-2025; at most 1,000).
     pub route_limit: u32,
     /// Per-table overrides of `route_limit`.
     pub route_limits: BTreeMap<RouteTableId, u32>,

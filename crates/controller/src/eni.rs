@@ -40,13 +40,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use underlay_api::{Pool, PoolEni, UnderlayNodeStatus};
 use underlay_cloud::{
-    AddressRequest, Attachment, AttachmentId, Cloud, CloudError, CreateEniRequest, EniFilter,
-    EniId, EniStatus, Instance, InstanceFilter, InstanceId, NetworkInterface, SecurityGroupId,
-    SubnetId, Tags,
+    AddressRequest, Attachment, AttachmentId, Bucket, BucketOutlook, Cloud, CloudError,
+    CreateEniRequest, EniFilter, EniId, EniStatus, Instance, InstanceFilter, InstanceId,
+    NetworkInterface, Operation, SecurityGroupId, SubnetId, Tags, choose_paths,
 };
 use underlay_core::eni_pool::{
     AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Releasing, Targets, Used,
-    max_pods, plan_pool,
+    first_growth_by_create, max_pods, plan_pool,
 };
 use underlay_core::instance_types;
 use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
@@ -61,6 +61,9 @@ pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(120);
 pub const DEFAULT_SUBNET_BACKOFF: Duration = Duration::from_secs(5);
 /// Default cap of that wait.
 pub const DEFAULT_SUBNET_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// EC2's answer to a CreateNetworkInterface past the account's network-interface quota (5,000 per Region by
+/// default, enforced per zone).
+pub const ENI_QUOTA_CODE: &str = "NetworkInterfaceLimitExceeded";
 /// Instance ids per DescribeInstances call (EC2 takes up to 200 values per filter).
 const DESCRIBE_CHUNK: usize = 100;
 
@@ -83,6 +86,11 @@ pub struct EniSettings {
     /// doubles with each further refusal up to `subnet_backoff_max` and ends with the first success.
     pub subnet_backoff: Duration,
     pub subnet_backoff_max: Duration,
+    /// Give a joining node its first addresses through CreateNetworkInterface with them (then attach) instead of
+    /// AssignPrivateIpAddresses on its primary ENI, node by node, whichever way's EC2 buckets would serve it
+    /// sooner (the queue's [`Cloud::bucket_outlook`]). Only where the node's pods may use its primary ENI and
+    /// the addresses fit one ENI of its type.
+    pub spread_first_growth: bool,
 }
 
 impl EniSettings {
@@ -97,6 +105,7 @@ impl EniSettings {
             gc_grace: DEFAULT_GC_GRACE,
             subnet_backoff: DEFAULT_SUBNET_BACKOFF,
             subnet_backoff_max: DEFAULT_SUBNET_BACKOFF_MAX,
+            spread_first_growth: true,
         }
     }
 }
@@ -209,6 +218,9 @@ pub struct NodeReport {
     /// Pod ENIs found attached without DeleteOnTermination (its ModifyNetworkInterfaceAttribute after the attach
     /// had failed), set again this pass.
     pub repairs: Vec<EniId>,
+    /// The zone's network-interface quota refused this node's ENI (`NetworkInterfaceLimitExceeded`), or the
+    /// node's new ENI waits while that quota's backoff runs.
+    pub eni_quota: Option<String>,
 }
 
 impl NodeReport {
@@ -266,6 +278,10 @@ struct Planned<'a> {
     held: Option<String>,
     /// Pod ENIs attached without DeleteOnTermination: set it again.
     repairs: Vec<(EniId, AttachmentId)>,
+    /// The same first growth through an ENI created with its addresses, where that can replace `ops`.
+    by_create: Option<Vec<PoolOp>>,
+    /// Why a new ENI of this node waits for its zone's network-interface quota.
+    quota_held: Option<String>,
 }
 
 /// Pod ENIs of the node (ours: device index 0 is the instance's own) attached without DeleteOnTermination, as
@@ -316,6 +332,8 @@ struct Memory {
     subnet_cidrs: BTreeMap<SubnetId, Ipv4Net>,
     /// Subnets EC2 last found out of addresses, and until when nothing grows into them.
     subnet_backoff: BTreeMap<SubnetId, SubnetBackoff>,
+    /// Zones whose network-interface quota EC2 last refused a create, and until when no ENI is created there.
+    zone_quota: BTreeMap<String, SubnetBackoff>,
     /// Limits of instance types the built-in table lacks, from DescribeInstanceTypes.
     described_types: BTreeMap<String, PoolLimits>,
 }
@@ -526,6 +544,9 @@ impl EniReconciler {
             } else {
                 dot_repairs(&observed)
             };
+            let by_create = (self.settings.spread_first_growth && use_primary && refused.is_none())
+                .then(|| first_growth_by_create(&plan.ops, &views, &limits))
+                .flatten();
             planned.push(Planned {
                 node,
                 instance,
@@ -537,11 +558,15 @@ impl EniReconciler {
                 use_primary,
                 refused,
                 held: None,
+                by_create,
+                quota_held: None,
             });
         }
+        self.spread_first_growth(&mut planned);
         // Largest deficit first: the queue serves callers of a bucket in arrival order.
         planned.sort_by_key(|p| std::cmp::Reverse(p.plan.deficit()));
         self.hold_growth(&mut planned, now);
+        self.hold_creates_at_quota(&mut planned, now);
         // Subnet CIDRs (for the status) are learnt while the work runs; a node is reported once its ops are done
         // and they are known.
         let subnets = self
@@ -554,12 +579,18 @@ impl EniReconciler {
             async move {
                 let mut observed = p.observed.clone();
                 let mut releasing = p.node.releasing.clone();
+                let mut eni_quota = p.quota_held.clone();
                 let result = match &p.refused {
                     Some(why) => Err(why.clone()),
                     None => {
                         let applied = self
                             .apply(p.instance, &mut observed, &mut releasing, &p.ops)
                             .await;
+                        if let Err(e) = &applied
+                            && e.code == ENI_QUOTA_CODE
+                        {
+                            eni_quota = Some(format!("{} ({})", p.instance.zone, e.message));
+                        }
                         // Whatever became of the plan: an ENI that would outlive its instance is worth the call.
                         let repaired = self.repair(&p.repairs).await;
                         match (applied, repaired) {
@@ -587,6 +618,7 @@ impl EniReconciler {
                     node_ip: p.instance.private_ip,
                     primary_eni: p.instance.primary_eni().map(|e| e.id.to_string()),
                     repairs: p.repairs.into_iter().map(|(eni, _)| eni).collect(),
+                    eni_quota,
                 };
                 if let Some(tx) = finished {
                     // A receiver gone (a caller that stopped listening) changes nothing for the pass.
@@ -604,6 +636,43 @@ impl EniReconciler {
         let live: BTreeSet<&str> = instances.keys().map(InstanceId::as_str).collect();
         self.collect(&cluster_enis, &live, &mut report).await;
         report
+    }
+
+    /// For every joining node that can take its first addresses either way, choose the way whose buckets would
+    /// serve it sooner, node after node, counting the nodes already sent each way (see
+    /// [`underlay_cloud::choose_paths`]). Nothing changes when the cloud does not pace (no outlook).
+    fn spread_first_growth(&self, planned: &mut [Planned<'_>]) {
+        let Some(limits) = self.cloud.rate_limits() else {
+            return;
+        };
+        let candidates: Vec<usize> = (0..planned.len())
+            .filter(|i| planned[*i].by_create.is_some())
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let assign = vec![Bucket::Action(Operation::AssignPrivateIpAddresses)];
+        let mut create: Vec<Bucket> = limits
+            .create_eni_draws(true)
+            .into_iter()
+            .map(|op| op.bucket(false))
+            .collect();
+        create.push(Bucket::Action(Operation::AttachNetworkInterface));
+        create.push(Bucket::Action(Operation::ModifyNetworkInterfaceAttribute));
+        let outlook: BTreeMap<Bucket, BucketOutlook> = assign
+            .iter()
+            .chain(&create)
+            .filter_map(|b| self.cloud.bucket_outlook(*b).map(|o| (*b, o)))
+            .collect();
+        let chosen = choose_paths(candidates.len(), &[assign, create], &outlook);
+        for (i, way) in candidates.into_iter().zip(chosen) {
+            let p = &mut planned[i];
+            if way == 1
+                && let Some(ops) = p.by_create.take()
+            {
+                p.ops = ops;
+            }
+        }
     }
 
     /// The subnet pod ENIs of `instance` are created in: the zone's ENI subnet, else the node's own.
@@ -684,6 +753,84 @@ impl EniReconciler {
                 p.held = Some(held.into_values().collect::<Vec<_>>().join("; "));
             }
         }
+    }
+
+    /// New ENIs in a zone whose network-interface quota EC2 refused wait out a doubling backoff (the subnet
+    /// backoff's settings); when it ends one node tries first. Other growth (assigns onto attached ENIs) goes on.
+    /// Never a retry storm: at most one CreateNetworkInterface per zone per backoff period while refused.
+    fn hold_creates_at_quota(&self, planned: &mut [Planned<'_>], now: Duration) {
+        let memory = self.memory();
+        if memory.zone_quota.is_empty() {
+            return;
+        }
+        let mut trying: BTreeSet<String> = BTreeSet::new();
+        for p in planned.iter_mut().filter(|p| p.refused.is_none()) {
+            let zone = &p.instance.zone;
+            let Some(b) = memory.zone_quota.get(zone) else {
+                continue;
+            };
+            let creates = p
+                .ops
+                .iter()
+                .any(|op| matches!(op, PoolOp::CreateEni { .. }));
+            if !creates {
+                continue;
+            }
+            let why = if now < b.until {
+                format!(
+                    "zone {zone} is at its network-interface quota ({}): no new ENI for another {}s",
+                    b.code,
+                    (b.until - now).as_secs_f64().ceil()
+                )
+            } else if trying.contains(zone) {
+                format!(
+                    "zone {zone} is at its network-interface quota ({}): another node tries it first",
+                    b.code
+                )
+            } else {
+                trying.insert(zone.clone());
+                continue;
+            };
+            p.ops.retain(|op| !matches!(op, PoolOp::CreateEni { .. }));
+            p.quota_held = Some(why.clone());
+            p.held = Some(match p.held.take() {
+                Some(h) => format!("{h}; {why}"),
+                None => why,
+            });
+        }
+    }
+
+    /// A create in `zone` was refused for the zone's network-interface quota: back off (doubling).
+    fn zone_at_quota(&self, zone: &str, e: &CloudError) {
+        let now = self.now();
+        let (first, max) = (
+            self.settings.subnet_backoff,
+            self.settings.subnet_backoff_max,
+        );
+        let mut memory = self.memory();
+        let b = memory
+            .zone_quota
+            .entry(zone.to_owned())
+            .or_insert_with(|| SubnetBackoff {
+                refusals: 0,
+                until: Duration::ZERO,
+                code: String::new(),
+            });
+        b.code.clone_from(&e.code);
+        if b.refusals > 0 && now < b.until {
+            return;
+        }
+        b.refusals += 1;
+        let wait = first
+            .saturating_mul(1u32.checked_shl(b.refusals - 1).unwrap_or(u32::MAX))
+            .min(max);
+        b.until = now + wait;
+        tracing::warn!(
+            zone = %zone,
+            code = %e.code,
+            wait_s = wait.as_secs(),
+            "network-interface quota reached: no new ENI in this zone for a while"
+        );
     }
 
     /// An op that takes addresses from `subnet` succeeded: the subnet has room again.
@@ -1024,6 +1171,13 @@ impl EniReconciler {
         };
         let created = self.cloud.create_network_interface(&request).await;
         self.growth_answer(&request.subnet, &created);
+        match &created {
+            Ok(_) => {
+                self.memory().zone_quota.remove(&instance.zone);
+            }
+            Err(e) if e.code == ENI_QUOTA_CODE => self.zone_at_quota(&instance.zone, e),
+            Err(_) => {}
+        }
         let eni = match created {
             Ok(eni) => eni,
             Err(e) => {

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use ::kube::runtime::WatchStreamExt;
+use ::kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use ::kube::runtime::watcher::{self, Event as WatchEvent, watcher as watch_stream};
 use ::kube::{Client, Resource, ResourceExt};
 use futures::StreamExt;
@@ -109,6 +110,10 @@ pub fn node_patch(
     }
     Some(patch)
 }
+
+/// Event reason on a Node whose new ENI the zone's network-interface quota refused (or holds back).
+pub const REASON_ENI_QUOTA: &str = "EniQuotaExceeded";
+const ACTION_CREATE_ENI: &str = "CreateNetworkInterface";
 
 /// Campaign for the lease; while holding it, run `eni` mode: a pass when the watched Nodes or UnderlayNodes
 /// change, and at least every `resync`. Returns when `shutdown` turns true (releasing the lease if held) or its
@@ -244,6 +249,7 @@ struct Written {
 struct EniLeader {
     nodes_api: Api<Node>,
     uns_api: Api<UnderlayNode>,
+    recorder: Recorder,
     reconciler: EniReconciler,
     /// The Nodes this controller manages: the Node watch's label selector.
     selector: NodeSelector,
@@ -264,9 +270,17 @@ impl EniLeader {
         timing: Timing,
         passes: Option<watch::Sender<u64>>,
     ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: names::FIELD_MANAGER_CONTROLLER.to_string(),
+                instance: None,
+            },
+        );
         Self {
             nodes_api: Api::all(client.clone()),
             uns_api: Api::all(client),
+            recorder,
             reconciler,
             selector,
             timing,
@@ -437,6 +451,21 @@ impl EniLeader {
         let Some(node) = self.nodes.objects.get(&n.name) else {
             return out;
         };
+        if let Some(why) = &n.eni_quota {
+            // Best effort; the Recorder folds repeats into one series.
+            let ev = KubeEvent {
+                type_: EventType::Warning,
+                reason: REASON_ENI_QUOTA.to_string(),
+                note: Some(format!(
+                    "network-interface quota reached, no new ENI for this node until it has room: {why}"
+                )),
+                action: ACTION_CREATE_ENI.to_string(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&ev, &node.object_ref(&())).await {
+                tracing::debug!(error = %e, "recording event");
+            }
+        }
         if node.meta().deletion_timestamp.is_some() {
             return out;
         }

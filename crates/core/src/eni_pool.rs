@@ -664,6 +664,39 @@ fn withdraw(
     }
 }
 
+/// A joining node's first addresses, given instead through a new ENI that carries them from its creation
+/// (CreateNetworkInterface with a count of secondary addresses or prefixes, then AttachNetworkInterface): the
+/// same pool, drawn from other EC2 buckets than AssignPrivateIpAddresses. `Some` only when `ops` is that node's
+/// first growth — one count assign onto an ENI at device index 0, the node's only ENI, which holds no pod
+/// addresses yet — and the new ENI stays within the type's per-ENI limit (EC2 refuses to attach an ENI that
+/// holds more addresses than the type allows per interface) and the type takes a second ENI.
+pub fn first_growth_by_create(
+    ops: &[PoolOp],
+    enis: &[EniView],
+    limits: &PoolLimits,
+) -> Option<Vec<PoolOp>> {
+    let [op] = ops else {
+        return None;
+    };
+    let (eni, units) = match op {
+        PoolOp::AssignIps { eni, count } | PoolOp::AssignPrefixes { eni, count } => (eni, *count),
+        _ => return None,
+    };
+    let [only] = enis else {
+        return None;
+    };
+    let joining = only.id == *eni
+        && only.device_index == Some(0)
+        && only.addresses.is_empty()
+        && only.prefixes.is_empty();
+    (joining && limits.max_enis >= 2 && units >= 1 && units <= limits.slots_per_eni()).then(|| {
+        vec![PoolOp::CreateEni {
+            device_index: 1,
+            units,
+        }]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1426,5 +1459,67 @@ mod tests {
                 prop_assert!(enis.len() as u32 <= limits.max_enis);
             }
         }
+    }
+
+    #[test]
+    fn a_joining_nodes_first_assign_can_become_an_eni_created_with_its_addresses() {
+        let limits = PoolLimits {
+            max_enis: 3,
+            ipv4_per_eni: 10,
+            vcpus: 2,
+            prefix_delegation: true,
+        };
+        let primary = EniView {
+            id: "eni-p".into(),
+            device_index: Some(0),
+            addresses: Vec::new(),
+            prefixes: Vec::new(),
+            pods: true,
+        };
+        let assign = |count| {
+            vec![PoolOp::AssignIps {
+                eni: "eni-p".into(),
+                count,
+            }]
+        };
+        assert_eq!(
+            first_growth_by_create(&assign(9), std::slice::from_ref(&primary), &limits),
+            Some(vec![PoolOp::CreateEni {
+                device_index: 1,
+                units: 9
+            }])
+        );
+        // More than one ENI holds: attach would fail with PrivateIpAddressLimitExceeded.
+        assert_eq!(
+            first_growth_by_create(&assign(10), std::slice::from_ref(&primary), &limits),
+            None
+        );
+        // Not a first growth: the primary already holds pod addresses, or another ENI exists.
+        let mut grown = primary.clone();
+        grown.addresses.push(Ipv4Addr::new(198, 18, 0, 9));
+        assert_eq!(first_growth_by_create(&assign(3), &[grown], &limits), None);
+        let other = EniView {
+            id: "eni-1".into(),
+            device_index: Some(1),
+            ..primary.clone()
+        };
+        assert_eq!(
+            first_growth_by_create(&assign(3), &[primary.clone(), other], &limits),
+            None
+        );
+        // A type with one ENI only, or a plan that is not a single assign, stays as it is.
+        let single = PoolLimits {
+            max_enis: 1,
+            ..limits
+        };
+        assert_eq!(
+            first_growth_by_create(&assign(3), std::slice::from_ref(&primary), &single),
+            None
+        );
+        let two = [assign(1), assign(1)].concat();
+        assert_eq!(
+            first_growth_by_create(&two, std::slice::from_ref(&primary), &limits),
+            None
+        );
     }
 }

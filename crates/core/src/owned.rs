@@ -13,8 +13,12 @@ pub const DEFAULT_POD_CIDR: Ipv4Net = match Ipv4Net::new(std::net::Ipv4Addr::new
     Err(_) => panic!("valid prefix length"),
 };
 
-/// AWS's default number of routes per route table (adjustable per account up to 1,000); EC2 does not report it.
-pub const DEFAULT_ROUTE_LIMIT: usize = 50;
+/// AWS's default number of non-propagated routes per route table: 500 since mid-2025 (50 before), counted
+/// separately for IPv4 and IPv6, adjustable per account up to [`MAX_ROUTE_LIMIT`]. EC2 does not report it.
+pub const DEFAULT_ROUTE_LIMIT: usize = 500;
+
+/// The most a route table's quota can be raised to; AWS warns that network performance might be impacted.
+pub const MAX_ROUTE_LIMIT: usize = 1_000;
 
 /// A route is underlay's when its destination lies wholly inside the cluster pod CIDR.
 pub fn is_owned_route(destination: Ipv4Net, pod_cidr: Ipv4Net) -> bool {

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 /// Default size of a node's pod block: a /26 holds 64 addresses, enough for the 110-pod kubelet default only with
 /// address reuse; a platform team that wants more sets `block_prefix_len: 25`.
 pub const DEFAULT_BLOCK_PREFIX_LEN: u8 = 26;
-/// AWS's default limit of non-propagated routes in one route table.
-pub const DEFAULT_ROUTE_LIMIT: u32 = 50;
+/// AWS's default limit of non-propagated routes in one route table ([`crate::owned::DEFAULT_ROUTE_LIMIT`]).
+pub const DEFAULT_ROUTE_LIMIT: u32 = crate::owned::DEFAULT_ROUTE_LIMIT as u32;
 /// Routes left free in every managed table so that a change can create the new route before deleting the old one.
 pub const DEFAULT_HEADROOM: u32 = 1;
 
@@ -86,7 +86,7 @@ pub struct RouteTable {
     /// Subnets associated with this table (a subnet is associated with at most one table).
     #[serde(default)]
     pub subnets: Vec<String>,
-    /// Maximum number of non-propagated routes (50 by default in AWS, adjustable to 1,000).
+    /// Maximum number of non-propagated routes (500 by default in AWS, adjustable to 1,000).
     #[serde(default = "default_route_limit")]
     pub route_limit: u32,
     /// Routes in this table that are not underlay's (outside the pod CIDR): they count against the limit.

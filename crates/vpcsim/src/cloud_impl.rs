@@ -12,6 +12,7 @@ use underlay_cloud::{
 use underlay_core::instance_types::INSTANCE_TYPES;
 
 use crate::events::Event;
+use crate::paging::all_pages;
 use crate::sim::{TAG_LIMIT, VpcSim, World, instance_type, type_info};
 use crate::state::err;
 
@@ -183,7 +184,18 @@ impl World {
                 .unwrap_or_else(|| made.clone()));
         }
         check_tags(&req.tags)?;
-        let vpc = self.state.subnet(&req.subnet)?.vpc.clone();
+        let subnet = self.state.subnet(&req.subnet)?;
+        let (vpc, zone) = (subnet.vpc.clone(), subnet.zone.clone());
+        let in_zone = self.state.enis.values().filter(|e| e.zone == zone).count();
+        if in_zone >= self.config.enis_per_zone {
+            return Err(err(
+                "NetworkInterfaceLimitExceeded",
+                format!(
+                    "You have reached the limit of {} network interfaces in {zone}.",
+                    self.config.enis_per_zone
+                ),
+            ));
+        }
         let groups = self.resolve_groups(&vpc, &req.security_groups)?;
         // All addresses are taken or none: count first, then take.
         let n = 1 + req.secondary_ip_count;
@@ -500,23 +512,31 @@ impl Cloud for VpcSim {
     }
 
     async fn describe_subnets(&self, vpc: &VpcId) -> Result<Vec<Subnet>> {
-        self.call(Operation::DescribeSubnets, false, |w, now| {
-            Ok(w.read(now, |s| s.describe_subnets(vpc)))
-        })
+        let max = Some(self.page_size_for(Operation::DescribeSubnets));
+        all_pages(
+            |token| async move { self.describe_subnets_page(vpc, max, token.as_deref()).await },
+        )
         .await
     }
 
     async fn describe_route_tables(&self, vpc: &VpcId) -> Result<Vec<RouteTable>> {
-        self.call(Operation::DescribeRouteTables, false, |w, now| {
-            Ok(w.read(now, |s| s.describe_route_tables(vpc)))
+        let max = Some(self.page_size_for(Operation::DescribeRouteTables));
+        all_pages(|token| async move {
+            self.describe_route_tables_page(vpc, max, token.as_deref())
+                .await
         })
         .await
     }
 
     async fn describe_instances(&self, filter: &InstanceFilter) -> Result<Vec<Instance>> {
-        let unfiltered = filter.ids.is_empty() && filter.vpc.is_none();
-        self.call(Operation::DescribeInstances, unfiltered, |w, now| {
-            w.read(now, |s| s.describe_instances(filter))
+        // By ids: one answer (EC2 refuses MaxResults with ids); otherwise page by page.
+        let max = filter
+            .ids
+            .is_empty()
+            .then(|| self.page_size_for(Operation::DescribeInstances));
+        all_pages(|token| async move {
+            self.describe_instances_page(filter, max, token.as_deref())
+                .await
         })
         .await
     }
@@ -542,11 +562,14 @@ impl Cloud for VpcSim {
         &self,
         filter: &EniFilter,
     ) -> Result<Vec<NetworkInterface>> {
-        self.call(
-            Operation::DescribeNetworkInterfaces,
-            filter.is_unfiltered(),
-            |w, now| w.read(now, |s| s.describe_enis(filter)),
-        )
+        let max = filter
+            .ids
+            .is_empty()
+            .then(|| self.page_size_for(Operation::DescribeNetworkInterfaces));
+        all_pages(|token| async move {
+            self.describe_network_interfaces_page(filter, max, token.as_deref())
+                .await
+        })
         .await
     }
 
@@ -640,7 +663,11 @@ impl Cloud for VpcSim {
         &self,
         request: &CreateEniRequest,
     ) -> Result<NetworkInterface> {
-        self.call(Operation::CreateNetworkInterface, false, |w, _| {
+        self.call(Operation::CreateNetworkInterface, false, |w, now| {
+            let with_addresses = request.secondary_ip_count > 0 || request.prefix_count > 0;
+            if with_addresses && w.creation_draws_assign() {
+                w.take_token(Operation::AssignPrivateIpAddresses, now)?;
+            }
             w.create_eni(request)
         })
         .await

@@ -22,15 +22,17 @@ mod cloud_impl;
 mod counters;
 mod events;
 mod faults;
+mod paging;
 mod sim;
 mod state;
 
 pub use counters::Counters;
 pub use events::{Change, Event};
 pub use faults::{ErrorRate, Faults, Latency};
+pub use paging::{Page, max_page};
 pub use sim::{
-    Config, DEFAULT_ROUTE_LIMIT, RunInstance, Snapshot, TAG_LIMIT, VpcSim, VpcSimBuilder,
-    instance_type,
+    Config, DEFAULT_ENIS_PER_ZONE, DEFAULT_PAGE_SIZE, DEFAULT_ROUTE_LIMIT, RunInstance, Snapshot,
+    TAG_LIMIT, VpcSim, VpcSimBuilder, instance_type,
 };
 pub use state::{AddressOrder, PREFIX_LEN, RESERVED_PER_SUBNET};
 pub use underlay_cloud::Cloud;

@@ -26,8 +26,11 @@ use crate::state::{
     VpcState, err,
 };
 
-/// AWS's default quota of routes per route table (`local` routes not counted).
-pub const DEFAULT_ROUTE_LIMIT: usize = 50;
+/// AWS's default quota of routes per route table (`local` routes not counted): 500 non-propagated routes,
+/// adjustable to 1,000 (see docs/aws.md). The lab sets small limits of its own so aggregation shows.
+pub const DEFAULT_ROUTE_LIMIT: usize = underlay_core::owned::DEFAULT_ROUTE_LIMIT;
+/// AWS's default quota of network interfaces per Region (5,000), which EC2 enforces per Availability Zone.
+pub const DEFAULT_ENIS_PER_ZONE: usize = 5_000;
 /// Tags per resource.
 pub const TAG_LIMIT: usize = 50;
 const EVENT_BUFFER: usize = 65_536;
@@ -41,6 +44,14 @@ pub struct Config {
     pub rate_limits: Option<RateLimits>,
     /// Route limit of every new route table.
     pub route_limit: usize,
+    /// Network interfaces per zone (primary ENIs of instances included); CreateNetworkInterface past it answers
+    /// `NetworkInterfaceLimitExceeded`.
+    #[serde(default = "default_enis_per_zone")]
+    pub enis_per_zone: usize,
+    /// `MaxResults` of the port's paginated describes (clamped to what EC2 accepts per action: 5–100 route
+    /// tables, 5–1,000 otherwise), as the aws-sdk adapter's page size; small values make readers follow pages.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
     pub address_order: AddressOrder,
     pub faults: Faults,
 }
@@ -51,10 +62,23 @@ impl Default for Config {
             seed: 0,
             rate_limits: Some(RateLimits::aws_default()),
             route_limit: DEFAULT_ROUTE_LIMIT,
+            enis_per_zone: DEFAULT_ENIS_PER_ZONE,
+            page_size: DEFAULT_PAGE_SIZE,
             address_order: AddressOrder::Random,
             faults: Faults::default(),
         }
     }
+}
+
+/// Default `MaxResults` of the port's describes (the aws-sdk adapter's default page size).
+pub const DEFAULT_PAGE_SIZE: u32 = 1_000;
+
+fn default_page_size() -> u32 {
+    DEFAULT_PAGE_SIZE
+}
+
+fn default_enis_per_zone() -> usize {
+    DEFAULT_ENIS_PER_ZONE
 }
 
 /// Builder of a [`VpcSim`]: `VpcSim::builder(seed).route_limit(100).rate_limits(None).build()`.
@@ -75,6 +99,16 @@ impl VpcSimBuilder {
     }
     pub fn route_limit(mut self, limit: usize) -> Self {
         self.config.route_limit = limit;
+        self
+    }
+    /// `MaxResults` of the port's paginated describes (default 1,000; see [`Config::page_size`]).
+    pub fn page_size(mut self, size: u32) -> Self {
+        self.config.page_size = size;
+        self
+    }
+    /// Network interfaces per zone (default 5,000, AWS's per-Region quota, enforced per zone).
+    pub fn enis_per_zone(mut self, quota: usize) -> Self {
+        self.config.enis_per_zone = quota;
         self
     }
     pub fn address_order(mut self, order: AddressOrder) -> Self {
@@ -279,6 +313,25 @@ impl World {
 
     pub fn route_limit(&self) -> usize {
         self.config.route_limit
+    }
+
+    /// A further token a call takes besides its own action's (CreateNetworkInterface with addresses, when the
+    /// limits say creation draws on AssignPrivateIpAddresses' bucket).
+    pub fn take_token(&mut self, op: Operation, now: Instant) -> Result<()> {
+        if let Some(b) = self.buckets.as_mut()
+            && b.try_take(op, false, now.into_std()).is_err()
+        {
+            // Counted as the calling action's throttle by the caller.
+            return Err(err("RequestLimitExceeded", "Request limit exceeded."));
+        }
+        Ok(())
+    }
+
+    /// Whether CreateNetworkInterface with addresses also takes an AssignPrivateIpAddresses token.
+    pub fn creation_draws_assign(&self) -> bool {
+        self.buckets
+            .as_ref()
+            .is_some_and(|b| b.limits().creation_draws_assign)
     }
 }
 

@@ -1,9 +1,10 @@
 //! The shared Cloud contract suite on vpcsim, and the fixture that plugs vpcsim into it.
 
+use ipnet::Ipv4Net;
 use underlay_cloud::contract::{
     self, Capabilities, Fixture, FixtureResult, Outcome, World, WorldSpec,
 };
-use underlay_cloud::{Cloud, InstanceId, RouteTarget, SubnetId, Tags};
+use underlay_cloud::{Cloud, InstanceId, RouteTableId, RouteTarget, SubnetId, Tags};
 use underlay_vpcsim::{RunInstance, VpcSim};
 
 /// vpcsim as a contract backend: the world side is VpcSim's inherent set-up methods.
@@ -70,12 +71,24 @@ impl Fixture for SimFixture {
     async fn terminate_instance(&self, instance: &InstanceId) -> FixtureResult<()> {
         Ok(self.sim.terminate_instance(instance)?)
     }
+    async fn add_routes(
+        &self,
+        table: &RouteTableId,
+        destinations: &[Ipv4Net],
+        target: &RouteTarget,
+    ) -> FixtureResult<()> {
+        for d in destinations {
+            self.sim.add_route(table, *d, target)?;
+        }
+        Ok(())
+    }
 }
 
 #[tokio::test]
 async fn vpcsim_passes_the_whole_contract_suite() {
+    // Pages of 5: every describe of more than five items is read page by page.
     let fx = SimFixture {
-        sim: VpcSim::builder(7).build(),
+        sim: VpcSim::builder(7).page_size(5).build(),
     };
     let report = contract::run_all(&fx).await;
     println!("{report}");
@@ -121,6 +134,14 @@ async fn moto_capabilities_skip_with_reasons() {
         }
         async fn terminate_instance(&self, i: &InstanceId) -> FixtureResult<()> {
             self.0.terminate_instance(i).await
+        }
+        async fn add_routes(
+            &self,
+            t: &RouteTableId,
+            d: &[Ipv4Net],
+            target: &RouteTarget,
+        ) -> FixtureResult<()> {
+            self.0.add_routes(t, d, target).await
         }
     }
     let fx = Limited(SimFixture {

@@ -7,8 +7,9 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use tokio::time::Instant;
 use underlay_cloud::{
-    AddressRequest, Cloud, CreateEniRequest, EniFilter, EniId, ErrorKind, InstanceId, Operation,
-    RateLimits, RouteState, RouteTableId, RouteTarget, SubnetId, Tags, VpcId,
+    AddressRequest, Cloud, CreateEniRequest, EniFilter, EniId, ErrorKind, InstanceFilter,
+    InstanceId, Operation, RateLimits, RouteState, RouteTableId, RouteTarget, SubnetId, Tags,
+    VpcId,
 };
 use underlay_vpcsim::{ErrorRate, Event, Faults, Latency, RunInstance, VpcSim};
 
@@ -181,20 +182,79 @@ async fn concurrent_burst_admits_exactly_the_bucket_and_buckets_are_separate() {
         enis += 1;
     }
     assert_eq!(enis, 5);
-    // Unfiltered describes draw from the 50-token bucket.
+    // Unfiltered, unpaginated describes draw from a 50-token bucket of their own.
     for _ in 0..50 {
         m.sim
-            .describe_network_interfaces(&EniFilter::default())
+            .describe_network_interfaces_page(&EniFilter::default(), None, None)
             .await
             .unwrap();
     }
     assert!(
         m.sim
-            .describe_network_interfaces(&EniFilter::default())
+            .describe_network_interfaces_page(&EniFilter::default(), None, None)
             .await
             .unwrap_err()
             .is_throttled()
     );
+    // The same describe with MaxResults is paginated: the larger bucket, which still has tokens.
+    m.sim
+        .describe_network_interfaces_page(&EniFilter::default(), Some(5), None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn describes_page_like_ec2_and_the_port_reads_every_page() {
+    let sim = VpcSim::builder(2).rate_limits(None).page_size(5).build();
+    let m = mk_world(sim);
+    // 12 more route tables: 13 tables with the main one... plus the world's own.
+    for _ in 0..12 {
+        m.sim.create_route_table(&m.vpc, Tags::new()).unwrap();
+    }
+    let all = m.sim.describe_route_tables(&m.vpc).await.unwrap();
+    assert!(all.len() >= 13, "{}", all.len());
+    let pages = m.sim.counters().calls_of(Operation::DescribeRouteTables);
+    assert_eq!(pages as usize, all.len().div_ceil(5), "one call per page");
+    // Page by page by hand: 5 at most, a token until the last.
+    let p1 = m
+        .sim
+        .describe_route_tables_page(&m.vpc, Some(5), None)
+        .await
+        .unwrap();
+    assert_eq!(p1.items.len(), 5);
+    let token = p1.next_token.clone().unwrap();
+    let p2 = m
+        .sim
+        .describe_route_tables_page(&m.vpc, Some(5), Some(&token))
+        .await
+        .unwrap();
+    assert!(
+        p2.items
+            .iter()
+            .all(|t| !p1.items.iter().any(|u| u.id == t.id))
+    );
+    // EC2's bounds: 5..=100 for route tables; ids and MaxResults together are refused.
+    for bad in [4, 101] {
+        let e = m
+            .sim
+            .describe_route_tables_page(&m.vpc, Some(bad), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "InvalidParameterValue");
+    }
+    let e = m
+        .sim
+        .describe_instances_page(
+            &InstanceFilter {
+                ids: vec![InstanceId::new("i-0123456789abcdef0")],
+                vpc: None,
+            },
+            Some(5),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "InvalidParameterCombination");
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! `underlay bench lab`: a whole routed-mode lab (default 60 nodes, 600 pods, AWS's 50-route limit) built on this
+//! `underlay bench lab`: a whole routed-mode lab (default 60 nodes, 600 pods, a 50-route limit, low on purpose so blocks aggregate) built on this
 //! machine: build time per step, each node's time from its Node object to its taint's removal, pod↔pod latency per
 //! path class next to node↔node in the same fabric, and memory.
 //!

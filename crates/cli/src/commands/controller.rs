@@ -43,11 +43,17 @@ pub struct Args {
     pod_cidr: Option<Ipv4Net>,
     #[command(flatten)]
     eni: EniArgs,
+    /// Whether CreateNetworkInterface with addresses also draws on AssignPrivateIpAddresses' throttling bucket
+    /// (AWS does not say; `true`, the conservative reading, keeps joins on AssignPrivateIpAddresses). `false`
+    /// lets eni mode spread joining nodes' first addresses over both ways (docs/aws.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    creation_draws_assign: bool,
     /// Pod block per node (prefix length).
     #[arg(long, default_value_t = 26)]
     block: u8,
-    /// Route limit of the managed route tables (an account quota EC2 does not report).
-    #[arg(long, default_value_t = 50)]
+    /// Route limit of the managed route tables (an account quota EC2 does not report: 500 by default, at most
+    /// 1,000).
+    #[arg(long, default_value_t = underlay_core::topology::DEFAULT_ROUTE_LIMIT)]
     route_limit: u32,
     /// Forwarder health probe interval (ms).
     #[arg(long, default_value_t = 1000)]
@@ -201,7 +207,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let ec2 = Ec2Cloud::new(&options).await?;
         let queue = underlay_cloud::queue::RateLimitedCloud::new_with_metrics(
             ec2.clone(),
-            QueueConfig::default(),
+            QueueConfig {
+                limits: underlay_cloud::RateLimits::aws_default()
+                    .with_creation_draws_assign(args.creation_draws_assign),
+                ..QueueConfig::default()
+            },
             cloud_metrics,
         );
         let lanes: Arc<dyn CloudLanes> = Arc::new(TwoLanes::over_queue(queue.clone()));

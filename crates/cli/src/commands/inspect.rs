@@ -427,4 +427,52 @@ mod tests {
         assert!(human.contains("eni-b available node=n2"), "{human}");
         assert_eq!(human.matches("LEAKED").count(), 1);
     }
+
+    #[tokio::test]
+    async fn a_600_route_table_is_read_whole_across_pages() {
+        use underlay_vpcsim::VpcSim;
+        let sim = VpcSim::builder(1).rate_limits(None).page_size(5).build();
+        let vpc = sim.create_vpc(net("198.18.0.0/16"), Tags::new()).unwrap();
+        let big = sim.create_route_table(&vpc, Tags::new()).unwrap();
+        sim.set_route_limit(&big, 1_000).unwrap();
+        for _ in 0..12 {
+            sim.create_route_table(&vpc, Tags::new()).unwrap();
+        }
+        let igw = sim.create_internet_gateway(&vpc).unwrap();
+        let subnet = sim
+            .create_subnet(&vpc, "us-east-1a", net("198.18.0.0/20"))
+            .unwrap();
+        let node = sim
+            .run_instance(underlay_vpcsim::RunInstance::new("m5.large", &subnet))
+            .unwrap();
+        let eni = RouteTarget::NetworkInterface(node.primary_eni().unwrap().id.clone());
+        // 550 foreign routes and 50 of the pod CIDR.
+        for i in 0..600u32 {
+            let (base, target) = if i < 550 {
+                (0xAC10_0000u32, RouteTarget::Gateway(igw.clone()))
+            } else {
+                (0x6440_0000u32, eni.clone())
+            };
+            let dst = Ipv4Net::new(std::net::Ipv4Addr::from(base + (i << 6)), 26).unwrap();
+            sim.add_route(&big, dst, &target).unwrap();
+        }
+        let args = Args {
+            endpoint: None,
+            region: None,
+            vpc: vpc.to_string(),
+            cluster: "c1".into(),
+            pod_cidr: DEFAULT_POD_CIDR,
+            route_limit: DEFAULT_ROUTE_LIMIT,
+            format: Format::Human,
+        };
+        let r = inspect(&sim, &args).await.unwrap();
+        assert_eq!(r.route_tables.len(), 14, "every table, over several pages");
+        let t = r
+            .route_tables
+            .iter()
+            .find(|t| t.id == big.to_string())
+            .unwrap();
+        assert_eq!((t.routes, t.owned.len()), (600, 50));
+        assert!(render_human(&r).contains("600/500 routes"));
+    }
 }

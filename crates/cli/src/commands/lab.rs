@@ -39,7 +39,7 @@ pub(super) struct Shape {
     pub(super) nodes: usize,
     #[arg(long, default_value_t = 4)]
     pub(super) pods_per_node: usize,
-    /// Routes per VPC route table (AWS: 50). Low enough that blocks are aggregated behind forwarders.
+    /// Routes per VPC route table (AWS's default is 500; the lab keeps it small). Low enough that blocks are aggregated behind forwarders.
     #[arg(long, default_value_t = 8)]
     pub(super) route_limit: usize,
     #[arg(long, default_value_t = 1)]

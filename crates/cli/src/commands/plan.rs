@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use underlay_core::planner::{self, PlanMode, RoutedPlan};
 use underlay_core::routeops::{self, RouteOp};
-use underlay_core::topology::{SynthSpec, Topology, synthesise};
+use underlay_core::topology::{DEFAULT_ROUTE_LIMIT, SynthSpec, Topology, synthesise};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -33,7 +33,7 @@ pub struct Args {
     /// Synthetic cluster: subnets per zone.
     #[arg(long)]
     pub subnets_per_zone: Option<usize>,
-    /// Synthetic cluster: route limit of every route table (AWS default 50, adjustable to 1,000).
+    /// Synthetic cluster: route limit of every route table (AWS default 500, adjustable to 1,000).
     #[arg(long)]
     pub route_limit: Option<u32>,
     /// Synthetic cluster: foreign routes per table (the first is a default route to the zone's NAT gateway).
@@ -95,7 +95,7 @@ pub fn load_topology(args: &Args) -> anyhow::Result<Topology> {
                 nodes,
                 args.zones.unwrap_or(3),
                 args.subnets_per_zone.unwrap_or(2),
-                args.route_limit.unwrap_or(50),
+                args.route_limit.unwrap_or(DEFAULT_ROUTE_LIMIT),
             );
             if let Some(f) = args.foreign_routes {
                 spec.foreign_routes = f;

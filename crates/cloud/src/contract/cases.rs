@@ -84,6 +84,8 @@ pub fn cases() -> Vec<Case> {
             [BlackholeOnTerminate]
         ),
         case!(bursts_are_throttled, [Throttling]),
+        case!(a_600_route_table_is_described_whole, []),
+        case!(describes_follow_every_page, []),
     ]
 }
 
@@ -1224,4 +1226,92 @@ async fn bursts_are_throttled(f: &dyn Fixture) -> CaseResult {
     Err(CaseError(
         "1,000 back-to-back DescribeSubnets were never throttled".to_owned(),
     ))
+}
+
+// ---- pagination -------------------------------------------------------------------------------------------
+
+/// A table of 600 routes (above AWS's 125-route pagination advice, above the 500 default quota) comes back
+/// whole, every route once, the foreign default route included.
+async fn a_600_route_table_is_described_whole(f: &dyn Fixture) -> CaseResult {
+    let spec = WorldSpec {
+        route_limit: Some(1_000),
+        ..WorldSpec::standard()
+    };
+    let w = f.create_world(&spec).await?;
+    let a = primary_eni(f, &f.run_instance(&w.subnets[0], "m5.large").await?).await?;
+    let to_a = RouteTarget::NetworkInterface(a.id.clone());
+    let routes: Vec<Ipv4Net> = (0..600u32)
+        .map(|i| Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + (i << 6)), 26).expect("valid"))
+        .collect();
+    f.add_routes(&w.route_table, &routes, &to_a).await?;
+    let tables = f.cloud().describe_route_tables(&w.vpc).await?;
+    let t = tables
+        .iter()
+        .find(|t| t.id == w.route_table)
+        .ok_or_else(|| CaseError(format!("route table {} not described", w.route_table)))?;
+    let ours: BTreeSet<Ipv4Net> = t
+        .routes
+        .iter()
+        .filter(|r| r.target == to_a)
+        .map(|r| r.destination)
+        .collect();
+    ensure!(
+        ours.len() == 600 && routes.iter().all(|r| ours.contains(r)),
+        "{} of 600 routes described",
+        ours.len()
+    );
+    let dests: Vec<Ipv4Net> = t.routes.iter().map(|r| r.destination).collect();
+    let unique: BTreeSet<&Ipv4Net> = dests.iter().collect();
+    ensure!(unique.len() == dests.len(), "a route described twice");
+    ensure!(
+        t.routes.iter().any(|r| r.destination == net("0.0.0.0/0")
+            && r.target == RouteTarget::Gateway(w.gateway.clone())),
+        "the default route is missing"
+    );
+    Ok(())
+}
+
+/// Seven instances and their ENIs, read by VPC: whole answers whatever the backend's page size (a backend run
+/// with small pages makes the reader follow several).
+async fn describes_follow_every_page(f: &dyn Fixture) -> CaseResult {
+    let w = world(f).await?;
+    let mut launched = BTreeSet::new();
+    for i in 0..7 {
+        launched.insert(f.run_instance(&w.subnets[i % 2], "t3.medium").await?);
+    }
+    let c = f.cloud();
+    let by_vpc = c
+        .describe_instances(&InstanceFilter {
+            ids: Vec::new(),
+            vpc: Some(w.vpc.clone()),
+        })
+        .await?;
+    let got: BTreeSet<InstanceId> = by_vpc.iter().map(|i| i.id.clone()).collect();
+    ensure!(got == launched, "described {got:?}, launched {launched:?}");
+    ensure!(by_vpc.len() == 7, "{} instances described", by_vpc.len());
+    let enis = c
+        .describe_network_interfaces(&EniFilter {
+            vpc: Some(w.vpc.clone()),
+            ..EniFilter::default()
+        })
+        .await?;
+    let ids: BTreeSet<&EniId> = enis.iter().map(|e| &e.id).collect();
+    ensure!(ids.len() == enis.len(), "an ENI described twice");
+    for i in &by_vpc {
+        for e in &i.enis {
+            ensure!(
+                ids.contains(&e.id),
+                "ENI {} of {} not described",
+                e.id,
+                i.id
+            );
+        }
+    }
+    let subnets = c.describe_subnets(&w.vpc).await?;
+    ensure!(
+        subnets.len() == WorldSpec::standard().subnets.len(),
+        "{} subnets",
+        subnets.len()
+    );
+    Ok(())
 }

@@ -26,7 +26,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Cloud, CloudError, ErrorKind, InstanceId, RouteTableId, SecurityGroupId, SubnetId, VpcId,
+    Cloud, CloudError, ErrorKind, InstanceId, RouteTableId, RouteTarget, SecurityGroupId, SubnetId,
+    VpcId,
 };
 
 pub use cases::cases;
@@ -116,6 +117,19 @@ pub trait Fixture: Send + Sync {
     ) -> FixtureResult<InstanceId>;
     /// Terminate an instance (and wait until EC2 reports it terminated).
     async fn terminate_instance(&self, instance: &InstanceId) -> FixtureResult<()>;
+    /// Add many routes to `table` as another tool would (by default CreateRoute through the port, one by one;
+    /// a backend that throttles may add them on its world side instead).
+    async fn add_routes(
+        &self,
+        table: &RouteTableId,
+        destinations: &[Ipv4Net],
+        target: &RouteTarget,
+    ) -> FixtureResult<()> {
+        for d in destinations {
+            self.cloud().create_route(table, *d, target).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A behaviour of real EC2 that some backends do not reproduce.

@@ -400,7 +400,7 @@ impl ControllerHealth {
 }
 
 /// Follows the controller's events and leadership into `metrics` and `health` until both senders are gone.
-/// `events` must be the receiver of the sender given to [`crate::kube::run_routed_on_kube`], and `leading` of
+/// `events` must be the receiver of the sender given to [`crate::routed::run_routed_on_kube`], and `leading` of
 /// the `KubeOptions::leading` sender.
 pub async fn observe(
     metrics: ControllerMetrics,

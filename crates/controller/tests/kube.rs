@@ -19,8 +19,8 @@ use tower::ServiceExt;
 use underlay_api::{Mode, UnderlayNode, conditions};
 use underlay_apisim::{ApiSim, Kind};
 use underlay_cloud::RouteTarget;
-use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
 use underlay_controller::{ControllerConfig, ControllerEvent, NodeSelector, ProbeTarget, Prober};
+use underlay_controller::{KubeOptions, run_routed_on_kube};
 use underlay_core::health::Probe;
 use underlay_core::names;
 use underlay_vpcsim::RunInstance;
@@ -746,13 +746,15 @@ async fn a_failover_is_recorded_as_events_on_the_nodes() {
                     && e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(node)
             })
         };
-        (has(underlay_controller::kube::REASON_FORWARDER_FAILED, "node-0")
-            && has(underlay_controller::kube::REASON_ROUTES_MOVED, "node-1"))
+        (has(
+            underlay_controller::routed::REASON_FORWARDER_FAILED,
+            "node-0",
+        ) && has(underlay_controller::routed::REASON_ROUTES_MOVED, "node-1"))
         .then_some(evs)
     })
     .await;
     assert!(!events.iter().any(|e| {
-        e.reason.as_deref() == Some(underlay_controller::kube::REASON_ROUTES_MOVED)
+        e.reason.as_deref() == Some(underlay_controller::routed::REASON_ROUTES_MOVED)
             && e.regarding.as_ref().and_then(|o| o.name.as_deref()) != Some("node-1")
     }));
     r.stop().await;

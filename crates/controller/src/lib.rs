@@ -47,6 +47,8 @@ pub use lanes::{CloudLanes, OneLane, Priority, TwoLanes};
 pub use lease::{KubeError, KubeOptions};
 pub use probe::{HealthProber, HttpProber, ProbeTarget, Prober};
 pub use routed::run_routed_on_kube;
-pub use routes::{Outcome, ReconcileError, ReconcileReport, RouteReconciler, apply_route_op};
+pub use routes::{
+    ForeignRouteFinding, Outcome, ReconcileError, ReconcileReport, RouteReconciler, apply_route_op,
+};
 pub use selector::{NodeSelector, SelectorError};
 pub use srcdst::{SrcDstReconciler, SrcDstReport};

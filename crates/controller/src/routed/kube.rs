@@ -12,7 +12,7 @@ use ::kube::runtime::watcher::{self, Event as WatchEvent};
 use ::kube::runtime::{WatchStreamExt, watcher::watcher as watch_stream};
 use ::kube::{Client, Resource, ResourceExt};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
@@ -24,8 +24,8 @@ use underlay_core::planner::RoutedPlan;
 use underlay_core::routeops::RouteOp;
 
 use super::{
-    ACTION_FAILOVER, NodeInstance, REASON_FORWARDER_FAILED, REASON_FORWARDER_HEALTHY,
-    REASON_ROUTES_MOVED, previous_plan,
+    ACTION_FAILOVER, ACTION_PLAN_AROUND, NodeInstance, REASON_FOREIGN_ROUTE,
+    REASON_FORWARDER_FAILED, REASON_FORWARDER_HEALTHY, REASON_ROUTES_MOVED, previous_plan,
 };
 use crate::config::{ClusterNode, ControllerConfig};
 use crate::controller::{Controller, ControllerEvent};
@@ -34,7 +34,7 @@ use crate::index::{apply_watch_event, instance_id_of, slim_node};
 use crate::lanes::{CloudLanes, Priority};
 use crate::lease::{KubeError, KubeOptions, check_lease_timing, lead};
 use crate::probe::Prober;
-use crate::routes::ReconcileReport;
+use crate::routes::{ForeignRouteFinding, ReconcileReport};
 use crate::selector::NodeSelector;
 
 /// A missing instance is described again after this many retry periods.
@@ -71,6 +71,7 @@ pub async fn run_routed_on_kube(
             events.clone(),
         )
         .selecting(opts.node_selector.clone())
+        .reporting_on_lease(&opts.lease_namespace)
         .run(stop)
     })
     .await
@@ -111,6 +112,10 @@ pub(super) struct Leader {
     pub(super) released: BTreeSet<String>,
     /// This term's sweep of unselected Nodes for leftover underlay taints is done.
     pub(super) swept: bool,
+    /// Where cluster-wide Events go (the leader Lease); `None`: not recorded.
+    pub(super) lease_ref: Option<ObjectReference>,
+    /// Foreign routes inside the pod CIDR already reported (an Event each) as of the last pass.
+    pub(super) foreign_reported: BTreeSet<ForeignRouteFinding>,
 }
 
 impl std::fmt::Debug for Leader {
@@ -163,10 +168,24 @@ impl Leader {
             selector: NodeSelector::all(),
             released: BTreeSet::new(),
             swept: false,
+            lease_ref: None,
+            foreign_reported: BTreeSet::new(),
         }
     }
 
     /// Manage only the Nodes `selector` selects.
+    /// Record cluster-wide Events (foreign routes) on the leader Lease in `namespace`.
+    fn reporting_on_lease(mut self, namespace: &str) -> Self {
+        self.lease_ref = Some(ObjectReference {
+            api_version: Some("coordination.k8s.io/v1".to_string()),
+            kind: Some("Lease".to_string()),
+            name: Some(names::LEADER_LEASE.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..ObjectReference::default()
+        });
+        self
+    }
+
     fn selecting(mut self, selector: NodeSelector) -> Self {
         self.selector = selector;
         self
@@ -232,6 +251,7 @@ impl Leader {
                                     dirty = true;
                                 }
                                 self.record_route_moves(&report.routes).await;
+                                self.record_foreign_routes(&report.routes).await;
                             }
                             ControllerEvent::Health(t) => self.record_transition(&t).await,
                         }
@@ -505,6 +525,34 @@ impl Leader {
                 tracing::debug!(error = %e, "recording event");
             }
         }
+    }
+
+    /// A Warning Event on the leader Lease for each foreign route inside the pod CIDR not reported yet in this
+    /// term (best effort): such a route is left untouched and its destination planned around.
+    async fn record_foreign_routes(&mut self, report: &ReconcileReport) {
+        if report.managed_tables.is_empty() {
+            return;
+        }
+        let now: BTreeSet<ForeignRouteFinding> = report.foreign_routes.iter().cloned().collect();
+        let new: Vec<&ForeignRouteFinding> = now.difference(&self.foreign_reported).collect();
+        for f in &new {
+            tracing::warn!(route_table = %f.route_table, destination = %f.destination, target = %f.target, "foreign route inside the pod CIDR: left untouched, its destination planned around");
+        }
+        if let Some(lease) = &self.lease_ref {
+            for f in new {
+                let ev = KubeEvent {
+                    type_: EventType::Warning,
+                    reason: REASON_FOREIGN_ROUTE.to_string(),
+                    note: Some(truncate_note(f.to_string())),
+                    action: ACTION_PLAN_AROUND.to_string(),
+                    secondary: None,
+                };
+                if let Err(e) = self.recorder.publish(&ev, lease).await {
+                    tracing::debug!(error = %e, "recording event");
+                }
+            }
+        }
+        self.foreign_reported = now;
     }
 
     /// A Kubernetes Event on the Node for a forwarder health transition (best effort).

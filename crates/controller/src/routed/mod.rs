@@ -42,6 +42,10 @@ pub use kube::run_routed_on_kube;
 pub const REASON_FORWARDER_FAILED: &str = "ForwarderFailed";
 pub const REASON_FORWARDER_HEALTHY: &str = "ForwarderHealthy";
 pub const REASON_ROUTES_MOVED: &str = "RoutesMoved";
+/// Reason of the Warning Event recorded on the leader Lease for each route inside the pod CIDR that is not this
+/// cluster's (left untouched, its destination planned around).
+pub const REASON_FOREIGN_ROUTE: &str = "ForeignRoute";
+pub const ACTION_PLAN_AROUND: &str = "PlanAround";
 pub const ACTION_FAILOVER: &str = "Failover";
 
 /// What the controller learned about a node's instance.

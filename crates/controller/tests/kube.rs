@@ -1098,3 +1098,60 @@ async fn only_selected_nodes_are_managed_and_a_node_leaving_the_selection_is_rel
     assert_eq!(api.list::<UnderlayNode>().len(), 2);
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_route_inside_the_pod_cidr_is_an_event_on_the_lease_and_left_alone() {
+    use k8s_openapi::api::events::v1::Event;
+    let w = mk_world(38, 0, 50);
+    let tgw = w.sim.create_transit_gateway(&w.vpc).unwrap();
+    let dest = common::net("100.64.200.0/24");
+    w.sim
+        .add_route(&w.tables[0], dest, &RouteTarget::Gateway(tgw.clone()))
+        .unwrap();
+    let api = ApiSim::new();
+    mk_node(&w, &api, "node-0", 0);
+    mk_node(&w, &api, "node-1", 1);
+    let r = start_with(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+        Arc::new(ScriptedProber::default()),
+    );
+    let uns = converged(&api, 2).await;
+    let ev = wait_for("ForeignRoute event", || {
+        api.list::<Event>().into_iter().find(|e| {
+            e.reason.as_deref() == Some(underlay_controller::routed::REASON_FOREIGN_ROUTE)
+        })
+    })
+    .await;
+    let regarding = ev.regarding.clone().unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("Lease"));
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    let note = ev.note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&tgw) && note.contains("100.64.200.0/24"),
+        "{note}"
+    );
+    assert_eq!(
+        w.routes(&w.tables[0]).get(&dest),
+        Some(&RouteTarget::Gateway(tgw.clone()))
+    );
+    for un in uns.values() {
+        let block: ipnet::Ipv4Net = un
+            .status
+            .as_ref()
+            .unwrap()
+            .pool
+            .as_ref()
+            .unwrap()
+            .block
+            .as_ref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!dest.contains(&block) && !block.contains(&dest));
+    }
+    r.stop().await;
+}

@@ -92,6 +92,7 @@ pub struct ControllerMetrics {
     route_operations: Family<RouteOpLabels, Counter>,
     routes: Family<RoutesLabels, Gauge>,
     route_limit: Family<TableLabels, Gauge>,
+    foreign_in_pod_cidr: Family<TableLabels, Gauge>,
     nodes: Gauge,
     healthy_nodes: Gauge,
     routed_nodes: Gauge,
@@ -121,7 +122,7 @@ impl ControllerMetrics {
         );
         r.register(
             "underlay_controller_pass_errors",
-            "Errors reported by reconcile passes, by kind (observe, plan, apply, unknown_route_table, srcdst)",
+            "Errors reported by reconcile passes, by kind (observe, plan, apply, unknown_route_table, pod_cidr_conflict, srcdst)",
             m.pass_errors.clone(),
         );
         r.register(
@@ -143,6 +144,11 @@ impl ControllerMetrics {
             "underlay_controller_route_limit",
             "Route limit of a managed route table (the account quota underlay was told)",
             m.route_limit.clone(),
+        );
+        r.register(
+            "underlay_controller_foreign_routes_in_pod_cidr",
+            "Routes inside the pod CIDR of a managed route table that are not this cluster's (another cluster's, a transit gateway's, a secondary CIDR's local): never changed, their destinations planned around",
+            m.foreign_in_pod_cidr.clone(),
         );
         r.register(
             "underlay_controller_nodes",
@@ -203,6 +209,7 @@ impl ControllerMetrics {
             // A standby reports no tables: the leader's figures would go stale here.
             self.routes.clear();
             self.route_limit.clear();
+            self.foreign_in_pod_cidr.clear();
         }
     }
 
@@ -257,6 +264,22 @@ impl ControllerMetrics {
         );
         if let Some(routed) = report.routes.routed_nodes() {
             self.routed_nodes.set(routed.len() as i64);
+        }
+        if !report.routes.managed_tables.is_empty() {
+            self.foreign_in_pod_cidr.clear();
+            for t in &report.routes.managed_tables {
+                let n = report
+                    .routes
+                    .foreign_routes
+                    .iter()
+                    .filter(|f| &f.route_table == t)
+                    .count();
+                self.foreign_in_pod_cidr
+                    .get_or_create(&TableLabels {
+                        route_table: t.0.clone(),
+                    })
+                    .set(n as i64);
+            }
         }
         let Some(plan) = &report.routes.plan else {
             return;
@@ -400,7 +423,7 @@ impl ControllerHealth {
 }
 
 /// Follows the controller's events and leadership into `metrics` and `health` until both senders are gone.
-/// `events` must be the receiver of the sender given to [`crate::kube::run_routed_on_kube`], and `leading` of
+/// `events` must be the receiver of the sender given to [`crate::routed::run_routed_on_kube`], and `leading` of
 /// the `KubeOptions::leading` sender.
 pub async fn observe(
     metrics: ControllerMetrics,

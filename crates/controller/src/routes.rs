@@ -9,11 +9,18 @@
 //!                                                  apply_route_op ◄────────┘  one task per table
 //! ```
 //!
-//! Ownership: only routes whose destination lies inside the pod CIDR, in managed tables, are underlay's
-//! ([`underlay_core::routeops::is_owned`]); every other route is foreign, counts against the table's limit and is
-//! never touched. `local` routes do not count (EC2 and vpcsim do not count them against the limit).
+//! Ownership by proof ([`underlay_core::owned`]): a route in a managed table is underlay's only when its
+//! destination lies inside the pod CIDR **and** it targets an ENI of this cluster — a node's primary ENI, an ENI
+//! the previous plan names, or one an earlier pass found targeted by an owned route (kept while a route still
+//! targets it, so the route of a node that left is still cleaned up). Every other route is foreign: never touched,
+//! counted against the table's limit; one inside the pod CIDR (another cluster's, a transit gateway's, a secondary
+//! CIDR's `local`) is also planned around (its destination is taken) and reported in
+//! [`ReconcileReport::foreign_routes`]. `local` routes do not count against the limit (EC2 and vpcsim do not count
+//! them).
 //!
-//! Idempotency lives in [`apply_route_op`] only: a Create that finds the route already there becomes a Replace, a
+//! Idempotency lives in [`apply_route_op`] only: a Create that finds the route already there is an error, never a
+//! Replace (the route appeared since the describe and nothing proves it ours: another cluster may have just made
+//! it; the next pass's describe decides — ours, no change; foreign, planned around), a
 //! Replace that finds none becomes a Create, a Delete that finds none is done.
 //!
 //! Errors: a retryable error (throttling, EC2 5xx, transport) stops the pass (every table stops before its next
@@ -32,8 +39,9 @@ use underlay_cloud::{
     CloudError, EniId, ErrorKind, RouteState, RouteTable, RouteTableId, RouteTarget, Subnet,
     SubnetId,
 };
+use underlay_core::owned::{Ownership, RouteOwner, in_pod_cidr};
 use underlay_core::planner::{PlanError, RoutedPlan, plan};
-use underlay_core::routeops::{ObservedRoute, ObservedTable, RouteOp, diff, is_owned};
+use underlay_core::routeops::{ObservedRoute, ObservedTable, RouteOp, diff_owned, plan_ownership};
 use underlay_core::topology::{
     ClusterConfig, ForeignRoute, Node, RouteTable as TopoTable, Subnet as TopoSubnet, Topology, Vpc,
 };
@@ -52,6 +60,16 @@ pub enum ReconcileError {
     },
     #[error("managed route table {table} is not in VPC {vpc}")]
     UnknownRouteTable { table: RouteTableId, vpc: String },
+    #[error(
+        "pod CIDR conflict: route table {table} routes {destination} (inside the pod CIDR) to {target}, a live ENI \
+         that is not this cluster's (another cluster with the same pod CIDR?); refusing to start: give this cluster \
+         another pod CIDR, or remove that route"
+    )]
+    PodCidrConflict {
+        table: RouteTableId,
+        destination: Ipv4Net,
+        target: String,
+    },
     #[error("planning: {0}")]
     Plan(#[serde(serialize_with = "ser_display")] PlanError),
     #[error("{op}: {error}")]
@@ -69,7 +87,9 @@ impl ReconcileError {
             ReconcileError::Observe { error, .. } | ReconcileError::Apply { error, .. } => {
                 error.is_retryable()
             }
-            ReconcileError::UnknownRouteTable { .. } | ReconcileError::Plan(_) => false,
+            ReconcileError::UnknownRouteTable { .. }
+            | ReconcileError::PodCidrConflict { .. }
+            | ReconcileError::Plan(_) => false,
         }
     }
 
@@ -78,6 +98,7 @@ impl ReconcileError {
         match self {
             ReconcileError::Observe { .. } => "observe",
             ReconcileError::UnknownRouteTable { .. } => "unknown_route_table",
+            ReconcileError::PodCidrConflict { .. } => "pod_cidr_conflict",
             ReconcileError::Plan(_) => "plan",
             ReconcileError::Apply { .. } => "apply",
         }
@@ -90,8 +111,6 @@ impl ReconcileError {
 pub enum Outcome {
     /// The call did what the operation says.
     Done,
-    /// CreateRoute found the route already there (`RouteAlreadyExists`); ReplaceRoute set the target.
-    CreateBecameReplace,
     /// ReplaceRoute found no route; CreateRoute made it.
     ReplaceBecameCreate,
     /// DeleteRoute found no route (`InvalidRoute.NotFound`): nothing to do.
@@ -130,6 +149,27 @@ pub struct ReconcileReport {
     /// Nodes whose block the managed tables deliver now (after this pass's calls): in every table, the most
     /// specific route covering the block targets a healthy node of the block's subnet. `None` when not computed.
     pub reachable: Option<BTreeSet<String>>,
+    /// Foreign routes inside the pod CIDR in the managed tables: left untouched, their destinations planned around.
+    pub foreign_routes: Vec<ForeignRouteFinding>,
+}
+
+/// A route inside the pod CIDR that is not this cluster's (its target is no ENI of this cluster).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ForeignRouteFinding {
+    pub route_table: RouteTableId,
+    pub destination: Ipv4Net,
+    /// As EC2 reports it: `eni-…` (another cluster's), `tgw-…`, `pcx-…`, `local` (a secondary CIDR), ….
+    pub target: String,
+}
+
+impl std::fmt::Display for ForeignRouteFinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} → {} is inside the pod CIDR but not this cluster's: left untouched, its destination taken",
+            self.route_table, self.destination, self.target
+        )
+    }
 }
 
 impl ReconcileReport {
@@ -213,6 +253,7 @@ fn target_string(t: &RouteTarget) -> String {
 /// subnets for the main table). Pure.
 pub fn managed_tables(
     config: &RoutedConfig,
+    ownership: &Ownership,
     tables: &[RouteTable],
     subnets: &[Subnet],
     nodes: &[ClusterNode],
@@ -253,10 +294,9 @@ pub fn managed_tables(
                 .iter()
                 .filter(|t| {
                     served(t).iter().any(|s| node_subnets.contains(s))
-                        || t.routes.iter().any(|r| {
-                            r.target != RouteTarget::Local
-                                && is_owned(config.pod_cidr, r.destination)
-                        })
+                        || t.routes
+                            .iter()
+                            .any(|r| ownership.owns(r.destination, &target_string(&r.target)))
                 })
                 .collect()
         }
@@ -269,9 +309,11 @@ pub fn managed_tables(
 }
 
 /// The planner's view and the diff's view of the world. Pure. Nodes whose subnet is not among `subnets` are left
-/// out and named in the returned warnings.
+/// out and named in the returned warnings. Every route `ownership` does not prove ours is the planner's foreign
+/// route (it counts against the limit; inside the pod CIDR its destination is taken).
 pub fn build_topology(
     config: &RoutedConfig,
+    ownership: &Ownership,
     subnets: &[Subnet],
     managed: &[(RouteTable, Vec<SubnetId>)],
     nodes: &[ClusterNode],
@@ -300,10 +342,14 @@ pub fn build_topology(
     let mut observed = Vec::with_capacity(managed.len());
     for (t, served) in managed {
         let limit = config.route_limit_of(&t.id);
+        // `local` routes do not count against the limit, but one inside the pod CIDR (a secondary CIDR's) is a
+        // foreign destination like any other (counting it costs at most one route of budget).
         let routes: Vec<ObservedRoute> = t
             .routes
             .iter()
-            .filter(|r| r.target != RouteTarget::Local)
+            .filter(|r| {
+                r.target != RouteTarget::Local || in_pod_cidr(r.destination, config.pod_cidr)
+            })
             .map(|r| ObservedRoute {
                 destination: r.destination,
                 target: target_string(&r.target),
@@ -319,7 +365,7 @@ pub fn build_topology(
             route_limit: limit,
             foreign_routes: routes
                 .iter()
-                .filter(|r| !is_owned(config.pod_cidr, r.destination))
+                .filter(|r| !ownership.owns(r.destination, &r.target))
                 .map(|r| ForeignRoute {
                     destination: r.destination,
                     target: r.target.clone(),
@@ -378,14 +424,11 @@ pub async fn apply_route_op(
             eni,
         } => {
             let (table, target) = (RouteTableId::new(route_table), eni_target(eni));
-            match cloud.create_route(&table, *destination, &target).await {
-                Ok(()) => Ok(Outcome::Done),
-                Err(e) if e.kind == ErrorKind::AlreadyExists => cloud
-                    .replace_route(&table, *destination, &target)
-                    .await
-                    .map(|()| Outcome::CreateBecameReplace),
-                Err(e) => Err(e),
-            }
+            // `RouteAlreadyExists` stays an error: taking the route over could take another cluster's.
+            cloud
+                .create_route(&table, *destination, &target)
+                .await
+                .map(|()| Outcome::Done)
         }
         RouteOp::Replace {
             route_table,
@@ -487,6 +530,9 @@ pub struct RouteReconciler {
     lanes: Arc<dyn CloudLanes>,
     previous: Option<RoutedPlan>,
     subnets: Option<Vec<Subnet>>,
+    /// ENIs an owned route targeted when last observed (beyond the nodes' and the previous plan's): the route
+    /// of a node that left stays provably ours until it is gone.
+    routed_enis: BTreeSet<String>,
 }
 
 impl RouteReconciler {
@@ -496,7 +542,22 @@ impl RouteReconciler {
             lanes,
             previous: None,
             subnets: None,
+            routed_enis: BTreeSet::new(),
         }
+    }
+
+    /// What proves a route ours in this pass: the nodes' primary ENIs, the previous plan's ENIs and the ENIs
+    /// owned routes targeted when last observed.
+    pub fn ownership(&self, nodes: &[ClusterNode]) -> Ownership {
+        let mut o = self
+            .previous
+            .as_ref()
+            .map(plan_ownership)
+            .unwrap_or_default();
+        o.pod_cidr = self.config.pod_cidr;
+        o.cluster_enis.extend(nodes.iter().map(|n| n.eni.0.clone()));
+        o.cluster_enis.extend(self.routed_enis.iter().cloned());
+        o
     }
 
     pub fn config(&self) -> &RoutedConfig {
@@ -564,8 +625,32 @@ impl RouteReconciler {
                 return report;
             }
         };
-        let (managed, errors) = managed_tables(&self.config, &tables, subnets, nodes);
+        let ownership = self.ownership(nodes);
+        let (managed, errors) = managed_tables(&self.config, &ownership, &tables, subnets, nodes);
         report.errors.extend(errors);
+        // Remember the ENIs owned routes target now; forget those no route targets any more.
+        self.routed_enis = managed
+            .iter()
+            .flat_map(|(t, _)| &t.routes)
+            .map(|r| (r.destination, target_string(&r.target)))
+            .filter(|(d, t)| ownership.owns(*d, t))
+            .map(|(_, t)| t)
+            .collect();
+        report.foreign_routes = managed
+            .iter()
+            .flat_map(|(t, _)| {
+                t.routes.iter().filter_map(|r| {
+                    let target = target_string(&r.target);
+                    (ownership.classify(r.destination, &target) == RouteOwner::Foreign).then(|| {
+                        ForeignRouteFinding {
+                            route_table: t.id.clone(),
+                            destination: r.destination,
+                            target,
+                        }
+                    })
+                })
+            })
+            .collect();
         report.managed_tables = managed.iter().map(|(t, _)| t.id.clone()).collect();
         if managed.is_empty() {
             report
@@ -574,9 +659,37 @@ impl RouteReconciler {
             return report;
         }
 
+        // A cluster that has not planned yet refuses to start beside another's routes: a live ENI that is not
+        // ours holding a route inside the pod CIDR. Once running, such a route is planned around like any foreign
+        // one (failover must go on), and reported.
+        if self.previous.is_none() {
+            let conflicts: Vec<ReconcileError> = managed
+                .iter()
+                .flat_map(|(t, _)| {
+                    t.routes
+                        .iter()
+                        .filter(|r| {
+                            matches!(r.target, RouteTarget::NetworkInterface(_))
+                                && r.state == RouteState::Active
+                                && ownership.classify(r.destination, &target_string(&r.target))
+                                    == RouteOwner::Foreign
+                        })
+                        .map(|r| ReconcileError::PodCidrConflict {
+                            table: t.id.clone(),
+                            destination: r.destination,
+                            target: target_string(&r.target),
+                        })
+                })
+                .collect();
+            if !conflicts.is_empty() {
+                report.errors.extend(conflicts);
+                return report;
+            }
+        }
+
         // Plan.
         let (topo, observed, warnings) =
-            build_topology(&self.config, subnets, &managed, nodes, healthy);
+            build_topology(&self.config, &ownership, subnets, &managed, nodes, healthy);
         report.warnings.extend(warnings);
         let plan = match plan(&topo, self.previous.as_ref()) {
             Ok(p) => p,
@@ -588,7 +701,7 @@ impl RouteReconciler {
         report
             .warnings
             .extend(plan.warnings.iter().map(ToString::to_string));
-        let mut ops = diff(&plan, &observed);
+        let mut ops = diff_owned(&plan, &observed, &ownership);
         self.previous = Some(plan.clone());
         report.planned = ops.clone();
         if let Some(max) = self.config.max_ops_per_pass

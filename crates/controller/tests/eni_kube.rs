@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use underlay_api::{Mode, UnderlayNode, conditions};
 use underlay_apisim::ApiSim;
 use underlay_controller::eni::EniSettings;
-use underlay_controller::eni_kube::run_eni_on_kube;
-use underlay_controller::kube::KubeOptions;
+use underlay_controller::eni::kube::run_eni_on_kube;
+use underlay_controller::lease::KubeOptions;
 use underlay_core::eni_pool::Targets;
 use underlay_core::names;
 
@@ -311,7 +311,7 @@ async fn eni_mode_manages_only_selected_nodes() {
 /// A running `eni`-mode controller: its shutdown switch, its task and its pass counter.
 struct Running {
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), underlay_controller::kube::KubeError>>,
+    task: tokio::task::JoinHandle<Result<(), underlay_controller::lease::KubeError>>,
     passes: watch::Receiver<u64>,
 }
 

@@ -19,8 +19,8 @@ use tower::ServiceExt;
 use underlay_api::{Mode, UnderlayNode, conditions};
 use underlay_apisim::{ApiSim, Kind};
 use underlay_cloud::RouteTarget;
-use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
 use underlay_controller::{ControllerConfig, ControllerEvent, NodeSelector, ProbeTarget, Prober};
+use underlay_controller::{KubeOptions, run_routed_on_kube};
 use underlay_core::health::Probe;
 use underlay_core::names;
 use underlay_vpcsim::RunInstance;
@@ -746,13 +746,15 @@ async fn a_failover_is_recorded_as_events_on_the_nodes() {
                     && e.regarding.as_ref().and_then(|o| o.name.as_deref()) == Some(node)
             })
         };
-        (has(underlay_controller::kube::REASON_FORWARDER_FAILED, "node-0")
-            && has(underlay_controller::kube::REASON_ROUTES_MOVED, "node-1"))
+        (has(
+            underlay_controller::routed::REASON_FORWARDER_FAILED,
+            "node-0",
+        ) && has(underlay_controller::routed::REASON_ROUTES_MOVED, "node-1"))
         .then_some(evs)
     })
     .await;
     assert!(!events.iter().any(|e| {
-        e.reason.as_deref() == Some(underlay_controller::kube::REASON_ROUTES_MOVED)
+        e.reason.as_deref() == Some(underlay_controller::routed::REASON_ROUTES_MOVED)
             && e.regarding.as_ref().and_then(|o| o.name.as_deref()) != Some("node-1")
     }));
     r.stop().await;
@@ -1094,5 +1096,62 @@ async fn only_selected_nodes_are_managed_and_a_node_leaving_the_selection_is_rel
     assert!(api.get::<UnderlayNode>(None, "node-1").is_none());
     assert_eq!(taint_keys(&api, "node-1"), vec!["example.com/dedicated"]);
     assert_eq!(api.list::<UnderlayNode>().len(), 2);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_route_inside_the_pod_cidr_is_an_event_on_the_lease_and_left_alone() {
+    use k8s_openapi::api::events::v1::Event;
+    let w = mk_world(38, 0, 50);
+    let tgw = w.sim.create_transit_gateway(&w.vpc).unwrap();
+    let dest = common::net("100.64.200.0/24");
+    w.sim
+        .add_route(&w.tables[0], dest, &RouteTarget::Gateway(tgw.clone()))
+        .unwrap();
+    let api = ApiSim::new();
+    mk_node(&w, &api, "node-0", 0);
+    mk_node(&w, &api, "node-1", 1);
+    let r = start_with(
+        &w,
+        &api,
+        "replica-a",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+        Arc::new(ScriptedProber::default()),
+    );
+    let uns = converged(&api, 2).await;
+    let ev = wait_for("ForeignRoute event", || {
+        api.list::<Event>().into_iter().find(|e| {
+            e.reason.as_deref() == Some(underlay_controller::routed::REASON_FOREIGN_ROUTE)
+        })
+    })
+    .await;
+    let regarding = ev.regarding.clone().unwrap();
+    assert_eq!(regarding.kind.as_deref(), Some("Lease"));
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    let note = ev.note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&tgw) && note.contains("100.64.200.0/24"),
+        "{note}"
+    );
+    assert_eq!(
+        w.routes(&w.tables[0]).get(&dest),
+        Some(&RouteTarget::Gateway(tgw.clone()))
+    );
+    for un in uns.values() {
+        let block: ipnet::Ipv4Net = un
+            .status
+            .as_ref()
+            .unwrap()
+            .pool
+            .as_ref()
+            .unwrap()
+            .block
+            .as_ref()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!dest.contains(&block) && !block.contains(&dest));
+    }
     r.stop().await;
 }

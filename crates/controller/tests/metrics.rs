@@ -19,11 +19,11 @@ use tokio::sync::{broadcast, watch};
 use underlay_apisim::ApiSim;
 use underlay_cloud::queue::{QueueConfig, RateLimitedCloud, RetryPolicy};
 use underlay_cloud::{Cloud, CloudMetrics, Operation};
-use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
 use underlay_controller::metrics::{ControllerHealth, ControllerMetrics, MetricsServer, observe};
 use underlay_controller::{
     CloudLanes, ControllerConfig, Priority, ProbeTarget, Prober, RouteReconciler, TwoLanes,
 };
+use underlay_controller::{KubeOptions, run_routed_on_kube};
 use underlay_core::health::Probe;
 use underlay_vpcsim::{Faults, RunInstance};
 

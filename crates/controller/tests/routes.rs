@@ -94,7 +94,8 @@ async fn foreign_and_out_of_cidr_routes_are_untouched_and_stale_owned_routes_go(
     w.sim
         .add_route(t0, net("100.0.0.0/8"), &RouteTarget::Gateway(w.igw.clone()))
         .unwrap();
-    // Stale owned routes: a block no node has, and one pointing at a gateway.
+    // A stale owned route: a block no node has, to a node's ENI. Inside the pod CIDR but foreign: a route to a
+    // gateway.
     w.sim
         .add_route(
             t0,
@@ -119,7 +120,18 @@ async fn foreign_and_out_of_cidr_routes_are_untouched_and_stale_owned_routes_go(
     let foreign_after: Vec<_> = w.tables.iter().map(|t| w.foreign(t)).collect();
     assert_eq!(foreign_before, foreign_after, "foreign routes changed");
     assert!(!w.owned(t0).contains_key(&net("100.64.255.0/26")));
-    assert!(!w.owned(&w.tables[1]).contains_key(&net("100.64.254.0/24")));
+    assert_eq!(
+        w.owned(&w.tables[1]).get(&net("100.64.254.0/24")),
+        Some(&RouteTarget::Gateway(w.igw.clone())),
+        "a foreign route inside the pod CIDR is left as it is"
+    );
+    assert_eq!(
+        rep.foreign_routes
+            .iter()
+            .map(|f| (f.route_table.clone(), f.destination))
+            .collect::<Vec<_>>(),
+        [(w.tables[1].clone(), net("100.64.254.0/24"))]
+    );
     let deletes: BTreeSet<_> = rep
         .applied
         .iter()
@@ -128,10 +140,7 @@ async fn foreign_and_out_of_cidr_routes_are_untouched_and_stale_owned_routes_go(
             _ => None,
         })
         .collect();
-    assert_eq!(
-        deletes,
-        [net("100.64.254.0/24"), net("100.64.255.0/26")].into()
-    );
+    assert_eq!(deletes, [net("100.64.255.0/26")].into());
     // Nothing ever touched outside the pod CIDR.
     assert!(
         rep.applied
@@ -153,12 +162,19 @@ async fn a_wrong_target_is_replaced_and_a_missing_route_recreated() {
         .unwrap();
     let route = plan.routes[0].clone();
     let cloud = w.cloud();
-    // Someone points our route elsewhere in one table and deletes it in another.
+    // Someone points our route at another of the cluster's ENIs in one table and deletes it in another. (Pointed
+    // at something not the cluster's, it would be foreign: left alone, see `ownership.rs`.)
+    let wrong = w
+        .nodes
+        .iter()
+        .map(|n| n.eni.clone())
+        .find(|e| Some(e.0.as_str()) != route.eni.as_deref())
+        .unwrap();
     cloud
         .replace_route(
             &w.tables[0],
             route.destination,
-            &RouteTarget::Gateway(w.igw.clone()),
+            &RouteTarget::NetworkInterface(wrong),
         )
         .await
         .unwrap();
@@ -177,7 +193,7 @@ async fn a_wrong_target_is_replaced_and_a_missing_route_recreated() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn apply_turns_already_exists_and_not_found_into_success_in_one_place() {
+async fn apply_turns_not_found_into_success_in_one_place_and_never_takes_an_existing_route() {
     let w = mk_world(5, 2, 50);
     let cloud = w.cloud();
     let t = w.tables[0].0.clone();
@@ -192,16 +208,20 @@ async fn apply_turns_already_exists_and_not_found_into_success_in_one_place() {
         apply_route_op(cloud.as_ref(), &create(&a)).await,
         Ok(Outcome::Done)
     );
-    // Create of an existing destination: replaced to the wanted target.
+    // Create of an existing destination: an error, and the route keeps its target (it may be another
+    // cluster's, created since the describe).
     assert_eq!(
-        apply_route_op(cloud.as_ref(), &create(&b)).await,
-        Ok(Outcome::CreateBecameReplace)
+        apply_route_op(cloud.as_ref(), &create(&b))
+            .await
+            .unwrap_err()
+            .kind,
+        ErrorKind::AlreadyExists
     );
-    assert_eq!(w.routes(&w.tables[0])[&d], eni(&b));
+    assert_eq!(w.routes(&w.tables[0])[&d], eni(&a));
     let delete = RouteOp::Delete {
         route_table: t.clone(),
         destination: d,
-        previous: b.clone(),
+        previous: a.clone(),
     };
     assert_eq!(
         apply_route_op(cloud.as_ref(), &delete).await,

@@ -62,16 +62,6 @@ pub enum PlanError {
         cidr: Ipv4Net,
     },
     #[error(
-        "route table {table} has a foreign route {destination} → {target} inside the pod CIDR {pod_cidr}; \
-         underlay owns every route inside the pod CIDR"
-    )]
-    ForeignRouteInsidePodCidr {
-        table: String,
-        destination: Ipv4Net,
-        target: String,
-        pod_cidr: Ipv4Net,
-    },
-    #[error(
         "block size /{block_prefix_len} does not fit pod CIDR {pod_cidr}: it must be at least /{min} and at most /32 \
          (at most 2^24 blocks)"
     )]
@@ -372,6 +362,8 @@ struct SubnetSt {
     routes: BTreeMap<Pfx, Target>,
     /// prefix → blocks whose longest-prefix match it is.
     loads: BTreeMap<Pfx, u32>,
+    /// Destinations of foreign routes inside the pod CIDR (the same for every subnet): no block is placed there.
+    reserved: Vec<Pfx>,
 }
 
 impl SubnetSt {
@@ -411,7 +403,20 @@ impl SubnetSt {
             .any(|(r, _)| r.order <= p.order)
     }
     fn is_empty(&self, p: Pfx) -> bool {
-        !self.any_block_in(p) && !self.route_inside(p)
+        !self.any_block_in(p) && !self.route_inside(p) && !self.overlaps_reserved(p)
+    }
+    /// `p` overlaps a foreign route's destination.
+    fn overlaps_reserved(&self, p: Pfx) -> bool {
+        self.reserved
+            .iter()
+            .any(|r| r.contains(p) || p.contains(*r))
+    }
+    /// A block at `slot` would overlap a foreign route's destination.
+    fn slot_reserved(&self, slot: u32) -> bool {
+        self.overlaps_reserved(Pfx {
+            start: slot,
+            order: 0,
+        })
     }
     /// Largest aligned prefix inside `p` holding no block and no route (lowest address on ties).
     fn largest_empty(&self, p: Pfx) -> Option<Pfx> {
@@ -431,7 +436,7 @@ impl SubnetSt {
     fn free_slot_in(&self, r: Pfx) -> Option<u32> {
         let mut slot = r.start;
         while slot < r.end() {
-            if self.blocks.contains_key(&slot) {
+            if self.blocks.contains_key(&slot) || self.slot_reserved(slot) {
                 slot += 1;
                 continue;
             }
@@ -469,6 +474,8 @@ struct Planner<'t> {
     subnets: Vec<SubnetSt>,
     /// Region size (order) each subnet gets when the pod CIDR is split evenly.
     share_order: u8,
+    /// Destinations of foreign routes inside the pod CIDR.
+    reserved: Vec<Pfx>,
 }
 
 impl std::fmt::Debug for Planner<'_> {
@@ -516,6 +523,7 @@ impl<'t> Planner<'t> {
         let mut budget = u32::MAX;
         let mut route_limit = u32::MAX;
         let mut foreign_max = 0;
+        let mut reserved: Vec<Pfx> = Vec::new();
         for t in &topo.vpc.route_tables {
             if !table_ids.insert(t.id.as_str()) {
                 return Err(PlanError::Duplicate {
@@ -540,15 +548,19 @@ impl<'t> Planner<'t> {
                 }
             }
             for f in &t.foreign_routes {
-                if pod.contains(&f.destination.network())
-                    && f.destination.prefix_len() >= pod.prefix_len()
-                {
-                    return Err(PlanError::ForeignRouteInsidePodCidr {
-                        table: t.id.clone(),
-                        destination: f.destination,
-                        target: f.target.clone(),
-                        pod_cidr: pod,
-                    });
+                // A foreign route inside the pod CIDR (another cluster's, a transit gateway's, a secondary CIDR's
+                // `local`): its destination is taken, to the block when it is smaller than one.
+                if pod.contains(&f.destination) {
+                    let at_block = Ipv4Net::new(
+                        f.destination.network(),
+                        f.destination.prefix_len().min(blen),
+                    )
+                    .map(|n| n.trunc());
+                    if let Some(p) = at_block.ok().and_then(|n| Space::new(pod, blen).pfx(n))
+                        && !reserved.contains(&p)
+                    {
+                        reserved.push(p);
+                    }
                 }
             }
             let foreign = t.foreign_routes.len() as u32;
@@ -588,6 +600,7 @@ impl<'t> Planner<'t> {
                 blocks: BTreeMap::new(),
                 routes: BTreeMap::new(),
                 loads: BTreeMap::new(),
+                reserved: reserved.clone(),
             })
             .collect();
 
@@ -651,6 +664,7 @@ impl<'t> Planner<'t> {
             node_subnet,
             subnets,
             share_order,
+            reserved,
         })
     }
 
@@ -765,15 +779,25 @@ impl<'t> Planner<'t> {
             let (q, rem) = (n / ki, n % ki);
             let members = self.subnets[i].members.clone();
             let mut it = members.into_iter();
+            let mut next = region.start;
             for g in 0..ki {
                 let start = region.start + ((g as u32) << stride_order);
                 let load = q + u64::from(g < rem);
-                for j in 0..load {
+                // Foreign destinations are skipped (a group may then run on into the next one's room).
+                let mut slot = start.max(next);
+                for _ in 0..load {
                     let node = it.next().expect("loads sum to n");
-                    let slot = start + j as u32;
+                    while slot < region.end() && self.subnets[i].slot_reserved(slot) {
+                        slot += 1;
+                    }
+                    if slot >= region.end() {
+                        return Err(self.region_full(i, node));
+                    }
                     self.subnets[i].blocks.insert(slot, node);
                     self.node_slot[node] = Some(slot);
+                    slot += 1;
                 }
+                next = slot;
             }
             self.cover(i, ki as u32);
         }
@@ -889,8 +913,8 @@ impl<'t> Planner<'t> {
             .enumerate()
             .map(|(i, s)| (s.id.clone(), i))
             .collect();
-        // Regions.
-        let mut taken: Vec<Pfx> = Vec::new();
+        // Regions. A new region never overlaps a foreign route's destination.
+        let mut taken: Vec<Pfx> = self.reserved.clone();
         for sp in &prev.subnets {
             let (Some(&i), Some(net)) = (subnet_index.get(sp.id.as_str()), sp.region) else {
                 continue;
@@ -898,7 +922,11 @@ impl<'t> Planner<'t> {
             let Some(r) = self.space.pfx(net) else {
                 continue;
             };
-            if taken.iter().any(|t| t.contains(r) || r.contains(*t)) {
+            if taken
+                .iter()
+                .filter(|t| !self.reserved.contains(t))
+                .any(|t| t.contains(r) || r.contains(*t))
+            {
                 continue;
             }
             taken.push(r);
@@ -915,6 +943,9 @@ impl<'t> Planner<'t> {
                     "node moved from {} to {}",
                     b.subnet, self.subnets[si].id
                 )),
+                (Some(p), _) if self.subnets[si].slot_reserved(p.start) => {
+                    Some("a foreign route inside the pod CIDR covers it".to_string())
+                }
                 (Some(p), Some(r)) if p.order == 0 && r.contains(p) => {
                     if self.subnets[si].blocks.contains_key(&p.start)
                         || self.node_slot[ni].is_some()
@@ -945,7 +976,7 @@ impl<'t> Planner<'t> {
             else {
                 continue;
             };
-            if !region.contains(p) {
+            if !region.contains(p) || self.reserved.iter().any(|f| f.contains(p)) {
                 continue;
             }
             // A forwarder or home that left the cluster is dropped here.

@@ -6,9 +6,11 @@
 //!   RoutedPlan ──────┘
 //! ```
 //!
-//! Only routes whose destination lies inside the plan's pod CIDR are underlay's; every other route (the `local`
-//! route, NAT and internet gateways, peering, transit gateways, even a route that contains the pod CIDR) is
-//! foreign and never touched. A planned route without a forwarder (its subnet has no healthy node) is left as it is.
+//! Only routes [`Ownership`] proves underlay's (inside the pod CIDR **and** to an ENI of this cluster) are changed;
+//! every other route (the `local` route, gateways, peering, a route that contains the pod CIDR, and inside it
+//! another cluster's route, a transit gateway's, a secondary CIDR's `local`) is foreign: never touched, and no
+//! operation is emitted on its destination or inside it. A planned route without a forwarder (its subnet has no
+//! healthy node) is left as it is.
 //!
 //! Ordering is make-before-break where the table's limit allows: target changes first, then new routes (less
 //! specific first, so a grown prefix exists before the route it replaces is deleted), then deletions, taking first
@@ -21,6 +23,7 @@ use std::collections::BTreeMap;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::owned::{Ownership, RouteOwner};
 use crate::planner::RoutedPlan;
 
 /// One change to one route table. Routes target ENIs (never instance ids: multi-ENI instances reject them).
@@ -107,13 +110,31 @@ pub struct ObservedRoute {
     pub target: String,
 }
 
-/// Whether `destination` is underlay's in a cluster with `pod_cidr`.
-pub fn is_owned(pod_cidr: Ipv4Net, destination: Ipv4Net) -> bool {
-    crate::owned::is_owned_route(destination, pod_cidr)
+/// What the plan itself proves underlay's: its pod CIDR and every ENI it names (blocks and routes).
+pub fn plan_ownership(plan: &RoutedPlan) -> Ownership {
+    Ownership::new(
+        plan.pod_cidr,
+        plan.blocks
+            .iter()
+            .map(|b| b.eni.clone())
+            .chain(plan.routes.iter().filter_map(|r| r.eni.clone())),
+    )
 }
 
-/// The operations that turn every observed table into the plan's routes.
+/// The operations that turn every observed table into the plan's routes, owning what the plan names
+/// ([`plan_ownership`]).
 pub fn diff(plan: &RoutedPlan, observed: &[ObservedTable]) -> Vec<RouteOp> {
+    diff_owned(plan, observed, &plan_ownership(plan))
+}
+
+/// The operations that turn every observed table into the plan's routes, changing only the routes `ownership`
+/// proves underlay's. A planned destination that equals or lies inside a foreign route's is skipped: creating
+/// it would take over (or steal part of) that route's traffic.
+pub fn diff_owned(
+    plan: &RoutedPlan,
+    observed: &[ObservedTable],
+    ownership: &Ownership,
+) -> Vec<RouteOp> {
     let mut ops = Vec::new();
     // Desired routes; `None` target: leave whatever is there.
     let desired: BTreeMap<Ipv4Net, Option<&str>> = plan
@@ -124,16 +145,25 @@ pub fn diff(plan: &RoutedPlan, observed: &[ObservedTable]) -> Vec<RouteOp> {
     for table in observed {
         let mut current: BTreeMap<Ipv4Net, String> = BTreeMap::new();
         let mut foreign = 0u32;
+        let mut taken: Vec<Ipv4Net> = Vec::new();
         for r in &table.routes {
-            if is_owned(plan.pod_cidr, r.destination) {
-                current.insert(r.destination, r.target.clone());
-            } else {
-                foreign += 1;
+            match ownership.classify(r.destination, &r.target) {
+                RouteOwner::Ours => {
+                    current.insert(r.destination, r.target.clone());
+                }
+                RouteOwner::Foreign => {
+                    foreign += 1;
+                    taken.push(r.destination);
+                }
+                RouteOwner::Outside => foreign += 1,
             }
         }
         let mut creates: Vec<(Ipv4Net, &str)> = Vec::new();
         for (&dest, &eni) in &desired {
             let Some(eni) = eni else { continue };
+            if taken.iter().any(|t| t.contains(&dest)) {
+                continue;
+            }
             match current.get(&dest) {
                 Some(t) if t == eni => {}
                 Some(t) => {
@@ -242,13 +272,17 @@ impl Churn {
     }
 }
 
-/// The operations one route table needs to go from `prev` to `next`.
+/// The operations one route table needs to go from `prev` to `next` (the ENIs of both plans are the cluster's).
 pub fn diff_plans(prev: &RoutedPlan, next: &RoutedPlan) -> Vec<RouteOp> {
     let mut table = observed_from_plan(prev, "table");
     table.route_limit = table
         .route_limit
         .max(next.route_limit.saturating_sub(next.foreign_routes));
-    diff(next, &[table])
+    let mut ownership = plan_ownership(next);
+    ownership
+        .cluster_enis
+        .extend(plan_ownership(prev).cluster_enis);
+    diff_owned(next, &[table], &ownership)
 }
 
 pub fn churn(ops: &[RouteOp]) -> Churn {

@@ -89,7 +89,8 @@ pub struct RouteTable {
     /// Maximum number of non-propagated routes (500 by default in AWS, adjustable to 1,000).
     #[serde(default = "default_route_limit")]
     pub route_limit: u32,
-    /// Routes in this table that are not underlay's (outside the pod CIDR): they count against the limit.
+    /// Routes in this table that are not underlay's: they count against the limit; one inside the pod CIDR also
+    /// takes its destination (no block overlapping it is handed out).
     #[serde(default)]
     pub foreign_routes: Vec<ForeignRoute>,
 }

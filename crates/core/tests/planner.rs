@@ -60,7 +60,7 @@ fn check_valid(topo: &Topology, plan: &RoutedPlan) {
     );
     for r in &plan.routes {
         assert!(
-            routeops::is_owned(pod, r.destination),
+            underlay_core::owned::in_pod_cidr(r.destination, pod),
             "route {} outside pod CIDR",
             r.destination
         );
@@ -648,18 +648,6 @@ fn errors_say_what_does_not_fit() {
     assert!(matches!(e, PlanError::NoBudget { .. }), "{e}");
 
     let mut t = mk_topology(12, 3, 2, 50);
-    t.vpc.route_tables[0]
-        .foreign_routes
-        .push(underlay_core::topology::ForeignRoute {
-            destination: "100.64.3.0/24".parse().unwrap(),
-            target: "tgw-1".into(),
-        });
-    assert!(matches!(
-        plan(&t, None),
-        Err(PlanError::ForeignRouteInsidePodCidr { .. })
-    ));
-
-    let mut t = mk_topology(12, 3, 2, 50);
     t.cluster.pod_cidr = "198.18.0.0/16".parse().unwrap();
     assert!(matches!(
         plan(&t, None),
@@ -700,7 +688,21 @@ fn subnet_without_healthy_node_is_reported_and_left_alone() {
 
 #[test]
 fn diff_touches_only_owned_routes_and_respects_the_limit() {
-    let topo = mk_topology(5000, 3, 2, 50);
+    let other_cluster: Ipv4Net = "100.127.254.0/24".parse().unwrap();
+    let mut topo = mk_topology(5000, 3, 2, 50);
+    for t in &mut topo.vpc.route_tables {
+        for (d, target) in [
+            ("0.0.0.0/0", "nat-a"),
+            ("100.0.0.0/8", "tgw-1"),
+            ("100.127.254.0/24", "eni-other-cluster"),
+        ] {
+            t.foreign_routes
+                .push(underlay_core::topology::ForeignRoute {
+                    destination: d.parse().unwrap(),
+                    target: target.into(),
+                });
+        }
+    }
     let p = plan(&topo, None).unwrap();
     let table = ObservedTable {
         id: "rtb-a".into(),
@@ -722,12 +724,35 @@ fn diff_touches_only_owned_routes_and_respects_the_limit() {
                 destination: "100.127.255.0/24".parse().unwrap(),
                 target: "eni-gone".into(),
             },
+            // Inside the pod CIDR, to an ENI that is not the cluster's: foreign.
+            ObservedRoute {
+                destination: other_cluster,
+                target: "eni-other-cluster".into(),
+            },
         ],
     };
-    let ops = diff(&p, std::slice::from_ref(&table));
+    // eni-stale and eni-gone were the cluster's (nodes that left); eni-other-cluster never was.
+    let mut ownership = routeops::plan_ownership(&p);
+    ownership
+        .cluster_enis
+        .extend(["eni-stale".to_string(), "eni-gone".to_string()]);
+    let ops = routeops::diff_owned(&p, std::slice::from_ref(&table), &ownership);
     assert!(
         ops.iter()
-            .all(|o| routeops::is_owned(p.pod_cidr, o.destination()))
+            .all(|o| underlay_core::owned::in_pod_cidr(o.destination(), p.pod_cidr))
+    );
+    assert!(
+        ops.iter()
+            .all(|o| !other_cluster.contains(&o.destination())),
+        "an op on or inside a foreign route: {ops:?}"
+    );
+    // The plan alone does not own the stale routes: without proof they are left alone.
+    let unproven = diff(&p, std::slice::from_ref(&table));
+    assert!(
+        unproven
+            .iter()
+            .all(|o| !matches!(o, RouteOp::Delete { previous, .. } | RouteOp::Replace { previous, .. } if previous.starts_with("eni-stale") || previous.starts_with("eni-gone"))),
+        "{unproven:?}"
     );
     // Apply and check the limit is never exceeded and the result is the plan.
     let mut state: BTreeMap<Ipv4Net, String> = table
@@ -751,16 +776,86 @@ fn diff_touches_only_owned_routes_and_respects_the_limit() {
         }
         assert!(state.len() <= 50, "limit exceeded after {op}");
     }
+    assert_eq!(
+        state.get(&other_cluster).map(String::as_str),
+        Some("eni-other-cluster")
+    );
     let ours: BTreeMap<Ipv4Net, String> = state
         .into_iter()
-        .filter(|(d, _)| routeops::is_owned(p.pod_cidr, *d))
+        .filter(|(d, t)| ownership.owns(*d, t))
         .collect();
     let want: BTreeMap<Ipv4Net, String> = p
         .routes
         .iter()
+        .filter(|r| !other_cluster.contains(&r.destination))
         .map(|r| (r.destination, r.eni.clone().unwrap()))
         .collect();
     assert_eq!(ours, want);
+}
+
+#[test]
+fn foreign_destinations_inside_the_pod_cidr_are_never_handed_out() {
+    use underlay_core::topology::ForeignRoute;
+    let foreign: Vec<(Ipv4Net, &str)> = vec![
+        ("100.64.3.0/24".parse().unwrap(), "tgw-1"),
+        ("100.64.0.64/26".parse().unwrap(), "eni-other-cluster"),
+        ("100.96.0.0/16".parse().unwrap(), "local"),
+        ("100.65.0.8/29".parse().unwrap(), "pcx-1"),
+    ];
+    let overlaps = |p: &RoutedPlan| {
+        p.blocks
+            .iter()
+            .filter(|b| {
+                foreign
+                    .iter()
+                    .any(|(f, _)| f.contains(&b.block) || b.block.contains(f))
+            })
+            .map(|b| b.block)
+            .collect::<Vec<_>>()
+    };
+    let mut topo = mk_topology(300, 3, 2, 50);
+    for (d, t) in &foreign {
+        topo.vpc.route_tables[0].foreign_routes.push(ForeignRoute {
+            destination: *d,
+            target: (*t).into(),
+        });
+    }
+    // From scratch.
+    let fresh = plan(&topo, None).unwrap();
+    check_valid(&topo, &fresh);
+    assert_eq!(overlaps(&fresh), Vec::<Ipv4Net>::new());
+    // Joins over a previous plan.
+    let mut t = topo.clone();
+    t.nodes.truncate(100);
+    let mut prev = plan(&t, None).unwrap();
+    for n in (100..300).step_by(20) {
+        let mut t = topo.clone();
+        t.nodes.truncate(n + 20);
+        let next = plan(&t, Some(&prev)).unwrap();
+        check_valid(&t, &next);
+        assert_eq!(overlaps(&next), Vec::<Ipv4Net>::new(), "after {n} nodes");
+        assert_blocks_kept(&prev, &next);
+        prev = next;
+    }
+    // A foreign route appears over blocks already given: those blocks (only) move off it.
+    let bare = mk_topology(300, 3, 2, 50);
+    let before = plan(&bare, None).unwrap();
+    let covered = before.blocks[0].block;
+    let mut t = bare.clone();
+    t.vpc.route_tables[0].foreign_routes.push(ForeignRoute {
+        destination: covered,
+        target: "tgw-9".into(),
+    });
+    let after = plan(&t, Some(&before)).unwrap();
+    check_valid(&t, &after);
+    assert!(after.blocks.iter().all(|b| b.block != covered));
+    let moved = before
+        .blocks
+        .iter()
+        .filter(|b| after.block_of(&b.node) != Some(b.block))
+        .count();
+    assert_eq!(moved, 1);
+    assert!(after.routes.iter().all(|r| r.destination != covered));
 }
 
 // ───────────────────────────── properties ─────────────────────────────

@@ -682,6 +682,49 @@ impl VpcSim {
         Ok(id)
     }
 
+    /// CreateTransitGateway + CreateTransitGatewayVpcAttachment: a `tgw-…` id routes in this VPC can target.
+    pub fn create_transit_gateway(&self, vpc: &VpcId) -> Result<String> {
+        let mut w = self.lock();
+        w.state.vpc(vpc)?;
+        let id = w.new_id("tgw");
+        w.state.gateways.insert(id.clone(), vpc.clone());
+        w.committed(Instant::now());
+        Ok(id)
+    }
+
+    /// AssociateVpcCidrBlock: a secondary CIDR; every route table of the VPC gets its `local` route, as in EC2
+    /// (e.g. 100.64.0.0/16 for EKS custom networking).
+    pub fn associate_vpc_cidr_block(&self, vpc: &VpcId, cidr: Ipv4Net) -> Result<()> {
+        if cidr.trunc() != cidr || !(16..=28).contains(&cidr.prefix_len()) {
+            return Err(err(
+                "InvalidVpc.Range",
+                format!("The CIDR '{cidr}' is invalid."),
+            ));
+        }
+        let mut w = self.lock();
+        let cidrs = &w.state.vpc(vpc)?.cidrs;
+        if let Some(c) = cidrs
+            .iter()
+            .find(|c| c.contains(&cidr.network()) || cidr.contains(&c.network()))
+        {
+            return Err(err(
+                "InvalidVpc.Range",
+                format!("The CIDR '{cidr}' conflicts with another CIDR block {c} of the VPC."),
+            ));
+        }
+        w.state
+            .vpcs
+            .get_mut(vpc)
+            .expect("checked above")
+            .cidrs
+            .push(cidr);
+        for t in w.state.route_tables.values_mut().filter(|t| &t.vpc == vpc) {
+            t.routes.insert(cidr, RouteTarget::Local);
+        }
+        w.committed(Instant::now());
+        Ok(())
+    }
+
     /// A route made by someone else (e.g. `0.0.0.0/0 → igw-…`): no call counted or throttled, but the same
     /// validation and route limit as CreateRoute.
     pub fn add_route(

@@ -15,12 +15,12 @@ use underlay_cloud::{CloudMetrics, SecurityGroupId, SubnetId, VpcId};
 use underlay_cloud_aws::{AwsOptions, Ec2Cloud};
 use underlay_controller::config::DEFAULT_RESYNC;
 use underlay_controller::eni::EniSettings;
-use underlay_controller::eni_kube::{DEFAULT_ENI_RESYNC, run_eni_on_kube};
-use underlay_controller::kube::{KubeOptions, run_routed_on_kube};
+use underlay_controller::eni::kube::{DEFAULT_ENI_RESYNC, run_eni_on_kube};
 use underlay_controller::metrics::{
     ControllerHealth, ControllerMetrics, MetricsServer, STALE_PASSES, observe,
 };
 use underlay_controller::{CloudLanes, ControllerConfig, NodeSelector, RoutedConfig, TwoLanes};
+use underlay_controller::{KubeOptions, run_routed_on_kube};
 use underlay_core::eni_pool::{AddressMode, Targets};
 use underlay_core::names;
 

@@ -4,11 +4,12 @@
 //!
 //! ```text
 //!   Operation::for_mode(mode) ──► grants(op): which statement(s) allow it ──► one statement per grant, in order
-//!   describes            "*" (EC2 cannot scope Describe* to resources)
-//!   routes               route-table/*
-//!   source/dest check    network-interface/* (the node's primary ENI carries no underlay tag)
-//!   eni mode             create only with the cluster tag in the request, tag only at creation or on owned
-//!                        ENIs, attach/detach/delete/assign/unassign only ENIs tagged with the cluster
+//!   describes            "*" (EC2 cannot scope Describe* to resources, nor condition them on the VPC)
+//!   routes               route-table/* in the cluster's VPC (ec2:Vpc)
+//!   source/dest check    network-interface/* in the VPC (the node's primary ENI carries no underlay tag)
+//!   eni mode             create only in the VPC with the cluster tag in the request, tag only at creation,
+//!                        attach/detach/delete only ENIs tagged with the cluster (and in the VPC),
+//!                        assign/unassign on ENIs of the VPC; the instance side of attach is unscoped
 //! ```
 
 use serde_json::{Value, json};
@@ -17,6 +18,8 @@ use underlay_core::names;
 
 /// Placeholder for the cluster tag's value when `--cluster-name` is not given (the checked-in eni policy).
 pub const CLUSTER_PLACEHOLDER: &str = "CLUSTER_NAME";
+/// Placeholder for the VPC id when `--vpc` is not given (the checked-in policies).
+pub const VPC_PLACEHOLDER: &str = "VPC_ID";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -41,6 +44,9 @@ pub struct Args {
     /// eni mode: the cluster's name, the value of the `underlay.dev/cluster` tag the ENI statements require.
     #[arg(long, default_value = CLUSTER_PLACEHOLDER)]
     cluster_name: String,
+    /// The cluster's VPC id: every statement EC2 lets be conditioned on `ec2:Vpc` is limited to it.
+    #[arg(long, default_value = VPC_PLACEHOLDER)]
+    vpc: String,
     /// ARN partition (`aws`, `aws-cn`, `aws-us-gov`).
     #[arg(long, default_value = "aws")]
     partition: String,
@@ -125,9 +131,25 @@ fn grants(op: Operation) -> &'static [Grant] {
     }
 }
 
-/// The policy document for a controller in `mode`.
-pub fn policy(mode: ControllerMode, cluster: &str, partition: &str) -> Value {
+/// Whether EC2 evaluates `ec2:Vpc` for every resource a grant names (AWS's Service Authorization Reference, EC2:
+/// route-table, network-interface, subnet and security-group carry the key; instance does not; Describe* take no
+/// resource). Tag-on-create is left to CreateNetworkInterface's own VPC condition.
+fn vpc_scoped(grant: Grant) -> bool {
+    match grant {
+        Grant::RouteTables
+        | Grant::NetworkInterfaceAttributes
+        | Grant::CreateTaggedEnis
+        | Grant::CreateEnisInSubnets
+        | Grant::OwnedEnis
+        | Grant::NodeEniAddresses => true,
+        Grant::Describe | Grant::TagEnisOnCreate | Grant::Instances => false,
+    }
+}
+
+/// The policy document for a controller in `mode`, in VPC `vpc`.
+pub fn policy(mode: ControllerMode, cluster: &str, vpc: &str, partition: &str) -> Value {
     let arn = |kind: &str| format!("arn:{partition}:ec2:*:*:{kind}/*");
+    let vpc_arn = format!("arn:{partition}:ec2:*:*:vpc/{vpc}");
     let ops = Operation::for_mode(mode);
     let statements: Vec<Value> = Grant::ORDER
         .into_iter()
@@ -165,14 +187,18 @@ pub fn policy(mode: ControllerMode, cluster: &str, partition: &str) -> Value {
                 Grant::NodeEniAddresses => (json!(arn("network-interface")), None),
                 Grant::Instances => (json!(arn("instance")), None),
             };
+            let mut condition = condition.unwrap_or_else(|| json!({}));
+            if vpc_scoped(grant) {
+                condition["ArnEquals"] = json!({ "ec2:Vpc": vpc_arn });
+            }
             let mut s = json!({
                 "Sid": grant.sid(),
                 "Effect": "Allow",
                 "Action": actions,
                 "Resource": resource,
             });
-            if let Some(c) = condition {
-                s["Condition"] = c;
+            if condition.as_object().is_some_and(|c| !c.is_empty()) {
+                s["Condition"] = condition;
             }
             Some(s)
         })
@@ -181,8 +207,13 @@ pub fn policy(mode: ControllerMode, cluster: &str, partition: &str) -> Value {
 }
 
 /// The document exactly as `underlay iam-policy` prints it (pretty JSON, trailing newline).
-pub fn render(mode: ControllerMode, cluster: &str, partition: &str) -> anyhow::Result<String> {
-    let mut s = serde_json::to_string_pretty(&policy(mode, cluster, partition))?;
+pub fn render(
+    mode: ControllerMode,
+    cluster: &str,
+    vpc: &str,
+    partition: &str,
+) -> anyhow::Result<String> {
+    let mut s = serde_json::to_string_pretty(&policy(mode, cluster, vpc, partition))?;
     s.push('\n');
     Ok(s)
 }
@@ -192,9 +223,18 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         !args.cluster_name.is_empty(),
         "--cluster-name must not be empty"
     );
+    anyhow::ensure!(
+        !args.vpc.is_empty() && !args.vpc.contains(['/', '*', '"']),
+        "--vpc must be a VPC id (vpc-…)"
+    );
     print!(
         "{}",
-        render(args.mode.into(), &args.cluster_name, &args.partition)?
+        render(
+            args.mode.into(),
+            &args.cluster_name,
+            &args.vpc,
+            &args.partition
+        )?
     );
     Ok(())
 }
@@ -231,7 +271,7 @@ mod tests {
     #[test]
     fn every_action_of_the_mode_and_nothing_else() {
         for mode in ControllerMode::ALL {
-            let doc = policy(mode, "c1", "aws");
+            let doc = policy(mode, "c1", "vpc-1", "aws");
             let want: BTreeSet<String> = Operation::for_mode(mode)
                 .into_iter()
                 .map(|op| format!("ec2:{}", op.name()))
@@ -241,8 +281,8 @@ mod tests {
     }
 
     #[test]
-    fn routed_policy_has_no_eni_lifecycle_and_no_conditions() {
-        let doc = policy(ControllerMode::Routed, "c1", "aws");
+    fn routed_policy_has_no_eni_lifecycle_and_every_change_is_limited_to_the_vpc() {
+        let doc = policy(ControllerMode::Routed, "c1", "vpc-1", "aws");
         let all = actions(&doc);
         for a in [
             "ec2:CreateNetworkInterface",
@@ -251,19 +291,43 @@ mod tests {
         ] {
             assert!(!all.contains(a), "{a} in the routed policy");
         }
-        assert!(
-            doc["Statement"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|s| s.get("Condition").is_none())
-        );
+        for s in doc["Statement"].as_array().unwrap() {
+            if s["Sid"] == "Describe" {
+                assert!(s.get("Condition").is_none());
+            } else {
+                assert_eq!(
+                    s["Condition"],
+                    json!({ "ArnEquals": { "ec2:Vpc": "arn:aws:ec2:*:*:vpc/vpc-1" } }),
+                    "{s}"
+                );
+            }
+        }
         assert_eq!(statement(&doc, "Describe")["Resource"], "*");
     }
 
     #[test]
     fn eni_mutations_are_conditioned_on_the_cluster_tag() {
-        let doc = policy(ControllerMode::Eni, "prod", "aws-cn");
+        let doc = policy(ControllerMode::Eni, "prod", "vpc-9", "aws-cn");
+        let vpc = json!({ "ec2:Vpc": "arn:aws-cn:ec2:*:*:vpc/vpc-9" });
+        for sid in [
+            "NetworkInterfaceAttributes",
+            "CreateTaggedEnis",
+            "CreateEnisInSubnets",
+            "OwnedEnis",
+            "NodeEniAddresses",
+        ] {
+            assert_eq!(statement(&doc, sid)["Condition"]["ArnEquals"], vpc, "{sid}");
+        }
+        // EC2 has no ec2:Vpc on instances; tag-on-create rides on CreateNetworkInterface's VPC condition.
+        for sid in ["AttachToInstances", "TagEnisOnCreate", "Describe"] {
+            assert!(
+                statement(&doc, sid)
+                    .get("Condition")
+                    .and_then(|c| c.get("ArnEquals"))
+                    .is_none(),
+                "{sid}"
+            );
+        }
         let owned = statement(&doc, "OwnedEnis");
         assert_eq!(
             owned["Condition"]["StringEquals"]["aws:ResourceTag/underlay.dev/cluster"],
@@ -278,9 +342,10 @@ mod tests {
                 "ec2:DeleteNetworkInterface"
             ])
         );
-        // Addresses: also on the node's untagged primary ENI, so unconditioned; and only these two actions.
+        // Addresses: also on the node's untagged primary ENI, so no tag condition (the VPC only); and only these
+        // two actions.
         let addresses = statement(&doc, "NodeEniAddresses");
-        assert!(addresses.get("Condition").is_none());
+        assert!(addresses["Condition"].get("StringEquals").is_none());
         assert_eq!(
             addresses["Action"],
             json!([
@@ -324,7 +389,7 @@ mod tests {
                 )
             });
             assert!(
-                on_disk == render(mode, CLUSTER_PLACEHOLDER, "aws").unwrap(),
+                on_disk == render(mode, CLUSTER_PLACEHOLDER, VPC_PLACEHOLDER, "aws").unwrap(),
                 "{rel} differs from `underlay iam-policy --mode {m}`: run `underlay iam-policy --mode {m} > {rel}` \
                  and commit it",
                 m = mode.name()

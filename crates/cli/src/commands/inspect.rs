@@ -1,7 +1,13 @@
 //! `underlay inspect`: what underlay owns in a VPC, read through the same EC2 adapter (and rate-aware queue) as
 //! the controller. For a person debugging a cluster: route tables against their limit with the routes underlay
-//! owns, the cluster's ENIs with the leaked ones (`available`, attached to nothing) marked, free addresses per
-//! subnet. Read-only: only scoped Describe calls.
+//! owns, the foreign routes inside the pod CIDR (findings: underlay never changes them and plans around them), the
+//! cluster's ENIs with the leaked ones (`available`, attached to nothing) marked, free addresses per subnet.
+//! Read-only: only scoped Describe calls.
+//!
+//! Ownership as the controller decides it ([`underlay_core::owned`]): inside the pod CIDR and to an ENI of this
+//! cluster. From EC2 alone, an ENI tagged `underlay.dev/cluster=<cluster>` is this cluster's, one tagged with
+//! another value is another cluster's; an untagged ENI (a routed-mode node's primary ENI) is listed as owned but
+//! marked `unproven`: only the controller, which knows the node set, can prove it.
 
 use std::fmt::Write as _;
 
@@ -15,7 +21,7 @@ use underlay_cloud::{
 };
 use underlay_cloud_aws::AwsOptions;
 use underlay_core::names;
-use underlay_core::owned::{DEFAULT_POD_CIDR, DEFAULT_ROUTE_LIMIT, is_owned_route};
+use underlay_core::owned::{DEFAULT_POD_CIDR, DEFAULT_ROUTE_LIMIT, in_pod_cidr};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -68,6 +74,8 @@ pub struct TableReport {
     pub routes: usize,
     pub route_limit: usize,
     pub owned: Vec<OwnedRoute>,
+    /// Routes inside the pod CIDR that are not this cluster's: never changed, their destinations never handed out.
+    pub foreign_in_pod_cidr: Vec<ForeignRoute>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -75,6 +83,42 @@ pub struct OwnedRoute {
     pub destination: Ipv4Net,
     pub target: String,
     pub blackhole: bool,
+    /// The target ENI carries no cluster tag (a routed-mode node's primary ENI): only the controller can prove it.
+    pub unproven: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ForeignRoute {
+    pub destination: Ipv4Net,
+    pub target: String,
+    /// Whose it is, as far as EC2 tells: `cluster <name>`, `transit gateway`, `VPC local (secondary CIDR)`, ….
+    pub owner: String,
+}
+
+/// Whose a route inside the pod CIDR is, from its target and the cluster tags of the VPC's ENIs: `Ok(unproven)`
+/// when it may be this cluster's, `Err(owner)` when it is not.
+fn pod_cidr_route_owner(
+    target: &RouteTarget,
+    cluster: &str,
+    tagged: &std::collections::BTreeMap<String, String>,
+) -> Result<bool, String> {
+    match target {
+        RouteTarget::NetworkInterface(id) => match tagged.get(id.as_str()) {
+            Some(c) if c == cluster => Ok(false),
+            Some(c) => Err(format!("cluster {c}")),
+            None => Ok(true),
+        },
+        RouteTarget::Local => Err("VPC local (secondary CIDR)".to_owned()),
+        RouteTarget::Instance(_) => Err("instance (underlay never targets instances)".to_owned()),
+        RouteTarget::Gateway(g) => Err(match g.split('-').next() {
+            Some("tgw") => "transit gateway".to_owned(),
+            Some("pcx") => "peering connection".to_owned(),
+            Some("igw") | Some("eigw") => "internet gateway".to_owned(),
+            Some("nat") => "NAT gateway".to_owned(),
+            Some("vgw") => "virtual private gateway".to_owned(),
+            _ => "gateway".to_owned(),
+        }),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -120,20 +164,37 @@ pub fn build_report(
     enis: &[NetworkInterface],
     subnets: &[Subnet],
 ) -> Report {
+    // The cluster tag of every ENI `enis` holds (this cluster's and others').
+    let tagged: std::collections::BTreeMap<String, String> = enis
+        .iter()
+        .filter_map(|e| Some((e.id.to_string(), e.tags.get(names::TAG_CLUSTER)?.clone())))
+        .collect();
     let mut route_tables: Vec<TableReport> = tables
         .iter()
         .map(|t| {
-            let mut owned: Vec<OwnedRoute> = t
+            let mut owned: Vec<OwnedRoute> = Vec::new();
+            let mut foreign_in_pod_cidr: Vec<ForeignRoute> = Vec::new();
+            for r in t
                 .routes
                 .iter()
-                .filter(|r| is_owned_route(r.destination, pod_cidr))
-                .map(|r| OwnedRoute {
-                    destination: r.destination,
-                    target: target_name(&r.target),
-                    blackhole: r.state == RouteState::Blackhole,
-                })
-                .collect();
+                .filter(|r| in_pod_cidr(r.destination, pod_cidr))
+            {
+                match pod_cidr_route_owner(&r.target, cluster, &tagged) {
+                    Ok(unproven) => owned.push(OwnedRoute {
+                        destination: r.destination,
+                        target: target_name(&r.target),
+                        blackhole: r.state == RouteState::Blackhole,
+                        unproven,
+                    }),
+                    Err(owner) => foreign_in_pod_cidr.push(ForeignRoute {
+                        destination: r.destination,
+                        target: target_name(&r.target),
+                        owner,
+                    }),
+                }
+            }
             owned.sort_by_key(|r| r.destination);
+            foreign_in_pod_cidr.sort_by_key(|r| r.destination);
             TableReport {
                 id: t.id.to_string(),
                 main: t.main,
@@ -145,6 +206,7 @@ pub fn build_report(
                     .count(),
                 route_limit,
                 owned,
+                foreign_in_pod_cidr,
             }
         })
         .collect();
@@ -237,10 +299,24 @@ pub fn render_human(r: &Report) -> String {
         for o in &t.owned {
             let _ = writeln!(
                 out,
-                "    {:<18} -> {}{}",
+                "    {:<18} -> {}{}{}",
                 o.destination.to_string(),
                 o.target,
-                if o.blackhole { "  BLACKHOLE" } else { "" }
+                if o.blackhole { "  BLACKHOLE" } else { "" },
+                if o.unproven {
+                    "  (untagged ENI: a node's?)"
+                } else {
+                    ""
+                }
+            );
+        }
+        for f in &t.foreign_in_pod_cidr {
+            let _ = writeln!(
+                out,
+                "    {:<18} -> {}  FOREIGN ({}): inside the pod CIDR, never changed, its destination never handed out",
+                f.destination.to_string(),
+                f.target,
+                f.owner
             );
         }
     }
@@ -299,14 +375,15 @@ pub async fn inspect(cloud: &dyn Cloud, args: &Args) -> anyhow::Result<Report> {
         .describe_route_tables(&vpc)
         .await
         .context("describing route tables")?;
+    // Every ENI of the VPC with a cluster tag (any value): this cluster's, and others' to name their routes.
     let enis = cloud
         .describe_network_interfaces(&EniFilter {
             vpc: Some(vpc.clone()),
-            tags: Tags::from([(names::TAG_CLUSTER.to_owned(), args.cluster.clone())]),
+            tags: Tags::from([(names::TAG_CLUSTER.to_owned(), String::new())]),
             ..EniFilter::default()
         })
         .await
-        .context("describing the cluster's network interfaces")?;
+        .context("describing the network interfaces tagged with a cluster")?;
     let subnets = cloud
         .describe_subnets(&vpc)
         .await
@@ -401,6 +478,18 @@ mod tests {
                 route("100.64.1.0/24", eni.clone()),
                 route("100.64.0.0/24", eni.clone()),
                 route("10.0.0.0/8", eni.clone()),
+                // Foreign inside the pod CIDR: another cluster's ENI, a transit gateway, a secondary CIDR.
+                route(
+                    "100.65.0.0/24",
+                    RouteTarget::NetworkInterface(EniId::new("eni-c")),
+                ),
+                route("100.66.0.0/16", RouteTarget::Gateway("tgw-0abc".into())),
+                route("100.100.0.0/16", RouteTarget::Local),
+                // An untagged ENI (a routed-mode node's): owned, unproven.
+                route(
+                    "100.64.2.0/24",
+                    RouteTarget::NetworkInterface(EniId::new("eni-node")),
+                ),
             ],
             tags: Tags::new(),
         };
@@ -411,19 +500,37 @@ mod tests {
         ];
         let r = build_report("vpc-1", "c1", DEFAULT_POD_CIDR, 50, &[table], &enis, &[]);
         let t = &r.route_tables[0];
-        assert_eq!((t.routes, t.route_limit, t.owned.len()), (4, 50, 2));
+        assert_eq!((t.routes, t.route_limit, t.owned.len()), (7, 50, 3));
         assert_eq!(t.owned[0].destination, net("100.64.0.0/24"));
         assert_eq!(t.owned[0].target, "eni-a");
+        assert!(!t.owned[0].unproven && t.owned[2].unproven);
+        let foreign: Vec<(String, &str)> = t
+            .foreign_in_pod_cidr
+            .iter()
+            .map(|f| (f.destination.to_string(), f.owner.as_str()))
+            .collect();
+        assert_eq!(
+            foreign,
+            [
+                ("100.65.0.0/24".to_string(), "cluster other"),
+                ("100.66.0.0/16".to_string(), "transit gateway"),
+                ("100.100.0.0/16".to_string(), "VPC local (secondary CIDR)"),
+            ]
+        );
         assert_eq!(r.enis.len(), 2, "another cluster's ENI is not shown");
         assert!(!r.enis[0].leaked && r.enis[1].leaked);
 
         let human = render_human(&r);
         assert!(
-            human.contains("rtb-1 4/50 routes (2 owned)  [main]"),
+            human.contains("rtb-1 7/50 routes (3 owned)  [main]"),
             "{human}"
         );
         assert!(human.contains("100.64.0.0/24      -> eni-a\n"), "{human}");
         assert!(!human.contains("10.0.0.0/8"));
+        assert!(
+            human.contains("100.66.0.0/16      -> tgw-0abc  FOREIGN (transit gateway)"),
+            "{human}"
+        );
         assert!(human.contains("eni-b available node=n2"), "{human}");
         assert_eq!(human.matches("LEAKED").count(), 1);
     }

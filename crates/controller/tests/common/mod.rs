@@ -12,8 +12,8 @@ use underlay_cloud::{
     Cloud, Operation, RouteTable, RouteTableId, RouteTarget, SubnetId, Tags, VpcId,
 };
 use underlay_controller::{CloudLanes, ClusterNode, OneLane, RoutedConfig};
+use underlay_core::owned::in_pod_cidr;
 use underlay_core::planner::RoutedPlan;
-use underlay_core::routeops::is_owned;
 use underlay_vpcsim::{RunInstance, VpcSim};
 
 pub const POD_CIDR: &str = "100.64.0.0/16";
@@ -146,14 +146,14 @@ impl World {
     pub fn owned(&self, id: &RouteTableId) -> BTreeMap<Ipv4Net, RouteTarget> {
         self.routes(id)
             .into_iter()
-            .filter(|(d, _)| is_owned(net(POD_CIDR), *d))
+            .filter(|(d, _)| in_pod_cidr(*d, net(POD_CIDR)))
             .collect()
     }
 
     pub fn foreign(&self, id: &RouteTableId) -> BTreeMap<Ipv4Net, RouteTarget> {
         self.routes(id)
             .into_iter()
-            .filter(|(d, _)| !is_owned(net(POD_CIDR), *d))
+            .filter(|(d, _)| !in_pod_cidr(*d, net(POD_CIDR)))
             .collect()
     }
 }

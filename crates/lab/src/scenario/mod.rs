@@ -449,12 +449,12 @@ impl Lab {
             self.api.client()
         };
         let events = self.controller_events.clone();
-        let opts = underlay_controller::kube::KubeOptions {
+        let opts = underlay_controller::lease::KubeOptions {
             identity: format!("lab-{}-controller", self.id.as_str()),
             ..Default::default()
         };
         let task = self.rt.spawn(async move {
-            if let Err(e) = underlay_controller::kube::run_routed_on_kube(
+            if let Err(e) = underlay_controller::routed::run_routed_on_kube(
                 client,
                 cloud,
                 lanes,
@@ -486,12 +486,12 @@ impl Lab {
             let _rt = self.rt.enter();
             self.api.client()
         };
-        let opts = underlay_controller::kube::KubeOptions {
+        let opts = underlay_controller::lease::KubeOptions {
             identity: format!("lab-{}-controller", self.id.as_str()),
             ..Default::default()
         };
         let task = self.rt.spawn(async move {
-            if let Err(e) = underlay_controller::eni_kube::run_eni_on_kube(
+            if let Err(e) = underlay_controller::eni::kube::run_eni_on_kube(
                 client,
                 cloud,
                 settings,

@@ -1,4 +1,4 @@
-//! `eni` mode on the Kubernetes API: the same Lease and lease loop as routed mode ([`crate::kube`]); while leading,
+//! `eni` mode on the Kubernetes API: the same Lease and lease loop as routed mode ([`crate::lease`]); while leading,
 //! the leader keeps Nodes and UnderlayNodes in caches fed by watches, runs an [`EniReconciler::pass`] over them
 //! when something a pass reads changed (after [`ENI_DEBOUNCE`], so a burst of changes makes one pass) and at least
 //! every `resync` (pools follow EC2 state and usage even without API events), and writes what it found.
@@ -42,10 +42,12 @@ use underlay_api::{Mode, UnderlayNode, UnderlayNodeSpec};
 use underlay_cloud::Cloud;
 use underlay_core::names;
 
-use crate::eni::{EniNode, EniReconciler, EniSettings, NodeReport};
-use crate::kube::{
-    CONFLICT_ATTEMPTS, KubeError, KubeOptions, apply_watch_event, has_underlay_taint,
-    instance_id_of, is_conflict, is_not_found, lead, owner_ref, ready, untaint_if_unselected,
+use super::{EniNode, EniReconciler, EniSettings, NodeReport};
+use crate::index::{Cache, instance_id_of, slim_node};
+use crate::lease::{KubeError, KubeOptions, lead};
+use crate::objects::{
+    CONFLICT_ATTEMPTS, has_underlay_taint, is_conflict, is_not_found, owner_ref, ready,
+    untaint_if_unselected,
 };
 use crate::selector::NodeSelector;
 
@@ -161,54 +163,6 @@ struct Timing {
     retry_every: Duration,
 }
 
-/// Objects of one watch, complete once `synced`.
-#[derive(Debug)]
-struct Cache<K> {
-    objects: BTreeMap<String, K>,
-    /// Objects of a (re)list in progress, swapped in when it completes.
-    relist: Option<BTreeMap<String, K>>,
-    synced: bool,
-}
-
-impl<K: Resource + Clone> Cache<K> {
-    fn new() -> Self {
-        Self {
-            objects: BTreeMap::new(),
-            relist: None,
-            synced: false,
-        }
-    }
-
-    /// Apply a watch event; `true` when it changed what a pass reads of an object (`facts`), or completed a list.
-    fn absorb<F: PartialEq>(&mut self, ev: WatchEvent<K>, facts: impl Fn(&K) -> F) -> bool {
-        let name = match &ev {
-            WatchEvent::Apply(o) | WatchEvent::Delete(o) => {
-                Some(o.meta().name.clone().unwrap_or_default())
-            }
-            WatchEvent::Init | WatchEvent::InitApply(_) => None,
-            WatchEvent::InitDone => {
-                apply_watch_event(&mut self.objects, &mut self.relist, &mut self.synced, ev);
-                return true;
-            }
-        };
-        let facts_of = |c: &Self| name.as_ref().and_then(|n| c.objects.get(n)).map(&facts);
-        let before = facts_of(self);
-        apply_watch_event(&mut self.objects, &mut self.relist, &mut self.synced, ev);
-        before != facts_of(self)
-    }
-
-    /// Store a write's response (unless the cache already holds a newer version).
-    fn remember(&mut self, o: K) {
-        let mut synced = self.synced;
-        apply_watch_event(
-            &mut self.objects,
-            &mut None,
-            &mut synced,
-            WatchEvent::Apply(o),
-        );
-    }
-}
-
 /// What a pass reads of a Node.
 fn node_facts(n: &Node) -> impl PartialEq + use<> {
     let spec = n.spec.as_ref();
@@ -297,7 +251,9 @@ impl EniLeader {
         if let Some(q) = self.selector.to_query() {
             node_config = node_config.labels(&q);
         }
-        let node_events = watch_stream(self.nodes_api.clone(), node_config).default_backoff();
+        let node_events = watch_stream(self.nodes_api.clone(), node_config)
+            .default_backoff()
+            .modify(|n| *n = slim_node(std::mem::take(n)));
         let un_events =
             watch_stream(self.uns_api.clone(), watcher::Config::default()).default_backoff();
         futures::pin_mut!(node_events, un_events);
@@ -430,7 +386,7 @@ impl EniLeader {
 
     fn remember(&mut self, written: Written) {
         if let Some(n) = written.node {
-            self.nodes.remember(n);
+            self.nodes.remember(slim_node(n));
         }
         if let Some(u) = written.underlay_node {
             self.uns.remember(u);

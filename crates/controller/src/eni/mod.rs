@@ -28,6 +28,8 @@
 //! never attached carries the node's tag and is attached (or deleted) by the next pass's plan. The generation
 //! only moves when a token's ENI turns out to be gone or taken, so the next create makes a fresh one.
 
+pub mod kube;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,6 +53,8 @@ use underlay_core::eni_pool::{
 use underlay_core::instance_types;
 use underlay_core::names::{TAG_CLUSTER, TAG_NODE};
 
+use crate::describe::describe_instances;
+
 /// Default delay before excess addresses are released (amazon-vpc-cni's pool-decrease interval).
 pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_secs(30);
 /// Default time an `available` ENI of a gone node is left alone before it is deleted: longer than a create and
@@ -64,8 +68,6 @@ pub const DEFAULT_SUBNET_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// EC2's answer to a CreateNetworkInterface past the account's network-interface quota (5,000 per Region by
 /// default, enforced per zone).
 pub const ENI_QUOTA_CODE: &str = "NetworkInterfaceLimitExceeded";
-/// Instance ids per DescribeInstances call (EC2 takes up to 200 values per filter).
-const DESCRIBE_CHUNK: usize = 100;
 
 /// The `eni`-mode knobs.
 #[derive(Debug, Clone, PartialEq)]
@@ -461,19 +463,16 @@ impl EniReconciler {
         };
         // Every describe at once: they draw from the same (large) bucket and nothing else waits on one of them.
         let (described, cluster_enis) = futures::join!(
-            futures::future::join_all(ids.chunks(DESCRIBE_CHUNK).map(|c| self.describe_chunk(c))),
+            describe_instances(self.cloud.as_ref(), &ids),
             self.cloud.describe_network_interfaces(&filter),
         );
-        let mut instances: BTreeMap<InstanceId, Instance> = BTreeMap::new();
-        for chunk in described {
-            match chunk {
-                Ok(found) => instances.extend(found.into_iter().map(|i| (i.id.clone(), i))),
-                Err(e) => {
-                    report.errors.push(format!("DescribeInstances: {e}"));
-                    return report;
-                }
+        let instances: BTreeMap<InstanceId, Instance> = match described {
+            Ok(found) => found.into_iter().map(|i| (i.id.clone(), i)).collect(),
+            Err(e) => {
+                report.errors.push(format!("DescribeInstances: {e}"));
+                return report;
             }
-        }
+        };
         let cluster_enis = match cluster_enis {
             Ok(enis) => enis,
             Err(e) => {
@@ -878,32 +877,6 @@ impl EniReconciler {
             Ok(_) => self.subnet_has_room(subnet),
             Err(e) if e.is_insufficient_addresses() => self.subnet_full(subnet, e),
             Err(_) => {}
-        }
-    }
-
-    /// DescribeInstances for some ids. EC2 fails the whole call when one id is unknown; then ask one by one.
-    async fn describe_chunk(&self, ids: &[InstanceId]) -> Result<Vec<Instance>, CloudError> {
-        let filter = InstanceFilter {
-            ids: ids.to_vec(),
-            vpc: None,
-        };
-        match self.cloud.describe_instances(&filter).await {
-            Err(e) if e.is_not_found() => {
-                let mut found = Vec::new();
-                for id in ids {
-                    let one = InstanceFilter {
-                        ids: vec![id.clone()],
-                        vpc: None,
-                    };
-                    match self.cloud.describe_instances(&one).await {
-                        Ok(i) => found.extend(i),
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(found)
-            }
-            other => other,
         }
     }
 

@@ -1,6 +1,8 @@
 //! nftables in a namespace: `nft` run with the namespace entered (`nsenter --net=<path> nft …`), since the
 //! dataplane crate has no nftables client yet. Every call names the namespace explicitly; nothing here ever
-//! runs `nft` in the caller's namespace unless the caller passes that namespace.
+//! runs `nft` in the caller's namespace unless the caller passes that namespace. When the caller already is in
+//! that namespace (the agent on a node: hostNetwork, converging its own namespace) `nft` runs directly: `nsenter`
+//! would `setns`, which needs CAP_SYS_ADMIN even into one's own namespace.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,9 +16,14 @@ use super::RoutedError;
 /// Runs `nft <args>` inside the namespace at `netns`, feeding `stdin` if given; returns stdout.
 pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RoutedError> {
     let what = format!("nft {}", args.join(" "));
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("nft")
+    let mut cmd = if is_current_netns(netns) {
+        Command::new("nft")
+    } else {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns.display())).arg("nft");
+        c
+    };
+    let mut child = cmd
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -50,6 +57,18 @@ pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String
             what,
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+}
+
+/// True when `netns` is the calling thread's own network namespace (same nsfs device and inode).
+fn is_current_netns(netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(netns),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -23,6 +23,7 @@ pub mod cni_install;
 pub mod config;
 pub mod eni;
 pub mod health_http;
+pub mod imds;
 pub mod metrics;
 pub mod reaper;
 pub mod routed;

@@ -27,6 +27,7 @@ pub mod imds;
 pub mod metrics;
 pub mod reaper;
 pub mod rebuild;
+pub mod reclaim;
 pub mod routed;
 pub mod server;
 pub mod service;
@@ -139,8 +140,22 @@ pub async fn serve(
             }
             Err(e) => tracing::warn!(error = %e, "no link reaper: DEL deletes pod veths itself"),
         }
+        match reclaim::spawn(
+            Arc::downgrade(&service),
+            config.reclaim_interval(),
+            config.reclaim_grace(),
+        ) {
+            Ok(()) => tracing::info!(
+                interval_secs = config.reclaim_interval_secs,
+                grace_secs = config.reclaim_grace_secs,
+                "reclaiming addresses whose sandbox is gone"
+            ),
+            Err(e) => tracing::warn!(error = %e, "no reclaim of addresses whose sandbox is gone"),
+        }
     } else {
-        tracing::info!("link reaper off (reap_links: false): DEL deletes pod veths itself");
+        tracing::info!(
+            "link reaper and reclaim off (reap_links: false): DEL deletes pod veths itself"
+        );
     }
     tracing::info!(
         pool = %config.validate()?,

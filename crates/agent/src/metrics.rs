@@ -120,7 +120,7 @@ impl AgentMetrics {
         );
         r.register(
             "underlay_agent_ipam_releases",
-            "Addresses taken back, by reason (del, gc)",
+            "Addresses taken back, by reason (del, gc, reclaim: the pod's sandbox gone without DEL)",
             releases.clone(),
         );
         r.register(

@@ -177,6 +177,47 @@ impl IpamService {
             .collect()
     }
 
+    /// Every allocation with the sandbox it was made for (netns path, host veth), for the reclaimer.
+    pub fn sandboxes(&self) -> Vec<crate::reclaim::Sandbox> {
+        self.lock()
+            .ipam
+            .allocations()
+            .map(|a| crate::reclaim::Sandbox {
+                key: a.key.clone(),
+                netns: a.pod.netns.clone(),
+                veth: match crate::rebuild::rebuilt_veth(&a.key) {
+                    Some(v) => v.to_string(),
+                    None => underlay_core::veth_names::host_veth_name(
+                        &a.key.container_id,
+                        &a.key.ifname,
+                    ),
+                },
+            })
+            .collect()
+    }
+
+    /// Releases `keys` (their sandbox is gone, so no DEL will come), checkpointed; counted as releases with
+    /// reason `reclaim`. Returns how many were released.
+    pub fn reclaim(&self, keys: &[ipam::AttachmentKey]) -> usize {
+        let now = (self.clock)();
+        let mut g = self.lock();
+        let released: Vec<ipam::Allocation> =
+            keys.iter().filter_map(|k| g.ipam.release(k, now)).collect();
+        if let Err(e) = self.commit(&mut g, !released.is_empty()) {
+            tracing::warn!(error = ?e, "reclaim: checkpoint write failed; retried next pass");
+            return 0;
+        }
+        drop(g);
+        for a in &released {
+            tracing::warn!(key = %a.key, address = %a.address, pod_namespace = %a.pod.pod_namespace, pod_name = %a.pod.pod_name, netns = %a.pod.netns, "reclaimed: the pod's sandbox is gone and no DEL came");
+        }
+        if let Some(m) = self.metrics.get() {
+            m.record_releases("reclaim", released.len());
+        }
+        self.report_pool();
+        released.len()
+    }
+
     /// Replaces the wall clock (tests).
     pub fn with_clock(mut self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
         self.clock = Box::new(clock);

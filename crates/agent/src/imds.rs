@@ -98,6 +98,88 @@ pub fn sync_now(netns: &Path, allowed: &ImdsAllowed) -> Result<bool, RoutedError
     sync_elements(netns, &guard_only, declared, allowed)
 }
 
+/// On Kubernetes: follows the pods of `node` that carry the opt-in label (one watch, field selector
+/// `spec.nodeName`, label selector `underlay.dev/imds-access=allow`: the API server sends nothing about other
+/// pods), and every `every` brings `allowed` to the addresses the IPAM service allocated to them, writing a change
+/// into the table of `netns` at once. API errors are retried with backoff; meanwhile the last known opt-ins hold.
+pub(crate) async fn follow_opt_ins(
+    client: kube::Client,
+    node: String,
+    service: impl Fn() -> Option<Arc<crate::IpamService>> + Send + 'static,
+    allowed: ImdsAllowed,
+    netns: std::path::PathBuf,
+    every: std::time::Duration,
+) {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::{self, Event};
+
+    let api: kube::Api<Pod> = kube::Api::all(client);
+    let config = watcher::Config::default()
+        .fields(&format!("spec.nodeName={node}"))
+        .labels(&format!(
+            "{}={}",
+            names::LABEL_IMDS_ACCESS,
+            names::IMDS_ACCESS_ALLOW
+        ));
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut opted: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut relisting: Option<BTreeSet<(String, String)>> = None;
+    let mut tick = tokio::time::interval(every);
+    let id = |p: &Pod| {
+        (
+            p.metadata.namespace.clone().unwrap_or_default(),
+            p.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    let labels = |p: &Pod| p.metadata.labels.clone().unwrap_or_default();
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                None => return,
+                Some(Ok(Event::Init)) => relisting = Some(BTreeSet::new()),
+                Some(Ok(Event::InitApply(p))) => {
+                    if opts_in(&labels(&p)) {
+                        relisting.get_or_insert_with(BTreeSet::new).insert(id(&p));
+                    }
+                }
+                Some(Ok(Event::InitDone)) => opted = relisting.take().unwrap_or_default(),
+                Some(Ok(Event::Apply(p))) => {
+                    if opts_in(&labels(&p)) {
+                        opted.insert(id(&p));
+                    } else {
+                        opted.remove(&id(&p));
+                    }
+                }
+                Some(Ok(Event::Delete(p))) => {
+                    opted.remove(&id(&p));
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "IMDS opt-in watch failed; retrying with backoff"),
+            },
+            _ = tick.tick() => {
+                let Some(svc) = service() else { continue };
+                let list = svc.list();
+                let addrs = allowed_addresses(
+                    list.allocations.iter().filter_map(|a| {
+                        let addr = a.address.split('/').next()?.parse().ok()?;
+                        Some((a.pod_namespace.as_str(), a.pod_name.as_str(), addr))
+                    }),
+                    &opted,
+                );
+                if allowed.set(addrs) {
+                    let (netns, allowed) = (netns.clone(), allowed.clone());
+                    match tokio::task::spawn_blocking(move || sync_now(&netns, &allowed)).await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "IMDS access: writing the allowed set failed; the converge retries"),
+                        Err(e) => tracing::warn!(error = %e, "IMDS access: sync task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -303,6 +303,7 @@ fn rbac_allows_exactly_what_the_code_calls() {
         vec![
             rule(&[group], &["underlaynodes"], &[], &["list", "watch"]),
             rule(&[group], &["underlaynodes/status"], &[], &["get", "patch"]),
+            rule(&[""], &["pods"], &[], &["list", "watch"]),
         ]
     );
     assert!(

@@ -10,8 +10,12 @@
 //!
 //! Write: serialize → `<file>.tmp` → fsync(file) → rename over `<file>` → fsync(directory). A crash at any
 //! point leaves either the old or the new checkpoint, never a torn one. Load: a missing file is a first
-//! start (empty state); anything unreadable, unparsable or of an unknown version is an error, and the agent
-//! refuses to start rather than hand out addresses that live pods still hold.
+//! start (empty state); anything unreadable or unparsable is an error (corrupt).
+//!
+//! Compatibility across a rollout or a rollback of the DaemonSet: this build writes exactly version 1 as the
+//! first release did (no new field, so that release reads it back), and reads version 1 and any later version
+//! whose fields it knows, ignoring fields it does not know (at the top and in each allocation): a newer agent that
+//! adds fields must keep the meaning of these. A later version missing one of them is corrupt to this build.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -25,8 +29,8 @@ use crate::AgentError;
 /// The format version this build writes and reads.
 pub const CHECKPOINT_VERSION: u32 = 1;
 
+/// Version 1, the format since the first release. Unknown fields are ignored (a later version's additions).
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FileV1 {
     version: u32,
     allocations: Vec<Allocation>,
@@ -79,11 +83,18 @@ impl Checkpoint {
             reason,
         };
         let v: VersionOnly = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if v.version != CHECKPOINT_VERSION {
+        if v.version < CHECKPOINT_VERSION {
             return Err(corrupt(format!(
-                "version {} is not supported (this agent reads version {CHECKPOINT_VERSION})",
+                "version {} is not a version any release wrote",
                 v.version
             )));
+        }
+        if v.version > CHECKPOINT_VERSION {
+            tracing::warn!(
+                version = v.version,
+                reads = CHECKPOINT_VERSION,
+                "IPAM checkpoint written by a newer agent: reading the fields this one knows"
+            );
         }
         let f: FileV1 = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
         Ok(Some(IpamState {
@@ -173,6 +184,43 @@ mod tests {
         assert!(text.contains("\"until_unix_ms\":1800000060000"), "{text}");
     }
 
+    /// A checkpoint byte for byte as the first release (commit 1c5a4e2) wrote it, and as an `eni`-mode agent of
+    /// that format wrote it (with `egress`): read back whole, and written again in the same format.
+    #[test]
+    fn the_previous_release_checkpoint_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        let previous = r#"{"version":1,"allocations":[{"key":{"container_id":"c0","ifname":"eth0"},"address":"100.64.1.0","netns":"/var/run/netns/p0","pod_namespace":"default","pod_name":"web-0"},{"key":{"container_id":"c2","ifname":"eth0"},"address":"198.18.0.21","egress":{"interface":"eth1","route_table":30209}}],"cooling":[{"address":"100.64.1.1","until_unix_ms":1800000060000}],"cursor":4}"#;
+        fs::write(cp.path(), previous).unwrap();
+        let state = cp.load().unwrap().unwrap();
+        assert_eq!(state.allocations.len(), 2);
+        assert_eq!(state.allocations[0].pod.pod_name, "web-0");
+        assert_eq!(
+            state.allocations[1].egress.as_ref().unwrap().interface,
+            "eth1"
+        );
+        assert_eq!(state.cooling[0].until_unix_ms, 1_800_000_060_000);
+        assert_eq!(state.cursor, 4);
+        cp.save(&state).unwrap();
+        assert_eq!(fs::read_to_string(cp.path()).unwrap(), previous);
+    }
+
+    /// A later version's checkpoint with fields this build does not know, at the top and in an allocation.
+    #[test]
+    fn a_newer_checkpoint_is_read_ignoring_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        fs::write(
+            cp.path(),
+            r#"{"version":2,"generation":7,"allocations":[{"key":{"container_id":"c0","ifname":"eth0"},"address":"100.64.1.0","pod_uid":"u-1","netns":"/var/run/netns/p0"}],"cooling":[],"cursor":1,"sandboxes":{"c0":"gone"}}"#,
+        )
+        .unwrap();
+        let state = cp.load().unwrap().unwrap();
+        assert_eq!(state.allocations.len(), 1);
+        assert_eq!(state.allocations[0].address.to_string(), "100.64.1.0");
+        assert_eq!(state.cursor, 1);
+    }
+
     #[test]
     fn corrupt_or_unknown_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -181,7 +229,8 @@ mod tests {
             "",
             "{",
             "{\"version\":1}",
-            "{\"version\":2,\"allocations\":[],\"cooling\":[],\"cursor\":0}",
+            "{\"version\":0,\"allocations\":[],\"cooling\":[],\"cursor\":0}",
+            "{\"version\":2,\"cooling\":[],\"cursor\":0}",
             "[]",
         ] {
             fs::write(cp.path(), bad).unwrap();

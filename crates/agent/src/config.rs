@@ -78,6 +78,19 @@ pub struct AgentConfig {
     /// not own its namespace's pod veths (tests running it outside a node namespace).
     #[serde(default = "default_true")]
     pub reap_links: bool,
+    /// With `reap_links`: how often the agent looks for allocations whose sandbox is gone (netns file and host
+    /// veth both absent), and how long one must stay gone before its address is reclaimed.
+    #[serde(default = "default_reclaim_interval_secs")]
+    pub reclaim_interval_secs: u64,
+    #[serde(default = "default_reclaim_grace_secs")]
+    pub reclaim_grace_secs: u64,
+}
+
+fn default_reclaim_interval_secs() -> u64 {
+    30
+}
+fn default_reclaim_grace_secs() -> u64 {
+    120
 }
 
 fn default_cooldown_secs() -> u64 {
@@ -114,6 +127,8 @@ impl Default for AgentConfig {
             mtu: default_mtu(),
             plugin_source: None,
             reap_links: true,
+            reclaim_interval_secs: default_reclaim_interval_secs(),
+            reclaim_grace_secs: default_reclaim_grace_secs(),
         }
     }
 }
@@ -131,6 +146,14 @@ impl AgentConfig {
         })?;
         AgentConfig::from_yaml(&text)
             .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn reclaim_interval(&self) -> Duration {
+        Duration::from_secs(self.reclaim_interval_secs.max(1))
+    }
+
+    pub fn reclaim_grace(&self) -> Duration {
+        Duration::from_secs(self.reclaim_grace_secs)
     }
 
     pub fn cooldown(&self) -> Duration {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   AgentConfig (YAML) ──► run()
-//!                            ├─ IpamService = Mutex{ core::ipam::Ipam + Checkpoint }   load (refuse corrupt)
+//!                            ├─ IpamService = Mutex{ core::ipam::Ipam + Checkpoint }   load (corrupt: rebuild from kernel)
 //!                            ├─ install <cni_bin_dir>/underlay-cni                     atomic copy, 0755
 //!                            ├─ IpamListener on <socket> (0600)  ◄── underlay-cni: Allocate/Release/List/Gc
 //!                            │      each change: allocator → checkpoint (fsync, rename, fsync dir) → reply
@@ -23,8 +23,11 @@ pub mod cni_install;
 pub mod config;
 pub mod eni;
 pub mod health_http;
+pub mod imds;
 pub mod metrics;
 pub mod reaper;
+pub mod rebuild;
+pub mod reclaim;
 pub mod routed;
 pub mod server;
 pub mod service;
@@ -45,8 +48,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The checkpoint cannot be trusted. Starting empty would hand out addresses that live pods hold, so the
-    /// agent refuses to start; an operator must repair or remove the file (after making sure no pod runs).
+    /// The checkpoint cannot be trusted and the agent's namespace is not the node's (`reap_links: false`), so the
+    /// state cannot be rebuilt from the node's pod veths ([`rebuild`]). Starting empty would hand out addresses
+    /// that live pods hold, so the agent refuses to start.
     #[error(
         "IPAM checkpoint {} is corrupt ({reason}); refusing to start: starting empty could give \
          live pods' addresses to new pods. Repair the file, or remove it only if no pod on this node runs",
@@ -64,16 +68,47 @@ impl AgentError {
     }
 }
 
-/// Opens the IPAM service from `config` (loading the checkpoint).
+/// Opens the IPAM service from `config` (loading the checkpoint). A corrupt checkpoint is moved aside to
+/// `<file>.corrupt` and the state rebuilt from the kernel ([`rebuild`]) when the agent's namespace is the node's
+/// (`reap_links`, the same condition under which it owns the node's pod veths); otherwise it is refused.
 pub fn open_service(config: &AgentConfig, fault: Fault) -> Result<IpamService, AgentError> {
     let spec = config.validate()?;
-    IpamService::open(
-        spec,
-        config.cooldown(),
-        checkpoint::Checkpoint::new(&config.checkpoint),
-        config.mtu,
-        fault,
-    )
+    let open = || {
+        IpamService::open(
+            spec.clone(),
+            config.cooldown(),
+            checkpoint::Checkpoint::new(&config.checkpoint),
+            config.mtu,
+            fault,
+        )
+    };
+    match open() {
+        Err(AgentError::CorruptCheckpoint { path, reason }) if config.reap_links => {
+            let state = rebuild::from_kernel(&spec).map_err(|e| AgentError::CorruptCheckpoint {
+                path: path.clone(),
+                reason: format!("{reason}; rebuilding from the kernel failed too: {e}"),
+            })?;
+            let mut aside = path.clone().into_os_string();
+            aside.push(".corrupt");
+            std::fs::rename(&path, &aside).map_err(|source| AgentError::Io {
+                what: "move the corrupt checkpoint aside",
+                path: path.clone(),
+                source,
+            })?;
+            checkpoint::Checkpoint::new(&path).save(&state)?;
+            tracing::error!(
+                checkpoint = %path.display(),
+                kept_as = %std::path::Path::new(&aside).display(),
+                %reason,
+                pods = state.allocations.len(),
+                "IPAM checkpoint corrupt: rebuilt from the node's pod veths and routes"
+            );
+            let service = open()?;
+            service.note_rebuilt(reason);
+            Ok(service)
+        }
+        other => other,
+    }
 }
 
 /// Runs the agent until `shutdown` completes. Must run inside a tokio runtime.
@@ -105,8 +140,22 @@ pub async fn serve(
             }
             Err(e) => tracing::warn!(error = %e, "no link reaper: DEL deletes pod veths itself"),
         }
+        match reclaim::spawn(
+            Arc::downgrade(&service),
+            config.reclaim_interval(),
+            config.reclaim_grace(),
+        ) {
+            Ok(()) => tracing::info!(
+                interval_secs = config.reclaim_interval_secs,
+                grace_secs = config.reclaim_grace_secs,
+                "reclaiming addresses whose sandbox is gone"
+            ),
+            Err(e) => tracing::warn!(error = %e, "no reclaim of addresses whose sandbox is gone"),
+        }
     } else {
-        tracing::info!("link reaper off (reap_links: false): DEL deletes pod veths itself");
+        tracing::info!(
+            "link reaper and reclaim off (reap_links: false): DEL deletes pod veths itself"
+        );
     }
     tracing::info!(
         pool = %config.validate()?,

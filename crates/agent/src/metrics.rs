@@ -74,6 +74,7 @@ pub struct AgentMetrics {
     converges: Family<ResultLabels, Counter>,
     converge_duration: Histogram,
     converge_operations: Counter,
+    checkpoint_rebuilds: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -96,6 +97,12 @@ impl AgentMetrics {
         let converges = Family::<ResultLabels, Counter>::default();
         let converge_duration = Histogram::new(CONVERGE_DURATION_BUCKETS);
         let converge_operations = Counter::default();
+        let checkpoint_rebuilds = Counter::default();
+        r.register(
+            "underlay_agent_checkpoint_rebuilds",
+            "Starts that found the IPAM checkpoint corrupt and rebuilt it from the node's pod veths and routes",
+            checkpoint_rebuilds.clone(),
+        );
         r.register(
             "underlay_agent_ipam_requests",
             "IPAM requests answered, by method (allocate=ADD, release=DEL, list=CHECK, gc=GC) and result (ok or error code)",
@@ -113,7 +120,7 @@ impl AgentMetrics {
         );
         r.register(
             "underlay_agent_ipam_releases",
-            "Addresses taken back, by reason (del, gc)",
+            "Addresses taken back, by reason (del, gc, reclaim: the pod's sandbox gone without DEL)",
             releases.clone(),
         );
         r.register(
@@ -152,7 +159,13 @@ impl AgentMetrics {
             converges,
             converge_duration,
             converge_operations,
+            checkpoint_rebuilds,
         }
+    }
+
+    /// One start that rebuilt the IPAM checkpoint from the kernel.
+    pub fn record_checkpoint_rebuild(&self) {
+        self.checkpoint_rebuilds.inc();
     }
 
     /// The exposition (OpenMetrics text).

@@ -3,6 +3,12 @@
 //! The socket is bound under a temporary name, chmod 0600, then renamed into place, so no one can connect
 //! before the mode is right and a stale socket file from a crashed agent is replaced atomically. A socket
 //! file that still answers belongs to a running agent: starting a second one is refused.
+//!
+//! Every connection is checked and bounded ([`Limits`]): the peer's credentials (SO_PEERCRED) must be root's,
+//! the container runtime's (the mode already keeps others out; this holds if the file's mode or directory is
+//! ever loosened); at most [`Limits::max_connections`] are served at once (more wait in the listen backlog); a
+//! request may announce at most [`wire::MAX_REQUEST_LEN`] bytes; a connection idle for
+//! [`Limits::idle`] between requests, or that stalls mid-frame as long, is closed.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,11 +24,44 @@ use crate::service::IpamService;
 /// Mode of the IPAM socket: only root (the container runtime that runs the plugin) may connect.
 pub const SOCKET_MODE: u32 = 0o600;
 
+/// Bounds on the socket's clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Largest request body.
+    pub max_request_len: u32,
+    /// Longest wait for the next request, or for the rest of a frame.
+    pub idle: std::time::Duration,
+    /// The only peer uid served.
+    pub peer_uid: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            // Each underlay-cni call holds one connection for well under a millisecond; kubelet starts a few
+            // pods at a time per node.
+            max_connections: 64,
+            max_request_len: wire::MAX_REQUEST_LEN,
+            // Under the plugin's own 10 s timeout: a live plugin never waits that long between frames.
+            idle: std::time::Duration::from_secs(30),
+            peer_uid: 0,
+        }
+    }
+}
+
+/// True when a peer with credentials `uid` (None: unknown) may use the socket.
+pub fn peer_allowed(uid: Option<u32>, limits: &Limits) -> bool {
+    uid == Some(limits.peer_uid)
+}
+
 /// A bound IPAM socket; removing the socket file on drop.
 #[derive(Debug)]
 pub struct IpamListener {
     listener: UnixListener,
     path: PathBuf,
+    limits: Limits,
 }
 
 impl Drop for IpamListener {
@@ -67,23 +106,42 @@ impl IpamListener {
         Ok(IpamListener {
             listener,
             path: path.to_owned(),
+            limits: Limits::default(),
         })
+    }
+
+    /// Serves with `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> IpamListener {
+        self.limits = limits;
+        self
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Accepts connections forever, one task per connection.
+    /// Accepts connections forever, one task per connection, at most [`Limits::max_connections`] at once.
     pub async fn serve(&self, service: Arc<IpamService>) {
+        let limits = self.limits;
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
         loop {
+            // Wait for a free slot before accepting: extra clients wait in the kernel's backlog.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    let uid = stream.peer_cred().ok().map(|c| c.uid());
+                    if !peer_allowed(uid, &limits) {
+                        tracing::warn!(peer_uid = ?uid, "IPAM socket: refusing a peer that is not root");
+                        continue;
+                    }
                     let service = service.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_connection(stream, service).await {
+                        if let Err(e) = serve_connection(stream, service, limits).await {
                             tracing::debug!(error = %e, "IPAM connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -98,16 +156,28 @@ impl IpamListener {
 async fn serve_connection(
     mut stream: UnixStream,
     service: Arc<IpamService>,
+    limits: Limits,
 ) -> std::io::Result<()> {
+    let idle = |e: tokio::time::error::Elapsed| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("idle connection: {e}"),
+        )
+    };
     loop {
         let mut header = [0u8; wire::HEADER_LEN];
-        match stream.read_exact(&mut header).await {
+        match tokio::time::timeout(limits.idle, stream.read_exact(&mut header))
+            .await
+            .map_err(idle)?
+        {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         }
-        let mut body = vec![0u8; wire::body_len(header)?];
-        stream.read_exact(&mut body).await?;
+        let mut body = vec![0u8; wire::body_len_at_most(header, limits.max_request_len)?];
+        tokio::time::timeout(limits.idle, stream.read_exact(&mut body))
+            .await
+            .map_err(idle)??;
         let req = <pb::Request as prost::Message>::decode(body.as_slice())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         // The handler takes a lock and fsyncs. On a multi-thread runtime it runs in place (block_in_place

@@ -82,6 +82,8 @@ pub struct IpamService {
     reaper: OnceLock<LinkReaper>,
     /// Where requests and pool figures are reported; absent until [`IpamService::set_metrics`].
     metrics: OnceLock<AgentMetrics>,
+    /// Why the checkpoint was rebuilt from the kernel at start, if it was (reported once metrics attach).
+    rebuilt: OnceLock<String>,
 }
 
 impl std::fmt::Debug for IpamService {
@@ -114,6 +116,7 @@ impl IpamService {
             clock: Box::new(SystemTime::now),
             reaper: OnceLock::new(),
             metrics: OnceLock::new(),
+            rebuilt: OnceLock::new(),
         })
     }
 
@@ -124,12 +127,26 @@ impl IpamService {
         }
     }
 
-    /// Reports requests and pool figures to `metrics` from now on (the pool gauges at once).
+    /// Reports requests and pool figures to `metrics` from now on (the pool gauges at once, and a checkpoint
+    /// rebuild at start).
     pub fn set_metrics(&self, metrics: AgentMetrics) {
+        if self.rebuilt.get().is_some() {
+            metrics.record_checkpoint_rebuild();
+        }
         if self.metrics.set(metrics).is_err() {
             tracing::warn!("metrics are already attached; ignoring the second");
         }
         self.report_pool();
+    }
+
+    /// Records that the state was rebuilt from the kernel because the checkpoint was corrupt (`reason`).
+    pub fn note_rebuilt(&self, reason: String) {
+        let _ = self.rebuilt.set(reason);
+    }
+
+    /// Why the checkpoint was rebuilt at start, if it was (for an Event and /metrics).
+    pub fn rebuilt(&self) -> Option<&str> {
+        self.rebuilt.get().map(String::as_str)
     }
 
     fn report_pool(&self) {
@@ -151,8 +168,54 @@ impl IpamService {
         self.lock()
             .ipam
             .allocations()
-            .map(|a| underlay_core::veth_names::host_veth_name(&a.key.container_id, &a.key.ifname))
+            .map(|a| match crate::rebuild::rebuilt_veth(&a.key) {
+                Some(veth) => veth.to_string(),
+                None => {
+                    underlay_core::veth_names::host_veth_name(&a.key.container_id, &a.key.ifname)
+                }
+            })
             .collect()
+    }
+
+    /// Every allocation with the sandbox it was made for (netns path, host veth), for the reclaimer.
+    pub fn sandboxes(&self) -> Vec<crate::reclaim::Sandbox> {
+        self.lock()
+            .ipam
+            .allocations()
+            .map(|a| crate::reclaim::Sandbox {
+                key: a.key.clone(),
+                netns: a.pod.netns.clone(),
+                veth: match crate::rebuild::rebuilt_veth(&a.key) {
+                    Some(v) => v.to_string(),
+                    None => underlay_core::veth_names::host_veth_name(
+                        &a.key.container_id,
+                        &a.key.ifname,
+                    ),
+                },
+            })
+            .collect()
+    }
+
+    /// Releases `keys` (their sandbox is gone, so no DEL will come), checkpointed; counted as releases with
+    /// reason `reclaim`. Returns how many were released.
+    pub fn reclaim(&self, keys: &[ipam::AttachmentKey]) -> usize {
+        let now = (self.clock)();
+        let mut g = self.lock();
+        let released: Vec<ipam::Allocation> =
+            keys.iter().filter_map(|k| g.ipam.release(k, now)).collect();
+        if let Err(e) = self.commit(&mut g, !released.is_empty()) {
+            tracing::warn!(error = ?e, "reclaim: checkpoint write failed; retried next pass");
+            return 0;
+        }
+        drop(g);
+        for a in &released {
+            tracing::warn!(key = %a.key, address = %a.address, pod_namespace = %a.pod.pod_namespace, pod_name = %a.pod.pod_name, netns = %a.pod.netns, "reclaimed: the pod's sandbox is gone and no DEL came");
+        }
+        if let Some(m) = self.metrics.get() {
+            m.record_releases("reclaim", released.len());
+        }
+        self.report_pool();
+        released.len()
     }
 
     /// Replaces the wall clock (tests).
@@ -362,7 +425,15 @@ impl IpamService {
         };
         let now = (self.clock)();
         let mut g = self.lock();
-        let released = g.ipam.release(&key, now);
+        // An allocation rebuilt from the kernel is known by its host veth only.
+        let released = g.ipam.release(&key, now).or_else(|| {
+            (!req.host_ifname.is_empty())
+                .then(|| {
+                    g.ipam
+                        .release(&crate::rebuild::rebuilt_key(&req.host_ifname), now)
+                })
+                .flatten()
+        });
         let committed = self.commit(&mut g, released.is_some());
         // The route deletion below takes the kernel's RTNL lock: never while holding the allocator's.
         drop(g);
@@ -406,10 +477,17 @@ impl IpamService {
     }
 
     pub fn gc(&self, req: pb::GcRequest) -> pb::GcReply {
-        let valid: BTreeSet<ipam::AttachmentKey> =
+        let mut valid: BTreeSet<ipam::AttachmentKey> =
             req.valid.into_iter().map(from_wire_key).collect();
         let now = (self.clock)();
         let mut g = self.lock();
+        // A rebuilt allocation's key is never in a runtime's list: GC keeps it (DEL by veth releases it).
+        valid.extend(
+            g.ipam
+                .allocations()
+                .filter(|a| crate::rebuild::rebuilt_veth(&a.key).is_some())
+                .map(|a| a.key.clone()),
+        );
         let released = g.ipam.gc(&valid, now);
         match self.commit(&mut g, !released.is_empty()) {
             Ok(()) => {

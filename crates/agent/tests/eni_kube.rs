@@ -141,6 +141,8 @@ fn start(sim: &ApiSim, config: AgentConfig, netns: PathBuf, name: &str) -> Runni
         .build()
         .unwrap();
     let mut o = EniKubeOptions::new(name, vec!["198.18.0.0/15".parse().unwrap()]);
+    // The API stand-in serves no Pods yet.
+    o.imds_opt_ins = false;
     o.netns = Some(netns);
     o.health_addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), names::AGENT_HEALTH_PORT);
     o.converge_interval = Duration::from_millis(300);

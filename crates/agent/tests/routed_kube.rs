@@ -12,6 +12,8 @@ fn opts(name: &str) -> KubeAgentOptions {
         vec!["198.18.0.0/15".parse().unwrap()],
     );
     o.mtu = 1500;
+    // The API stand-in serves no Pods yet.
+    o.imds_opt_ins = false;
     o
 }
 

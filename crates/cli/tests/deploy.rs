@@ -303,6 +303,7 @@ fn rbac_allows_exactly_what_the_code_calls() {
         vec![
             rule(&[group], &["underlaynodes"], &[], &["list", "watch"]),
             rule(&[group], &["underlaynodes/status"], &[], &["get", "patch"]),
+            rule(&[""], &["pods"], &[], &["list", "watch"]),
         ]
     );
     assert!(
@@ -335,7 +336,7 @@ fn rbac_allows_exactly_what_the_code_calls() {
 }
 
 #[test]
-fn agent_daemonset_runs_everywhere_with_two_capabilities() {
+fn agent_daemonset_runs_everywhere_with_one_capability_and_runtime_seccomp() {
     let all = docs(&render(&[]).unwrap());
     let ds = find(&all, "DaemonSet", "underlay-agent");
     let pod = &ds["spec"]["template"]["spec"];
@@ -377,7 +378,9 @@ fn agent_daemonset_runs_everywhere_with_two_capabilities() {
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
-    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN", "SYS_ADMIN"]);
+    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN"]);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(c["ports"][0]["containerPort"], names::AGENT_HEALTH_PORT);
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");

@@ -1,8 +1,9 @@
 //! The agent DaemonSet's security settings, as the chart renders them, are enough and each capability is needed:
 //! the chart's init-container script sets the node's sysctls, then `underlay agent --routed-spec` runs under
-//! podman/runc with exactly the container's capabilities and a read-only root file system, in a test namespace
-//! standing for the node's, and turns ready; with either capability dropped it does not converge. Needs root,
-//! podman and runc (scripts/setup.sh), helm (.tools/bin).
+//! podman/runc with exactly the container's capabilities (no SYS_ADMIN), podman's default seccomp filter, no
+//! privilege escalation, no `nsenter` in its image and a read-only root file system, in a test namespace standing
+//! for the node's: it turns ready and serves a pod's ADD and DEL from `underlay-cni`; with the capability dropped it
+//! does not converge. Needs root, podman and runc (scripts/setup.sh), helm (.tools/bin).
 #![cfg(feature = "root-tests")]
 
 use std::io::{Read, Write};
@@ -134,23 +135,102 @@ fn readyz(ns: &Netns, port: u16) -> Option<(u16, String)> {
     .unwrap()
 }
 
+/// underlay-cni next to the underlay binary, built (or brought up to date) here.
+fn plugin() -> PathBuf {
+    let p = Path::new(BIN).parent().unwrap().join("underlay-cni");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "-p", "underlay-cni"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(p.is_file(), "{} missing", p.display());
+    p
+}
+
+/// Runs underlay-cni `command` in `node` for a pod whose namespace is `pod`, against the agent socket `socket`;
+/// returns the plugin's stdout (its JSON result) or panics with its error.
+fn cni(node: &TestNs, pod: &TestNs, socket: &Path, command: &str) -> String {
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "underlay", "type": "underlay-cni",
+        "socket": socket, "mtu": 1500,
+    });
+    let plugin = plugin();
+    let mut child = node
+        .command(plugin.to_str().unwrap())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "deployroot0")
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", plugin.parent().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "underlay-cni {command}: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// While the agent is ready: a pod's ADD gets an address of the node's block, wired in the pod's namespace, and
+/// its DEL gives it back.
+fn add_and_del(node: &TestNs, state: &Path) {
+    let pod = TestNs::new("uldep").unwrap();
+    let socket = state.join("agent.sock");
+    let added: serde_json::Value = serde_json::from_str(&cni(node, &pod, &socket, "ADD")).unwrap();
+    let ip = added["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("100.64.0."), "{added}");
+    let listed = underlay_ipam_api::Client::connect(&socket)
+        .unwrap()
+        .list()
+        .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let out = pod
+        .command("ip")
+        .args(["-4", "addr", "show", "eth0"])
+        .output()
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&out.stdout);
+    assert!(addrs.contains(&ip), "{ip} not on the pod's eth0: {addrs}");
+    cni(node, &pod, &socket, "DEL");
+    let listed = underlay_ipam_api::Client::connect(&socket)
+        .unwrap()
+        .list()
+        .unwrap();
+    assert!(listed.is_empty(), "DEL released nothing: {listed:?}");
+}
+
 /// Runs the agent in `node` under podman with `caps`: the last /readyz answer once it is ready or has reported a
-/// failed converge (bounded: 100 × 100 ms), and the agent's log.
+/// failed converge (bounded: 100 × 100 ms), and the agent's log. Once ready, `while_ready` runs with the host
+/// path of the agent's state directory (socket and checkpoint).
 fn run_agent(
     node: &TestNs,
     caps: &[String],
     read_only: bool,
     tag: &str,
+    while_ready: impl FnOnce(&Path),
 ) -> (Option<(u16, String)>, String) {
     let dir = tempfile::tempdir().unwrap();
     let fs = dir.path().join("rootfs");
-    let (nft, nsenter) = (which("nft"), which("nsenter"));
+    // No nsenter in the image: the agent runs nft directly in its own namespace.
+    let nft = which("nft");
     rootfs(
         &fs,
         &[
             (BIN, "/usr/local/bin/underlay"),
             (nft.as_str(), "/usr/sbin/nft"),
-            (nsenter.as_str(), "/usr/bin/nsenter"),
         ],
     );
     let state = dir.path().join("state");
@@ -176,6 +256,8 @@ fn run_agent(
             "nproc=4096:4096",
         ])
         .args(["--security-opt", "label=disable"])
+        // The manifest's allowPrivilegeEscalation: false; podman's default seccomp filter stands for RuntimeDefault.
+        .args(["--security-opt", "no-new-privileges"])
         .arg("-v")
         .arg(format!("{}:/state:rw", state.display()));
     if !caps.is_empty() {
@@ -217,6 +299,9 @@ fn run_agent(
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+    if matches!(&last, Some((200, _))) {
+        while_ready(&state);
+    }
     let logs = Command::new("podman")
         .args(["logs", &name])
         .output()
@@ -257,7 +342,7 @@ fn agent_runs_with_the_daemonsets_capabilities_and_needs_each() {
     nl.addr_add(up, "198.18.0.10/24".parse().unwrap()).unwrap();
 
     // Before the init container: the agent cannot write the sysctls from its read-only /proc/sys.
-    let (before, logs) = run_agent(&node, &caps, read_only, "a");
+    let (before, logs) = run_agent(&node, &caps, read_only, "a", |_| {});
     assert!(
         matches!(&before, Some((503, b)) if b.contains("Read-only file system")),
         "without the init container: {before:?}\n{logs}"
@@ -275,19 +360,31 @@ fn agent_runs_with_the_daemonsets_capabilities_and_needs_each() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let (ready, logs) = run_agent(&node, &caps, read_only, "b");
+    let mut served = false;
+    let (ready, logs) = run_agent(&node, &caps, read_only, "b", |state| {
+        add_and_del(&node, state);
+        served = true;
+    });
     assert_eq!(
         ready,
         Some((200, "ok".to_string())),
         "caps {caps:?}\n{logs}"
     );
+    assert!(served, "ADD and DEL did not run");
+    assert!(
+        !caps.iter().any(|c| c == "SYS_ADMIN"),
+        "the agent must not need SYS_ADMIN: {caps:?}"
+    );
+    assert_eq!(
+        agent["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "the agent must run under the runtime's seccomp filter"
+    );
 
     for dropped in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
         let tag = format!("no-{}", dropped.to_lowercase());
-        let (got, logs) = run_agent(&node, &fewer, read_only, &tag);
-        // Not ready (or not even serving: without SYS_ADMIN the health endpoint cannot be bound in the node's
-        // namespace), and the kernel said why.
+        let (got, logs) = run_agent(&node, &fewer, read_only, &tag, |_| {});
+        // Not ready, and the kernel said why.
         assert!(
             !matches!(got, Some((200, _))) && logs.contains("Operation not permitted"),
             "without {dropped}: {got:?}\n{logs}"

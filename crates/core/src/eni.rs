@@ -405,6 +405,7 @@ pub fn wanted_routes(spec: &EniNodeSpec, devices: &BTreeMap<String, String>) -> 
 
 /// The `inet underlay` table of `eni` mode: a `nat_postrouting` chain whose one rule rewrites the source of
 /// pod traffic to destinations outside the VPC to the node IP; no rule with external SNAT (or no pod address).
+/// Then the IMDS guard ([`Ruleset::with_imds_guard`]).
 pub fn ruleset(spec: &EniNodeSpec) -> Ruleset {
     let sources = spec.pod_sources();
     let rules = if spec.external_snat || sources.is_empty() {
@@ -418,6 +419,7 @@ pub fn ruleset(spec: &EniNodeSpec) -> Ruleset {
         }]
     };
     Ruleset {
+        sets: vec![],
         chains: vec![Chain {
             name: names::NFT_CHAIN_NAT_POSTROUTING.into(),
             kind: ChainType::Nat,
@@ -426,6 +428,7 @@ pub fn ruleset(spec: &EniNodeSpec) -> Ruleset {
             rules,
         }],
     }
+    .with_imds_guard()
 }
 
 /// Plans the changes that bring a node from `observed` to `spec`: sysctls, secondary ENI devices up with the
@@ -588,6 +591,7 @@ mod tests {
                 EniOp::ReplaceNft(rs) => {
                     o.nft = Some(ObservedNft {
                         rules: rs.rule_ids(),
+                        ..Default::default()
                     })
                 }
             }

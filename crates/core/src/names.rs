@@ -84,6 +84,18 @@ pub const MAX_PODS_ANNOTATION: &str = "underlay.dev/max-pods";
 pub const NFT_CHAIN_RAW_PREROUTING: &str = "raw_prerouting";
 pub const NFT_CHAIN_FORWARD: &str = "forward";
 pub const NFT_CHAIN_NAT_POSTROUTING: &str = "nat_postrouting";
+/// Chain and set of the IMDS guard, in both modes: forwarded packets to the instance metadata service are dropped
+/// unless their source is in the set (the addresses of pods that opted in with [`LABEL_IMDS_ACCESS`]).
+pub const NFT_CHAIN_IMDS_GUARD: &str = "imds_guard";
+pub const NFT_SET_IMDS_ALLOWED: &str = "imds_allowed";
+/// Its hook priority: before every filter-priority forward chain (ours and anyone's), so a drop is decided first.
+pub const NFT_PRIORITY_IMDS_GUARD: i32 = -10;
+/// Pod label that lets the pod reach the instance metadata service (`underlay.dev/imds-access: allow`); every
+/// other pod's packets to it are dropped on its node. A label, not an annotation, so that the pods holding it can be
+/// listed (`kubectl get pods -A -l underlay.dev/imds-access=allow`) and admission policy can restrict who sets it.
+pub const LABEL_IMDS_ACCESS: &str = "underlay.dev/imds-access";
+/// The value of [`LABEL_IMDS_ACCESS`] that opts in; any other value is no opt-in.
+pub const IMDS_ACCESS_ALLOW: &str = "allow";
 /// Their hook priorities (the kernel's NF_IP_PRI_RAW, NF_IP_PRI_FILTER, NF_IP_PRI_NAT_SRC).
 pub const NFT_PRIORITY_RAW: i32 = -300;
 pub const NFT_PRIORITY_FILTER: i32 = 0;

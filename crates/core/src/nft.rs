@@ -3,7 +3,17 @@
 //!
 //! ```text
 //!   RoutedNodeSpec ──► Ruleset::routed(spec) ──► render() ──► "table inet underlay / delete table … / table … { … }"
+//!   EniNodeSpec    ──► eni::ruleset(spec)   ──┘        (both end with the IMDS guard: Ruleset::with_imds_guard)
+//!   opted-in pods' addresses ──► plan_set_elements(observed, wanted) ──► "add/delete element …" (no table rewrite)
 //! ```
+//!
+//! The IMDS guard ([`Ruleset::with_imds_guard`]) is a base chain of its own (`imds_guard`, forward hook, before
+//! every filter chain) and a named set (`imds_allowed`): forwarded packets to the instance metadata service,
+//! `169.254.169.254` and `[fd00:ec2::254]`, are dropped unless their IPv4 source is in the set. The node's own
+//! requests are not forwarded (output hook) and pass. The set's declaration belongs to the table (and to its
+//! fingerprint); its elements, the addresses of the pods that opted in, do not: they change per pod, so the agent
+//! adds and deletes them by [`plan_set_elements`] and re-adds them in the batch that replaces the table
+//! ([`Ruleset::render_with_elements`]).
 //!
 //! Every rule carries the comment `<rule id>@<fingerprint>`, the fingerprint being a digest of the whole
 //! rendered table. The agent reads the `(chain, comment)` pairs back from `nft -j list table` (nft 1.0's JSON
@@ -13,7 +23,10 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use ipnet::Ipv4Net;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::names;
@@ -36,11 +49,22 @@ pub enum ChainType {
     Nat,
 }
 
-/// A match on an IPv4 address: inside (or outside) a set of prefixes.
+/// The instance metadata service's IPv4 address (link-local, answered by the instance's hypervisor).
+pub const IMDS_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The instance metadata service's IPv6 address (Nitro instances).
+pub const IMDS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// A match on an address: inside (or outside) a list of prefixes, or inside (or outside) a named set of the table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AddrMatch {
     In(Vec<Ipv4Net>),
     NotIn(Vec<Ipv4Net>),
+    /// IPv6: inside a list of prefixes (`ip6 saddr/daddr …`).
+    In6(Vec<Ipv6Net>),
+    /// IPv4: in the named set (`ip saddr @name`).
+    InSet(String),
+    /// IPv4: not in the named set (`ip saddr != @name`).
+    NotInSet(String),
 }
 
 /// What a rule does.
@@ -51,9 +75,12 @@ pub enum Verdict {
     Notrack,
     /// Source NAT to one address (nat postrouting chains only).
     Snat(std::net::Ipv4Addr),
+    /// Drop the packet (final: no later chain sees it).
+    Drop,
 }
 
-/// One rule: every match must hold (IPv4 only; IPv6 traffic is not touched by this table's rules).
+/// One rule: every match must hold. IPv4 matches only see IPv4 packets and [`AddrMatch::In6`] only IPv6 ones;
+/// no rule mixes the two.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
     /// Names the rule; rendered as its nft comment and used to recognise it when read back.
@@ -73,9 +100,21 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+/// A named set of IPv4 addresses in the table (`type ipv4_addr`). Only its declaration is part of the ruleset;
+/// its elements are managed apart (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddrSet {
+    pub name: String,
+}
+
+/// The elements of the table's named sets: set name → addresses.
+pub type SetElements = BTreeMap<String, BTreeSet<Ipv4Addr>>;
+
 /// The whole `inet underlay` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ruleset {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<AddrSet>,
     pub chains: Vec<Chain>,
 }
 
@@ -94,6 +133,7 @@ impl Ruleset {
         let pod = vec![spec.pod_cidr];
         let own = vec![spec.pod_block];
         Ruleset {
+            sets: vec![],
             chains: vec![
                 Chain {
                     name: names::NFT_CHAIN_RAW_PREROUTING.into(),
@@ -141,6 +181,51 @@ impl Ruleset {
                 },
             ],
         }
+        .with_imds_guard()
+    }
+
+    /// Adds the IMDS guard: the set `imds_allowed` and the chain `imds_guard` (forward hook, priority
+    /// [`names::NFT_PRIORITY_IMDS_GUARD`], before every filter chain, so no accept elsewhere lets a packet by),
+    /// which drops forwarded IPv4 packets to [`IMDS_V4`] whose source is not in the set and every forwarded
+    /// packet to [`IMDS_V6`] (pods have no IPv6 address, so no pod can be let through to it).
+    pub fn with_imds_guard(mut self) -> Ruleset {
+        self.sets.push(AddrSet {
+            name: names::NFT_SET_IMDS_ALLOWED.into(),
+        });
+        self.chains.push(Chain {
+            name: names::NFT_CHAIN_IMDS_GUARD.into(),
+            kind: ChainType::Filter,
+            hook: Hook::Forward,
+            priority: names::NFT_PRIORITY_IMDS_GUARD,
+            rules: vec![
+                Rule {
+                    id: "imds-v4-drop".into(),
+                    saddr: vec![AddrMatch::NotInSet(names::NFT_SET_IMDS_ALLOWED.into())],
+                    daddr: vec![AddrMatch::In(vec![Ipv4Net::from(IMDS_V4)])],
+                    verdict: Verdict::Drop,
+                },
+                Rule {
+                    id: "imds-v6-drop".into(),
+                    saddr: vec![],
+                    daddr: vec![AddrMatch::In6(vec![Ipv6Net::from(IMDS_V6)])],
+                    verdict: Verdict::Drop,
+                },
+            ],
+        });
+        self
+    }
+
+    /// [`Ruleset::render`], followed in the same batch by the elements of its sets (those `elements` names for a
+    /// set the ruleset declares): the replace recreates the sets empty, so a batch without them would drop every
+    /// element for good.
+    pub fn render_with_elements(&self, elements: &SetElements) -> String {
+        let mut s = self.render();
+        for set in &self.sets {
+            if let Some(addrs) = elements.get(&set.name).filter(|a| !a.is_empty()) {
+                s.push_str(&render_elements("add", &set.name, addrs));
+            }
+        }
+        s
     }
 
     /// Every `(chain, rule comment)` pair, what the agent compares with what it reads back.
@@ -159,6 +244,9 @@ impl Ruleset {
     /// The table's body (chains and rules); rule comments only when `fingerprint` is given.
     fn render_body(&self, fingerprint: Option<&str>) -> String {
         let mut s = String::new();
+        for set in &self.sets {
+            let _ = writeln!(s, "\tset {} {{\n\t\ttype ipv4_addr\n\t}}", set.name);
+        }
         for c in &self.chains {
             let kind = match c.kind {
                 ChainType::Filter => "filter",
@@ -190,6 +278,7 @@ impl Ruleset {
                     Verdict::Snat(ip) => {
                         let _ = write!(line, "snat ip to {ip}");
                     }
+                    Verdict::Drop => line.push_str("drop"),
                 }
                 match fingerprint {
                     Some(fp) => {
@@ -237,17 +326,57 @@ fn rule_comment(id: &str, fingerprint: &str) -> String {
 }
 
 fn render_match(field: &str, m: &AddrMatch) -> String {
-    let (neg, nets) = match m {
-        AddrMatch::In(n) => ("", n),
-        AddrMatch::NotIn(n) => ("!= ", n),
-    };
-    let set = if nets.len() == 1 {
-        nets[0].to_string()
-    } else {
-        let items: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
-        format!("{{ {} }}", items.join(", "))
-    };
-    format!("ip {field} {neg}{set} ")
+    fn list<T: ToString>(nets: &[T]) -> String {
+        if nets.len() == 1 {
+            nets[0].to_string()
+        } else {
+            let items: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+            format!("{{ {} }}", items.join(", "))
+        }
+    }
+    match m {
+        AddrMatch::In(n) => format!("ip {field} {} ", list(n)),
+        AddrMatch::NotIn(n) => format!("ip {field} != {} ", list(n)),
+        AddrMatch::In6(n) => format!("ip6 {field} {} ", list(n)),
+        AddrMatch::InSet(name) => format!("ip {field} @{name} "),
+        AddrMatch::NotInSet(name) => format!("ip {field} != @{name} "),
+    }
+}
+
+/// `<verb> element inet underlay <set> { a, b }` (one line; `verb` is `add` or `delete`).
+fn render_elements(verb: &str, set: &str, addrs: &BTreeSet<Ipv4Addr>) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    format!(
+        "{verb} element {} {} {set} {{ {} }}\n",
+        names::NFT_FAMILY,
+        names::NFT_TABLE,
+        items.join(", ")
+    )
+}
+
+/// The batch that brings the elements of `want`'s sets from `observed` to `wanted` (a set missing from either
+/// map is empty there), adding before deleting; `None` when nothing differs. Sets `want` does not declare are
+/// left alone. Apply it after the table exists (after a replace, or on a table that matches `want`).
+pub fn plan_set_elements(
+    want: &Ruleset,
+    observed: &SetElements,
+    wanted: &SetElements,
+) -> Option<String> {
+    let empty = BTreeSet::new();
+    let mut batch = String::new();
+    for set in &want.sets {
+        let have = observed.get(&set.name).unwrap_or(&empty);
+        let need = wanted.get(&set.name).unwrap_or(&empty);
+        let add: BTreeSet<Ipv4Addr> = need.difference(have).copied().collect();
+        let del: BTreeSet<Ipv4Addr> = have.difference(need).copied().collect();
+        if !add.is_empty() {
+            batch.push_str(&render_elements("add", &set.name, &add));
+        }
+        if !del.is_empty() {
+            batch.push_str(&render_elements("delete", &set.name, &del));
+        }
+    }
+    (!batch.is_empty()).then_some(batch)
 }
 
 /// What the agent read back from `nft -j list table inet underlay`.
@@ -255,11 +384,77 @@ fn render_match(field: &str, m: &AddrMatch) -> String {
 pub struct ObservedNft {
     /// `(chain, rule comment)` of every rule in the table (rules without a comment appear with `""`).
     pub rules: BTreeSet<(String, String)>,
+    /// The IPv4 elements of the table's named sets (a declared set without elements may be absent).
+    #[serde(default)]
+    pub elements: SetElements,
 }
 
 impl ObservedNft {
     /// True when the table holds exactly the rules `want` renders.
     pub fn matches(&self, want: &Ruleset) -> bool {
         self.rules == want.rule_ids()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard_only() -> Ruleset {
+        Ruleset {
+            sets: vec![],
+            chains: vec![],
+        }
+        .with_imds_guard()
+    }
+
+    fn addrs(v: &[&str]) -> BTreeSet<Ipv4Addr> {
+        v.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn imds_guard_drops_both_addresses_before_every_filter_chain() {
+        let text = guard_only().render();
+        assert!(
+            text.contains("\tset imds_allowed {\n\t\ttype ipv4_addr\n\t}\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("type filter hook forward priority -10; policy accept;"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip saddr != @imds_allowed ip daddr 169.254.169.254/32 counter drop"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip6 daddr fd00:ec2::254/128 counter drop"),
+            "{text}"
+        );
+        const _: () = assert!(names::NFT_PRIORITY_IMDS_GUARD < names::NFT_PRIORITY_FILTER);
+    }
+
+    #[test]
+    fn elements_ride_with_the_replace_and_are_diffed_otherwise() {
+        let rs = guard_only();
+        let set = names::NFT_SET_IMDS_ALLOWED.to_string();
+        let want: SetElements = [(set.clone(), addrs(&["100.64.0.2", "100.64.0.3"]))].into();
+        let text = rs.render_with_elements(&want);
+        assert!(
+            text.ends_with("add element inet underlay imds_allowed { 100.64.0.2, 100.64.0.3 }\n"),
+            "{text}"
+        );
+        // Elements are not part of the fingerprint: an opt-in does not rewrite the table.
+        assert_eq!(rs.render(), rs.render_with_elements(&SetElements::new()));
+        let have: SetElements = [(set.clone(), addrs(&["100.64.0.3", "100.64.0.9"]))].into();
+        assert_eq!(
+            plan_set_elements(&rs, &have, &want).unwrap(),
+            "add element inet underlay imds_allowed { 100.64.0.2 }\n\
+             delete element inet underlay imds_allowed { 100.64.0.9 }\n"
+        );
+        assert_eq!(plan_set_elements(&rs, &want, &want), None);
+        // A set the ruleset does not declare is not touched.
+        let other: SetElements = [("other".to_string(), addrs(&["10.0.0.1"]))].into();
+        assert_eq!(plan_set_elements(&rs, &other, &SetElements::new()), None);
     }
 }

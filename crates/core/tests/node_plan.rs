@@ -59,6 +59,7 @@ fn converged(spec: &RoutedNodeSpec) -> NodeObserved {
         }],
         nft: Some(ObservedNft {
             rules: ruleset.rule_ids(),
+            ..Default::default()
         }),
     }
 }

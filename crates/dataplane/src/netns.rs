@@ -55,7 +55,22 @@ impl Netns {
         self.file.as_raw_fd()
     }
 
-    /// Runs `f` on a new OS thread that has entered this namespace; the thread ends with `f`.
+    /// True when the calling thread is already in this namespace (same nsfs device and inode). Entering a
+    /// namespace needs CAP_SYS_ADMIN even when it is one's own; a caller already inside needs no switch, so the
+    /// node agent (hostNetwork, converging the namespace it runs in) works without that capability.
+    pub fn is_current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (
+            self.file.metadata(),
+            std::fs::metadata("/proc/thread-self/ns/net"),
+        ) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
+    /// Runs `f` on a new OS thread that has entered this namespace; the thread ends with `f`. When the calling
+    /// thread is already in it ([`Netns::is_current`]) the new thread inherits it and no `setns` happens.
     pub fn run<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce() -> Result<T> + Send,
@@ -63,14 +78,17 @@ impl Netns {
     {
         let fd: BorrowedFd<'_> = self.file.as_fd();
         let path = &self.path;
+        let enter = !self.is_current();
         std::thread::scope(|s| {
             std::thread::Builder::new()
                 .name("netns".into())
                 .stack_size(64 * 1024)
                 .spawn_scoped(s, move || {
-                    setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                        Error::kernel(format!("setns {}", path.display()), io::Error::from(e))
-                    })?;
+                    if enter {
+                        setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                            Error::kernel(format!("setns {}", path.display()), io::Error::from(e))
+                        })?;
+                    }
                     f()
                 })
                 .map_err(|e| Error::kernel("spawn netns thread", e))?
@@ -94,6 +112,9 @@ impl Netns {
     /// a pooled thread. If the return fails the thread is left in this namespace and the error says so; the
     /// caller must then stop (sockets opened before stay bound to their own namespaces).
     pub fn netlink_in_place(&self) -> Result<Netlink> {
+        if self.is_current() {
+            return Netlink::open_here();
+        }
         let home = Netns::current()?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
             Error::kernel(format!("setns {}", self.path.display()), io::Error::from(e))

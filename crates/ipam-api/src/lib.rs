@@ -76,6 +76,9 @@ pub mod wire {
 
     /// Largest frame either side accepts (a `List` of 100,000 allocations fits comfortably).
     pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024;
+    /// Largest request the agent accepts: a `Gc` naming 10,000 attachments fits; a larger announced length closes
+    /// the connection before any of it is read.
+    pub const MAX_REQUEST_LEN: u32 = 1024 * 1024;
     /// Length of the big-endian length prefix.
     pub const HEADER_LEN: usize = 4;
 
@@ -91,11 +94,16 @@ pub mod wire {
 
     /// Parses a frame header; `Err` when the announced length is over [`MAX_FRAME_LEN`].
     pub fn body_len(header: [u8; HEADER_LEN]) -> io::Result<usize> {
+        body_len_at_most(header, MAX_FRAME_LEN)
+    }
+
+    /// Parses a frame header; `Err` when the announced length is over `max`.
+    pub fn body_len_at_most(header: [u8; HEADER_LEN], max: u32) -> io::Result<usize> {
         let len = u32::from_be_bytes(header);
-        if len > MAX_FRAME_LEN {
+        if len > max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("frame of {len} bytes exceeds the {MAX_FRAME_LEN}-byte limit"),
+                format!("frame of {len} bytes exceeds the {max}-byte limit"),
             ));
         }
         Ok(len as usize)

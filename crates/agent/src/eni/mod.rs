@@ -70,12 +70,23 @@ pub struct EniReport {
 #[derive(Debug)]
 pub struct EniAgent {
     ns: Netns,
+    /// Pod addresses let through to IMDS (the table's `imds_allowed` set).
+    imds: crate::imds::ImdsAllowed,
 }
 
 impl EniAgent {
     /// Converges the namespace `ns` (the host's own, `Netns::current()`, in a cluster; a lab node's in the lab).
     pub fn new(ns: Netns) -> Self {
-        EniAgent { ns }
+        EniAgent {
+            ns,
+            imds: Default::default(),
+        }
+    }
+
+    /// The pod addresses this agent lets through to IMDS: a handle whoever learns the opt-ins fills
+    /// ([`crate::imds`]); the converge writes them into the table.
+    pub fn imds_allowed(&self) -> &crate::imds::ImdsAllowed {
+        &self.imds
     }
 
     pub fn netns(&self) -> &Netns {
@@ -88,6 +99,15 @@ impl EniAgent {
         let observed = self.observe()?;
         let plan = plan_eni(spec, &observed);
         self.apply(&plan.ops)?;
+        // A replaced table got the set's elements in its batch; a kept one gets only what changed.
+        if !plan.ops.iter().any(|o| matches!(o, EniOp::ReplaceNft(_))) {
+            crate::imds::sync_elements(
+                self.ns.path(),
+                &underlay_core::eni::ruleset(spec),
+                observed.nft.as_ref(),
+                &self.imds,
+            )?;
+        }
         Ok(EniReport {
             devices: plan.devices,
             missing: plan.missing,
@@ -204,7 +224,10 @@ impl EniAgent {
                     };
                     nl.route_del(&route).ignore_missing()?;
                 }
-                EniOp::ReplaceNft(ruleset) => nft::apply_batch(self.ns.path(), &ruleset.render())?,
+                EniOp::ReplaceNft(ruleset) => nft::apply_batch(
+                    self.ns.path(),
+                    &ruleset.render_with_elements(&self.imds.elements()),
+                )?,
             }
         }
         Ok(())

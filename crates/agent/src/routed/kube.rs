@@ -76,6 +76,9 @@ pub struct KubeAgentOptions {
     pub status_interval: Duration,
     /// Served on the health endpoint's `/metrics`.
     pub metrics: crate::metrics::AgentMetrics,
+    /// Watch this node's pods labelled `underlay.dev/imds-access=allow` and let their addresses reach IMDS
+    /// ([`crate::imds`]). Off: no pod reaches IMDS.
+    pub imds_opt_ins: bool,
 }
 
 impl KubeAgentOptions {
@@ -91,6 +94,7 @@ impl KubeAgentOptions {
             converge_interval: DEFAULT_CONVERGE_INTERVAL,
             status_interval: DEFAULT_STATUS_INTERVAL,
             metrics: crate::metrics::AgentMetrics::new(),
+            imds_opt_ins: true,
         }
     }
 }
@@ -400,6 +404,24 @@ pub async fn run_routed_on_kube(
         &opts.node_name,
     )?;
 
+    let node_agent = Arc::new(RoutedAgent::new(ns));
+    let imds_on = opts.imds_opt_ins;
+    let imds = tokio::spawn({
+        let ipam_shared = shared.clone();
+        let follow = crate::imds::follow_opt_ins(
+            client.clone(),
+            opts.node_name.clone(),
+            move || ipam_shared.ipam.get().cloned(),
+            node_agent.imds_allowed().clone(),
+            node_agent.netns().path().to_owned(),
+            Duration::from_secs(1),
+        );
+        async move {
+            if imds_on {
+                follow.await;
+            }
+        }
+    });
     let api: Api<UnderlayNode> = Api::all(client);
     let cache = RecordCache::beside(&config.checkpoint);
     let cached = cache.load(&opts.node_name);
@@ -413,10 +435,11 @@ pub async fn run_routed_on_kube(
     }
     let (tx, rx) = watch::channel::<Record>(cached.map(Arc::new));
     let mut tasks = vec![
+        imds,
         tokio::spawn(health.serve()),
         tokio::spawn(watch_record(api.clone(), opts.node_name.clone(), tx, cache)),
         tokio::spawn(converge_loop(
-            Arc::new(RoutedAgent::new(ns)),
+            node_agent,
             rx.clone(),
             opts.clone(),
             shared.clone(),

@@ -21,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 use serde::Serialize;
 use underlay_core::names;
+use underlay_core::nft::Ruleset;
 use underlay_core::node::{
     NodeObserved, NodeOp, NodeSpecError, OwnedRoute, OwnedRule, RoutedNodeSpec, plan_node,
     wanted_sysctls,
@@ -54,12 +55,23 @@ pub struct ConvergeReport {
 #[derive(Debug)]
 pub struct RoutedAgent {
     ns: Netns,
+    /// Pod addresses let through to IMDS (the table's `imds_allowed` set).
+    imds: crate::imds::ImdsAllowed,
 }
 
 impl RoutedAgent {
     /// Converges the namespace `ns` (the host's own, `Netns::current()`, in a cluster; a lab node's in the lab).
     pub fn new(ns: Netns) -> Self {
-        RoutedAgent { ns }
+        RoutedAgent {
+            ns,
+            imds: Default::default(),
+        }
+    }
+
+    /// The pod addresses this agent lets through to IMDS: a handle whoever learns the opt-ins fills
+    /// ([`crate::imds`]); the converge writes them into the table.
+    pub fn imds_allowed(&self) -> &crate::imds::ImdsAllowed {
+        &self.imds
     }
 
     pub fn netns(&self) -> &Netns {
@@ -72,6 +84,15 @@ impl RoutedAgent {
         let observed = self.observe(spec)?;
         let ops = plan_node(spec, &observed);
         self.apply(&ops)?;
+        // A replaced table got the set's elements in its batch; a kept one gets only what changed.
+        if !ops.iter().any(|o| matches!(o, NodeOp::ReplaceNft(_))) {
+            crate::imds::sync_elements(
+                self.ns.path(),
+                &Ruleset::routed(spec),
+                observed.nft.as_ref(),
+                &self.imds,
+            )?;
+        }
         Ok(ConvergeReport {
             uplink: observed.uplink,
             ops,
@@ -168,7 +189,10 @@ impl RoutedAgent {
                 NodeOp::DelRule(r) => {
                     nl.rule_del(&rule(r)).ignore_missing()?;
                 }
-                NodeOp::ReplaceNft(ruleset) => nft::apply_batch(self.ns.path(), &ruleset.render())?,
+                NodeOp::ReplaceNft(ruleset) => nft::apply_batch(
+                    self.ns.path(),
+                    &ruleset.render_with_elements(&self.imds.elements()),
+                )?,
             }
         }
         Ok(())

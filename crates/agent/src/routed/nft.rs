@@ -1,6 +1,8 @@
 //! nftables in a namespace: `nft` run with the namespace entered (`nsenter --net=<path> nft …`), since the
 //! dataplane crate has no nftables client yet. Every call names the namespace explicitly; nothing here ever
-//! runs `nft` in the caller's namespace unless the caller passes that namespace.
+//! runs `nft` in the caller's namespace unless the caller passes that namespace. When the caller already is in
+//! that namespace (the agent on a node: hostNetwork, converging its own namespace) `nft` runs directly: `nsenter`
+//! would `setns`, which needs CAP_SYS_ADMIN even into one's own namespace.
 
 use std::io::Write;
 use std::path::Path;
@@ -14,9 +16,14 @@ use super::RoutedError;
 /// Runs `nft <args>` inside the namespace at `netns`, feeding `stdin` if given; returns stdout.
 pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RoutedError> {
     let what = format!("nft {}", args.join(" "));
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("nft")
+    let mut cmd = if is_current_netns(netns) {
+        Command::new("nft")
+    } else {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns.display())).arg("nft");
+        c
+    };
+    let mut child = cmd
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -53,6 +60,18 @@ pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String
     }
 }
 
+/// True when `netns` is the calling thread's own network namespace (same nsfs device and inode).
+fn is_current_netns(netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata(netns),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Applies one `nft -f` batch (atomic: all of it or none).
 pub fn apply_batch(netns: &Path, script: &str) -> Result<(), RoutedError> {
     nft_in(netns, &["-f", "-"], Some(script)).map(|_| ())
@@ -85,6 +104,22 @@ pub fn observed_from_json(v: &serde_json::Value) -> ObservedNft {
         return out;
     };
     for item in items {
+        if let Some(set) = item.get("set") {
+            let field = |k: &str| set.get(k).and_then(|x| x.as_str()).unwrap_or("");
+            if field("family") == names::NFT_FAMILY && field("table") == names::NFT_TABLE {
+                let elems = set
+                    .get("elem")
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.as_str()?.parse::<std::net::Ipv4Addr>().ok());
+                out.elements
+                    .entry(field("name").to_string())
+                    .or_default()
+                    .extend(elems);
+            }
+            continue;
+        }
         let Some(rule) = item.get("rule") else {
             continue;
         };
@@ -106,6 +141,7 @@ pub fn observe(netns: &Path) -> Result<Option<ObservedNft>, RoutedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn reads_rule_comments_of_our_table_only() {
@@ -117,11 +153,21 @@ mod tests {
                         "comment": "pod-dst-accept@00", "expr": []}},
               {"rule": {"family": "inet", "table": "underlay", "chain": "forward", "handle": 6, "expr": []}},
               {"rule": {"family": "inet", "table": "other", "chain": "forward", "handle": 7,
-                        "comment": "x", "expr": []}}]}"#,
+                        "comment": "x", "expr": []}},
+              {"set": {"family": "inet", "name": "imds_allowed", "table": "underlay", "type": "ipv4_addr",
+                       "handle": 8, "elem": ["100.64.0.5", "100.64.0.7"]}},
+              {"set": {"family": "inet", "name": "empty", "table": "underlay", "type": "ipv4_addr", "handle": 9}},
+              {"set": {"family": "inet", "name": "imds_allowed", "table": "other", "type": "ipv4_addr",
+                       "handle": 10, "elem": ["10.0.0.1"]}}]}"#,
         )
         .unwrap();
         let o = observed_from_json(&v);
-        let want: std::collections::BTreeSet<(String, String)> = [
+        let allowed: BTreeSet<std::net::Ipv4Addr> =
+            ["100.64.0.5".parse().unwrap(), "100.64.0.7".parse().unwrap()].into();
+        assert_eq!(o.elements.get("imds_allowed"), Some(&allowed));
+        assert_eq!(o.elements.get("empty"), Some(&BTreeSet::new()));
+        assert_eq!(o.elements.len(), 2);
+        let want: BTreeSet<(String, String)> = [
             ("forward".to_string(), "pod-dst-accept@00".to_string()),
             ("forward".to_string(), String::new()),
         ]

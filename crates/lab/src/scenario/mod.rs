@@ -553,6 +553,8 @@ impl Lab {
                         converge_interval,
                         status_interval,
                         metrics: underlay_agent::AgentMetrics::new(),
+                        // The API stand-in serves no Pods yet: no pod of the lab opts in to IMDS.
+                        imds_opt_ins: false,
                     };
                     underlay_agent::routed::kube::run_routed_on_kube(
                         config,
@@ -569,6 +571,7 @@ impl Lab {
                         vec![VPC_CIDR],
                     );
                     opts.mtu = LAB_MTU;
+                    opts.imds_opt_ins = false;
                     opts.netns = Some(netns);
                     opts.health_addr = health_addr;
                     opts.converge_interval = converge_interval;

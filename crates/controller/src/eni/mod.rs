@@ -43,8 +43,8 @@ use tokio::time::Instant;
 use underlay_api::{Pool, PoolEni, UnderlayNodeStatus};
 use underlay_cloud::{
     AddressRequest, Attachment, AttachmentId, Bucket, BucketOutlook, Cloud, CloudError,
-    CreateEniRequest, EniFilter, EniId, EniStatus, Instance, InstanceFilter, InstanceId,
-    NetworkInterface, Operation, SecurityGroupId, SubnetId, Tags, choose_paths,
+    CreateEniRequest, EniFilter, EniId, EniStatus, Instance, InstanceId, NetworkInterface,
+    Operation, SecurityGroupId, SubnetId, Tags, choose_paths,
 };
 use underlay_core::eni_pool::{
     AddressMode, EniView, PoolInput, PoolLimits, PoolOp, PoolPlan, Releasing, Targets, Used,

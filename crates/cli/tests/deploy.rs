@@ -474,7 +474,7 @@ fn controller_runs_on_the_host_network_unprivileged() {
         "--vpc=vpc-CHANGEME",
         "--pod-cidr=100.64.0.0/10",
         "--block=26",
-        "--route-limit=50",
+        "--route-limit=500",
         "--lease-namespace=kube-system",
         "--health-addr=0.0.0.0:9651",
     ] {

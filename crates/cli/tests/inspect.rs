@@ -91,12 +91,12 @@ async fn inspect_shows_route_tables_owned_routes_and_leaked_enis() -> anyhow::Re
     let human = underlay(&server, v.vpc.as_str(), &[]);
     // Non-local routes: 0.0.0.0/0 and three to the ENI in the main table; one in table b.
     assert!(
-        human.contains(&format!("{} 4/50 routes (2 owned)  [main]", v.main_table)),
+        human.contains(&format!("{} 4/500 routes (2 owned)  [main]", v.main_table)),
         "{human}"
     );
     assert!(
         human.contains(&format!(
-            "{} 1/50 routes (1 owned)  [subnets {}]",
+            "{} 1/500 routes (1 owned)  [subnets {}]",
             table_b, v.subnet_b
         )),
         "{human}"
@@ -139,7 +139,7 @@ async fn inspect_shows_route_tables_owned_routes_and_leaked_enis() -> anyhow::Re
     assert_eq!(tables[0]["id"], v.main_table.as_str());
     assert_eq!(tables[0]["main"], true);
     assert_eq!(tables[0]["routes"], 4);
-    assert_eq!(tables[0]["route_limit"], 50);
+    assert_eq!(tables[0]["route_limit"], 500);
     let owned: Vec<&str> = tables[0]["owned"]
         .as_array()
         .unwrap()

@@ -231,14 +231,24 @@ async fn ec2_calls_are_counted_by_result_with_throttles_and_retries() {
         v(r#"underlay_ec2_request_duration_seconds_count{operation="CreateRoute"}"#),
         Some(creates + 2.0)
     );
-    // Every caller left the queue; each token granted was timed.
+    // Every caller left the queue; each token granted was timed, in the bucket of its own action (EC2 throttles
+    // per action): every CreateRoute including the two throttled tries, and the one DeleteRoute.
+    for bucket in ["CreateRoute", "DeleteRoute"] {
+        assert_eq!(
+            v(&format!(
+                r#"underlay_ec2_queue_depth{{bucket="{bucket}",lane="normal"}}"#
+            )),
+            Some(0.0),
+            "{bucket}"
+        );
+    }
     assert_eq!(
-        v(r#"underlay_ec2_queue_depth{bucket="mutating",lane="normal"}"#),
-        Some(0.0)
+        v(r#"underlay_ec2_queue_wait_seconds_count{bucket="CreateRoute",lane="normal"}"#),
+        Some(creates + 2.0)
     );
     assert_eq!(
-        v(r#"underlay_ec2_queue_wait_seconds_count{bucket="mutating",lane="normal"}"#),
-        Some(creates + 3.0)
+        v(r#"underlay_ec2_queue_wait_seconds_count{bucket="DeleteRoute",lane="normal"}"#),
+        Some(1.0)
     );
 }
 

@@ -84,6 +84,13 @@ pub const MAX_PODS_ANNOTATION: &str = "underlay.dev/max-pods";
 pub const NFT_CHAIN_RAW_PREROUTING: &str = "raw_prerouting";
 pub const NFT_CHAIN_FORWARD: &str = "forward";
 pub const NFT_CHAIN_NAT_POSTROUTING: &str = "nat_postrouting";
+/// Every base-ruleset chain name any release has used: `Ruleset::render` replaces each of them (so a chain a
+/// new release drops does not linger), and nothing else in the table. Add names here; never remove one.
+pub const NFT_BASE_CHAINS: &[&str] = &[
+    NFT_CHAIN_RAW_PREROUTING,
+    NFT_CHAIN_FORWARD,
+    NFT_CHAIN_NAT_POSTROUTING,
+];
 /// Their hook priorities (the kernel's NF_IP_PRI_RAW, NF_IP_PRI_FILTER, NF_IP_PRI_NAT_SRC).
 pub const NFT_PRIORITY_RAW: i32 = -300;
 pub const NFT_PRIORITY_FILTER: i32 = 0;

@@ -36,14 +36,14 @@ pub struct LabelSelector {
 }
 
 /// Why a selector is invalid (the API server would have rejected it).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum SelectorError {
     #[error("operator {0:?} is not In, NotIn, Exists or DoesNotExist")]
     UnknownOperator(String),
     #[error("operator {operator} on key {key:?} needs at least one value")]
-    MissingValues { key: String, operator: &'static str },
+    MissingValues { key: String, operator: String },
     #[error("operator {operator} on key {key:?} takes no values")]
-    UnexpectedValues { key: String, operator: &'static str },
+    UnexpectedValues { key: String, operator: String },
 }
 
 impl LabelSelector {
@@ -70,21 +70,13 @@ impl LabelSelector {
                 Operator::In | Operator::NotIn if r.values.is_empty() => {
                     return Err(SelectorError::MissingValues {
                         key: r.key.clone(),
-                        operator: if r.operator == Operator::In {
-                            "In"
-                        } else {
-                            "NotIn"
-                        },
+                        operator: format!("{:?}", r.operator),
                     });
                 }
                 Operator::Exists | Operator::DoesNotExist if !r.values.is_empty() => {
                     return Err(SelectorError::UnexpectedValues {
                         key: r.key.clone(),
-                        operator: if r.operator == Operator::Exists {
-                            "Exists"
-                        } else {
-                            "DoesNotExist"
-                        },
+                        operator: format!("{:?}", r.operator),
                     });
                 }
                 Operator::Other(o) => return Err(SelectorError::UnknownOperator(o.clone())),

@@ -7,7 +7,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::Event;
-use underlay_agent::policy_api::{NotReady, PeerWatch, PolicyFollower, PolicyIndex, PolicyState};
+use underlay_agent::policy_api::{
+    NotReady, PeerWatch, PolicyFollower, PolicyIndex, PolicyState, forward_synced,
+};
 use underlay_apisim::objects::{namespace, network_policy, pod};
 use underlay_apisim::{ApiSim, Kind};
 use underlay_core::policy::{PortRef, Protocol};
@@ -543,4 +545,40 @@ async fn fan_out_per_pod_change_peers_only_against_all_pods() {
     );
     assert_eq!(all, expected_all);
     assert_eq!(peers, expected_peers);
+}
+
+/// The datapath sees only synced snapshots: never one without the policies, never one without the peers of
+/// a selected local pod.
+#[tokio::test]
+async fn only_synced_snapshots_are_forwarded() {
+    let sim = ApiSim::new();
+    model(&sim);
+    sim.insert(&allow_policy());
+    sim.set_unreachable(true);
+    let follower = PolicyFollower::start(sim.client(), "n1");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let fwd = tokio::spawn(forward_synced(follower.subscribe(), move |c| {
+        let _ = tx.send(c);
+    }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "nothing forwarded before the first lists"
+    );
+    sim.set_unreachable(false);
+    let first = tokio::time::timeout(STEP, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.policies.len(), 1);
+    let names: Vec<String> = first
+        .pods
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    assert!(
+        names.contains(&"x/b".to_string()) && names.contains(&"y/c".to_string()),
+        "{names:?}"
+    );
+    fwd.abort();
 }

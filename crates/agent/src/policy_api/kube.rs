@@ -99,6 +99,26 @@ impl PolicyFollower {
     }
 }
 
+/// Hand every synced state's inputs to `publish` (the datapath's entry point), once per change. A state that
+/// is not synced is held back: the datapath never sees a snapshot missing a policy or the peers a local
+/// pod's policies name, so a pod whose peers are still being listed is not admitted (it is absent from the
+/// last published snapshot, or its peers are) and ADD says "try again later". Ends when the follower stops.
+pub async fn forward_synced(mut states: watch::Receiver<PolicyState>, publish: impl Fn(Cluster)) {
+    let mut last = None;
+    loop {
+        {
+            let s = states.borrow_and_update();
+            if s.synced.is_ok() && last != Some(s.revision) {
+                last = Some(s.revision);
+                publish((*s.cluster).clone());
+            }
+        }
+        if states.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn spawn_watch<K, F>(
     api: Api<K>,
     config: watcher::Config,

@@ -15,4 +15,4 @@ pub mod index;
 pub mod kube;
 
 pub use index::{NotReady, PeerWatch, PolicyIndex};
-pub use kube::{PolicyFollower, PolicyState};
+pub use kube::{PolicyFollower, PolicyState, forward_synced};

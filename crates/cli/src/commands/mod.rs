@@ -11,6 +11,7 @@ pub mod crd;
 pub mod iam_policy;
 pub mod inspect;
 pub mod lab;
+pub mod lab_policy;
 pub mod names;
 pub mod plan;
 

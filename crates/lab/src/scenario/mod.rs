@@ -17,6 +17,7 @@ mod check;
 mod churn;
 mod echo;
 mod failover;
+pub mod policy;
 mod report;
 
 use std::collections::BTreeMap;
@@ -824,11 +825,36 @@ impl Lab {
     }
 
     fn add_pod(&self, n: usize, k: usize) -> anyhow::Result<LabPod> {
-        let node = &self.nodes[n];
         let name = format!("pod-{n}-{k}");
         let netns = format!("{}p{n}x{k}", self.id.netns_prefix());
-        kernel::netns_add(&netns)?;
         let container_id = format!("{:0>12x}{:0>4x}{:0>4x}", self.config.seed, n, k);
+        let ip = self.wire_pod(n, &name, &netns, &container_id, None)?;
+        Ok(LabPod {
+            name,
+            netns,
+            node: n,
+            ip,
+            container_id,
+        })
+    }
+
+    /// Creates the pod namespace `netns` and wires it on node `n` with `underlay-cni` ADD, as kubelet would: with
+    /// `K8S_POD_NAMESPACE`/`K8S_POD_NAME` in `CNI_ARGS` when the pod has a Kubernetes identity. Returns its address.
+    pub(crate) fn wire_pod(
+        &self,
+        n: usize,
+        name: &str,
+        netns: &str,
+        container_id: &str,
+        identity: Option<(&str, &str)>,
+    ) -> anyhow::Result<Ipv4Addr> {
+        let node = &self.nodes[n];
+        kernel::netns_add(netns)?;
+        let args = identity.map(|(ns, pod)| {
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+            )
+        });
         // Eni mode: a full pool is "try again later" (the controller assigns more addresses as poolUsed grows, as
         // kubelet retries a pod's sandbox); bounded.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -838,8 +864,9 @@ impl Lab {
                 &node.netns,
                 &node.dir.join("net.d").join(names::CNI_CONFLIST),
                 "ADD",
-                &container_id,
-                &netns,
+                container_id,
+                netns,
+                args.as_deref(),
             );
             match r {
                 Err(e)
@@ -852,18 +879,11 @@ impl Lab {
                 r => break r.with_context(|| format!("wiring {name} on {}", node.name))?,
             }
         };
-        let ip = reply["ips"][0]["address"]
+        reply["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no address in the CNI result: {reply}"))?;
-        Ok(LabPod {
-            name,
-            netns,
-            node: n,
-            ip,
-            container_id,
-        })
+            .with_context(|| format!("no address in the CNI result: {reply}"))
     }
 
     /// Counts of VPC routes inside the pod CIDR per managed table, and their limit.
@@ -1053,6 +1073,7 @@ fn cni(
     command: &str,
     container_id: &str,
     pod_ns: &str,
+    cni_args: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     use std::io::Write;
     let list: serde_json::Value = serde_json::from_slice(
@@ -1061,7 +1082,11 @@ fn cni(
     let mut conf = list["plugins"][0].clone();
     conf["cniVersion"] = list["cniVersion"].clone();
     conf["name"] = list["name"].clone();
-    let mut child = std::process::Command::new("nsenter")
+    let mut nsenter = std::process::Command::new("nsenter");
+    if let Some(a) = cni_args {
+        nsenter.env("CNI_ARGS", a);
+    }
+    let mut child = nsenter
         .arg(format!("--net=/var/run/netns/{node_ns}"))
         .arg(plugin)
         .env("CNI_COMMAND", command)

@@ -2,8 +2,12 @@
 //! one `nft -f` batch that replaces exactly that table and nothing else.
 //!
 //! ```text
-//!   RoutedNodeSpec ──► Ruleset::routed(spec) ──► render() ──► "table inet underlay / delete table … / table … { … }"
+//!   RoutedNodeSpec ──► Ruleset::routed(spec) ──► render() ──► "table inet underlay / delete chain … / table … { … }"
 //! ```
+//!
+//! The table is shared with the network policy datapath ([`crate::policy`]), whose objects all start with
+//! [`names::NFT_POLICY_PREFIX`]: the base ruleset replaces its own chains one by one (never the whole table),
+//! and its read-back ignores policy chains, so neither can wipe or fight the other.
 //!
 //! Every rule carries the comment `<rule id>@<fingerprint>`, the fingerprint being a digest of the whole
 //! rendered table. The agent reads the `(chain, comment)` pairs back from `nft -j list table` (nft 1.0's JSON
@@ -214,15 +218,29 @@ impl Ruleset {
         format!("{h:016x}")
     }
 
-    /// One `nft -f` batch that atomically replaces `inet underlay` and touches no other table: declaring the
-    /// table first makes the delete succeed when it does not exist yet; the kernel applies the batch as one
-    /// transaction, so no packet ever sees the table half-written or missing.
+    /// One `nft -f` batch that atomically replaces the base chains of `inet underlay` (this ruleset's and every
+    /// base chain name in [`names::NFT_BASE_CHAINS`]) and touches nothing else, neither another table nor the
+    /// policy objects in this one. Declaring each chain first makes its flush and delete succeed when it does
+    /// not exist yet; the kernel applies the batch as one transaction, so no packet ever sees a chain
+    /// half-written or missing.
     pub fn render(&self) -> String {
         let (f, t) = (names::NFT_FAMILY, names::NFT_TABLE);
-        format!(
-            "table {f} {t}\ndelete table {f} {t}\ntable {f} {t} {{\n{}}}\n",
+        let mut replaced: BTreeSet<&str> = names::NFT_BASE_CHAINS.iter().copied().collect();
+        replaced.extend(self.chains.iter().map(|c| c.name.as_str()));
+        let mut s = format!("table {f} {t}\n");
+        for c in replaced {
+            debug_assert!(!c.starts_with(names::NFT_POLICY_PREFIX));
+            let _ = writeln!(
+                s,
+                "add chain {f} {t} {c}\nflush chain {f} {t} {c}\ndelete chain {f} {t} {c}"
+            );
+        }
+        let _ = write!(
+            s,
+            "table {f} {t} {{\n{}}}\n",
             self.render_body(Some(&self.fingerprint()))
-        )
+        );
+        s
     }
 
     /// The batch that removes the table (and only it).
@@ -258,8 +276,15 @@ pub struct ObservedNft {
 }
 
 impl ObservedNft {
-    /// True when the table holds exactly the rules `want` renders.
+    /// True when the table's base chains hold exactly the rules `want` renders (policy chains, named with
+    /// [`names::NFT_POLICY_PREFIX`], are the policy datapath's and not compared).
     pub fn matches(&self, want: &Ruleset) -> bool {
-        self.rules == want.rule_ids()
+        let base: BTreeSet<(String, String)> = self
+            .rules
+            .iter()
+            .filter(|(chain, _)| !chain.starts_with(names::NFT_POLICY_PREFIX))
+            .cloned()
+            .collect();
+        base == want.rule_ids()
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use underlay_lab::scenario::policy::oracle::{Evaluator, NoPolicies};
+use underlay_lab::scenario::policy::oracle::{CoreEvaluator, Evaluator};
 use underlay_lab::scenario::policy::{PolicyLab, PolicyReport, ProbeOptions, cases, check_cases};
 use underlay_lab::scenario::{LabConfig, default_state_dir};
 
@@ -48,7 +48,7 @@ pub struct PolicyArgs {
 
 /// The evaluator the expected tables come from where a case gives none.
 fn evaluator() -> Box<dyn Evaluator> {
-    Box::new(NoPolicies)
+    Box::new(CoreEvaluator)
 }
 
 pub fn exec(args: PolicyArgs) -> anyhow::Result<()> {

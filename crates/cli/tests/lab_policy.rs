@@ -137,7 +137,8 @@ fn every_pair_port_and_protocol_is_reachable_without_policy_in_both_modes() {
         assert_eq!(zones.len(), 3, "pods spread over the zones");
         let case = &m["cases"][0];
         assert_eq!(case["passed"], true);
-        assert_eq!(case["probes"].as_u64(), Some(486));
+        // 486 probes, and a retry for any that a lost first datagram or a resolving neighbour failed.
+        assert!(case["probes"].as_u64().unwrap() >= 486);
         let services = case["services"].as_array().unwrap();
         assert_eq!(services.len(), 6);
         for s in services {
@@ -184,7 +185,8 @@ fn a_table_that_does_not_hold_fails_with_the_tables_side_by_side() {
     );
     assert!(text.contains("evaluator (core)"), "{text}");
     assert!(
-        text.contains("FAIL wrong claim: 486 probes, 486 reachable, 0 blocked, 1 mismatch(es)"),
+        text.contains("FAIL wrong claim: ")
+            && text.contains(" probes, 486 reachable, 0 blocked, 1 mismatch(es)"),
         "{text}"
     );
     assert!(lab_namespaces(&lab).is_empty(), "namespaces left behind");

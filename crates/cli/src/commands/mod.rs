@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_cni;
 pub mod bench_lab;
 pub mod bench_plan;
+pub mod bench_policy;
 pub mod bench_scaleout;
 pub mod controller;
 pub mod crd;

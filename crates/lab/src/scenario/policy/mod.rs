@@ -14,6 +14,7 @@
 //! without pods; the model's pods are then created as a kubelet would: the Pod object first (scheduled, pending),
 //! the sandbox wired by `underlay-cni` ADD with the pod's identity in `CNI_ARGS`, then the Pod's status written.
 
+pub mod bench;
 pub mod cases;
 pub mod model;
 pub mod oracle;

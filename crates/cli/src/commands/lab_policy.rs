@@ -26,9 +26,13 @@ pub struct PolicyArgs {
     /// Address mode of the lab, or both one after the other.
     #[arg(long, value_enum, default_value = "both")]
     pub mode: PolicyMode,
-    /// Cases to run instead of the built-in sequence (YAML; see docs/lab.md, "Testing your policies").
+    /// Cases to run instead of the built-in sequence (YAML; see docs/lab.md, "Testing your policies"). The
+    /// built-in sequence is followed by the first-packet and change-under-load cases; a cases file is not.
     #[arg(long)]
     pub cases: Option<PathBuf>,
+    /// Run the first-packet and change-under-load cases after a cases file too.
+    #[arg(long)]
+    pub timing: bool,
     /// A probe with no answer within this is blocked (ms).
     #[arg(long, default_value_t = 400)]
     pub timeout_ms: u64,
@@ -129,9 +133,13 @@ fn run_mode(
     // Every namespace of an earlier, killed run goes first.
     underlay_lab::sweep(&args.name)?;
     let mut lab = PolicyLab::up(config, options)?;
-    let report = lab
-        .load_cases(text)
-        .map(|cases| lab.run(&cases, evaluator().as_ref()));
+    let report = lab.load_cases(text).map(|cases| {
+        lab.run(
+            &cases,
+            evaluator().as_ref(),
+            args.cases.is_none() || args.timing,
+        )
+    });
     let down = lab.down();
     let report = report?;
     down?;

@@ -849,7 +849,10 @@ impl Lab {
         identity: Option<(&str, &str)>,
     ) -> anyhow::Result<Ipv4Addr> {
         let node = &self.nodes[n];
-        kernel::netns_add(netns)?;
+        // A caller may have made the namespace already (to have a process in it before the sandbox is wired).
+        if !std::path::Path::new("/var/run/netns").join(netns).exists() {
+            kernel::netns_add(netns)?;
+        }
         let args = identity.map(|(ns, pod)| {
             format!(
                 "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"

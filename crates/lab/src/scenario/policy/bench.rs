@@ -474,7 +474,10 @@ mod tests {
     #[test]
     fn dist_takes_nearest_rank_percentiles_and_is_empty_without_samples() {
         let d = Dist::of((1..=100).rev().map(f64::from).collect());
-        assert_eq!((d.n, d.p50, d.p99, d.max), (100, Some(51.0), Some(99.0), Some(100.0)));
+        assert_eq!(
+            (d.n, d.p50, d.p99, d.max),
+            (100, Some(51.0), Some(99.0), Some(100.0))
+        );
         let e = Dist::of(vec![]);
         assert_eq!((e.n, e.p50, e.p99), (0, None, None));
     }

@@ -21,6 +21,7 @@ pub mod oracle;
 pub mod probe;
 pub mod sctp;
 pub mod table;
+pub mod timing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -381,8 +382,9 @@ impl PolicyLab {
         (tables, probes, retried)
     }
 
-    /// Runs `cases` in order; the report of the whole run.
-    pub fn run(&mut self, cases: &[Case], evaluator: &dyn Evaluator) -> PolicyReport {
+    /// Runs `cases` in order, then (with `timing`) the first-packet and change-under-load cases; the report of
+    /// the whole run.
+    pub fn run(&mut self, cases: &[Case], evaluator: &dyn Evaluator, timing: bool) -> PolicyReport {
         let started = Instant::now();
         let mut reports = Vec::new();
         for c in cases {
@@ -401,7 +403,60 @@ impl PolicyLab {
             }
             reports.push(r);
         }
-        PolicyReport::new(self, reports, started.elapsed())
+        let mut timing_failures = Vec::new();
+        let (first_packet, under_load) = if timing {
+            let fp = self.first_packet();
+            let ul = self.under_load();
+            match &fp {
+                Ok(r) => progress(format!(
+                    "first packet: control {} of {} datagrams at the peer; denied {} of {} (first sent {:?} ms from ADD's return)",
+                    r.control.received_at_peer,
+                    r.control.sent,
+                    r.denied.received_at_peer,
+                    r.denied.sent,
+                    r.denied.first_sent_ms
+                )),
+                Err(e) => timing_failures.push(format!("first packet: {e:#}")),
+            }
+            match &ul {
+                Ok(r) => progress(format!(
+                    "under load: allowed flow lost {} of {} after the change (longest gap {:.1} ms); denied flow last reply {:?} ms after it",
+                    r.allowed_lost_after,
+                    r.allowed_sent_after,
+                    r.allowed_longest_gap_ms,
+                    r.denied_last_reply_ms
+                )),
+                Err(e) => timing_failures.push(format!("change under load: {e:#}")),
+            }
+            (fp.ok(), ul.ok())
+        } else {
+            (None, None)
+        };
+        let mut report = PolicyReport::new(self, reports, started.elapsed());
+        if let Some(fp) = &first_packet
+            && !fp.passed
+        {
+            timing_failures.push(format!(
+                "first packet: {} datagram(s) of the denied pod reached its peer (control: {})",
+                fp.denied.received_at_peer, fp.control.received_at_peer
+            ));
+        }
+        if let Some(ul) = &under_load
+            && !ul.passed
+        {
+            timing_failures.push(format!(
+                "change under load: {} denied replies after {} ms, allowed flow lost {} of {}",
+                ul.denied_replies_after_bound,
+                ul.bound_ms,
+                ul.allowed_lost_after,
+                ul.allowed_sent_after
+            ));
+        }
+        report.passed = report.passed && timing_failures.is_empty();
+        report.failures.extend(timing_failures);
+        report.first_packet = first_packet;
+        report.under_load = under_load;
+        report
     }
 
     pub fn down(self) -> anyhow::Result<()> {
@@ -587,6 +642,8 @@ pub struct PolicyReport {
     pub pods: Vec<PodReport>,
     pub probe_timeout_ms: f64,
     pub cases: Vec<CaseReport>,
+    pub first_packet: Option<timing::FirstPacketReport>,
+    pub under_load: Option<timing::UnderLoadReport>,
     pub passed: bool,
     pub failures: Vec<String>,
     pub duration_s: f64,
@@ -622,6 +679,8 @@ impl PolicyReport {
             passed: !cases.is_empty() && failures.is_empty(),
             failures,
             cases,
+            first_packet: None,
+            under_load: None,
             duration_s: took.as_secs_f64(),
         }
     }
@@ -645,6 +704,27 @@ impl PolicyReport {
                 s.push_str(line);
                 s.push('\n');
             }
+        }
+        if let Some(fp) = &self.first_packet {
+            s.push_str(&format!(
+                "{} first packet: control pod {} of {} datagrams at the peer; denied pod {} of {} (must be 0)\n",
+                if fp.passed { "ok  " } else { "FAIL" },
+                fp.control.received_at_peer,
+                fp.control.sent,
+                fp.denied.received_at_peer,
+                fp.denied.sent
+            ));
+        }
+        if let Some(ul) = &self.under_load {
+            s.push_str(&format!(
+                "{} change under load: allowed flow lost {} of {} (longest gap {:.1} ms); denied flow's last reply {} after the change (bound {} ms)\n",
+                if ul.passed { "ok  " } else { "FAIL" },
+                ul.allowed_lost_after,
+                ul.allowed_sent_after,
+                ul.allowed_longest_gap_ms,
+                ul.denied_last_reply_ms.map_or("none".to_string(), |m| format!("{m:.0} ms")),
+                ul.bound_ms
+            ));
         }
         s.push_str(&format!(
             "{}: {} of {} cases passed in {:.1} s\n",

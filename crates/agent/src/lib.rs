@@ -24,6 +24,7 @@ pub mod config;
 pub mod eni;
 pub mod health_http;
 pub mod metrics;
+pub mod policy;
 pub mod policy_api;
 pub mod reaper;
 pub mod routed;

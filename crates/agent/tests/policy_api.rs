@@ -414,3 +414,133 @@ async fn a_pod_change_reaches_only_the_watches_that_select_it() {
         }
     }
 }
+
+/// The fan-out measured (docs/policy.md, "Fan-out"): 10 nodes, 5 namespaces of 20 pods (label `app: app-{j%4}`,
+/// pod j of namespace i on node (i+j)%10), one policy per namespace selecting `app-0` and allowing from
+/// `app-1`. The same 40 pod changes (every pod of ns0 and ns1 relabelled) are made once with 10 policy
+/// followers and once with 10 watchers of all Pods (the all-Pods design); the watch events the stand-in
+/// delivers are counted and must equal the arithmetic: all-Pods 40 × 10; followers 1 per change (the pod's
+/// own node) plus, for an `app-1` pod, one per node holding an `app-0` pod of its namespace.
+#[tokio::test]
+async fn fan_out_per_pod_change_peers_only_against_all_pods() {
+    use futures::StreamExt;
+    use kube::api::Api;
+    use kube::runtime::watcher;
+
+    const NODES: usize = 10;
+    fn build(sim: &ApiSim) {
+        for i in 0..5 {
+            let ns = format!("ns{i}");
+            sim.insert(&namespace(&ns, &[]));
+            sim.insert(&np(&format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: {ns}}}\n\
+                 spec:\n  podSelector: {{matchLabels: {{app: app-0}}}}\n  ingress:\n    - from: [{{podSelector: {{matchLabels: {{app: app-1}}}}}}]\n"
+            )));
+            for j in 0..20 {
+                let app = format!("app-{}", j % 4);
+                let ip = format!("100.64.{i}.{}", j + 1);
+                let node = format!("n{}", (i + j) % NODES);
+                sim.insert(&pod(
+                    &ns,
+                    &format!("p{j}"),
+                    &node,
+                    Some(&ip),
+                    &[("app", &app)],
+                    &[],
+                ));
+            }
+        }
+    }
+    fn change(sim: &ApiSim) {
+        for i in 0..2 {
+            for j in 0..20 {
+                sim.label::<Pod>(
+                    Some(&format!("ns{i}")),
+                    &format!("p{j}"),
+                    &[("rev", Some("2"))],
+                );
+            }
+        }
+    }
+    // The arithmetic: nodes holding app-0 pods of namespace i.
+    let app0_nodes = |i: usize| {
+        (0..20)
+            .filter(|j| j % 4 == 0)
+            .map(|j| (i + j) % NODES)
+            .collect::<BTreeSet<_>>()
+            .len() as u64
+    };
+    let expected_peers: u64 = (0..2)
+        .flat_map(|i| (0..20).map(move |j| (i, j)))
+        .map(|(i, j)| 1 + if j % 4 == 1 { app0_nodes(i) } else { 0 })
+        .sum();
+    let expected_all = 40 * NODES as u64;
+
+    async fn settle(sim: &ApiSim, target: u64, base: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let got = sim.watch_events_delivered(Kind::Pod) - base;
+            if got >= target || tokio::time::Instant::now() > deadline {
+                // Anything still in flight would show within a few scheduler turns.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return sim.watch_events_delivered(Kind::Pod) - base;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // Peers only.
+    let sim = ApiSim::new();
+    build(&sim);
+    let followers: Vec<PolicyFollower> = (0..NODES)
+        .map(|n| PolicyFollower::start(sim.client(), &format!("n{n}")))
+        .collect();
+    for f in &followers {
+        let mut rx = f.subscribe();
+        until(&mut rx, "synced", |s| {
+            s.synced.is_ok() && s.peer_watches > 0
+        })
+        .await;
+    }
+    let base = sim.watch_events_delivered(Kind::Pod);
+    let rv = sim.resource_version();
+    change(&sim);
+    assert_eq!(
+        sim.events_since(rv, Kind::Pod),
+        40,
+        "one stored event per change"
+    );
+    let peers = settle(&sim, expected_peers, base).await;
+    drop(followers);
+
+    // All Pods to every node.
+    let sim = ApiSim::new();
+    build(&sim);
+    let mut streams = vec![];
+    for _ in 0..NODES {
+        let mut s =
+            watcher::watcher(Api::<Pod>::all(sim.client()), watcher::Config::default()).boxed();
+        loop {
+            if let Ok(Event::InitDone) = s.next().await.expect("watch open") {
+                break;
+            }
+        }
+        streams.push(tokio::spawn(
+            async move { while s.next().await.is_some() {} },
+        ));
+    }
+    let base = sim.watch_events_delivered(Kind::Pod);
+    change(&sim);
+    let all = settle(&sim, expected_all, base).await;
+    for s in streams {
+        s.abort();
+    }
+    println!(
+        "fan-out: 40 pod changes, {NODES} nodes: all-Pods watchers received {all} events ({:.1}/change), \
+         peers-only followers {peers} ({:.2}/change)",
+        all as f64 / 40.0,
+        peers as f64 / 40.0
+    );
+    assert_eq!(all, expected_all);
+    assert_eq!(peers, expected_peers);
+}

@@ -248,6 +248,8 @@ struct State {
     compacted: u64,
     /// Keep at most this many events in `history` (`None`: keep all).
     history_limit: Option<usize>,
+    /// Watch events sent to clients, per kind (synthetic ADDED of a watch's start included).
+    delivered: HashMap<Kind, u64>,
     conflicts: HashMap<Kind, u32>,
     unreachable: bool,
     requests: Vec<RecordedRequest>,
@@ -458,6 +460,11 @@ impl ApiSim {
             .iter()
             .filter(|e| e.kind == kind)
             .count()
+    }
+
+    /// Watch events sent to all watchers of `kind` so far: what the API server fans out.
+    pub fn watch_events_delivered(&self, kind: Kind) -> u64 {
+        self.lock().delivered.get(&kind).copied().unwrap_or(0)
     }
 
     /// Set (`Some`) or remove (`None`) labels of a stored object, as a `kubectl label` would. Returns whether the
@@ -1348,6 +1355,7 @@ impl ApiSim {
                 async move {
                     loop {
                         if let Some(ev) = s.pending.pop() {
+                            *s.sim.lock().delivered.entry(kind).or_default() += 1;
                             let mut line = ev.to_string();
                             line.push('\n');
                             return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), s));

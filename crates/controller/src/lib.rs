@@ -20,6 +20,7 @@ pub mod eni_kube;
 pub mod kube;
 pub mod lanes;
 pub mod metrics;
+pub mod policy_events;
 pub mod probe;
 pub mod routes;
 pub mod selector;

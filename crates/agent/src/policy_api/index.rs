@@ -19,7 +19,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::runtime::watcher::Event;
 use underlay_core::policy::{Cluster, LabelSelector, Namespace, NetworkPolicy, Pod};
 
-use super::convert::{self, ObjectKey};
+use underlay_api::policy::{self as convert, ObjectKey};
 
 /// One peer watch: pods of `namespace` that match `selector` (the API's `labelSelector` text; empty: all pods
 /// of the namespace).

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   API server ──► kube::PolicyFollower (watches) ──► index::PolicyIndex (pure) ──► PolicyState
-//!                                                        │  convert: k8s-openapi → core::policy inputs
+//!                                                        │  underlay_api::policy: k8s-openapi → core inputs
 //!                                                        └─ ready_for(pod): ADD decides or says what is missing
 //! ```
 //!
@@ -11,7 +11,6 @@
 //! policy that selects one of its pods, the peer Pods that policy names: one watch per (namespace, pod
 //! selector), namespaces resolved through the namespace selector over the Namespaces it holds.
 
-pub mod convert;
 pub mod index;
 pub mod kube;
 

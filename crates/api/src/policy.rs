@@ -1,4 +1,5 @@
-//! Kubernetes objects (k8s-openapi) → the plain inputs of [`underlay_core::policy`]. Pure.
+//! Kubernetes objects (k8s-openapi) → the plain inputs of [`underlay_core::policy`]. Pure; shared by the agent's
+//! follower and the controller's policy check.
 //!
 //! Values the API server would reject are passed through as they are (an unknown protocol, an ipBlock that is
 //! not a CIDR, a port out of range, an unknown selector operator): the compiler turns each into a warning and an
@@ -146,10 +147,7 @@ pub fn network_policy(np: &K8sNetworkPolicy) -> NetworkPolicy {
             .filter_map(|t| match t.as_str() {
                 "Ingress" => Some(PolicyType::Ingress),
                 "Egress" => Some(PolicyType::Egress),
-                other => {
-                    tracing::warn!(policy = ?key_of(&np.metadata), policy_type = other, "unknown policyTypes value ignored");
-                    None
-                }
+                _ => None,
             })
             .collect(),
         ingress: spec

@@ -91,7 +91,7 @@ impl CoreEvaluator {
             policies: world
                 .policies
                 .iter()
-                .map(underlay_agent::policy_api::convert::network_policy)
+                .map(underlay_api::policy::network_policy)
                 .collect(),
             nodes: nodes.into_values().collect(),
         }

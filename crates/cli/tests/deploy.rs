@@ -712,3 +712,85 @@ fn an_image_digest_pins_both_workloads() {
         want.as_str()
     );
 }
+
+#[test]
+fn metrics_services_select_each_components_pods_on_its_health_port() {
+    let all = docs(&render(&[]).unwrap());
+    for (component, port) in [
+        ("controller", names::CONTROLLER_HEALTH_PORT),
+        ("agent", names::AGENT_HEALTH_PORT),
+    ] {
+        let svc = find(&all, "Service", &format!("underlay-{component}-metrics"));
+        assert_eq!(
+            svc["spec"]["selector"]["app.kubernetes.io/component"],
+            component
+        );
+        assert_eq!(svc["spec"]["ports"][0]["port"], port);
+        assert_eq!(svc["spec"]["ports"][0]["name"], "metrics");
+    }
+    // The Prometheus Operator objects only when asked for.
+    assert!(
+        !all.iter()
+            .any(|d| d["kind"] == "ServiceMonitor" || d["kind"] == "PrometheusRule")
+    );
+    let off = docs(&render(&["metrics.service.enabled=false"]).unwrap());
+    assert!(!off.iter().any(|d| d["kind"] == "Service"));
+}
+
+#[test]
+fn the_prometheus_rule_holds_exactly_the_documented_alerts() {
+    let all = docs(
+        &render(&[
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+        ])
+        .unwrap(),
+    );
+    let rule = find(&all, "PrometheusRule", "underlay");
+    let md = std::fs::read_to_string(root().join("docs/metrics.md")).unwrap();
+    let alerts = &md[md.find("## Alerts").unwrap()..];
+    let start = alerts.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let block = &alerts[start..start + alerts[start..].find("```").unwrap()];
+    let documented: Value = serde_yaml::from_str(block).unwrap();
+    assert_eq!(rule["spec"]["groups"], documented["groups"]);
+    assert!(
+        rule["spec"]["groups"][0]["rules"]
+            .as_sequence()
+            .unwrap()
+            .len()
+            >= 8,
+        "{rule:?}"
+    );
+    for component in ["controller", "agent"] {
+        let sm = find(&all, "ServiceMonitor", &format!("underlay-{component}"));
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            component
+        );
+    }
+}
+
+#[test]
+fn pod_annotations_and_priority_classes_reach_both_workloads() {
+    let all = docs(
+        &render(&[
+            "controller.podAnnotations.a=x1",
+            "agent.podAnnotations.b=y2",
+            "controller.priorityClassName=pc-c",
+            "agent.priorityClassName=pc-a",
+        ])
+        .unwrap(),
+    );
+    let ds = &find(&all, "DaemonSet", "underlay-agent")["spec"]["template"];
+    let dep = &find(&all, "Deployment", "underlay-controller")["spec"]["template"];
+    assert_eq!(ds["metadata"]["annotations"]["b"], "y2");
+    assert_eq!(dep["metadata"]["annotations"]["a"], "x1");
+    assert_eq!(ds["spec"]["priorityClassName"], "pc-a");
+    assert_eq!(dep["spec"]["priorityClassName"], "pc-c");
+    // Defaults: the critical classes a CNI runs at.
+    let all = docs(&render(&[]).unwrap());
+    let ds = &find(&all, "DaemonSet", "underlay-agent")["spec"]["template"];
+    assert_eq!(ds["spec"]["priorityClassName"], "system-node-critical");
+    assert!(ds["metadata"]["annotations"].is_null());
+}

@@ -667,6 +667,7 @@ fn the_schema_rejects_bad_values_with_its_message_and_requires_the_vpc() {
         ("image.digest=latest", "/image/digest"),
         ("eni.securityGroups={default}", "/eni/securityGroups/0"),
         ("controller.antiAffinity=maybe", "/controller/antiAffinity"),
+        ("logFormat=xml", "/logFormat"),
     ] {
         let err = render(&[set]).unwrap_err();
         assert!(err.contains(at), "{set}: {err}");
@@ -793,4 +794,30 @@ fn pod_annotations_and_priority_classes_reach_both_workloads() {
     let ds = &find(&all, "DaemonSet", "underlay-agent")["spec"]["template"];
     assert_eq!(ds["spec"]["priorityClassName"], "system-node-critical");
     assert!(ds["metadata"]["annotations"].is_null());
+}
+
+#[test]
+fn the_log_format_reaches_both_containers() {
+    let env_of = |all: &[Value], kind: &str, name: &str, container_name: &str| {
+        container(find(all, kind, name), container_name)["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == names::LOG_FORMAT_ENV)
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    let all = docs(&render(&[]).unwrap());
+    assert_eq!(
+        env_of(&all, "DaemonSet", "underlay-agent", "agent").as_deref(),
+        Some("text")
+    );
+    let all = docs(&render(&["logFormat=json"]).unwrap());
+    assert_eq!(
+        env_of(&all, "DaemonSet", "underlay-agent", "agent").as_deref(),
+        Some("json")
+    );
+    assert_eq!(
+        env_of(&all, "Deployment", "underlay-controller", "controller").as_deref(),
+        Some("json")
+    );
 }

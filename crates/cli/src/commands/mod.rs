@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod lab;
 pub mod names;
 pub mod plan;
+pub mod version;
 
 /// Logs to stderr (stdout carries reports and protocols), filtered by `RUST_LOG`, else at `default`; one JSON
 /// object per line when `UNDERLAY_LOG_FORMAT=json` (the chart's `logFormat`), else text.

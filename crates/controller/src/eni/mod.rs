@@ -300,8 +300,9 @@ fn dot_repairs(observed: &[Observed]) -> Vec<(EniId, AttachmentId)> {
         .collect()
 }
 
-/// A subnet EC2 found out of addresses: nobody grows into it until `until`, then one node tries.
-#[derive(Debug, Clone)]
+/// A subnet EC2 found out of addresses (or a zone at its ENI quota): nobody grows into it until `until`, then
+/// one node tries.
+#[derive(Debug, Clone, Default)]
 struct SubnetBackoff {
     /// Refusals in a row, each after the previous wait ended.
     refusals: u32,
@@ -309,6 +310,29 @@ struct SubnetBackoff {
     until: Duration,
     /// The last refusal's AWS error code.
     code: String,
+}
+
+impl SubnetBackoff {
+    /// Counts a refusal at `now`: start waiting `first`, or twice the last wait (at most `max`) when the wait just
+    /// ended. A refusal while already waiting came from the same moment and counts once: `None`.
+    fn refuse(
+        &mut self,
+        code: &str,
+        now: Duration,
+        first: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
+        self.code = code.to_owned();
+        if self.refusals > 0 && now < self.until {
+            return None;
+        }
+        self.refusals += 1;
+        let wait = first
+            .saturating_mul(1u32.checked_shl(self.refusals - 1).unwrap_or(u32::MAX))
+            .min(max);
+        self.until = now + wait;
+        Some(wait)
+    }
 }
 
 /// An ENI as the pass sees it: the planner's view plus what the status needs.
@@ -807,23 +831,10 @@ impl EniReconciler {
             self.settings.subnet_backoff_max,
         );
         let mut memory = self.memory();
-        let b = memory
-            .zone_quota
-            .entry(zone.to_owned())
-            .or_insert_with(|| SubnetBackoff {
-                refusals: 0,
-                until: Duration::ZERO,
-                code: String::new(),
-            });
-        b.code.clone_from(&e.code);
-        if b.refusals > 0 && now < b.until {
+        let b = memory.zone_quota.entry(zone.to_owned()).or_default();
+        let Some(wait) = b.refuse(&e.code, now, first, max) else {
             return;
-        }
-        b.refusals += 1;
-        let wait = first
-            .saturating_mul(1u32.checked_shl(b.refusals - 1).unwrap_or(u32::MAX))
-            .min(max);
-        b.until = now + wait;
+        };
         tracing::warn!(
             zone = %zone,
             code = %e.code,
@@ -846,23 +857,10 @@ impl EniReconciler {
             self.settings.subnet_backoff_max,
         );
         let mut memory = self.memory();
-        let b = memory
-            .subnet_backoff
-            .entry(subnet.clone())
-            .or_insert_with(|| SubnetBackoff {
-                refusals: 0,
-                until: Duration::ZERO,
-                code: String::new(),
-            });
-        b.code.clone_from(&e.code);
-        if b.refusals > 0 && now < b.until {
+        let b = memory.subnet_backoff.entry(subnet.clone()).or_default();
+        let Some(wait) = b.refuse(&e.code, now, first, max) else {
             return;
-        }
-        b.refusals += 1;
-        let wait = first
-            .saturating_mul(1u32.checked_shl(b.refusals - 1).unwrap_or(u32::MAX))
-            .min(max);
-        b.until = now + wait;
+        };
         tracing::info!(
             subnet = %subnet,
             code = %e.code,

@@ -15,6 +15,17 @@ use crate::selector::NodeSelector;
 /// Attempts of one status or Node write answered 409 Conflict (each after re-reading the object).
 pub(crate) const CONFLICT_ATTEMPTS: usize = 4;
 
+/// The Event recorder both modes write with, as the controller's field manager.
+pub(crate) fn recorder(client: ::kube::Client) -> ::kube::runtime::events::Recorder {
+    ::kube::runtime::events::Recorder::new(
+        client,
+        ::kube::runtime::events::Reporter {
+            controller: names::FIELD_MANAGER_CONTROLLER.to_string(),
+            instance: None,
+        },
+    )
+}
+
 pub(crate) fn is_conflict(e: &::kube::Error) -> bool {
     matches!(e, ::kube::Error::Api(s) if s.is_conflict())
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use ::kube::runtime::WatchStreamExt;
-use ::kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use ::kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use ::kube::runtime::watcher::{self, Event as WatchEvent, watcher as watch_stream};
 use ::kube::{Client, Resource, ResourceExt};
 use futures::StreamExt;
@@ -224,13 +224,7 @@ impl EniLeader {
         timing: Timing,
         passes: Option<watch::Sender<u64>>,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: names::FIELD_MANAGER_CONTROLLER.to_string(),
-                instance: None,
-            },
-        );
+        let recorder = crate::objects::recorder(client.clone());
         Self {
             nodes_api: Api::all(client.clone()),
             uns_api: Api::all(client),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, Patch, PatchParams};
-use ::kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use ::kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use ::kube::runtime::watcher::{self, Event as WatchEvent};
 use ::kube::runtime::{WatchStreamExt, watcher::watcher as watch_stream};
 use ::kube::{Client, Resource, ResourceExt};
@@ -138,13 +138,7 @@ impl Leader {
         retry_every: Duration,
         events: Option<broadcast::Sender<ControllerEvent>>,
     ) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: names::FIELD_MANAGER_CONTROLLER.to_string(),
-                instance: None,
-            },
-        );
+        let recorder = crate::objects::recorder(client.clone());
         Self {
             nodes_api: Api::all(client.clone()),
             uns_api: Api::all(client),

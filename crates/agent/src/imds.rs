@@ -98,6 +98,31 @@ pub fn sync_now(netns: &Path, allowed: &ImdsAllowed) -> Result<bool, RoutedError
     sync_elements(netns, &guard_only, declared, allowed)
 }
 
+/// Both modes' start-up of [`follow_opt_ins`]: a task that follows the opt-ins once a second when `on`, and ends
+/// at once otherwise (the table then keeps every pod away from IMDS).
+pub(crate) fn spawn_opt_ins(
+    on: bool,
+    client: kube::Client,
+    node: String,
+    service: impl Fn() -> Option<Arc<crate::IpamService>> + Send + 'static,
+    allowed: ImdsAllowed,
+    netns: std::path::PathBuf,
+) -> tokio::task::JoinHandle<()> {
+    let follow = follow_opt_ins(
+        client,
+        node,
+        service,
+        allowed,
+        netns,
+        std::time::Duration::from_secs(1),
+    );
+    tokio::spawn(async move {
+        if on {
+            follow.await;
+        }
+    })
+}
+
 /// On Kubernetes: follows the pods of `node` that carry the opt-in label (one watch, field selector
 /// `spec.nodeName`, label selector `underlay.dev/imds-access=allow`: the API server sends nothing about other
 /// pods), and every `every` brings `allowed` to the addresses the IPAM service allocated to them, writing a change

@@ -213,23 +213,15 @@ pub async fn run_eni_on_kube(
     )?;
 
     let node_agent = Arc::new(EniAgent::new(ns));
-    let imds_on = opts.imds_opt_ins;
-    let imds = tokio::spawn({
-        let ipam_shared = shared.clone();
-        let follow = crate::imds::follow_opt_ins(
-            client.clone(),
-            opts.node_name.clone(),
-            move || ipam_shared.ipam.get().cloned(),
-            node_agent.imds_allowed().clone(),
-            node_agent.netns().path().to_owned(),
-            Duration::from_secs(1),
-        );
-        async move {
-            if imds_on {
-                follow.await;
-            }
-        }
-    });
+    let ipam_shared = shared.clone();
+    let imds = crate::imds::spawn_opt_ins(
+        opts.imds_opt_ins,
+        client.clone(),
+        opts.node_name.clone(),
+        move || ipam_shared.ipam.get().cloned(),
+        node_agent.imds_allowed().clone(),
+        node_agent.netns().path().to_owned(),
+    );
     let api: Api<UnderlayNode> = Api::all(client);
     let cache = RecordCache::beside(&config.checkpoint);
     let cached = cache.load(&opts.node_name);

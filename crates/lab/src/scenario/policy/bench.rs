@@ -78,6 +78,9 @@ pub struct Side {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub mode: String,
+    /// `debug` or `release`: the profile of the binary that ran the bench (in debug builds the policy compiler,
+    /// `underlay-core`, is still optimised; see Cargo.toml).
+    pub build: &'static str,
     pub api_pods: usize,
     pub model_pods: usize,
     pub without: Side,
@@ -191,6 +194,11 @@ impl PolicyLab {
             rtt_met: rtt_ratio.filter(|_| in_kernel).map(|r| r <= 1.05),
         };
         Ok(BenchReport {
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
             mode: match self.lab.config.mode {
                 underlay_api::Mode::Routed => "routed".into(),
                 underlay_api::Mode::Eni => "eni".into(),

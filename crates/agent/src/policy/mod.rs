@@ -275,6 +275,12 @@ impl PolicyEngine {
                 compiled.model.object_count(),
             );
         }
+        tracing::debug!(
+            ?outcome,
+            objects = compiled.model.object_count(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "policy state committed"
+        );
         g.warnings = compiled.warnings;
         g.unknown = compiled.unknown_local_pods;
         g.installed = Some(compiled.model);

@@ -379,10 +379,8 @@ impl Cx<'_> {
                     short_hash(&peers_identity(pol, &valid)),
                     SetKind::Addr.suffix()
                 );
-                let ranges = match self.peer_sets.borrow().get(&name) {
-                    Some(r) => Some(r.clone()),
-                    None => None,
-                };
+                // (The borrow ends with this statement, before the closure below borrows mutably.)
+                let ranges = self.peer_sets.borrow().get(&name).cloned();
                 let ranges = ranges.unwrap_or_else(|| {
                     let all: Vec<(Ipv4Addr, Ipv4Addr)> = valid
                         .iter()

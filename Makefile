@@ -3,13 +3,19 @@ SHELL := /bin/bash
 CARGO ?= cargo
 UNDERLAY := target/release/underlay
 
-.PHONY: setup build demo test lint fmt clean
+.PHONY: setup build image demo test lint fmt clean
 
 setup:
 	@bash scripts/setup.sh
 
 build: setup
 	$(CARGO) build --release --workspace --bins
+
+# The container image: underlay, underlay-cni and what the agent executes, from this machine's Debian packages and
+# a size-tuned release build (profile `image`), imported from scratch (nothing pulled). Writes
+# target/oci/underlay-<version>.oci.tar and the split debug info in target/oci/debug (docs/install.md).
+image: setup
+	CARGO="$(CARGO)" bash scripts/build-image.sh
 
 # The routed-mode planner at scale (5,000 nodes, 50-route tables), then `underlay lab demo`: a 12-node cluster in
 # 3 zones on a VPC made of network namespaces, with the real controller, agents and CNI plugin; it checks every
@@ -22,9 +28,9 @@ demo: build
 	$(UNDERLAY) lab down --name demo
 	$(UNDERLAY) lab demo --mode eni
 
-# Every check and every test: formatting, clippy with warnings as errors, and the tests, including the root tests
-# in network namespaces (feature `root-tests`).
-test: setup
+# Every test, including the root tests in network namespaces (feature `root-tests`) and the image's
+# (crates/cli/tests/image_root.rs runs the image `make image` built).
+test: setup image
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) test --workspace --all-features --no-fail-fast

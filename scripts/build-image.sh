@@ -18,7 +18,10 @@
 #   debug/<binary>.debug     the split debug info
 #   underlay-<tag>.ref       the image's name, e.g. localhost/underlay:0.1.0
 #
-# Environment: UNDERLAY_IMAGE_REPO (default underlay), UNDERLAY_IMAGE_TAG (default: the workspace version).
+# Environment: UNDERLAY_IMAGE_REPO (default underlay), UNDERLAY_IMAGE_TAG (default: the workspace version),
+# UNDERLAY_IMAGE_PROFILE: the cargo profile of the binaries, `image` (default: the shipping image) or `image-test`
+# (`make test-image`: the same binaries and files at opt-level 1, for the image test in `make test`); any other profile writes to $CARGO_TARGET_DIR/oci-<profile> instead of oci. The image records
+# its profile in the label dev.underlay.build-profile.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,17 +37,24 @@ revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
 
-start=$(date +%s)
-"$cargo" build --profile image -p underlay-cli -p underlay-cni --bin underlay --bin underlay-cni
-built=$(date +%s)
-bins="$target/image"
+profile=${UNDERLAY_IMAGE_PROFILE:-image}
+case "$profile" in
+  image) out="$target/oci" ;;
+  *) out="$target/oci-$profile" ;;
+esac
 
-out="$target/oci"
+start=$(date +%s)
+"$cargo" build --profile "$profile" -p underlay-cli -p underlay-cni --bin underlay --bin underlay-cni
+built=$(date +%s)
+bins="$target/$profile"
+
 work="$out/work"
 rm -rf "$work" "$out/debug"
 mkdir -p "$work" "$out/debug"
+# podman's store in a short temporary directory (podman refuses a runroot path over 50 characters).
+store=$(mktemp -d /tmp/ulimage-XXXXXX)
 cleanup() {
-  rm -rf "$work"
+  rm -rf "$work" "$store"
 }
 trap cleanup EXIT
 fs="$work/rootfs"
@@ -130,8 +140,6 @@ printf '%s\n' "${packages[@]}" | sed 's/:.*//' | sort -u >"$fs/usr/share/doc/und
 tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$epoch" -C "$fs" -cf "$work/rootfs.tar" .
 
 # podman bound to a store of its own: nothing here reads or changes the machine's images.
-store="$work/store"
-mkdir -p "$store"
 cat >"$store/containers.conf" <<CONF
 [engine]
 cgroup_manager = "cgroupfs"
@@ -157,6 +165,7 @@ podman_ import -q \
   --change "$(label org.opencontainers.image.revision "$revision")" \
   --change "$(label org.opencontainers.image.created "$created")" \
   --change "$(label org.opencontainers.image.licenses Apache-2.0)" \
+  --change "$(label dev.underlay.build-profile "$profile")" \
   --change "USER 65532:65532" \
   --change "ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin" \
   --change 'ENTRYPOINT ["/usr/local/bin/underlay"]' \
@@ -168,9 +177,9 @@ podman_ save -q --format oci-archive -o "$archive" "$ref"
 echo "$ref" >"$out/underlay-$tag.ref"
 size=$(podman_ image inspect --format '{{.Size}}' "$ref")
 podman_ rmi -f "$ref" >/dev/null 2>&1 || true
-# vfs leaves plain directories (no mounts): the store goes with the work directory.
+# vfs leaves plain directories (no mounts): the store goes with the work directory's cleanup.
 
 end=$(date +%s)
 echo "image: $ref in $archive"
 echo "image: $size bytes unpacked, $(stat -c %s "$archive") bytes archived; debug info in $out/debug"
-echo "image: cargo build $((built - start)) s, image $((end - built)) s"
+echo "image: cargo build (profile $profile) $((built - start)) s, image $((end - built)) s"

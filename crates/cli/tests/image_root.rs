@@ -1,9 +1,13 @@
-//! The container image `make image` builds (scripts/build-image.sh): loaded into a podman store of the test's own
-//! (runc, vfs storage, private CONTAINERS_CONF), it runs `underlay --version` and the agent's `--help`, and every
-//! program the agent and its init container execute (nft, nsenter, /bin/sh) and the chained CNI plugins run from
-//! it; it is at most 80 MB, carries its OCI labels and a non-root default user, and ships stripped binaries whose
-//! debug info sits beside the archive. Needs root, podman and runc (scripts/setup.sh) and the image: `make test`
-//! builds it first (`make image`).
+//! The container image scripts/build-image.sh builds: loaded into a podman store of the test's own (runc, vfs
+//! storage, private CONTAINERS_CONF), it runs `underlay --version` and the agent's `--help`, and every program the
+//! agent and its init container execute (nft, nsenter, /bin/sh) and the chained CNI plugins run from it; it is at
+//! most 80 MB, carries its OCI labels and a non-root default user, and ships stripped binaries whose debug info
+//! sits beside the archive. Needs root, podman and runc (scripts/setup.sh) and the image.
+//!
+//! Which image: `make test` builds and tests `make test-image`'s (target/oci-image-test: the same script, files
+//! and binaries from the cheaper cargo profile `image-test`); `UNDERLAY_TEST_IMAGE_DIR=target/oci` tests the
+//! shipping image `make image` built (profile `image`). The label dev.underlay.build-profile must name the
+//! profile that directory is for.
 #![cfg(feature = "root-tests")]
 
 use std::path::{Path, PathBuf};
@@ -16,13 +20,29 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The bar: the image, unpacked, is at most 80 MB.
 const MAX_IMAGE_BYTES: u64 = 80 * 1000 * 1000;
 
-/// `<target>/oci`, where scripts/build-image.sh writes (the target dir this test binary was built in).
-fn oci_dir() -> PathBuf {
-    Path::new(BIN)
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/underlay")
-        .join("oci")
+/// The directory scripts/build-image.sh wrote the image to, and the cargo profile it was built with:
+/// `UNDERLAY_TEST_IMAGE_DIR` if set (`<target>/oci`: profile `image`, `<target>/oci-<profile>` otherwise), else
+/// `<target>/oci-image-test` (`make test-image`), in the target dir this test binary was built in.
+fn oci_dir() -> (PathBuf, String) {
+    let dir = match std::env::var_os("UNDERLAY_TEST_IMAGE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(BIN)
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/underlay")
+            .join("oci-image-test"),
+    };
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let profile = match name.strip_prefix("oci-") {
+        Some(p) => p.to_string(),
+        None if name == "oci" => "image".to_string(),
+        None => panic!("{}: not an oci or oci-<profile> directory", dir.display()),
+    };
+    (dir, profile)
 }
 
 /// podman bound to a store of the test's own; removes its containers and unmounts leftovers on drop.
@@ -147,11 +167,12 @@ fn build_id(file: &Path) -> String {
 
 #[test]
 fn the_image_runs_the_agent_and_everything_it_executes() {
-    let oci = oci_dir();
+    let (oci, profile) = oci_dir();
     let archive = oci.join(format!("underlay-{VERSION}.oci.tar"));
     assert!(
         archive.is_file(),
-        "{} not found: run `make image` (make test does)",
+        "{} not found: run `make test-image` (make test does), or `make image` with \
+         UNDERLAY_TEST_IMAGE_DIR=target/oci",
         archive.display()
     );
     let reference = std::fs::read_to_string(oci.join(format!("underlay-{VERSION}.ref")))
@@ -179,6 +200,7 @@ fn the_image_runs_the_agent_and_everything_it_executes() {
     assert_eq!(labels["org.opencontainers.image.version"], VERSION);
     assert_eq!(labels["org.opencontainers.image.title"], "underlay");
     assert_eq!(labels["org.opencontainers.image.licenses"], "Apache-2.0");
+    assert_eq!(labels["dev.underlay.build-profile"], profile.as_str());
     for key in [
         "org.opencontainers.image.revision",
         "org.opencontainers.image.created",

@@ -19,8 +19,8 @@
 #   underlay-<tag>.ref       the image's name, e.g. localhost/underlay:0.1.0
 #
 # Environment: UNDERLAY_IMAGE_REPO (default underlay), UNDERLAY_IMAGE_TAG (default: the workspace version),
-# UNDERLAY_IMAGE_PROFILE: the cargo profile of the binaries, `image` (default: the shipping image) or `image-test`
-# (`make test-image`: the same binaries and files at opt-level 1, for the image test in `make test`); any other profile writes to $CARGO_TARGET_DIR/oci-<profile> instead of oci. The image records
+# UNDERLAY_IMAGE_PROFILE: the cargo profile of the binaries, `image` (default: the shipping image), or `dev`
+# (`make test-image`: the same files from the dev build `make test` compiles anyway, for the image test); any other profile writes to $CARGO_TARGET_DIR/oci-<profile> instead of oci. The image records
 # its profile in the label dev.underlay.build-profile.
 set -euo pipefail
 
@@ -46,7 +46,11 @@ esac
 start=$(date +%s)
 "$cargo" build --profile "$profile" -p underlay-cli -p underlay-cni --bin underlay --bin underlay-cni
 built=$(date +%s)
-bins="$target/$profile"
+# Cargo's dev profile writes to target/debug; every other profile to target/<profile>.
+case "$profile" in
+  dev) bins="$target/debug" ;;
+  *) bins="$target/$profile" ;;
+esac
 
 work="$out/work"
 rm -rf "$work" "$out/debug"

@@ -589,6 +589,22 @@ fn eni_mode_renders_the_eni_flags() {
 }
 
 #[test]
+fn network_policy_is_enforced_unless_the_chart_turns_it_off() {
+    let agent_args = |set: &[&str]| {
+        let all = docs(&render(set).unwrap());
+        strs(&container(find(&all, "DaemonSet", "underlay-agent"), "agent")["args"])
+    };
+    assert!(!agent_args(&[]).iter().any(|a| a == "--no-network-policy"));
+    assert!(
+        agent_args(&["networkPolicy.enabled=false"])
+            .iter()
+            .any(|a| a == "--no-network-policy")
+    );
+    let err = render(&["networkPolicy.enabled=banana"]).unwrap_err();
+    assert!(err.contains("networkPolicy"), "{err}");
+}
+
+#[test]
 fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_node_selector() {
     // Default: every node, no flag.
     let all = docs(&render(&[]).unwrap());

@@ -4,10 +4,10 @@
 //! most 80 MB, carries its OCI labels and a non-root default user, and ships stripped binaries whose debug info
 //! sits beside the archive. Needs root, podman and runc (scripts/setup.sh) and the image.
 //!
-//! Which image: `make test` builds and tests `make test-image`'s (target/oci-image-test: the same script, files
-//! and binaries from the cheaper cargo profile `image-test`); `UNDERLAY_TEST_IMAGE_DIR=target/oci` tests the
-//! shipping image `make image` built (profile `image`). The label dev.underlay.build-profile must name the
-//! profile that directory is for.
+//! Which image: `make test` builds and tests `make test-image`'s (target/oci-dev: the same script and files, the
+//! binaries of the dev build `make test` compiles anyway; its size is reported, the 80 MB bar being the shipping
+//! build's); `UNDERLAY_TEST_IMAGE_DIR=target/oci` tests the shipping image `make image` built (profile `image`),
+//! size bar included. The label dev.underlay.build-profile must name the profile that directory is for.
 #![cfg(feature = "root-tests")]
 
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ const MAX_IMAGE_BYTES: u64 = 80 * 1000 * 1000;
 
 /// The directory scripts/build-image.sh wrote the image to, and the cargo profile it was built with:
 /// `UNDERLAY_TEST_IMAGE_DIR` if set (`<target>/oci`: profile `image`, `<target>/oci-<profile>` otherwise), else
-/// `<target>/oci-image-test` (`make test-image`), in the target dir this test binary was built in.
+/// `<target>/oci-dev` (`make test-image`), in the target dir this test binary was built in.
 fn oci_dir() -> (PathBuf, String) {
     let dir = match std::env::var_os("UNDERLAY_TEST_IMAGE_DIR") {
         Some(d) => PathBuf::from(d),
@@ -30,7 +30,7 @@ fn oci_dir() -> (PathBuf, String) {
             .parent()
             .and_then(Path::parent)
             .expect("target/<profile>/underlay")
-            .join("oci-image-test"),
+            .join("oci-dev"),
     };
     let name = dir
         .file_name()
@@ -192,10 +192,15 @@ fn the_image_runs_the_agent_and_everything_it_executes() {
         serde_json::from_str(&podman.ok(&["image", "inspect", &reference])).unwrap();
     let image = &inspect[0];
     let size = image["Size"].as_u64().unwrap();
-    assert!(
-        size <= MAX_IMAGE_BYTES,
-        "image is {size} bytes, more than {MAX_IMAGE_BYTES}"
-    );
+    // The bar is the shipping build's; a dev-profile image (unoptimised code) only reports its size.
+    if profile == "dev" {
+        eprintln!("dev-profile image: {size} bytes (the 80 MB bar applies to `make image`)");
+    } else {
+        assert!(
+            size <= MAX_IMAGE_BYTES,
+            "image is {size} bytes, more than {MAX_IMAGE_BYTES}"
+        );
+    }
     let labels = &image["Config"]["Labels"];
     assert_eq!(labels["org.opencontainers.image.version"], VERSION);
     assert_eq!(labels["org.opencontainers.image.title"], "underlay");

@@ -400,7 +400,10 @@ impl PolicyLab {
         while rx.try_recv().is_ok() {}
         let t = Instant::now();
         event();
-        let got = rx.recv_timeout(timeout).ok().map(|()| t.elapsed().as_secs_f64() * 1e3);
+        let got = rx
+            .recv_timeout(timeout)
+            .ok()
+            .map(|()| t.elapsed().as_secs_f64() * 1e3);
         let _ = monitor.kill();
         let _ = monitor.wait();
         let _ = reader.join();
@@ -453,7 +456,6 @@ fn allow_measured() -> NetworkPolicy {
     }))
     .expect("a valid NetworkPolicy")
 }
-
 
 /// Rules plus set and map elements in a namespace.
 fn nft_objects(netns: &str) -> anyhow::Result<usize> {

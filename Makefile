@@ -14,13 +14,16 @@ build: setup
 # The routed-mode planner at scale (5,000 nodes, 50-route tables), then `underlay lab demo`: a 12-node cluster in
 # 3 zones on a VPC made of network namespaces, with the real controller, agents and CNI plugin; it checks every
 # pod pair, kills a forwarder, and exits non-zero if anything fails; then the same cluster in eni mode (pods on
-# ENI secondary IPs, source/dest check on for every ENI). It needs root (network namespaces).
+# ENI secondary IPs, source/dest check on for every ENI); then NetworkPolicy on the Kubernetes e2e model in both
+# modes (`underlay lab policy`: every pod pair, port and protocol after each case). It needs root (network namespaces).
 demo: build
 	$(UNDERLAY) plan --nodes 20000 --zones 3 --subnets-per-zone 2 --route-limit 500 --summary
 	$(UNDERLAY) lab down --name demo
 	$(UNDERLAY) lab demo
 	$(UNDERLAY) lab down --name demo
 	$(UNDERLAY) lab demo --mode eni
+	$(UNDERLAY) lab down --name pol
+	$(UNDERLAY) lab policy --mode both
 
 # Every check and every test: formatting, clippy with warnings as errors, and the tests, including the root tests
 # in network namespaces (feature `root-tests`).

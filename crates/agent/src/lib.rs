@@ -25,6 +25,8 @@ pub mod eni;
 pub mod health_http;
 pub mod imds;
 pub mod metrics;
+pub mod policy;
+pub mod policy_api;
 pub mod reaper;
 pub mod rebuild;
 pub mod reclaim;

@@ -6,6 +6,8 @@
 //!                                         └─ after each change: pool_size_addresses, pool_used_addresses,
 //!                                                               allocations_total, releases_total{reason}
 //!   converge loop (routed, eni) ──► converges_total{result}, converge_duration_seconds, converge_operations_total
+//!   policy engine ──► policy_applies_total{result}, policy_apply_duration_seconds, policy_admissions_total{result},
+//!                     policy_warnings, policy_unknown_local_pods, policy_nft_objects
 //! ```
 //!
 //! The IPAM service sees the plugin's requests as methods: ADD is `allocate`, DEL is `release`, CHECK is `list`,
@@ -75,6 +77,12 @@ pub struct AgentMetrics {
     converge_duration: Histogram,
     converge_operations: Counter,
     checkpoint_rebuilds: Counter,
+    policy_applies: Family<ResultLabels, Counter>,
+    policy_apply_duration: Histogram,
+    policy_admissions: Family<ResultLabels, Counter>,
+    policy_warnings: Gauge,
+    policy_unknown_local_pods: Gauge,
+    policy_objects: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -102,6 +110,42 @@ impl AgentMetrics {
             "underlay_agent_checkpoint_rebuilds",
             "Starts that found the IPAM checkpoint corrupt and rebuilt it from the node's pod veths and routes",
             checkpoint_rebuilds.clone(),
+        );
+        let policy_applies = Family::<ResultLabels, Counter>::default();
+        let policy_apply_duration = Histogram::new(CONVERGE_DURATION_BUCKETS);
+        let policy_admissions = Family::<ResultLabels, Counter>::default();
+        let policy_warnings = Gauge::default();
+        let policy_unknown_local_pods = Gauge::default();
+        let policy_objects = Gauge::default();
+        r.register(
+            "underlay_agent_policy_applies",
+            "Network policy transactions applied to the kernel, by result (ok, error)",
+            policy_applies.clone(),
+        );
+        r.register(
+            "underlay_agent_policy_apply_duration_seconds",
+            "Time from a policy input change (or a pod's ADD) to its nft transaction committed: compile, diff, nft -f",
+            policy_apply_duration.clone(),
+        );
+        r.register(
+            "underlay_agent_policy_admissions",
+            "Pods ADD asked the policy engine about, by result (ok; not_ready: inputs or the pod not known yet, CNI error 11; error)",
+            policy_admissions.clone(),
+        );
+        r.register(
+            "underlay_agent_policy_warnings",
+            "Entries of the policies selecting this node's pods that cannot be expressed (each matches nothing)",
+            policy_warnings.clone(),
+        );
+        r.register(
+            "underlay_agent_policy_unknown_local_pods",
+            "Pods attached on this node that the policy inputs do not hold (isolated both ways until they appear)",
+            policy_unknown_local_pods.clone(),
+        );
+        r.register(
+            "underlay_agent_policy_nft_objects",
+            "Policy sets, chains, rules, set and map elements in the node's inet underlay table",
+            policy_objects.clone(),
         );
         r.register(
             "underlay_agent_ipam_requests",
@@ -160,6 +204,12 @@ impl AgentMetrics {
             converge_duration,
             converge_operations,
             checkpoint_rebuilds,
+            policy_applies,
+            policy_apply_duration,
+            policy_admissions,
+            policy_warnings,
+            policy_unknown_local_pods,
+            policy_objects,
         }
     }
 
@@ -215,5 +265,30 @@ impl AgentMetrics {
             .get_or_create(&ResultLabels { result: label })
             .inc();
         self.converge_duration.observe(seconds);
+    }
+
+    /// One policy transaction: applied (`true`) or refused by the kernel, `seconds` from input to commit.
+    pub fn record_policy_apply(&self, ok: bool, seconds: f64) {
+        self.policy_applies
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        self.policy_apply_duration.observe(seconds);
+    }
+
+    /// A pod's admission at ADD: `ok`, `not_ready` or `error`.
+    pub fn record_policy_admission(&self, result: &'static str) {
+        self.policy_admissions
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// The compiled state's figures: warnings, unknown local pods, nft objects.
+    pub fn set_policy_state(&self, warnings: usize, unknown_local_pods: usize, objects: usize) {
+        let g = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.policy_warnings.set(g(warnings));
+        self.policy_unknown_local_pods.set(g(unknown_local_pods));
+        self.policy_objects.set(g(objects));
     }
 }

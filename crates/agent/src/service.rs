@@ -6,7 +6,7 @@
 //! and the caller gets a retryable internal error.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -16,6 +16,7 @@ use underlay_ipam_api::{self as api, ErrorCode, POD_GATEWAY, pb};
 use crate::AgentError;
 use crate::checkpoint::Checkpoint;
 use crate::metrics::AgentMetrics;
+use crate::policy::{PolicyEngine, PolicyError};
 use crate::reaper::LinkReaper;
 
 /// Test-only fault injection, chosen by `underlay agent` from [`underlay_core::names::AGENT_FAULT_ENV`].
@@ -84,6 +85,9 @@ pub struct IpamService {
     metrics: OnceLock<AgentMetrics>,
     /// Why the checkpoint was rebuilt from the kernel at start, if it was (reported once metrics attach).
     rebuilt: OnceLock<String>,
+    /// Network policy: Allocate returns only once the pod's policy state is in the kernel; absent until
+    /// [`IpamService::set_policy`] (no policy enforced).
+    policy: OnceLock<Arc<PolicyEngine>>,
 }
 
 impl std::fmt::Debug for IpamService {
@@ -117,6 +121,7 @@ impl IpamService {
             reaper: OnceLock::new(),
             metrics: OnceLock::new(),
             rebuilt: OnceLock::new(),
+            policy: OnceLock::new(),
         })
     }
 
@@ -153,6 +158,28 @@ impl IpamService {
         if let Some(m) = self.metrics.get() {
             let g = self.lock();
             m.set_pool(g.ipam.capacity(), g.ipam.allocations().count());
+        }
+    }
+
+    /// Enforces network policy from now on: the engine learns every live attachment (applied at once if its
+    /// inputs are in, else with its first inputs), and each Allocate waits for the pod's policy state (see
+    /// `crate::policy`).
+    pub fn set_policy(&self, engine: Arc<PolicyEngine>) {
+        let g = self.lock();
+        engine.restore(g.ipam.allocations().map(|a| {
+            (
+                (a.key.container_id.clone(), a.key.ifname.clone()),
+                local_pod(a),
+            )
+        }));
+        drop(g);
+        // Inputs may have arrived before the service opened: bring the restored pods' state in now rather
+        // than at the next input change (until then their veths would have no verdict of their own).
+        if let Err(e) = engine.resync() {
+            tracing::warn!(error = %e, "policy state of the restored pods not committed yet; retried at the next change");
+        }
+        if self.policy.set(engine).is_err() {
+            tracing::warn!("a policy engine is already attached; ignoring the second");
         }
     }
 
@@ -384,6 +411,14 @@ impl IpamService {
             pod_namespace: req.pod_namespace,
             pod_name: req.pod_name,
         };
+        if let Some(policy) = self.policy.get()
+            && let Err(e) = policy.ready_for(&pod.pod_namespace, &pod.pod_name)
+        {
+            tracing::info!(key = %key, error = %e, "allocate deferred: network policy not ready");
+            return pb::AllocateReply {
+                result: Some(Res::Error(policy_error(&e))),
+            };
+        }
         let now = (self.clock)();
         let mut g = self.lock();
         let result = match g.ipam.allocate(&key, pod, now) {
@@ -406,8 +441,49 @@ impl IpamService {
                 Res::Error(ipam_error(&e))
             }
         };
+        drop(g);
+        let result = match (result, self.policy.get()) {
+            (Res::Allocation(a), Some(policy)) => self.admit(policy, &key, a),
+            (other, _) => other,
+        };
         pb::AllocateReply {
             result: Some(result),
+        }
+    }
+
+    /// Commits the new pod's policy state before its allocation is returned; on failure the address goes back
+    /// (a retried ADD allocates again), so no pod runs without its policy.
+    fn admit(
+        &self,
+        policy: &PolicyEngine,
+        key: &ipam::AttachmentKey,
+        a: pb::Allocation,
+    ) -> pb::allocate_reply::Result {
+        use pb::allocate_reply::Result as Res;
+        let ip = match a.address.parse::<Ipv4Net>() {
+            Ok(n) => n.addr(),
+            Err(e) => {
+                return Res::Error(wire_error(ErrorCode::Internal, e.to_string(), false));
+            }
+        };
+        let pod = underlay_core::policy::LocalPod {
+            namespace: a.pod_namespace.clone(),
+            name: a.pod_name.clone(),
+            ifname: underlay_core::veth_names::host_veth_name(&key.container_id, &key.ifname),
+            ip,
+        };
+        match policy.admit((key.container_id.clone(), key.ifname.clone()), pod) {
+            Ok(()) => Res::Allocation(a),
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "network policy not committed; allocation undone");
+                let now = (self.clock)();
+                let mut g = self.lock();
+                let released = g.ipam.release(key, now);
+                if let Err(ce) = self.commit(&mut g, released.is_some()) {
+                    tracing::warn!(key = %key, error = ?ce, "undoing the allocation failed");
+                }
+                Res::Error(policy_error(&e))
+            }
         }
     }
 
@@ -445,6 +521,9 @@ impl IpamService {
                 match &released {
                     Some(a) => tracing::info!(key = %key, address = %a.address, "released"),
                     None => tracing::debug!(key = %key, "release of an unknown attachment"),
+                }
+                if let Some(policy) = self.policy.get() {
+                    policy.forget(&(key.container_id.clone(), key.ifname.clone()));
                 }
                 // Route deleted now; the link queued (the reaper's thread waits out the kernel's grace period).
                 let link_queued = self.reaper.get().is_some_and(|r| {
@@ -496,6 +575,9 @@ impl IpamService {
                 }
                 for a in &released {
                     tracing::info!(key = %a.key, address = %a.address, "released by gc");
+                    if let Some(policy) = self.policy.get() {
+                        policy.forget(&(a.key.container_id.clone(), a.key.ifname.clone()));
+                    }
                 }
                 self.sweep_links();
                 pb::GcReply {
@@ -563,6 +645,27 @@ fn load_ipam(spec: &PoolSpec, cooldown: Duration, cp: &Checkpoint) -> Result<Ipa
     })
 }
 
+/// A live allocation as the policy engine sees it.
+fn local_pod(a: &ipam::Allocation) -> underlay_core::policy::LocalPod {
+    underlay_core::policy::LocalPod {
+        namespace: a.pod.pod_namespace.clone(),
+        name: a.pod.pod_name.clone(),
+        ifname: underlay_core::veth_names::host_veth_name(&a.key.container_id, &a.key.ifname),
+        ip: a.address,
+    }
+}
+
+fn policy_error(e: &PolicyError) -> pb::Error {
+    match e {
+        PolicyError::NotReady(m) => wire_error(ErrorCode::NotReady, m.clone(), true),
+        PolicyError::Nft(m) => wire_error(
+            ErrorCode::Internal,
+            format!("network policy not committed: {m}"),
+            true,
+        ),
+    }
+}
+
 fn from_wire_key(k: api::AttachmentKey) -> ipam::AttachmentKey {
     ipam::AttachmentKey::new(k.container_id, k.ifname)
 }
@@ -581,6 +684,7 @@ fn error_label(e: &pb::Error) -> &'static str {
         Ok(ErrorCode::PoolExhausted) => "pool_exhausted",
         Ok(ErrorCode::InvalidRequest) => "invalid_request",
         Ok(ErrorCode::Internal) => "internal",
+        Ok(ErrorCode::NotReady) => "not_ready",
         _ => "unspecified",
     }
 }

@@ -141,8 +141,10 @@ fn start(sim: &ApiSim, config: AgentConfig, netns: PathBuf, name: &str) -> Runni
         .build()
         .unwrap();
     let mut o = EniKubeOptions::new(name, vec!["198.18.0.0/15".parse().unwrap()]);
-    // The API stand-in serves no Pods yet.
+    // These tests follow the UnderlayNode alone and create no Pod objects: no IMDS opt-ins, and no policy
+    // (ADD would wait for each pod's Pod object; `lab policy` runs both runners with policy on).
     o.imds_opt_ins = false;
+    o.network_policy = false;
     o.netns = Some(netns);
     o.health_addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), names::AGENT_HEALTH_PORT);
     o.converge_interval = Duration::from_millis(300);

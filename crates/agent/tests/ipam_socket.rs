@@ -117,7 +117,14 @@ fn socket_is_0600_and_conflist_is_written() {
     let meta = std::fs::metadata(&config.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // The conflist follows the socket (written once the socket listens): wait for it, bounded.
     let conflist = config.cni_conf_dir.join("10-underlay.conflist");
+    for _ in 0..500 {
+        if conflist.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
     assert_eq!(v["plugins"][0]["socket"], config.socket.to_str().unwrap());
     // No temporary socket names left next to the socket.

@@ -12,8 +12,10 @@ fn opts(name: &str) -> KubeAgentOptions {
         vec!["198.18.0.0/15".parse().unwrap()],
     );
     o.mtu = 1500;
-    // The API stand-in serves no Pods yet.
+    // These tests follow the UnderlayNode alone and create no Pod objects: no IMDS opt-ins, and no policy
+    // (ADD would wait for each pod's Pod object; `lab policy` runs both runners with policy on).
     o.imds_opt_ins = false;
+    o.network_policy = false;
     o
 }
 

@@ -11,6 +11,8 @@
 //!
 //! The CRD (`UnderlayNode::crd()`) is what `underlay crd` prints and what `deploy/crds/underlaynode.yaml` holds.
 
+pub mod policy;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;

@@ -18,16 +18,31 @@
 //! | underlay.dev/v1alpha1 UnderlayNode (cluster) | get, list, watch, create, replace, patch, delete; status: get, replace, patch |
 //! | coordination.k8s.io/v1 Lease (namespaced) | get, list, create, replace, patch |
 //! | core/v1 Event, events.k8s.io/v1 Event (namespaced) | create, patch, list |
+//! | core/v1 Namespace (cluster) | get, list, watch, create, replace, patch, delete; status: get, replace, patch |
+//! | core/v1 Pod (namespaced) | get, list, watch, create, replace, patch, delete; status: get, replace, patch |
+//! | networking.k8s.io/v1 NetworkPolicy (namespaced) | get, list, watch, create, replace, patch, delete |
+//!
+//! Namespaced kinds are also listed and watched across all namespaces (`/api/v1/pods`). As on the API server:
+//! every Namespace carries `kubernetes.io/metadata.name=<name>` ([`NAMESPACE_NAME_LABEL`]), whatever a write
+//! says; Pods and NetworkPolicies can only be created in an existing Namespace (404 otherwise); status sent
+//! when creating a Pod is reset to `phase: Pending` (the address arrives through `/status`); deleting a
+//! Namespace deletes what it holds (at once: no `Terminating` phase). [`objects`] builds these objects.
 //!
 //! Any other request gets a 404 `Status` and is recorded in [`ApiSim::take_unexpected`], so a test can fail on a
 //! call that should not happen.
 //!
 //! Not modelled: strategic merge patch is applied as a JSON merge patch (lists are replaced, not merged by key);
 //! server-side apply is a merge patch that records the field manager, with no field ownership or conflicts;
-//! label selectors support `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)` and `k notin (a,b)`; field selectors only
-//! `metadata.name` and `metadata.namespace`; list pagination (`limit`/`continue`) is ignored (one page); watches
-//! send no bookmarks and never answer 410 Gone (the history is kept whole); admission, defaulting and schema
-//! validation do not happen.
+//! label selectors support `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)` and `k notin (a,b)`; field selectors
+//! `metadata.name` and `metadata.namespace` on every kind, plus `spec.nodeName`, `spec.hostNetwork`,
+//! `status.phase` and `status.podIP` on Pods and `status.phase` on Namespaces (`=`, `==`, `!=`; any other
+//! label is a 400); list pagination (`limit`/`continue`) is ignored (one page); watches send no bookmarks.
+//! The watch history is kept whole unless a test bounds it ([`ApiSim::set_history_limit`]) or compacts it
+//! ([`ApiSim::compact`]): a watch from an older resourceVersion then gets one `ERROR` event with a 410
+//! `Expired` Status, as from the API server's watch cache. Admission (beyond the namespace check), defaulting
+//! and schema validation do not happen.
+
+pub mod objects;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -47,6 +62,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+/// The label the API server puts on every Namespace: its own name (what `namespaceSelector`s commonly match).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
 /// Response body type of [`ApiService`]: whole documents, or a stream of watch events.
 pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -60,24 +78,34 @@ pub enum Kind {
     Event,
     /// events.k8s.io/v1 Event (what kube-runtime's event `Recorder` writes).
     EventV1,
+    /// core/v1 Namespace (cluster-scoped).
+    Namespace,
+    /// core/v1 Pod (namespaced, status subresource).
+    Pod,
+    /// networking.k8s.io/v1 NetworkPolicy (namespaced).
+    NetworkPolicy,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 8] = [
         Kind::Node,
         Kind::UnderlayNode,
         Kind::Lease,
         Kind::Event,
         Kind::EventV1,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::NetworkPolicy,
     ];
 
     /// API path prefix (group and version).
     fn prefix(self) -> &'static str {
         match self {
-            Kind::Node | Kind::Event => "/api/v1",
+            Kind::Node | Kind::Event | Kind::Namespace | Kind::Pod => "/api/v1",
             Kind::UnderlayNode => "/apis/underlay.dev/v1alpha1",
             Kind::Lease => "/apis/coordination.k8s.io/v1",
             Kind::EventV1 => "/apis/events.k8s.io/v1",
+            Kind::NetworkPolicy => "/apis/networking.k8s.io/v1",
         }
     }
     fn plural(self) -> &'static str {
@@ -86,14 +114,18 @@ impl Kind {
             Kind::UnderlayNode => "underlaynodes",
             Kind::Lease => "leases",
             Kind::Event | Kind::EventV1 => "events",
+            Kind::Namespace => "namespaces",
+            Kind::Pod => "pods",
+            Kind::NetworkPolicy => "networkpolicies",
         }
     }
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Node | Kind::Event => "v1",
+            Kind::Node | Kind::Event | Kind::Namespace | Kind::Pod => "v1",
             Kind::UnderlayNode => "underlay.dev/v1alpha1",
             Kind::Lease => "coordination.k8s.io/v1",
             Kind::EventV1 => "events.k8s.io/v1",
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
         }
     }
     fn kind_name(self) -> &'static str {
@@ -102,19 +134,56 @@ impl Kind {
             Kind::UnderlayNode => "UnderlayNode",
             Kind::Lease => "Lease",
             Kind::Event | Kind::EventV1 => "Event",
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
     fn namespaced(self) -> bool {
-        matches!(self, Kind::Lease | Kind::Event | Kind::EventV1)
+        matches!(
+            self,
+            Kind::Lease | Kind::Event | Kind::EventV1 | Kind::Pod | Kind::NetworkPolicy
+        )
     }
     /// Whether `status` is a subresource (written only through `/status`).
     fn has_status(self) -> bool {
-        matches!(self, Kind::Node | Kind::UnderlayNode)
+        matches!(
+            self,
+            Kind::Node | Kind::UnderlayNode | Kind::Namespace | Kind::Pod
+        )
+    }
+    /// Whether objects of this kind can only be created inside an existing Namespace (the API server's
+    /// `NamespaceLifecycle` admission). Leases and Events are exempt here so that components may record into
+    /// namespaces the tests never create.
+    fn needs_namespace(self) -> bool {
+        matches!(self, Kind::Pod | Kind::NetworkPolicy)
+    }
+    /// Whether list and watch may be served.
+    fn watchable(self) -> bool {
+        matches!(
+            self,
+            Kind::Node | Kind::UnderlayNode | Kind::Namespace | Kind::Pod | Kind::NetworkPolicy
+        )
+    }
+    /// Field-selector labels the API server supports for this kind (beyond `metadata.name`/`metadata.namespace`).
+    fn field_labels(self) -> &'static [&'static str] {
+        match self {
+            Kind::Pod => &[
+                "spec.nodeName",
+                "spec.hostNetwork",
+                "status.phase",
+                "status.podIP",
+            ],
+            Kind::Namespace => &["status.phase"],
+            _ => &[],
+        }
     }
     fn allows(self, verb: Verb) -> bool {
         use Verb::*;
         match self {
-            Kind::Node | Kind::UnderlayNode => true,
+            Kind::Node | Kind::UnderlayNode | Kind::Namespace | Kind::Pod | Kind::NetworkPolicy => {
+                true
+            }
             Kind::Lease => matches!(verb, Get | List | Create | Replace | Patch),
             Kind::Event | Kind::EventV1 => matches!(verb, Create | Patch | List),
         }
@@ -174,6 +243,13 @@ struct State {
     uid: u64,
     objects: HashMap<Kind, BTreeMap<Key, Value>>,
     history: Vec<WatchEvent>,
+    /// Every event with a resourceVersion up to this one has been dropped from `history` (etcd's compaction):
+    /// a watch from an older resourceVersion is answered 410 Gone.
+    compacted: u64,
+    /// Keep at most this many events in `history` (`None`: keep all).
+    history_limit: Option<usize>,
+    /// Watch events sent to clients, per kind (synthetic ADDED of a watch's start included).
+    delivered: HashMap<Kind, u64>,
     conflicts: HashMap<Kind, u32>,
     unreachable: bool,
     requests: Vec<RecordedRequest>,
@@ -310,6 +386,9 @@ impl ApiSim {
         let Some(old) = st.objects.get(&kind).and_then(|m| m.get(&key)).cloned() else {
             return false;
         };
+        if kind == Kind::Namespace {
+            st.delete_namespace_contents(&key.1);
+        }
         let rv = st.delete_now(kind, key, old);
         drop(st);
         self.notify(rv);
@@ -346,6 +425,72 @@ impl ApiSim {
     /// Current (latest) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
+    }
+
+    /// Drop the whole watch history, as etcd compaction does: a watch from any resourceVersion before now is
+    /// answered 410 Gone (running watches behind it end with a 410 `ERROR` event), so clients must re-list.
+    pub fn compact(&self) {
+        let rv = {
+            let mut st = self.lock();
+            st.history.clear();
+            st.compacted = st.rv;
+            st.rv
+        };
+        self.notify(rv);
+    }
+
+    /// Keep at most `limit` events of watch history from now on (`None`: keep all, the default). A watch that
+    /// falls further behind gets 410 Gone.
+    pub fn set_history_limit(&self, limit: Option<usize>) {
+        let rv = {
+            let mut st = self.lock();
+            st.history_limit = limit;
+            st.trim_history();
+            st.rv
+        };
+        self.notify(rv);
+    }
+
+    /// Watch events stored since `rv` (each once, whatever the number of watchers): a measure of how many
+    /// changes the API server has to fan out.
+    pub fn events_since(&self, rv: u64, kind: Kind) -> usize {
+        let st = self.lock();
+        let start = st.history.partition_point(|e| e.rv <= rv);
+        st.history[start..]
+            .iter()
+            .filter(|e| e.kind == kind)
+            .count()
+    }
+
+    /// Watch events sent to all watchers of `kind` so far: what the API server fans out.
+    pub fn watch_events_delivered(&self, kind: Kind) -> u64 {
+        self.lock().delivered.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Set (`Some`) or remove (`None`) labels of a stored object, as a `kubectl label` would. Returns whether the
+    /// object exists.
+    pub fn label<K>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        labels: &[(&str, Option<&str>)],
+    ) -> bool
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned + Serialize,
+    {
+        self.modify::<K>(namespace, name, |obj| {
+            let map = obj.meta_mut().labels.get_or_insert_with(Default::default);
+            for (k, v) in labels {
+                match v {
+                    Some(v) => {
+                        map.insert(k.to_string(), v.to_string());
+                    }
+                    None => {
+                        map.remove(*k);
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -401,6 +546,15 @@ impl State {
         value["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         value["apiVersion"] = json!(kind.api_version());
         value["kind"] = json!(kind.kind_name());
+        if kind == Kind::Namespace {
+            // The API server labels every namespace with its own name and keeps the label (1.21 and later).
+            let name = key.1.clone();
+            let labels = &mut value["metadata"]["labels"];
+            if !labels.is_object() {
+                *labels = json!({});
+            }
+            labels[NAMESPACE_NAME_LABEL] = json!(name);
+        }
         let previous = self
             .objects
             .entry(kind)
@@ -414,7 +568,37 @@ impl State {
             object: value,
             previous,
         });
+        self.trim_history();
         self.rv
+    }
+
+    /// Drop the oldest events beyond the history limit.
+    fn trim_history(&mut self) {
+        if let Some(limit) = self.history_limit
+            && self.history.len() > limit
+        {
+            let drop = self.history.len() - limit;
+            self.compacted = self.history[drop - 1].rv;
+            self.history.drain(..drop);
+        }
+    }
+
+    /// Delete every object of `namespace` (what the namespace controller does before a Namespace goes).
+    fn delete_namespace_contents(&mut self, namespace: &str) {
+        for kind in Kind::ALL.into_iter().filter(|k| k.namespaced()) {
+            let keys: Vec<Key> = self
+                .objects
+                .get(&kind)
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .filter(|k| k.0 == namespace)
+                .cloned()
+                .collect();
+            for key in keys {
+                let old = self.objects[&kind][&key].clone();
+                self.delete_now(kind, key, old);
+            }
+        }
     }
 
     fn delete_now(&mut self, kind: Kind, key: Key, mut last: Value) -> u64 {
@@ -430,6 +614,7 @@ impl State {
             object: last,
             previous: None,
         });
+        self.trim_history();
         self.rv
     }
 
@@ -490,6 +675,8 @@ fn parse_path(path: &str) -> Option<Route> {
         let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let (namespace, segs) = match (kind.namespaced(), segs.as_slice()) {
             (true, ["namespaces", ns, rest @ ..]) => (ns.to_string(), rest),
+            // The all-namespaces collection (`/api/v1/pods`): list and watch only.
+            (true, rest @ [_]) => (String::new(), rest),
             (false, rest) => (String::new(), rest),
             _ => continue,
         };
@@ -665,8 +852,9 @@ fn parse_selector(s: &str) -> Result<Vec<Requirement>, Failure> {
     Ok(out)
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Filter {
+    kind: Kind,
     namespace: String,
     labels: Vec<Requirement>,
     fields: Vec<Requirement>,
@@ -682,17 +870,25 @@ impl Filter {
                 Requirement::Exists(k) | Requirement::NotExists(k) => k,
                 Requirement::In(k, _) | Requirement::NotIn(k, _) => k,
             };
-            if !matches!(f, Requirement::Eq(..) | Requirement::Ne(..))
-                || !matches!(key.as_str(), "metadata.name" | "metadata.namespace")
+            if !matches!(f, Requirement::Eq(..) | Requirement::Ne(..)) {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("invalid field selector: {key:?}: only =, == and != are supported"),
+                ));
+            }
+            if !matches!(key.as_str(), "metadata.name" | "metadata.namespace")
+                && !route.kind.field_labels().contains(&key.as_str())
             {
                 return Err(fail(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",
-                    format!("field selector {key:?} not supported"),
+                    format!("field label not supported: {key}"),
                 ));
             }
         }
         Ok(Self {
+            kind: route.kind,
             namespace: route.namespace.clone(),
             labels,
             fields,
@@ -706,10 +902,23 @@ impl Filter {
             return false;
         }
         let label = |k: &str| meta["labels"].get(k).and_then(Value::as_str);
-        let field = |k: &str| match k {
-            "metadata.name" => meta["name"].as_str(),
-            _ => meta["namespace"].as_str().or(Some("")),
+        // A field the object lacks compares as the empty string (`spec.nodeName=` selects unscheduled pods).
+        let field = |k: &str| -> Option<String> {
+            let v = match k {
+                "metadata.name" => &meta["name"],
+                "metadata.namespace" => &meta["namespace"],
+                "spec.nodeName" => &obj["spec"]["nodeName"],
+                "spec.hostNetwork" => {
+                    let host = obj["spec"]["hostNetwork"].as_bool().unwrap_or(false);
+                    return Some(host.to_string());
+                }
+                "status.phase" => &obj["status"]["phase"],
+                "status.podIP" => &obj["status"]["podIP"],
+                _ => return None,
+            };
+            Some(v.as_str().unwrap_or_default().to_string())
         };
+        debug_assert!(self.kind.watchable() || self.fields.is_empty());
         self.labels.iter().all(|r| match r {
             Requirement::Eq(k, v) => label(k) == Some(v),
             Requirement::Ne(k, v) => label(k) != Some(v),
@@ -718,8 +927,8 @@ impl Filter {
             Requirement::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
             Requirement::NotIn(k, vs) => label(k).is_none_or(|l| vs.iter().all(|v| v != l)),
         }) && self.fields.iter().all(|r| match r {
-            Requirement::Eq(k, v) => field(k) == Some(v),
-            Requirement::Ne(k, v) => field(k) != Some(v),
+            Requirement::Eq(k, v) => field(k).as_ref() == Some(v),
+            Requirement::Ne(k, v) => field(k).as_ref() != Some(v),
             _ => true,
         })
     }
@@ -767,7 +976,10 @@ impl ApiSim {
             (Some(r), Some(v))
                 if r.kind.allows(v) || (v == Verb::Watch && r.kind.allows(Verb::List)) =>
             {
-                if v == Verb::Watch && !matches!(r.kind, Kind::Node | Kind::UnderlayNode) {
+                let all_namespaces = r.kind.namespaced() && r.namespace.is_empty();
+                if (v == Verb::Watch && !r.kind.watchable())
+                    || (all_namespaces && !matches!(v, Verb::List | Verb::Watch))
+                {
                     (None, None)
                 } else {
                     (Some(r), Some(v))
@@ -797,7 +1009,11 @@ impl ApiSim {
                     .get("timeoutSeconds")
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(300);
-                self.watch(route.kind, filter, since, Duration::from_secs(timeout))
+                let compacted = self.lock().compacted;
+                match since {
+                    Some(rv) if rv < compacted => gone(rv, compacted),
+                    _ => self.watch(route.kind, filter, since, Duration::from_secs(timeout)),
+                }
             });
             record.status = match &result {
                 Ok(_) => 200,
@@ -911,10 +1127,33 @@ impl ApiSim {
                         format!("{} {name:?} already exists", kind.plural()),
                     ));
                 }
-                if kind == Kind::UnderlayNode
-                    && let Some(m) = value.as_object_mut()
+                if kind.needs_namespace()
+                    && !st
+                        .objects
+                        .get(&Kind::Namespace)
+                        .is_some_and(|m| m.contains_key(&(String::new(), key.0.clone())))
                 {
-                    m.remove("status");
+                    return Err(fail(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        format!("namespaces {:?} not found", key.0),
+                    ));
+                }
+                match kind {
+                    Kind::UnderlayNode => {
+                        if let Some(m) = value.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                    // Status sent on create is reset, as the API server's create strategies do.
+                    Kind::Pod => value["status"] = json!({ "phase": "Pending" }),
+                    Kind::Namespace => {
+                        value["status"] = json!({ "phase": "Active" });
+                        if value["spec"]["finalizers"].is_null() {
+                            value["spec"]["finalizers"] = json!(["kubernetes"]);
+                        }
+                    }
+                    _ => {}
                 }
                 if let Some(m) = value["metadata"].as_object_mut() {
                     m.remove("resourceVersion");
@@ -1050,6 +1289,9 @@ impl ApiSim {
                     return Ok((StatusCode::OK, old));
                 }
                 if finalizers_empty(&old) {
+                    if kind == Kind::Namespace {
+                        st.delete_namespace_contents(&key.1);
+                    }
                     st.delete_now(kind, key, old.clone());
                     Ok((StatusCode::OK, old))
                 } else {
@@ -1113,6 +1355,7 @@ impl ApiSim {
                 async move {
                     loop {
                         if let Some(ev) = s.pending.pop() {
+                            *s.sim.lock().delivered.entry(kind).or_default() += 1;
                             let mut line = ev.to_string();
                             line.push('\n');
                             return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), s));
@@ -1120,6 +1363,18 @@ impl ApiSim {
                         {
                             let st = s.sim.lock();
                             if st.unreachable {
+                                return None;
+                            }
+                            if s.cursor < st.compacted {
+                                // The watch fell behind the kept history: end it as the API server does.
+                                let ev = expired_event(s.cursor, st.compacted);
+                                drop(st);
+                                s.pending.clear();
+                                s.pending.push(ev);
+                                s.cursor = u64::MAX;
+                                continue;
+                            }
+                            if s.cursor == u64::MAX {
                                 return None;
                             }
                             let start = st.history.partition_point(|e| e.rv <= s.cursor);
@@ -1170,6 +1425,28 @@ fn conflict(kind: Kind, name: &str) -> Failure {
             kind.plural()
         ),
     )
+}
+
+/// The watch event that ends a watch whose resourceVersion is older than the kept history.
+fn expired_event(rv: u64, compacted: u64) -> Value {
+    let f = fail(
+        StatusCode::GONE,
+        "Expired",
+        format!("too old resource version: {rv} ({compacted})"),
+    );
+    json!({ "type": "ERROR", "object": status_object(&f) })
+}
+
+/// The answer to a watch from a compacted resourceVersion: 200 and one ERROR event carrying a 410 `Status`,
+/// as the API server's watch cache answers (clients such as kube-runtime's watcher then re-list).
+fn gone(rv: u64, compacted: u64) -> Response<ResponseBody> {
+    let mut line = expired_event(rv, compacted).to_string();
+    line.push('\n');
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(line)).boxed_unsync())
+        .expect("static response parts")
 }
 
 /// Record `fieldManager` of the request in `metadata.managedFields` (manager and operation only).

@@ -269,6 +269,13 @@ fn rbac_allows_exactly_what_the_code_calls() {
                 &["get", "list", "watch", "create", "patch", "delete"]
             ),
             rule(&[group], &["underlaynodes/status"], &[], &["patch"]),
+            rule(
+                &["networking.k8s.io"],
+                &["networkpolicies"],
+                &[],
+                &["list", "watch"]
+            ),
+            rule(&["events.k8s.io"], &["events"], &[], &["create", "patch"]),
         ]
     );
     let lease = find(&all, "Role", "underlay-controller-lease");
@@ -303,8 +310,21 @@ fn rbac_allows_exactly_what_the_code_calls() {
         vec![
             rule(&[group], &["underlaynodes"], &[], &["list", "watch"]),
             rule(&[group], &["underlaynodes/status"], &[], &["get", "patch"]),
-            rule(&[""], &["pods"], &[], &["list", "watch"]),
+            rule(&[""], &["namespaces", "pods"], &[], &["list", "watch"]),
+            rule(
+                &["networking.k8s.io"],
+                &["networkpolicies"],
+                &[],
+                &["list", "watch"]
+            ),
         ]
+    );
+    assert!(
+        agent
+            .iter()
+            .all(|r| !r.3.iter().any(|v| v != "list" && v != "watch")
+                || r.1.iter().all(|x| x.starts_with("underlaynodes"))),
+        "the agent only reads policy inputs"
     );
     assert!(
         agent.iter().all(|r| !r.1.iter().any(|x| x == "nodes")),

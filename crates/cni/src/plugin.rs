@@ -57,6 +57,9 @@ pub fn ipam_error(e: ClientError) -> CniError {
     let msg = match &e {
         ClientError::AgentUnavailable { .. } => "the underlay agent is not running".to_string(),
         ClientError::PoolExhausted(_) => "no free pod address on this node".to_string(),
+        ClientError::NotReady(m) => {
+            format!("the underlay agent cannot enforce this pod's network policy yet: {m}")
+        }
         _ => "IPAM request to the underlay agent failed".to_string(),
     };
     CniError::new(c, msg).with_details(e)
@@ -504,6 +507,9 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         };
         assert_eq!(ipam_error(unavailable).code, code::TRY_AGAIN_LATER);
+        let not_ready = ipam_error(ClientError::NotReady("pod x/a is not in the inputs".into()));
+        assert_eq!(not_ready.code, code::TRY_AGAIN_LATER);
+        assert!(not_ready.msg.contains("pod x/a"), "{}", not_ready.msg);
         assert_eq!(
             ipam_error(ClientError::PoolExhausted("full".into())).code,
             code::TRY_AGAIN_LATER

@@ -33,6 +33,7 @@ pub mod lanes;
 pub mod lease;
 pub mod metrics;
 pub mod objects;
+pub mod policy_events;
 pub mod probe;
 pub mod routed;
 pub mod routes;

@@ -20,6 +20,7 @@ pub mod nft;
 pub mod node;
 pub mod owned;
 pub mod planner;
+pub mod policy;
 mod prefix;
 pub mod routeops;
 pub mod topology;

@@ -96,6 +96,14 @@ pub const NFT_PRIORITY_IMDS_GUARD: i32 = -10;
 pub const LABEL_IMDS_ACCESS: &str = "underlay.dev/imds-access";
 /// The value of [`LABEL_IMDS_ACCESS`] that opts in; any other value is no opt-in.
 pub const IMDS_ACCESS_ALLOW: &str = "allow";
+/// Every base-ruleset chain name any release has used: `Ruleset::render` replaces each of them (so a chain a
+/// new release drops does not linger), and nothing else in the table. Add names here; never remove one.
+pub const NFT_BASE_CHAINS: &[&str] = &[
+    NFT_CHAIN_RAW_PREROUTING,
+    NFT_CHAIN_FORWARD,
+    NFT_CHAIN_NAT_POSTROUTING,
+    NFT_CHAIN_IMDS_GUARD,
+];
 /// Their hook priorities (the kernel's NF_IP_PRI_RAW, NF_IP_PRI_FILTER, NF_IP_PRI_NAT_SRC).
 pub const NFT_PRIORITY_RAW: i32 = -300;
 pub const NFT_PRIORITY_FILTER: i32 = 0;
@@ -117,3 +125,19 @@ pub const LEADER_LEASE: &str = "underlay-controller";
 /// Annotation on every routed-mode UnderlayNode: the pod-CIDR region of its subnet in the current plan. With the
 /// blocks and forwarder routes in the status, it lets a new leader rebuild the previous plan (blocks never move).
 pub const ANNOTATION_SUBNET_REGION: &str = "underlay.dev/subnet-region";
+/// Network policy: every nftables object the policy datapath owns in the `inet underlay` table starts with
+/// this prefix. The base ruleset's replacement never touches them, and its read-back ignores them.
+pub const NFT_POLICY_PREFIX: &str = "pol_";
+/// Policy base chains: the source pod's egress on forwarded packets, the destination pod's ingress on
+/// forwarded packets, and the source pod's egress on packets to the node itself.
+pub const NFT_CHAIN_POLICY_FORWARD_EGRESS: &str = "pol_forward_egress";
+pub const NFT_CHAIN_POLICY_FORWARD_INGRESS: &str = "pol_forward_ingress";
+pub const NFT_CHAIN_POLICY_INPUT_EGRESS: &str = "pol_input_egress";
+/// Policy verdict maps, keyed by a pod's host veth name: `iifname` (egress) and `oifname` (ingress) to the
+/// chain of the policies selecting that pod.
+pub const NFT_MAP_POLICY_EGRESS_IF: &str = "pol_egress_if";
+pub const NFT_MAP_POLICY_INGRESS_IF: &str = "pol_ingress_if";
+/// Priorities of the policy base chains: after the base ruleset's filter chains, egress before ingress (each
+/// direction is its own base chain, so an `accept` in one still leaves the packet to the other).
+pub const NFT_PRIORITY_POLICY_EGRESS: i32 = 10;
+pub const NFT_PRIORITY_POLICY_INGRESS: i32 = 20;

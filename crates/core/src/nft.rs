@@ -2,18 +2,23 @@
 //! one `nft -f` batch that replaces exactly that table and nothing else.
 //!
 //! ```text
-//!   RoutedNodeSpec ──► Ruleset::routed(spec) ──► render() ──► "table inet underlay / delete table … / table … { … }"
+//!   RoutedNodeSpec ──► Ruleset::routed(spec) ──► render() ──► "table inet underlay / delete chain … / table … { … }"
 //!   EniNodeSpec    ──► eni::ruleset(spec)   ──┘        (both end with the IMDS guard: Ruleset::with_imds_guard)
 //!   opted-in pods' addresses ──► plan_set_elements(observed, wanted) ──► "add/delete element …" (no table rewrite)
 //! ```
+//!
+//! The table is shared with the network policy datapath ([`crate::policy`]), whose objects all start with
+//! [`names::NFT_POLICY_PREFIX`]: the base ruleset replaces its own chains one by one (never the whole table),
+//! and its read-back ignores policy chains, so neither can wipe or fight the other.
 //!
 //! The IMDS guard ([`Ruleset::with_imds_guard`]) is a base chain of its own (`imds_guard`, forward hook, before
 //! every filter chain) and a named set (`imds_allowed`): forwarded packets to the instance metadata service,
 //! `169.254.169.254` and `[fd00:ec2::254]`, are dropped unless their IPv4 source is in the set. The node's own
 //! requests are not forwarded (output hook) and pass. The set's declaration belongs to the table (and to its
 //! fingerprint); its elements, the addresses of the pods that opted in, do not: they change per pod, so the agent
-//! adds and deletes them by [`plan_set_elements`] and re-adds them in the batch that replaces the table
-//! ([`Ruleset::render_with_elements`]).
+//! adds and deletes them by [`plan_set_elements`]. A replace of the base chains declares the set again (a no-op
+//! when it exists, so its elements survive) and re-adds the wanted elements in the same batch
+//! ([`Ruleset::render_with_elements`]), so a first install or a set a restart lost is whole in one transaction.
 //!
 //! Every rule carries the comment `<rule id>@<fingerprint>`, the fingerprint being a digest of the whole
 //! rendered table. The agent reads the `(chain, comment)` pairs back from `nft -j list table` (nft 1.0's JSON
@@ -215,12 +220,14 @@ impl Ruleset {
         self
     }
 
-    /// [`Ruleset::render`], followed in the same batch by the elements of its sets (those `elements` names for a
-    /// set the ruleset declares): the replace recreates the sets empty, so a batch without them would drop every
-    /// element for good.
+    /// [`Ruleset::render`], followed in the same batch by each declared set's flush and then its elements (those
+    /// `elements` names for it): the replace keeps an existing set and its elements, so the flush is what makes
+    /// the set hold exactly `elements` when the batch commits, with no instant in which it is empty.
     pub fn render_with_elements(&self, elements: &SetElements) -> String {
+        let (f, t) = (names::NFT_FAMILY, names::NFT_TABLE);
         let mut s = self.render();
         for set in &self.sets {
+            let _ = writeln!(s, "flush set {f} {t} {}", set.name);
             if let Some(addrs) = elements.get(&set.name).filter(|a| !a.is_empty()) {
                 s.push_str(&render_elements("add", &set.name, addrs));
             }
@@ -303,15 +310,29 @@ impl Ruleset {
         format!("{h:016x}")
     }
 
-    /// One `nft -f` batch that atomically replaces `inet underlay` and touches no other table: declaring the
-    /// table first makes the delete succeed when it does not exist yet; the kernel applies the batch as one
-    /// transaction, so no packet ever sees the table half-written or missing.
+    /// One `nft -f` batch that atomically replaces the base chains of `inet underlay` (this ruleset's and every
+    /// base chain name in [`names::NFT_BASE_CHAINS`]) and touches nothing else, neither another table nor the
+    /// policy objects in this one. Declaring each chain first makes its flush and delete succeed when it does
+    /// not exist yet; the kernel applies the batch as one transaction, so no packet ever sees a chain
+    /// half-written or missing.
     pub fn render(&self) -> String {
         let (f, t) = (names::NFT_FAMILY, names::NFT_TABLE);
-        format!(
-            "table {f} {t}\ndelete table {f} {t}\ntable {f} {t} {{\n{}}}\n",
+        let mut replaced: BTreeSet<&str> = names::NFT_BASE_CHAINS.iter().copied().collect();
+        replaced.extend(self.chains.iter().map(|c| c.name.as_str()));
+        let mut s = format!("table {f} {t}\n");
+        for c in replaced {
+            debug_assert!(!c.starts_with(names::NFT_POLICY_PREFIX));
+            let _ = writeln!(
+                s,
+                "add chain {f} {t} {c}\nflush chain {f} {t} {c}\ndelete chain {f} {t} {c}"
+            );
+        }
+        let _ = write!(
+            s,
+            "table {f} {t} {{\n{}}}\n",
             self.render_body(Some(&self.fingerprint()))
-        )
+        );
+        s
     }
 
     /// The batch that removes the table (and only it).
@@ -390,9 +411,16 @@ pub struct ObservedNft {
 }
 
 impl ObservedNft {
-    /// True when the table holds exactly the rules `want` renders.
+    /// True when the table's base chains hold exactly the rules `want` renders (policy chains, named with
+    /// [`names::NFT_POLICY_PREFIX`], are the policy datapath's and not compared).
     pub fn matches(&self, want: &Ruleset) -> bool {
-        self.rules == want.rule_ids()
+        let base: BTreeSet<(String, String)> = self
+            .rules
+            .iter()
+            .filter(|(chain, _)| !chain.starts_with(names::NFT_POLICY_PREFIX))
+            .cloned()
+            .collect();
+        base == want.rule_ids()
     }
 }
 
@@ -445,7 +473,12 @@ mod tests {
             "{text}"
         );
         // Elements are not part of the fingerprint: an opt-in does not rewrite the table.
-        assert_eq!(rs.render(), rs.render_with_elements(&SetElements::new()));
+        assert_eq!(rs.fingerprint(), guard_only().fingerprint());
+        // The replace keeps the set; the flush in the same batch drops elements no longer wanted.
+        assert_eq!(
+            rs.render_with_elements(&SetElements::new()),
+            format!("{}flush set inet underlay imds_allowed\n", rs.render())
+        );
         let have: SetElements = [(set.clone(), addrs(&["100.64.0.3", "100.64.0.9"]))].into();
         assert_eq!(
             plan_set_elements(&rs, &have, &want).unwrap(),

@@ -139,6 +139,10 @@ pub enum ClientError {
     /// No free address right now (all allocated or cooling down). Retryable.
     #[error("{0}")]
     PoolExhausted(String),
+    /// The agent cannot set the pod up correctly yet (its network policy inputs are not synced or do not hold
+    /// the pod); the message names what is missing. Retryable (CNI error 11).
+    #[error("{0}")]
+    NotReady(String),
     /// The agent refused the request as malformed. Not retryable.
     #[error("invalid IPAM request: {0}")]
     InvalidRequest(String),
@@ -159,6 +163,7 @@ impl ClientError {
         match self {
             ClientError::AgentUnavailable { .. }
             | ClientError::PoolExhausted(_)
+            | ClientError::NotReady(_)
             | ClientError::Transport(_) => true,
             ClientError::Internal { retryable, .. } => *retryable,
             ClientError::InvalidRequest(_) | ClientError::Protocol(_) => false,
@@ -169,6 +174,7 @@ impl ClientError {
         match e.code() {
             ErrorCode::PoolExhausted => ClientError::PoolExhausted(e.message),
             ErrorCode::InvalidRequest => ClientError::InvalidRequest(e.message),
+            ErrorCode::NotReady => ClientError::NotReady(e.message),
             ErrorCode::Internal | ErrorCode::Unspecified => ClientError::Internal {
                 message: e.message,
                 retryable: e.retryable,

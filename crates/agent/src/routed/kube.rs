@@ -79,6 +79,9 @@ pub struct KubeAgentOptions {
     /// Watch this node's pods labelled `underlay.dev/imds-access=allow` and let their addresses reach IMDS
     /// ([`crate::imds`]). Off: no pod reaches IMDS.
     pub imds_opt_ins: bool,
+    /// Enforce NetworkPolicy ([`crate::policy`], inputs from [`crate::policy_api`]): ADD waits for each pod's
+    /// policy state. Off: every pod is reachable, whatever the policies say.
+    pub network_policy: bool,
 }
 
 impl KubeAgentOptions {
@@ -95,6 +98,7 @@ impl KubeAgentOptions {
             status_interval: DEFAULT_STATUS_INTERVAL,
             metrics: crate::metrics::AgentMetrics::new(),
             imds_opt_ins: true,
+            network_policy: true,
         }
     }
 }
@@ -414,6 +418,13 @@ pub async fn run_routed_on_kube(
         node_agent.imds_allowed().clone(),
         node_agent.netns().path().to_owned(),
     );
+    let policy = crate::policy_api::spawn_enforcement(
+        opts.network_policy,
+        client.clone(),
+        &opts.node_name,
+        node_agent.netns().path().to_owned(),
+        opts.metrics.clone(),
+    );
     let api: Api<UnderlayNode> = Api::all(client);
     let cache = RecordCache::beside(&config.checkpoint);
     let cached = cache.load(&opts.node_name);
@@ -465,6 +476,9 @@ pub async fn run_routed_on_kube(
                 Ok(service) => {
                     let service = Arc::new(service);
                     service.set_metrics(opts.metrics.clone());
+                    if let Some(p) = &policy {
+                        service.set_policy(p.engine.clone());
+                    }
                     shared.set_served(spec.pod_block);
                     let _ = shared.ipam.set(service.clone());
                     shared.ready.update(|s| s.pool_present = true);
@@ -475,6 +489,9 @@ pub async fn run_routed_on_kube(
             }
         }
     };
+    if let Some(p) = policy {
+        tasks.push(p.task);
+    }
     for t in tasks.drain(..) {
         t.abort();
     }

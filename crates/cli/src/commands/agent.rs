@@ -65,6 +65,10 @@ pub struct Args {
     /// ENI with the pod's address (a NAT gateway translates it).
     #[arg(long, requires = "kube")]
     external_snat: bool,
+    /// With --kube: do not enforce NetworkPolicy (no policy watches; ADD never waits for a pod's policy state).
+    /// For clusters that enforce policy with another component.
+    #[arg(long, requires = "kube")]
+    no_network_policy: bool,
     /// With --kube: a VPC CIDR (repeat for each).
     #[arg(long, value_name = "CIDR", requires = "kube")]
     vpc_cidr: Vec<Ipv4Net>,
@@ -177,6 +181,7 @@ fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
     let vpc_cidrs = std::mem::take(&mut args.vpc_cidr);
     let pod_cidr = args.pod_cidr;
     let external_snat = args.external_snat;
+    let network_policy = !args.no_network_policy;
     let netns = args.netns.take();
     let health_addr = args.health_addr;
     let config = resolve(args, false)?;
@@ -192,6 +197,7 @@ fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
                 let pod_cidr = pod_cidr.context("routed mode needs --pod-cidr")?;
                 let mut opts = KubeAgentOptions::new(node_name, pod_cidr, vpc_cidrs);
                 opts.netns = netns;
+                opts.network_policy = network_policy;
                 if let Some(a) = health_addr {
                     opts.health_addr = a;
                 }
@@ -202,6 +208,7 @@ fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
                 let mut opts = EniKubeOptions::new(node_name, vpc_cidrs);
                 opts.netns = netns;
                 opts.external_snat = external_snat;
+                opts.network_policy = network_policy;
                 if let Some(a) = health_addr {
                     opts.health_addr = a;
                 }

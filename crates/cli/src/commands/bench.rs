@@ -17,6 +17,9 @@ enum Kind {
     /// eni mode: N nodes join at once; time until every pool is at its targets, EC2 calls, throttles, and the
     /// token-bucket lower bound.
     Scaleout(super::bench_scaleout::Args),
+    /// NetworkPolicy: event → kernel, CNI ADD and pod↔pod latency/throughput with and without policies, nft
+    /// objects and memory, on the x/y/z lab.
+    Policy(super::bench_policy::Args),
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -25,5 +28,6 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Kind::Cni(a) => super::bench_cni::exec(a),
         Kind::Lab(a) => super::bench_lab::exec(a),
         Kind::Scaleout(a) => super::bench_scaleout::exec(a),
+        Kind::Policy(a) => super::bench_policy::exec(a),
     }
 }

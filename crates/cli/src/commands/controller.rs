@@ -19,6 +19,7 @@ use underlay_controller::eni::kube::{DEFAULT_ENI_RESYNC, run_eni_on_kube};
 use underlay_controller::metrics::{
     ControllerHealth, ControllerMetrics, MetricsServer, STALE_PASSES, observe,
 };
+use underlay_controller::policy_events::{PolicyCheckMetrics, run_policy_check};
 use underlay_controller::{CloudLanes, ControllerConfig, NodeSelector, RoutedConfig, TwoLanes};
 use underlay_controller::{KubeOptions, run_routed_on_kube};
 use underlay_core::eni_pool::{AddressMode, Targets};
@@ -188,6 +189,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let mut registry = Registry::default();
         let cloud_metrics = CloudMetrics::register(&mut registry);
         let metrics = ControllerMetrics::register(&mut registry);
+        let policy_metrics = PolicyCheckMetrics::register(&mut registry);
         let resync = if eni.is_some() {
             DEFAULT_ENI_RESYNC
         } else {
@@ -221,6 +223,12 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             .context("no Kubernetes client configuration (in-cluster or kubeconfig)")?;
         health.set_client(true);
         let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+        // NetworkPolicies the agents cannot fully enforce: one Event each, from the leader.
+        tokio::spawn(run_policy_check(
+            client.clone(),
+            policy_metrics,
+            Some(leading_rx.clone()),
+        ));
         let (events_tx, events_rx) = tokio::sync::broadcast::channel(1024);
         tokio::spawn(observe(metrics, health.clone(), events_rx, leading_rx));
         let mut opts = KubeOptions {

@@ -147,6 +147,9 @@ enum Cmd {
         #[arg(long, alias = "no-churn")]
         no_failover: bool,
     },
+    /// NetworkPolicy as the Kubernetes e2e suite tests it: namespaces x, y, z with pods a, b, c serving TCP, UDP
+    /// and SCTP on 80 and 81; the e2e cases (or `--cases FILE`), every pair, port and protocol checked after each.
+    Policy(super::lab_policy::PolicyArgs),
     /// The background process behind `up` (not for direct use).
     #[command(hide = true)]
     Serve {
@@ -172,6 +175,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Cmd::Fail { node, target } => request(&target, json!({"cmd": "fail", "node": node})),
         Cmd::Recover { node, target } => request(&target, json!({"cmd": "recover", "node": node})),
         Cmd::Down { name } => down(&name),
+        Cmd::Policy(a) => super::lab_policy::exec(a),
     }
 }
 

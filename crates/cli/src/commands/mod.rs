@@ -5,12 +5,14 @@ pub mod bench;
 pub mod bench_cni;
 pub mod bench_lab;
 pub mod bench_plan;
+pub mod bench_policy;
 pub mod bench_scaleout;
 pub mod controller;
 pub mod crd;
 pub mod iam_policy;
 pub mod inspect;
 pub mod lab;
+pub mod lab_policy;
 pub mod names;
 pub mod plan;
 

@@ -259,6 +259,7 @@ impl Lab {
             "DEL",
             &pod.container_id,
             &pod.netns,
+            None,
         )
         .with_context(|| format!("removing {} from {}", pod.name, node.name))?;
         kernel::netns_del(&pod.netns)?;

@@ -17,6 +17,7 @@ mod check;
 mod churn;
 mod echo;
 mod failover;
+pub mod policy;
 mod report;
 
 use std::collections::BTreeMap;
@@ -555,6 +556,7 @@ impl Lab {
                         metrics: underlay_agent::AgentMetrics::new(),
                         // The API stand-in serves no Pods yet: no pod of the lab opts in to IMDS.
                         imds_opt_ins: false,
+                        network_policy: true,
                     };
                     underlay_agent::routed::kube::run_routed_on_kube(
                         config,
@@ -827,39 +829,10 @@ impl Lab {
     }
 
     fn add_pod(&self, n: usize, k: usize) -> anyhow::Result<LabPod> {
-        let node = &self.nodes[n];
         let name = format!("pod-{n}-{k}");
         let netns = format!("{}p{n}x{k}", self.id.netns_prefix());
-        kernel::netns_add(&netns)?;
         let container_id = format!("{:0>12x}{:0>4x}{:0>4x}", self.config.seed, n, k);
-        // Eni mode: a full pool is "try again later" (the controller assigns more addresses as poolUsed grows, as
-        // kubelet retries a pod's sandbox); bounded.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let reply = loop {
-            let r = cni(
-                &self.config.cni_plugin,
-                &node.netns,
-                &node.dir.join("net.d").join(names::CNI_CONFLIST),
-                "ADD",
-                &container_id,
-                &netns,
-            );
-            match r {
-                Err(e)
-                    if self.config.mode == underlay_api::Mode::Eni
-                        && e.to_string().contains("exhausted")
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                r => break r.with_context(|| format!("wiring {name} on {}", node.name))?,
-            }
-        };
-        let ip = reply["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no address in the CNI result: {reply}"))?;
+        let ip = self.wire_pod(n, &name, &netns, &container_id, None)?;
         Ok(LabPod {
             name,
             netns,
@@ -867,6 +840,59 @@ impl Lab {
             ip,
             container_id,
         })
+    }
+
+    /// Creates the pod namespace `netns` and wires it on node `n` with `underlay-cni` ADD, as kubelet would: with
+    /// `K8S_POD_NAMESPACE`/`K8S_POD_NAME` in `CNI_ARGS` when the pod has a Kubernetes identity. Returns its address.
+    pub(crate) fn wire_pod(
+        &self,
+        n: usize,
+        name: &str,
+        netns: &str,
+        container_id: &str,
+        identity: Option<(&str, &str)>,
+    ) -> anyhow::Result<Ipv4Addr> {
+        let node = &self.nodes[n];
+        // A caller may have made the namespace already (to have a process in it before the sandbox is wired).
+        if !std::path::Path::new("/var/run/netns").join(netns).exists() {
+            kernel::netns_add(netns)?;
+        }
+        let args = identity.map(|(ns, pod)| {
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+            )
+        });
+        // Eni mode: a full pool is "try again later" (the controller assigns more addresses as poolUsed grows, as
+        // kubelet retries a pod's sandbox); so is CNI error 11 in either mode (the agent does not know the pod's
+        // network policy yet: its watch has not delivered the Pod). Bounded.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let reply = loop {
+            let r = cni(
+                &self.config.cni_plugin,
+                &node.netns,
+                &node.dir.join("net.d").join(names::CNI_CONFLIST),
+                "ADD",
+                container_id,
+                netns,
+                args.as_deref(),
+            );
+            match r {
+                Err(e)
+                    if Instant::now() < deadline
+                        && (self.config.mode == underlay_api::Mode::Eni
+                            && e.to_string().contains("exhausted")
+                            || is_try_again_later(&e)) =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => break r.with_context(|| format!("wiring {name} on {}", node.name))?,
+            }
+        };
+        reply["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in the CNI result: {reply}"))
     }
 
     /// Counts of VPC routes inside the pod CIDR per managed table, and their limit.
@@ -1056,6 +1082,7 @@ fn cni(
     command: &str,
     container_id: &str,
     pod_ns: &str,
+    cni_args: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     use std::io::Write;
     let list: serde_json::Value = serde_json::from_slice(
@@ -1064,7 +1091,11 @@ fn cni(
     let mut conf = list["plugins"][0].clone();
     conf["cniVersion"] = list["cniVersion"].clone();
     conf["name"] = list["name"].clone();
-    let mut child = std::process::Command::new("nsenter")
+    let mut nsenter = std::process::Command::new("nsenter");
+    if let Some(a) = cni_args {
+        nsenter.env("CNI_ARGS", a);
+    }
+    let mut child = nsenter
         .arg(format!("--net=/var/run/netns/{node_ns}"))
         .arg(plugin)
         .env("CNI_COMMAND", command)
@@ -1097,4 +1128,17 @@ fn cni(
         return Ok(serde_json::Value::Null);
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Whether a failed plugin call answered CNI error 11, "try again later" (the runtime retries the sandbox). The
+/// plugin prints its error as one JSON object on stdout.
+fn is_try_again_later(e: &anyhow::Error) -> bool {
+    const TRY_AGAIN_LATER: u32 = 11;
+    let text = e.to_string();
+    let Some(start) = text.find('{') else {
+        return false;
+    };
+    let mut de =
+        serde_json::Deserializer::from_str(&text[start..]).into_iter::<serde_json::Value>();
+    matches!(de.next(), Some(Ok(v)) if v["code"] == TRY_AGAIN_LATER)
 }

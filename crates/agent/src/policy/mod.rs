@@ -1,0 +1,286 @@
+//! Network policy on the node: the compiled model of [`underlay_core::policy`] kept in the kernel, and the
+//! admission of each new pod at CNI ADD.
+//!
+//! ```text
+//!   API follower ──► PolicyInputs::publish(Cluster snapshot) ─┐
+//!   IPAM Allocate (ADD) ──► PolicyEngine::admit(pod, veth, ip) ┼─► compile(inputs, local pods) ─► diff(installed)
+//!   IPAM Release / Gc (DEL) ──► PolicyEngine::forget(key) ─────┘        ─► one nft -f transaction ─► installed
+//! ```
+//!
+//! Before the first packet: ADD allocates the address, then asks [`PolicyEngine::admit`], which returns only
+//! once the pod's policy state (its verdict-map entries, its address in its peers' sets) is committed, keyed
+//! by the host veth name the plugin creates afterwards. So the veth is born into the right state. When the
+//! inputs are not synced yet, or do not hold the pod, admission fails with a retryable "not ready" error that
+//! names what is missing (the plugin answers CNI error 11), and nothing is guessed.
+//!
+//! Restart: the kernel keeps the previous agent's policy objects (nothing is opened meanwhile); the first
+//! transaction of the new agent, once inputs arrive, replaces all of them with the state rebuilt from the
+//! inputs and the IPAM checkpoint's attachments (`render_install`), atomically.
+
+pub mod nft;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use underlay_core::policy::diff::{self, PolicyObjects};
+use underlay_core::policy::{Cluster, LocalPod, PolicyModel, PolicyWarning, compile};
+
+use crate::metrics::AgentMetrics;
+pub use nft::{NsNft, PolicyNft};
+
+/// Why a policy step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// The inputs cannot decide yet; ADD answers "try again later" with this text.
+    #[error("network policy not ready: {0}")]
+    NotReady(String),
+    #[error("nft: {0}")]
+    Nft(String),
+}
+
+/// What the API follower feeds: complete snapshots of the policy inputs this node needs. The first call marks
+/// the inputs synced; until then no pod is admitted.
+pub trait PolicyInputs: Send + Sync {
+    fn publish(&self, inputs: Cluster);
+}
+
+/// An attachment: the IPAM key (container id, interface).
+pub type AttachmentKey = (String, String);
+
+#[derive(Debug, Default)]
+struct State {
+    inputs: Option<Arc<Cluster>>,
+    local: BTreeMap<AttachmentKey, LocalPod>,
+    /// What this process last committed; `None` until its first transaction (which replaces whatever a
+    /// previous agent left).
+    installed: Option<PolicyModel>,
+    warnings: Vec<PolicyWarning>,
+    unknown: Vec<String>,
+}
+
+/// The node's policy engine. Every change is serialized under one lock and committed as one transaction.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    state: Mutex<State>,
+    nft: Box<dyn PolicyNft>,
+    metrics: OnceLock<AgentMetrics>,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// No inputs yet: the kernel was left as it was.
+    Waiting,
+    /// The kernel already held the compiled state.
+    Unchanged,
+    /// A transaction of this many ops was committed (`full`: the install that replaces everything).
+    Applied { ops: usize, full: bool },
+}
+
+impl PolicyEngine {
+    pub fn new(nft: Box<dyn PolicyNft>) -> Self {
+        PolicyEngine {
+            state: Mutex::new(State::default()),
+            nft,
+            metrics: OnceLock::new(),
+        }
+    }
+
+    pub fn set_metrics(&self, metrics: AgentMetrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // State is only replaced whole after a successful commit; a panic leaves it consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers the attachments that exist already (from the IPAM checkpoint at start), without applying:
+    /// the first sync with inputs installs them all.
+    pub fn restore(&self, attachments: impl IntoIterator<Item = (AttachmentKey, LocalPod)>) {
+        let mut g = self.lock();
+        for (k, p) in attachments {
+            if !p.namespace.is_empty() && !p.name.is_empty() {
+                g.local.insert(k, p);
+            }
+        }
+    }
+
+    /// Replaces the inputs and brings the kernel to them.
+    pub fn set_inputs(&self, inputs: Cluster) -> Result<SyncOutcome, PolicyError> {
+        let started = Instant::now();
+        let mut g = self.lock();
+        g.inputs = Some(Arc::new(inputs));
+        self.sync(&mut g, started)
+    }
+
+    /// Whether inputs have arrived.
+    pub fn synced(&self) -> bool {
+        self.lock().inputs.is_some()
+    }
+
+    /// ADD: commits the state of the pod `pod` attached as `key` (an address already allocated), and returns
+    /// once it is in the kernel. A pod without Kubernetes identity (empty namespace or name) is no policy's
+    /// and is admitted as is.
+    pub fn admit(&self, key: AttachmentKey, pod: LocalPod) -> Result<(), PolicyError> {
+        let started = Instant::now();
+        let result = self.admit_inner(key, pod, started);
+        if let Some(m) = self.metrics.get() {
+            m.record_policy_admission(match &result {
+                Ok(()) => "ok",
+                Err(PolicyError::NotReady(_)) => "not_ready",
+                Err(_) => "error",
+            });
+        }
+        result
+    }
+
+    fn admit_inner(
+        &self,
+        key: AttachmentKey,
+        pod: LocalPod,
+        started: Instant,
+    ) -> Result<(), PolicyError> {
+        if pod.namespace.is_empty() || pod.name.is_empty() {
+            return Ok(());
+        }
+        let mut g = self.lock();
+        Self::check_known(&g, &pod.namespace, &pod.name)?;
+        let previous = g.local.insert(key.clone(), pod);
+        match self.sync(&mut g, started) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                match previous {
+                    Some(p) => g.local.insert(key, p),
+                    None => g.local.remove(&key),
+                };
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether ADD of `namespace/name` can be admitted now (checked before an address is allocated).
+    pub fn ready_for(&self, namespace: &str, name: &str) -> Result<(), PolicyError> {
+        if namespace.is_empty() || name.is_empty() {
+            return Ok(());
+        }
+        Self::check_known(&self.lock(), namespace, name)
+    }
+
+    fn check_known(g: &State, namespace: &str, name: &str) -> Result<(), PolicyError> {
+        let Some(inputs) = &g.inputs else {
+            return Err(PolicyError::NotReady(
+                "the agent has not synced NetworkPolicies, Pods and Namespaces from the API server yet".into(),
+            ));
+        };
+        if !inputs
+            .pods
+            .iter()
+            .any(|p| p.namespace == namespace && p.name == name)
+        {
+            return Err(PolicyError::NotReady(format!(
+                "pod {namespace}/{name} is not in the agent's policy inputs yet (its labels decide which \
+                 policies select it)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// DEL: the attachment is gone; its state leaves the kernel. Never fails DEL: an error is logged and the
+    /// next sync retries.
+    pub fn forget(&self, key: &AttachmentKey) {
+        let started = Instant::now();
+        let mut g = self.lock();
+        if g.local.remove(key).is_none() {
+            return;
+        }
+        if let Err(e) = self.sync(&mut g, started) {
+            tracing::warn!(error = %e, container = %key.0, "policy state of a deleted pod not removed yet");
+        }
+    }
+
+    /// Problems of the policies selecting this node's pods (for the API side's Events).
+    pub fn warnings(&self) -> Vec<PolicyWarning> {
+        self.lock().warnings.clone()
+    }
+
+    /// The model last committed.
+    pub fn installed(&self) -> Option<PolicyModel> {
+        self.lock().installed.clone()
+    }
+
+    /// Re-applies the compiled state (drift repair, retries after a failed transaction).
+    pub fn resync(&self) -> Result<SyncOutcome, PolicyError> {
+        let started = Instant::now();
+        let mut g = self.lock();
+        self.sync(&mut g, started)
+    }
+
+    fn sync(&self, g: &mut State, started: Instant) -> Result<SyncOutcome, PolicyError> {
+        let Some(inputs) = g.inputs.clone() else {
+            return Ok(SyncOutcome::Waiting);
+        };
+        let local: Vec<LocalPod> = g.local.values().cloned().collect();
+        let compiled = compile(&inputs, &local);
+        let (batch, outcome) = match &g.installed {
+            Some(prev) => {
+                let ops = diff::diff(prev, &compiled.model);
+                if ops.is_empty() {
+                    return Ok(SyncOutcome::Unchanged);
+                }
+                (
+                    diff::render_ops(&ops),
+                    SyncOutcome::Applied {
+                        ops: ops.len(),
+                        full: false,
+                    },
+                )
+            }
+            None => {
+                let existing: PolicyObjects = self.nft.existing()?;
+                (
+                    diff::render_install(&compiled.model, &existing),
+                    SyncOutcome::Applied {
+                        ops: compiled.model.object_count(),
+                        full: true,
+                    },
+                )
+            }
+        };
+        let applied = self.nft.apply(&batch);
+        if let Some(m) = self.metrics.get() {
+            m.record_policy_apply(applied.is_ok(), started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = applied {
+            tracing::warn!(error = %e, "policy transaction refused; the kernel keeps the previous state");
+            // The next sync starts over from what the kernel holds.
+            g.installed = None;
+            return Err(e);
+        }
+        for w in &compiled.warnings {
+            if !g.warnings.contains(w) {
+                tracing::warn!(policy = %w.policy, field = %w.field, problem = %w.problem, "network policy entry cannot be expressed; it matches nothing");
+            }
+        }
+        if let Some(m) = self.metrics.get() {
+            m.set_policy_state(
+                compiled.warnings.len(),
+                compiled.unknown_local_pods.len(),
+                compiled.model.object_count(),
+            );
+        }
+        g.warnings = compiled.warnings;
+        g.unknown = compiled.unknown_local_pods;
+        g.installed = Some(compiled.model);
+        Ok(outcome)
+    }
+}
+
+impl PolicyInputs for PolicyEngine {
+    fn publish(&self, inputs: Cluster) {
+        if let Err(e) = self.set_inputs(inputs) {
+            tracing::warn!(error = %e, "policy inputs not applied yet");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The policy datapath's rendering, and its coexistence with the base ruleset in the one `inet underlay` table.
+
+use underlay_core::names;
+use underlay_core::nft::{AddrMatch, Chain, ChainType, Hook, ObservedNft, Rule, Ruleset, Verdict};
+use underlay_core::policy::diff::PolicyObjects;
+use underlay_core::policy::{
+    LabelSelector, LocalPod, Namespace, NetworkPolicy, Pod, PolicyOp, PolicyPort, PolicyRule,
+    PortRef, compile, diff, render_install, render_ops,
+};
+
+fn base() -> Ruleset {
+    Ruleset {
+        sets: vec![],
+        chains: vec![Chain {
+            name: names::NFT_CHAIN_FORWARD.into(),
+            kind: ChainType::Filter,
+            hook: Hook::Forward,
+            priority: names::NFT_PRIORITY_FILTER,
+            rules: vec![Rule {
+                id: "pod-dst-accept".into(),
+                saddr: vec![],
+                daddr: vec![AddrMatch::In(vec!["100.64.0.0/10".parse().unwrap()])],
+                verdict: Verdict::Accept,
+            }],
+        }],
+    }
+}
+
+#[test]
+fn the_base_ruleset_replaces_its_chains_never_the_table() {
+    let text = base().render();
+    assert!(!text.contains("delete table"), "{text}");
+    for c in names::NFT_BASE_CHAINS {
+        assert!(
+            text.contains(&format!("delete chain inet underlay {c}\n")),
+            "{text}"
+        );
+    }
+    assert!(!text.contains(names::NFT_POLICY_PREFIX), "{text}");
+}
+
+#[test]
+fn the_base_read_back_ignores_policy_chains() {
+    let want = base();
+    let mut seen = ObservedNft {
+        rules: want.rule_ids(),
+        elements: Default::default(),
+    };
+    assert!(seen.matches(&want));
+    seen.rules
+        .insert((names::NFT_CHAIN_POLICY_FORWARD_EGRESS.into(), String::new()));
+    seen.rules
+        .insert(("pol_p0123456789ab_in".into(), String::new()));
+    assert!(
+        seen.matches(&want),
+        "policy chains are not the base's business"
+    );
+    seen.rules.insert(("forward".into(), "stray".into()));
+    assert!(!seen.matches(&want));
+}
+
+fn cluster(app: &str) -> underlay_core::policy::Cluster {
+    let pod = |name: &str, ip: &str, labels: &[(&str, &str)]| Pod {
+        namespace: "x".into(),
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ip: Some(ip.parse().unwrap()),
+        node: "n1".into(),
+        host_network: false,
+        named_ports: vec![],
+    };
+    underlay_core::policy::Cluster {
+        namespaces: vec![Namespace {
+            name: "x".into(),
+            labels: Default::default(),
+        }],
+        pods: vec![
+            pod("a", "100.64.0.1", &[("pod", "a")]),
+            pod("b", "100.64.0.2", &[("pod", "b"), ("app", app)]),
+        ],
+        policies: vec![NetworkPolicy {
+            namespace: "x".into(),
+            name: "allow-web".into(),
+            pod_selector: LabelSelector::labels([("pod", "a")]),
+            policy_types: vec![],
+            ingress: vec![PolicyRule {
+                peers: vec![underlay_core::policy::Peer {
+                    pod_selector: Some(LabelSelector::labels([("app", "web")])),
+                    ..Default::default()
+                }],
+                ports: vec![PolicyPort {
+                    protocol: None,
+                    port: Some(PortRef::Number(80)),
+                    end_port: None,
+                }],
+            }],
+            egress: vec![],
+        }],
+        nodes: vec![],
+    }
+}
+
+fn local() -> Vec<LocalPod> {
+    vec![LocalPod {
+        namespace: "x".into(),
+        name: "a".into(),
+        ifname: "ul00000000001".into(),
+        ip: "100.64.0.1".parse().unwrap(),
+    }]
+}
+
+#[test]
+fn install_renders_skeleton_sets_chains_and_map_entries() {
+    let m = compile(&cluster("web"), &local()).model;
+    let text = render_install(&m, &PolicyObjects::default());
+    for needle in [
+        "add map inet underlay pol_ingress_if { type ifname : verdict; }",
+        "add element inet underlay pol_ingress_if { \"ul00000000001\" : jump pol_c",
+        "add rule inet underlay pol_forward_ingress ct direction reply accept",
+        "add rule inet underlay pol_forward_ingress meta nfproto ipv4 oifname vmap @pol_ingress_if",
+        "add rule inet underlay pol_input_egress meta nfproto ipv4 iifname vmap @pol_egress_if",
+        "type filter hook forward priority 20; policy accept;",
+        "{ 100.64.0.2 }",
+        "{ tcp . 80 }",
+        "meta l4proto . th dport @",
+        "counter drop",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(
+        !text.contains("ct state established"),
+        "original-direction packets are always evaluated"
+    );
+}
+
+#[test]
+fn a_peer_label_change_is_one_element_change() {
+    let (m1, m2) = (
+        compile(&cluster("web"), &local()).model,
+        compile(&cluster("db"), &local()).model,
+    );
+    let ops = diff(&m1, &m2);
+    assert!(
+        matches!(ops.as_slice(), [PolicyOp::DeleteElements { elements, .. }] if elements.len() == 1),
+        "{ops:?}"
+    );
+    let text = render_ops(&ops);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("delete element inet underlay pol_p"),
+        "{text}"
+    );
+}

@@ -16,13 +16,18 @@ jobs=${FUZZ_JOBS:-1}
 if cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --version >/dev/null 2>&1; then
     parallel=()
     if [ "$jobs" -gt 1 ]; then parallel=(-jobs="$jobs" -workers="$jobs"); fi
+    failed=()
     for t in $targets; do
         mkdir -p "fuzz/work/$t"
         echo "== $t: libFuzzer for ${seconds}s"
         cargo +nightly fuzz run --fuzz-dir fuzz --sanitizer none -O "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
             -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
-            "${parallel[@]}" -print_final_stats=1
+            "${parallel[@]}" -print_final_stats=1 || failed+=("$t")
     done
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "make fuzz: crashes in: ${failed[*]} (inputs in fuzz/artifacts/<target>/; docs/fuzzing.md)" >&2
+        exit 1
+    fi
 else
     echo "make fuzz: nightly Rust or cargo-fuzz is missing (rustup toolchain install nightly;" \
         "cargo +nightly install cargo-fuzz): running the stable generated inputs for ${seconds}s per target" \

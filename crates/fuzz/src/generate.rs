@@ -516,6 +516,147 @@ pub fn plan_topology() -> BoxedStrategy<Vec<u8>> {
         .boxed()
 }
 
+fn label_selector() -> BoxedStrategy<Value> {
+    let key = || {
+        prop::sample::select(vec![
+            "pod",
+            "kubernetes.io/metadata.name",
+            "tier",
+            "",
+            "a/b/c",
+            "x y",
+        ])
+        .prop_map(str::to_string)
+    };
+    let value = || {
+        prop::sample::select(vec!["a", "b", "x", "y", "frontend", "", "-bad-"])
+            .prop_map(str::to_string)
+    };
+    let labels = proptest::collection::btree_map(key(), value(), 0..3)
+        .prop_map(|m| json!(m))
+        .boxed();
+    let requirement = object(vec![
+        ("key", s(key())),
+        (
+            "operator",
+            s(
+                prop::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist", "Gt", ""])
+                    .prop_map(str::to_string),
+            ),
+        ),
+        (
+            "values",
+            vec(s(value()), 0..3).prop_map(Value::Array).boxed(),
+        ),
+    ]);
+    object(vec![
+        ("matchLabels", labels),
+        (
+            "matchExpressions",
+            vec(requirement, 0..3).prop_map(Value::Array).boxed(),
+        ),
+    ])
+}
+
+fn policy_peer() -> BoxedStrategy<Value> {
+    let ip_block = object(vec![
+        ("cidr", s(cidr())),
+        (
+            "except",
+            vec(s(cidr()), 0..3).prop_map(Value::Array).boxed(),
+        ),
+    ]);
+    object(vec![
+        ("podSelector", label_selector()),
+        ("namespaceSelector", label_selector()),
+        ("ipBlock", ip_block),
+    ])
+}
+
+fn policy_port() -> BoxedStrategy<Value> {
+    let port = prop_oneof![
+        3 => prop::sample::select(vec![0i64, 1, 80, 81, 65535, 65536, -1]).prop_map(|n| json!(n)),
+        2 => prop::sample::select(vec!["serve-80-tcp", "serve-81-udp", "serve-80-sctp", "http", "", "80"]).prop_map(|n| json!(n)),
+    ];
+    object(vec![
+        (
+            "protocol",
+            s(
+                prop::sample::select(vec!["TCP", "UDP", "SCTP", "ICMP", "tcp"])
+                    .prop_map(str::to_string),
+            ),
+        ),
+        ("port", port.boxed()),
+        (
+            "endPort",
+            n(prop::sample::select(vec![
+                json!(0),
+                json!(79),
+                json!(81),
+                json!(65535),
+                json!(70000),
+                json!(-5),
+            ])),
+        ),
+    ])
+}
+
+fn policy_rule(peers: &'static str) -> BoxedStrategy<Value> {
+    object(vec![
+        (
+            peers,
+            vec(policy_peer(), 0..3).prop_map(Value::Array).boxed(),
+        ),
+        (
+            "ports",
+            vec(policy_port(), 0..3).prop_map(Value::Array).boxed(),
+        ),
+    ])
+}
+
+/// `network_policy`: a NetworkPolicy with selectors, ipBlocks and ports full of edge values.
+pub fn network_policy() -> BoxedStrategy<Vec<u8>> {
+    let types = vec(
+        prop::sample::select(vec!["Ingress", "Egress", "Both"]).prop_map(|t| json!(t)),
+        0..3,
+    )
+    .prop_map(Value::Array)
+    .boxed();
+    let spec = object(vec![
+        ("podSelector", label_selector()),
+        ("policyTypes", types),
+        (
+            "ingress",
+            vec(policy_rule("from"), 0..3)
+                .prop_map(Value::Array)
+                .boxed(),
+        ),
+        (
+            "egress",
+            vec(policy_rule("to"), 0..3).prop_map(Value::Array).boxed(),
+        ),
+    ]);
+    (
+        prop::sample::select(vec!["x", "y", "z", ""]),
+        spec,
+        any::<bool>(),
+    )
+        .prop_map(|(ns, spec, as_json)| {
+            let v = json!({
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "p", "namespace": ns},
+                "spec": spec,
+            });
+            if as_json {
+                json_bytes(&v)
+            } else {
+                yaml_bytes(&v)
+            }
+        })
+        .boxed()
+}
+
 /// The structured generator of the target called `name` (every target has one).
 pub fn structured(name: &str) -> BoxedStrategy<Vec<u8>> {
     match name {
@@ -526,6 +667,7 @@ pub fn structured(name: &str) -> BoxedStrategy<Vec<u8>> {
         "agent_config" => agent_config(),
         "node_record" => node_record(),
         "plan_topology" => plan_topology(),
+        "network_policy" => network_policy(),
         other => panic!("no structured generator for target {other:?}"),
     }
 }
@@ -536,8 +678,11 @@ fn op() -> impl Strategy<Value = Op> {
         (at, any::<u8>()).prop_map(|(at, bit)| Op::FlipBit { at, bit }),
         (at, any::<u8>()).prop_map(|(at, byte)| Op::SetByte { at, byte }),
         (at, any::<usize>()).prop_map(|(at, token)| Op::InsertToken { at, token }),
-        (at, any::<usize>(), any::<usize>())
-            .prop_map(|(at, len, token)| Op::ReplaceWithToken { at, len, token }),
+        (at, any::<usize>(), any::<usize>()).prop_map(|(at, len, token)| Op::ReplaceWithToken {
+            at,
+            len,
+            token
+        }),
         (at, any::<usize>()).prop_map(|(at, len)| Op::Delete { at, len }),
         (at, any::<usize>()).prop_map(|(at, len)| Op::Duplicate { at, len }),
         at.prop_map(|at| Op::Truncate { at }),

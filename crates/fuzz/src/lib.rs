@@ -17,6 +17,7 @@
 //! | `agent_config` | the agent's YAML config, or a routed node record file | crates/agent |
 //! | `node_record` | an `UnderlayNode` (JSON) as the agent reads it, turned into both modes' specs and plans | crates/agent, crates/core |
 //! | `plan_topology` | `underlay plan --topology` YAML, planned from scratch and incrementally | crates/core |
+//! | `network_policy` | a NetworkPolicy (YAML or JSON), converted, validated, compiled for a node, diffed, evaluated | crates/api, crates/core |
 //!
 //! How to run them, where the corpus lives and how a crash becomes a regression test: docs/fuzzing.md.
 
@@ -61,6 +62,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "plan_topology",
         run: targets::plan_topology,
+    },
+    Target {
+        name: "network_policy",
+        run: targets::network_policy,
     },
 ];
 

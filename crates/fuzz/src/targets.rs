@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use prost::Message;
 use underlay_agent::checkpoint::{self, Checkpoint};
 use underlay_agent::eni::kube::{EniKubeOptions, eni_spec_from_record};
@@ -19,7 +20,7 @@ use underlay_cni::spec::{self as cni_spec, Attached};
 use underlay_core::ipam::{AttachmentKey, Ipam, PodInfo, PoolAddress, PoolSpec};
 use underlay_core::node::{RoutedNodeSpec, plan_node};
 use underlay_core::topology::Topology;
-use underlay_core::{eni, nft, planner, routeops};
+use underlay_core::{eni, nft, planner, policy, routeops};
 use underlay_ipam_api::{pb, wire};
 
 /// A fixed wall clock, so that a crash replays exactly.
@@ -411,4 +412,115 @@ pub fn plan_topology(data: &[u8]) {
         .map(|t| routeops::observed_from_plan(&first, &t.id))
         .collect();
     let _ = routeops::diff(&again, &tables);
+}
+
+/// The cluster the `network_policy` target compiles against: the Kubernetes e2e model (namespaces x, y, z;
+/// pods a, b, c in each, labelled `pod: <name>`, serving named ports), x's pods and y/a on this node.
+fn policy_cluster() -> &'static (policy::Cluster, Vec<policy::LocalPod>) {
+    static CLUSTER: OnceLock<(policy::Cluster, Vec<policy::LocalPod>)> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let mut cluster = policy::Cluster::default();
+        let mut local = Vec::new();
+        for (n, ns) in ["x", "y", "z"].into_iter().enumerate() {
+            cluster.namespaces.push(policy::Namespace {
+                name: ns.into(),
+                labels: [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into(),
+            });
+            for (p, pod) in ["a", "b", "c"].into_iter().enumerate() {
+                let ip = Ipv4Addr::new(100, 64, n as u8, 10 + p as u8);
+                let on_this_node = ns == "x" || (ns, pod) == ("y", "a");
+                cluster.pods.push(policy::Pod {
+                    namespace: ns.into(),
+                    name: pod.into(),
+                    labels: [("pod".to_string(), pod.to_string())].into(),
+                    ip: Some(ip),
+                    node: if on_this_node { "n1" } else { "n2" }.into(),
+                    host_network: false,
+                    named_ports: policy::Protocol::ALL
+                        .iter()
+                        .flat_map(|&protocol| {
+                            [80u16, 81].map(|port| policy::NamedPort {
+                                name: format!(
+                                    "serve-{port}-{}",
+                                    protocol.as_api_str().to_lowercase()
+                                ),
+                                protocol,
+                                port,
+                            })
+                        })
+                        .collect(),
+                });
+                if on_this_node {
+                    local.push(policy::LocalPod {
+                        namespace: ns.into(),
+                        name: pod.into(),
+                        ifname: format!("ul{n}{p}0000000000"),
+                        ip,
+                    });
+                }
+            }
+        }
+        for (name, ip) in [("n1", [198, 18, 0, 10]), ("n2", [198, 18, 0, 11])] {
+            cluster.nodes.push(policy::Node {
+                name: name.into(),
+                addresses: vec![Ipv4Addr::from(ip)],
+            });
+        }
+        (cluster, local)
+    })
+}
+
+/// The policy compiler's input: a NetworkPolicy as the API gives it (YAML or JSON), converted as the agent
+/// converts it, validated, compiled for a node of the e2e model, diffed from nothing (applying the diff must
+/// give the model) and to itself (nothing), rendered, and evaluated on a few packets.
+pub fn network_policy(data: &[u8]) {
+    let Ok(np) = serde_yaml::from_slice::<K8sNetworkPolicy>(data) else {
+        return;
+    };
+    let converted = underlay_api::policy::network_policy(&np);
+    let _ = policy::validate(&converted);
+    let (base, local) = policy_cluster();
+    let mut cluster = base.clone();
+    cluster.policies.push(converted);
+    let compiled = policy::compile(&cluster, local);
+    let empty = policy::PolicyModel::default();
+    let ops = policy::diff(&empty, &compiled.model);
+    let mut applied = empty.clone();
+    policy::apply(&mut applied, &ops);
+    assert_eq!(
+        applied, compiled.model,
+        "apply(diff(empty, model)) is not the model"
+    );
+    assert!(
+        policy::diff(&compiled.model, &compiled.model).is_empty(),
+        "a model differs from itself"
+    );
+    let _ = policy::render_ops(&ops);
+    let _ = policy::render_install(&compiled.model, &Default::default());
+    let sources = [
+        [100, 64, 0, 10],
+        [100, 64, 1, 11],
+        [100, 64, 2, 12],
+        [203, 0, 113, 5],
+    ];
+    let destinations = [[100, 64, 0, 10], [100, 64, 0, 11], [100, 64, 1, 10]];
+    let transports = [
+        policy::Transport::Port(policy::Protocol::Tcp, 80),
+        policy::Transport::Port(policy::Protocol::Udp, 81),
+        policy::Transport::Other(1),
+    ];
+    for src in sources {
+        for dst in destinations {
+            for transport in transports {
+                let _ = policy::evaluate(
+                    &cluster,
+                    &policy::Packet {
+                        src: Ipv4Addr::from(src),
+                        dst: Ipv4Addr::from(dst),
+                        transport,
+                    },
+                );
+            }
+        }
+    }
 }

@@ -21,7 +21,7 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --version >/d
         mkdir -p "fuzz/work/$t"
         echo "== $t: libFuzzer for ${seconds}s"
         cargo +nightly fuzz run --fuzz-dir fuzz --sanitizer none -O "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
-            -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+            -max_total_time="$seconds" -dict=fuzz/underlay.dict -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
             "${parallel[@]}" -print_final_stats=1 || failed+=("$t")
     done
     if [ ${#failed[@]} -gt 0 ]; then

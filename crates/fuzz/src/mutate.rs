@@ -163,6 +163,28 @@ pub const DICTIONARY: &[&str] = &[
     "healthy",
 ];
 
+/// [`DICTIONARY`] in libFuzzer's `-dict` format (one quoted token a line), as checked in at `fuzz/underlay.dict`.
+pub fn libfuzzer_dict() -> String {
+    let mut out = String::from(
+        "# Generated from crates/fuzz/src/mutate.rs (DICTIONARY); a test keeps them equal.\n",
+    );
+    for token in DICTIONARY {
+        out.push('"');
+        for b in token.bytes() {
+            match b {
+                b'"' | b'\\' => {
+                    out.push('\\');
+                    out.push(b as char);
+                }
+                b' '..=b'~' => out.push(b as char),
+                _ => out.push_str(&format!("\\x{b:02X}")),
+            }
+        }
+        out.push_str("\"\n");
+    }
+    out
+}
+
 fn wrap(at: usize, len: usize) -> usize {
     if len == 0 { 0 } else { at % (len + 1) }
 }
@@ -227,6 +249,17 @@ pub fn apply(seed: &[u8], ops: &[Op], others: &[&[u8]]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checked_in_libfuzzer_dictionary_is_the_dictionary() {
+        let path = crate::corpus_root().join("../underlay.dict");
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == libfuzzer_dict(),
+            "{} is out of date; write libfuzzer_dict() to it",
+            path.display()
+        );
+    }
 
     #[test]
     fn operations_wrap_and_change_the_seed() {

@@ -3,13 +3,25 @@ SHELL := /bin/bash
 CARGO ?= cargo
 UNDERLAY := target/release/underlay
 
-.PHONY: setup build demo test fuzz lint fmt clean
+.PHONY: setup build image test-image demo test fuzz lint fmt clean
 
 setup:
 	@bash scripts/setup.sh
 
 build: setup
 	$(CARGO) build --release --workspace --bins
+
+# The container image: underlay, underlay-cni and what the agent executes, from this machine's Debian packages and
+# a size-tuned release build (profile `image`), imported from scratch (nothing pulled). Writes
+# target/oci/underlay-<version>.oci.tar and the split debug info in target/oci/debug (docs/install.md).
+image: setup
+	CARGO="$(CARGO)" bash scripts/build-image.sh
+
+# The image `make test` runs (crates/cli/tests/image_root.rs): the same script, files and binaries, compiled with
+# cargo profile `image-test` (opt-level 1, no line tables for dependencies); written to target/oci-image-test, so
+# `make test` never overwrites the shipping image. Its build cost, measured, is in docs/install.md.
+test-image: setup
+	CARGO="$(CARGO)" UNDERLAY_IMAGE_PROFILE=image-test bash scripts/build-image.sh
 
 # The routed-mode planner at scale (5,000 nodes, 50-route tables), then `underlay lab demo`: a 12-node cluster in
 # 3 zones on a VPC made of network namespaces, with the real controller, agents and CNI plugin; it checks every
@@ -26,8 +38,9 @@ demo: build
 	$(UNDERLAY) lab policy --mode both
 
 # Every check and every test: formatting, clippy with warnings as errors, and the tests, including the root tests
-# in network namespaces (feature `root-tests`).
-test: setup
+# in network namespaces (feature `root-tests`), the containerd CRI test, and the image test, which runs the image
+# `make test-image` built (UNDERLAY_TEST_IMAGE_DIR=target/oci runs it against `make image`'s instead).
+test: setup test-image
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) test --workspace --all-features --no-fail-fast

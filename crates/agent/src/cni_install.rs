@@ -66,6 +66,80 @@ pub fn install_plugin(source: &Path, bin_dir: &Path) -> Result<PathBuf, AgentErr
     Ok(path)
 }
 
+/// The reference plugins the conflist chains after `underlay-cni`, by binary name, in chain order.
+pub const CHAINED_PLUGINS: [&str; 2] = ["portmap", "bandwidth"];
+
+/// Copies each of [`CHAINED_PLUGINS`] from `source_dir` (the image's copies, the versions the conflist is tested
+/// with) to `bin_dir`, atomically like the plugin itself, replacing any other version there. Returns the paths.
+/// A plugin missing from `source_dir` is an error: the conflist names it, so every pod ADD would fail.
+pub fn install_chained_plugins(
+    source_dir: &Path,
+    bin_dir: &Path,
+) -> Result<Vec<PathBuf>, AgentError> {
+    CHAINED_PLUGINS
+        .iter()
+        .map(|name| {
+            let source = source_dir.join(name);
+            let bytes = fs::read(&source).map_err(|e| AgentError::Io {
+                what: "read a chained CNI plugin",
+                path: source.clone(),
+                source: e,
+            })?;
+            let path = bin_dir.join(name);
+            write_atomic(&path, &bytes, 0o755)?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// Suffix given to the other CNI configurations `cni.exclusive` moves aside (as Cilium's `.cilium_bak`).
+pub const MOVED_ASIDE_SUFFIX: &str = ".underlay_bak";
+
+/// Exclusive mode: renames every other CNI configuration in `conf_dir` (`*.conf`, `*.conflist`, `*.json`) to
+/// `<name>.underlay_bak`, so the runtime, which uses the first file in lexical order, can only pick underlay's
+/// (aws-node's `10-aws.conflist` sorts before `10-underlay.conflist`). Renamed, never deleted: moving a file back
+/// undoes it. Returns the new paths.
+pub fn move_aside_other_configs(conf_dir: &Path) -> Result<Vec<PathBuf>, AgentError> {
+    let io = |what: &'static str, p: &Path| {
+        let p = p.to_owned();
+        move |source| AgentError::Io {
+            what,
+            path: p,
+            source,
+        }
+    };
+    let entries = match fs::read_dir(conf_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("list the CNI configuration directory", conf_dir)(e)),
+    };
+    let mut names: Vec<std::ffi::OsString> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()))
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    let mut moved = Vec::new();
+    for name in names {
+        let Some(text) = name.to_str() else { continue };
+        let is_config = [".conf", ".conflist", ".json"]
+            .iter()
+            .any(|ext| text.ends_with(ext));
+        if !is_config || text == names::CNI_CONFLIST {
+            continue;
+        }
+        let from = conf_dir.join(&name);
+        let to = conf_dir.join(format!("{text}{MOVED_ASIDE_SUFFIX}"));
+        fs::rename(&from, &to).map_err(io("move aside a CNI configuration", &from))?;
+        moved.push(to);
+    }
+    if !moved.is_empty() {
+        sync_dir(&conf_dir.join(names::CNI_CONFLIST))
+            .map_err(io("sync the CNI configuration directory", conf_dir))?;
+    }
+    Ok(moved)
+}
+
 /// Writes `bytes` to a temp file next to `path`, fsyncs, sets `mode`, renames over `path`, fsyncs the dir.
 /// Renaming over a running executable is safe: the old inode lives on until its last user exits.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
@@ -154,5 +228,104 @@ mod tests {
             "replaced by rename, not rewritten in place"
         );
         assert!(install_plugin(&dir.path().join("missing"), &bin).is_err());
+    }
+
+    #[test]
+    fn chained_plugins_are_the_conflists_and_replace_other_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let list = conflist(&socket, 1500);
+        let chained: Vec<_> = list["plugins"].as_array().unwrap()[1..]
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(chained, CHAINED_PLUGINS);
+
+        let src = dir.path().join("image-cni");
+        fs::create_dir_all(&src).unwrap();
+        for p in CHAINED_PLUGINS {
+            fs::write(src.join(p), format!("image {p}")).unwrap();
+        }
+        let bin = dir.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        // A node's own older portmap is replaced (by rename: a new inode).
+        fs::write(bin.join("portmap"), b"host portmap").unwrap();
+        let before = fs::metadata(bin.join("portmap")).unwrap();
+        let installed = install_chained_plugins(&src, &bin).unwrap();
+        assert_eq!(installed, vec![bin.join("portmap"), bin.join("bandwidth")]);
+        use std::os::unix::fs::MetadataExt;
+        for p in CHAINED_PLUGINS {
+            let path = bin.join(p);
+            assert_eq!(fs::read_to_string(&path).unwrap(), format!("image {p}"));
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o755
+            );
+        }
+        assert_ne!(
+            before.ino(),
+            fs::metadata(bin.join("portmap")).unwrap().ino()
+        );
+        // Nothing but the two plugins (no temp file left behind).
+        assert_eq!(fs::read_dir(&bin).unwrap().count(), 2);
+
+        // One missing from the image: an error naming it, and the other already installed stays.
+        fs::remove_file(src.join("bandwidth")).unwrap();
+        let err = install_chained_plugins(&src, &bin).unwrap_err().to_string();
+        assert!(err.contains("bandwidth"), "{err}");
+    }
+
+    #[test]
+    fn exclusive_moves_other_configurations_aside_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("net.d");
+        assert!(
+            move_aside_other_configs(&conf).unwrap().is_empty(),
+            "no directory yet"
+        );
+        fs::create_dir_all(&conf).unwrap();
+        for f in [
+            "10-aws.conflist",
+            "05-cilium.conf",
+            "99-loopback.json",
+            "README",
+            "old.conflist.cilium_bak",
+        ] {
+            fs::write(conf.join(f), f).unwrap();
+        }
+        fs::create_dir(conf.join("multus.d")).unwrap();
+        write_conflist(&conf, &dir.path().join("agent.sock"), 1500).unwrap();
+        let moved = move_aside_other_configs(&conf).unwrap();
+        assert_eq!(
+            moved,
+            vec![
+                conf.join("05-cilium.conf.underlay_bak"),
+                conf.join("10-aws.conflist.underlay_bak"),
+                conf.join("99-loopback.json.underlay_bak"),
+            ]
+        );
+        let mut left: Vec<String> = fs::read_dir(&conf)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "05-cilium.conf.underlay_bak",
+                "10-aws.conflist.underlay_bak",
+                "10-underlay.conflist",
+                "99-loopback.json.underlay_bak",
+                "README",
+                "multus.d",
+                "old.conflist.cilium_bak",
+            ]
+        );
+        // The content moved intact; a second pass moves nothing.
+        assert_eq!(
+            fs::read_to_string(conf.join("10-aws.conflist.underlay_bak")).unwrap(),
+            "10-aws.conflist"
+        );
+        assert!(move_aside_other_configs(&conf).unwrap().is_empty());
     }
 }

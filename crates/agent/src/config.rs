@@ -12,6 +12,8 @@
 //! cni_bin_dir: /opt/cni/bin
 //! mtu: 9001
 //! plugin_source: /usr/local/lib/underlay/underlay-cni   # optional: no install when absent
+//! chained_plugins_dir: /usr/local/lib/underlay/cni       # optional: portmap and bandwidth installed from it
+//! cni_exclusive: false            # true: move every other CNI configuration in cni_conf_dir aside
 //! reap_links: true
 //! ```
 
@@ -73,6 +75,14 @@ pub struct AgentConfig {
     /// The `underlay-cni` binary to install into `cni_bin_dir`; nothing is installed when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin_source: Option<PathBuf>,
+    /// Directory holding the reference plugins the conflist chains (`portmap`, `bandwidth`), installed into
+    /// `cni_bin_dir` next to `underlay-cni`; nothing is installed when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chained_plugins_dir: Option<PathBuf>,
+    /// Move every other CNI configuration in `cni_conf_dir` aside (`<name>.underlay_bak`) when writing ours, so
+    /// the runtime cannot pick another network (Cilium's `cni.exclusive`).
+    #[serde(default)]
+    pub cni_exclusive: bool,
     /// Run the link reaper: delete the veths DEL hands over and sweep orphaned pod veths (`ul` + 11 hex
     /// digits that no allocation owns) in the agent's network namespace. Off only for an agent that does
     /// not own its namespace's pod veths (tests running it outside a node namespace).
@@ -126,6 +136,8 @@ impl Default for AgentConfig {
             cni_bin_dir: default_cni_bin_dir(),
             mtu: default_mtu(),
             plugin_source: None,
+            chained_plugins_dir: None,
+            cni_exclusive: false,
             reap_links: true,
             reclaim_interval_secs: default_reclaim_interval_secs(),
             reclaim_grace_secs: default_reclaim_grace_secs(),

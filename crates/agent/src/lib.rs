@@ -173,10 +173,24 @@ pub async fn serve(
         }
         None => tracing::info!("no plugin_source configured: CNI plugin not installed"),
     }
+    match &config.chained_plugins_dir {
+        Some(dir) => {
+            let installed = cni_install::install_chained_plugins(dir, &config.cni_bin_dir)?;
+            tracing::info!(from = %dir.display(), plugins = ?installed, "chained CNI plugins installed");
+        }
+        None => tracing::info!(
+            "no chained_plugins_dir configured: portmap and bandwidth must already be in the CNI bin directory"
+        ),
+    }
     let listener = server::IpamListener::bind(&config.socket)?;
     tracing::info!(socket = %listener.path().display(), "IPAM socket listening");
     let conflist = cni_install::write_conflist(&config.cni_conf_dir, &config.socket, config.mtu)?;
     tracing::info!(path = %conflist.display(), "CNI configuration written");
+    if config.cni_exclusive {
+        for moved in cni_install::move_aside_other_configs(&config.cni_conf_dir)? {
+            tracing::info!(to = %moved.display(), "cni exclusive: other CNI configuration moved aside");
+        }
+    }
     tokio::select! {
         () = listener.serve(service) => {}
         () = shutdown => tracing::info!("shutting down"),

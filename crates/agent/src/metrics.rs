@@ -95,6 +95,14 @@ impl AgentMetrics {
     /// A registry holding every agent family.
     pub fn new() -> Self {
         let mut r = Registry::default();
+        r.register(
+            "underlay_build",
+            "The running build: version and component (value 1)",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("component", "agent"),
+                ("version", env!("CARGO_PKG_VERSION")),
+            ]),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration: HistogramFamily<MethodLabels> =
             Family::new_with_constructor(ipam_histogram);

@@ -117,6 +117,11 @@ async fn ipam_requests_move_the_histogram_the_counters_and_the_pool_gauges() {
         Some(capacity)
     );
     assert_eq!(sample(&m, "underlay_agent_pool_used_addresses"), Some(0.0));
+    let build = format!(
+        r#"underlay_build_info{{component="agent",version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&m, &build), Some(1.0), "{m}");
     assert_eq!(
         sample(
             &m,

@@ -34,6 +34,8 @@ enum Command {
     IamPolicy(commands::iam_policy::Args),
     /// A routed-mode cluster on a VPC made of network namespaces: the real controller, agents and CNI plugin.
     Lab(commands::lab::Args),
+    /// Print this build's version and platform (`--format table|json`).
+    Version(commands::version::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Command::Crd(args) => commands::crd::exec(args),
         Command::IamPolicy(args) => commands::iam_policy::exec(args),
         Command::Lab(args) => commands::lab::exec(args),
+        Command::Version(args) => commands::version::exec(args),
     }
 }

@@ -16,6 +16,10 @@ const DEPLOY_CRD: &str = "deploy/crds/underlaynode.yaml";
 const CHART_CRD: &str = "deploy/helm/underlay/crds/underlaynode.yaml";
 const DEPLOY_MANIFEST: &str = "deploy/underlay.yaml";
 const NAMESPACE: &str = "kube-system";
+/// The values the chart requires (VPC id and CIDRs have no default), as deploy/underlay.yaml is rendered with.
+const EXAMPLE_ROUTED: &str = "examples/values-routed.yaml";
+/// Placeholders the chart once shipped as defaults: no render of the defaults may contain one.
+const PLACEHOLDERS: &[&str] = &["CHANGEME", "CHANGE ME", "CLUSTER_NAME", "111122223333"];
 
 /// eni-mode values exercising every eni key.
 const ENI_VALUES: &[&str] = &[
@@ -25,9 +29,9 @@ const ENI_VALUES: &[&str] = &[
     "eni.minimumIPTarget=10",
     "eni.prefixDelegation=true",
     "eni.warmPrefixTarget=1",
-    "eni.subnets.us-east-1a=subnet-0aaa",
-    "eni.subnets.us-east-1b=subnet-0bbb",
-    "eni.securityGroups={sg-01,sg-02}",
+    "eni.subnets.us-east-1a=subnet-0aaa1111",
+    "eni.subnets.us-east-1b=subnet-0bbb2222",
+    "eni.securityGroups={sg-01111111,sg-02222222}",
     "eni.fillAtJoin=true",
     "eni.releaseDelaySeconds=60",
     "eni.externalSNAT=true",
@@ -76,10 +80,18 @@ fn run(mut c: Command) -> Result<String, String> {
     }
 }
 
-/// `helm template` of the chart with `--set` values.
+/// `helm template` of the chart with the example's required values and `--set` values.
 fn render(set: &[&str]) -> Result<String, String> {
+    render_with(&[EXAMPLE_ROUTED], set)
+}
+
+/// `helm template` of the chart with `-f` value files (relative to the repository) and `--set` values.
+fn render_with(files: &[&str], set: &[&str]) -> Result<String, String> {
     let mut c = helm();
     c.args(["template", "underlay", CHART, "--namespace", NAMESPACE]);
+    for f in files {
+        c.args(["-f", f]);
+    }
     for s in set {
         c.args(["--set", s]);
     }
@@ -159,10 +171,10 @@ fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
 #[test]
 fn helm_lint_passes_in_both_modes() {
     let mut c = helm();
-    c.args(["lint", "--strict", CHART]);
+    c.args(["lint", "--strict", CHART, "-f", EXAMPLE_ROUTED]);
     run(c).unwrap();
     let mut c = helm();
-    c.args(["lint", "--strict", CHART]);
+    c.args(["lint", "--strict", CHART, "-f", EXAMPLE_ROUTED]);
     for s in ENI_VALUES {
         c.args(["--set", s]);
     }
@@ -171,8 +183,12 @@ fn helm_lint_passes_in_both_modes() {
 
 #[test]
 fn an_unknown_mode_does_not_render() {
+    // The schema refuses it first; the template's own check stays for a chart rendered without the schema.
     let err = render(&["mode=overlay"]).unwrap_err();
-    assert!(err.contains("mode must be routed or eni"), "{err}");
+    assert!(
+        err.contains("at '/mode'") && err.contains("routed") && err.contains("eni"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -212,6 +228,16 @@ fn every_manifest_passes_kubernetes_validate() {
         let path = dir.path().join(name);
         std::fs::write(&path, render(set).unwrap()).unwrap();
         files.push(path);
+    }
+    // Every example values file, on its own.
+    for e in std::fs::read_dir(root().join("examples")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.starts_with("values-") && name.ends_with(".yaml") {
+            let path = dir.path().join(format!("rendered-{name}"));
+            let text = render_with(&[&format!("examples/{name}")], &[]).unwrap();
+            std::fs::write(&path, text).unwrap();
+            files.push(path);
+        }
     }
     // Every manifest under deploy/; the chart's sources (templates, values, Chart.yaml) are not manifests.
     let templates = root().join(CHART);
@@ -491,7 +517,7 @@ fn controller_runs_on_the_host_network_unprivileged() {
     let args = strs(&c["args"]);
     for want in [
         "controller",
-        "--vpc=vpc-CHANGEME",
+        "--vpc=vpc-0123456789abcdef0",
         "--pod-cidr=100.64.0.0/10",
         "--block=26",
         "--route-limit=500",
@@ -504,9 +530,19 @@ fn controller_runs_on_the_host_network_unprivileged() {
     let pdb = find(&all, "PodDisruptionBudget", "underlay-controller");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     let sa = find(&all, "ServiceAccount", "underlay-controller");
+    // No placeholder role: IRSA is the user's to configure (EKS Pod Identity needs no annotation).
     assert!(
-        !sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_null(),
-        "IRSA role annotation placeholder"
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].is_null(),
+        "{sa:?}"
+    );
+    let all = docs(&render(&[
+        "controller.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/r",
+    ])
+    .unwrap());
+    let sa = find(&all, "ServiceAccount", "underlay-controller");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::1:role/r"
     );
 }
 
@@ -526,13 +562,13 @@ fn eni_mode_renders_the_eni_flags() {
         "--minimum-ip-target=10",
         "--warm-prefix-target=1",
         "--prefix-delegation",
-        "--eni-subnet=us-east-1a=subnet-0aaa",
-        "--eni-subnet=us-east-1b=subnet-0bbb",
-        "--eni-security-group=sg-01",
-        "--eni-security-group=sg-02",
+        "--eni-subnet=us-east-1a=subnet-0aaa1111",
+        "--eni-subnet=us-east-1b=subnet-0bbb2222",
+        "--eni-security-group=sg-01111111",
+        "--eni-security-group=sg-02222222",
         "--fill-at-join",
         "--release-delay-secs=60",
-        "--vpc=vpc-CHANGEME",
+        "--vpc=vpc-0123456789abcdef0",
     ] {
         assert!(args.iter().any(|a| a == want), "{args:?} lacks {want}");
     }
@@ -611,4 +647,200 @@ fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_no
         assert!(err.contains("managing only the selected Nodes"), "{err}");
         assert!(err.contains("no Kubernetes client configuration"), "{err}");
     }
+}
+
+#[test]
+fn cni_exclusive_renders_the_agents_flag_which_the_agent_knows() {
+    let agent_args = |set: &[&str]| {
+        let all = docs(&render(set).unwrap());
+        strs(&container(find(&all, "DaemonSet", "underlay-agent"), "agent")["args"])
+    };
+    assert!(!agent_args(&[]).iter().any(|a| a == "--cni-exclusive"));
+    assert!(
+        agent_args(&["cni.exclusive=true"])
+            .iter()
+            .any(|a| a == "--cni-exclusive")
+    );
+    let help = Command::new(env!("CARGO_BIN_EXE_underlay"))
+        .args(["agent", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--cni-exclusive"));
+}
+
+#[test]
+fn the_schema_rejects_bad_values_with_its_message_and_requires_the_vpc() {
+    // No values: the VPC is required, there is no placeholder to fall back to.
+    let err = render_with(&[], &[]).unwrap_err();
+    assert!(
+        err.contains("missing properties 'id', 'cidrs'") && err.contains("/vpc"),
+        "{err}"
+    );
+    let err = render(&["routed.podCIDR=banana"]).unwrap_err();
+    assert!(
+        err.contains("/routed/podCIDR") && err.contains("'banana' does not match pattern"),
+        "{err}"
+    );
+    for (set, at) in [
+        ("mode=overlay", "/mode"),
+        ("vpc.id=vpc-CHANGEME", "/vpc/id"),
+        ("vpc.cidrs={10.0.0.0/33}", "/vpc/cidrs/0"),
+        ("routed.blockPrefixLength=31", "/routed/blockPrefixLength"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("image.digest=latest", "/image/digest"),
+        ("eni.securityGroups={default}", "/eni/securityGroups/0"),
+        ("controller.antiAffinity=maybe", "/controller/antiAffinity"),
+        ("logFormat=xml", "/logFormat"),
+    ] {
+        let err = render(&[set]).unwrap_err();
+        assert!(err.contains(at), "{set}: {err}");
+    }
+    // eni mode needs its cluster name.
+    let err = render(&["mode=eni"]).unwrap_err();
+    assert!(err.contains("/eni/clusterName"), "{err}");
+    assert!(render(&["mode=eni", "eni.clusterName=prod"]).is_ok());
+}
+
+#[test]
+fn the_rendered_defaults_hold_no_placeholder() {
+    let text = render(&[]).unwrap();
+    let values = std::fs::read_to_string(root().join(CHART).join("values.yaml")).unwrap();
+    for p in PLACEHOLDERS {
+        assert!(!text.contains(p), "the default render holds {p}");
+        assert!(!values.contains(p), "values.yaml holds {p}");
+    }
+}
+
+#[test]
+fn an_image_digest_pins_both_workloads() {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let set = format!("image.digest={digest}");
+    let all = docs(
+        &render(&[
+            "image.repository=r.example/underlay",
+            "image.tag=1.2.3",
+            &set,
+        ])
+        .unwrap(),
+    );
+    let want = format!("r.example/underlay:1.2.3@{digest}");
+    assert_eq!(
+        container(find(&all, "DaemonSet", "underlay-agent"), "agent")["image"],
+        want.as_str()
+    );
+    assert_eq!(
+        container(
+            find(&all, "Deployment", "underlay-controller"),
+            "controller"
+        )["image"],
+        want.as_str()
+    );
+}
+
+#[test]
+fn metrics_services_select_each_components_pods_on_its_health_port() {
+    let all = docs(&render(&[]).unwrap());
+    for (component, port) in [
+        ("controller", names::CONTROLLER_HEALTH_PORT),
+        ("agent", names::AGENT_HEALTH_PORT),
+    ] {
+        let svc = find(&all, "Service", &format!("underlay-{component}-metrics"));
+        assert_eq!(
+            svc["spec"]["selector"]["app.kubernetes.io/component"],
+            component
+        );
+        assert_eq!(svc["spec"]["ports"][0]["port"], port);
+        assert_eq!(svc["spec"]["ports"][0]["name"], "metrics");
+    }
+    // The Prometheus Operator objects only when asked for.
+    assert!(
+        !all.iter()
+            .any(|d| d["kind"] == "ServiceMonitor" || d["kind"] == "PrometheusRule")
+    );
+    let off = docs(&render(&["metrics.service.enabled=false"]).unwrap());
+    assert!(!off.iter().any(|d| d["kind"] == "Service"));
+}
+
+#[test]
+fn the_prometheus_rule_holds_exactly_the_documented_alerts() {
+    let all = docs(
+        &render(&[
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.prometheusRule.enabled=true",
+        ])
+        .unwrap(),
+    );
+    let rule = find(&all, "PrometheusRule", "underlay");
+    let md = std::fs::read_to_string(root().join("docs/metrics.md")).unwrap();
+    let alerts = &md[md.find("## Alerts").unwrap()..];
+    let start = alerts.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let block = &alerts[start..start + alerts[start..].find("```").unwrap()];
+    let documented: Value = serde_yaml::from_str(block).unwrap();
+    assert_eq!(rule["spec"]["groups"], documented["groups"]);
+    assert!(
+        rule["spec"]["groups"][0]["rules"]
+            .as_sequence()
+            .unwrap()
+            .len()
+            >= 8,
+        "{rule:?}"
+    );
+    for component in ["controller", "agent"] {
+        let sm = find(&all, "ServiceMonitor", &format!("underlay-{component}"));
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            component
+        );
+    }
+}
+
+#[test]
+fn pod_annotations_and_priority_classes_reach_both_workloads() {
+    let all = docs(
+        &render(&[
+            "controller.podAnnotations.a=x1",
+            "agent.podAnnotations.b=y2",
+            "controller.priorityClassName=pc-c",
+            "agent.priorityClassName=pc-a",
+        ])
+        .unwrap(),
+    );
+    let ds = &find(&all, "DaemonSet", "underlay-agent")["spec"]["template"];
+    let dep = &find(&all, "Deployment", "underlay-controller")["spec"]["template"];
+    assert_eq!(ds["metadata"]["annotations"]["b"], "y2");
+    assert_eq!(dep["metadata"]["annotations"]["a"], "x1");
+    assert_eq!(ds["spec"]["priorityClassName"], "pc-a");
+    assert_eq!(dep["spec"]["priorityClassName"], "pc-c");
+    // Defaults: the critical classes a CNI runs at.
+    let all = docs(&render(&[]).unwrap());
+    let ds = &find(&all, "DaemonSet", "underlay-agent")["spec"]["template"];
+    assert_eq!(ds["spec"]["priorityClassName"], "system-node-critical");
+    assert!(ds["metadata"]["annotations"].is_null());
+}
+
+#[test]
+fn the_log_format_reaches_both_containers() {
+    let env_of = |all: &[Value], kind: &str, name: &str, container_name: &str| {
+        container(find(all, kind, name), container_name)["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == names::LOG_FORMAT_ENV)
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    let all = docs(&render(&[]).unwrap());
+    assert_eq!(
+        env_of(&all, "DaemonSet", "underlay-agent", "agent").as_deref(),
+        Some("text")
+    );
+    let all = docs(&render(&["logFormat=json"]).unwrap());
+    assert_eq!(
+        env_of(&all, "DaemonSet", "underlay-agent", "agent").as_deref(),
+        Some("json")
+    );
+    assert_eq!(
+        env_of(&all, "Deployment", "underlay-controller", "controller").as_deref(),
+        Some("json")
+    );
 }

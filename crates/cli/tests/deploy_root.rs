@@ -26,7 +26,7 @@ fn root() -> PathBuf {
         .unwrap()
 }
 
-/// The rendered DaemonSet `underlay-agent` (default values).
+/// The rendered DaemonSet `underlay-agent` (default values and the example's required ones).
 fn agent_daemonset() -> Value {
     let helm = root().join(".tools/bin/helm");
     assert!(
@@ -42,6 +42,8 @@ fn agent_daemonset() -> Value {
             "deploy/helm/underlay",
             "-n",
             "kube-system",
+            "-f",
+            "examples/values-routed.yaml",
         ])
         .env(
             "HELM_CACHE_HOME",

@@ -244,12 +244,30 @@ fn setup(
         .map_err(|e| dp_error("adding the pod address", e))?;
     pod.neigh_add_permanent(eth_index, IpAddr::V4(gateway), host_mac)
         .map_err(|e| dp_error("adding the gateway neighbour", e))?;
-    pod.route_replace(&Route::via_onlink(
-        default_v4(),
-        IpAddr::V4(gateway),
-        eth_index,
-    ))
-    .map_err(|e| dp_error("adding the default route", e))?;
+    // The default route, unless the pod already has one through another interface: this attachment is then a
+    // secondary one (a Multus-style second underlay network), and replacing the route would move the pod's
+    // default to it — and take it away with it on DEL, leaving the pod with no route at all. Every underlay
+    // interface uses the same gateway address, so "replace" would match the first interface's route.
+    let routes = pod
+        .routes(Route::MAIN)
+        .map_err(|e| dp_error("reading the pod's routes", e))?;
+    let default_elsewhere = routes
+        .iter()
+        .find(|r| r.dst == default_v4() && r.oif.is_some_and(|i| i != eth_index));
+    match default_elsewhere {
+        Some(r) => tracing::info!(
+            ifname = %inv.ifname,
+            default_oif = ?r.oif,
+            "the pod routes by default through another interface: secondary attachment, no default route"
+        ),
+        None => pod
+            .route_replace(&Route::via_onlink(
+                default_v4(),
+                IpAddr::V4(gateway),
+                eth_index,
+            ))
+            .map_err(|e| dp_error("adding the default route", e))?,
+    }
 
     // Host side. The pod's neighbour entry is permanent too: the node never ARPs for its pods (so a pod never
     // learns the node's address from an ARP request either). The kernel's ARP table is shared by every
@@ -402,9 +420,14 @@ fn check(inv: &Invocation) -> Result<(), CniError> {
     let routes = pod
         .routes(Route::MAIN)
         .map_err(|e| dp_error("reading pod routes", e))?;
+    // The default route through this interface; or, for a secondary attachment, through the interface that
+    // had it first (ADD leaves that one in place).
     if !routes.iter().any(|r| {
         r.dst == default_v4() && r.via == Some(IpAddr::V4(gateway)) && r.oif == Some(eth.index)
-    }) {
+    }) && !routes
+        .iter()
+        .any(|r| r.dst == default_v4() && r.oif.is_some_and(|i| i != eth.index))
+    {
         return Err(bad(format!(
             "no default route via {gateway} dev {} in the pod",
             inv.ifname

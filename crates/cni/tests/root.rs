@@ -152,6 +152,67 @@ fn add_is_idempotent_for_the_same_container() {
         .expect_ok();
 }
 
+/// A Multus-style second underlay interface in the same pod: it does not take over the first's default route,
+/// both pass CHECK, and removing it (DEL) leaves the pod routing through the first.
+#[test]
+fn a_second_attachment_keeps_the_first_ones_default_route() {
+    let node = Node::new("ulcni-multi", "100.64.16.0/28");
+    let pod = TestNs::new("ulcni-multi-p").unwrap();
+    let conf = node.conf("1.0.0");
+    let first = node
+        .cni("ADD", "c1", &pod.path(), "eth0", &conf)
+        .expect_ok()
+        .clone();
+    let second = node
+        .cni("ADD", "c1", &pod.path(), "net1", &conf)
+        .expect_ok()
+        .clone();
+    assert_ne!(first["ips"][0]["address"], second["ips"][0]["address"]);
+
+    let default_oifs = |pod: &TestNs| -> Vec<Option<u32>> {
+        let mut nl = pod.netns().netlink().unwrap();
+        nl.routes(Route::MAIN)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.dst == "0.0.0.0/0".parse().unwrap())
+            .map(|r| r.oif)
+            .collect()
+    };
+    let eth0 = {
+        let mut nl = pod.netns().netlink().unwrap();
+        nl.link_by_name("eth0").unwrap().unwrap().index
+    };
+    assert_eq!(
+        default_oifs(&pod),
+        [Some(eth0)],
+        "the second ADD took the default route"
+    );
+    assert!(ping(&pod, NODE_IP));
+    for (ifname, res) in [("eth0", &first), ("net1", &second)] {
+        let mut check = conf.clone();
+        check["prevResult"] = res.clone();
+        node.cni("CHECK", "c1", &pod.path(), ifname, &check)
+            .expect_ok();
+    }
+
+    node.cni("DEL", "c1", &pod.path(), "net1", &conf)
+        .expect_ok();
+    assert_eq!(
+        default_oifs(&pod),
+        [Some(eth0)],
+        "DEL of the second left no route"
+    );
+    assert!(
+        ping(&pod, NODE_IP),
+        "the pod lost its network with the second interface"
+    );
+    assert_eq!(node.allocations().len(), 1);
+    node.cni("DEL", "c1", &pod.path(), "eth0", &conf)
+        .expect_ok();
+    assert!(node.wait_host_veths_gone().is_empty());
+    assert!(node.allocations().is_empty());
+}
+
 #[test]
 fn del_succeeds_when_the_netns_is_gone() {
     let node = Node::new("ulcni-gone", "100.64.14.0/28");

@@ -111,6 +111,14 @@ impl ControllerMetrics {
         let m = Self::default();
         let r = registry;
         r.register(
+            "underlay_build",
+            "The running build: version and component (value 1)",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("component", "controller"),
+                ("version", env!("CARGO_PKG_VERSION")),
+            ]),
+        );
+        r.register(
             "underlay_controller_leader",
             "1 while this replica holds the leader lease, else 0",
             m.leader.clone(),
@@ -654,5 +662,10 @@ mod tests {
             body.lines().any(|l| l == "underlay_controller_leader 1"),
             "{body}"
         );
+        let build = format!(
+            "underlay_build_info{{component=\"controller\",version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(body.lines().any(|l| l == build), "{body}");
     }
 }

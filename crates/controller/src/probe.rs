@@ -213,11 +213,41 @@ impl HealthProber {
             let changes = record_round(&self.tracker, &results, now);
             self.rounds.fetch_add(1, Ordering::SeqCst);
             for t in changes {
-                tracing::warn!(node = %t.node, from = %t.from, to = %t.to, "forwarder health changed");
+                if is_alarming(&t) {
+                    tracing::warn!(node = %t.node, from = %t.from, to = %t.to, "forwarder health changed");
+                } else {
+                    tracing::info!(node = %t.node, from = %t.from, to = %t.to, "forwarder health changed");
+                }
                 if transitions.send(t).await.is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+/// A transition worth a WARN: a forwarder failing. Every node joins as pending → healthy and a recovered one
+/// fails back as failed → healthy: normal operation, logged at INFO.
+pub fn is_alarming(t: &Transition) -> bool {
+    t.to == HealthState::Failed
+}
+
+#[cfg(test)]
+mod level_tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_are_warnings() {
+        let t = |from, to| Transition {
+            node: "n".into(),
+            from,
+            to,
+            at: std::time::Instant::now(),
+        };
+        use HealthState::*;
+        assert!(!is_alarming(&t(Pending, Healthy)), "a normal join");
+        assert!(!is_alarming(&t(Failed, Healthy)), "a fail-back");
+        assert!(is_alarming(&t(Healthy, Failed)));
+        assert!(is_alarming(&t(Pending, Failed)));
     }
 }

@@ -38,6 +38,8 @@ pub const HOST_VETH_PREFIX: &str = "ul";
 /// Default directories the agent writes the CNI configuration list to and installs the plugin into.
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// Log format of `underlay agent` and `underlay controller`: `text` (default) or `json`, one object per line.
+pub const LOG_FORMAT_ENV: &str = "UNDERLAY_LOG_FORMAT";
 /// Fault-injection knob of `underlay agent`, for crash tests only (see docs/agent.md).
 pub const AGENT_FAULT_ENV: &str = "UNDERLAY_AGENT_FAULT";
 

@@ -153,7 +153,46 @@ fn a_peer_label_change_is_one_element_change() {
         text.lines()
             .nth(1)
             .unwrap()
-            .starts_with("delete element inet underlay pol_p"),
+            .starts_with("delete element inet underlay pol_a"),
         "{text}"
+    );
+}
+
+/// Policies that name the same peers share one address set (named by what selects its members), so a thousand
+/// policies allowing a hundred groups hold a hundred sets; the set leaves only with its last policy.
+#[test]
+fn policies_naming_the_same_peers_share_one_set() {
+    let addr_sets = |m: &underlay_core::policy::PolicyModel| -> Vec<String> {
+        m.sets
+            .iter()
+            .filter(|(_, s)| s.kind == underlay_core::policy::SetKind::Addr)
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let one = cluster("web");
+    let mut two = one.clone();
+    let mut copy = two.policies[0].clone();
+    copy.name = "allow-web-too".into();
+    copy.ingress[0].ports[0].port = Some(PortRef::Number(81));
+    two.policies.push(copy);
+    let (m1, m2) = (compile(&one, &local()).model, compile(&two, &local()).model);
+    assert_eq!(addr_sets(&m1).len(), 1);
+    assert_eq!(addr_sets(&m2), addr_sets(&m1), "shared, not copied");
+    // Removing one of the two keeps the set its twin still uses; removing the last one deletes it.
+    let back = diff(&m2, &m1);
+    let shared = addr_sets(&m1)[0].clone();
+    assert!(
+        !back
+            .iter()
+            .any(|op| matches!(op, PolicyOp::DeleteSet { name } if *name == shared)),
+        "{back:?}"
+    );
+    let mut none = one.clone();
+    none.policies.clear();
+    let gone = diff(&m1, &compile(&none, &local()).model);
+    assert!(
+        gone.iter()
+            .any(|op| matches!(op, PolicyOp::DeleteSet { name } if *name == addr_sets(&m1)[0])),
+        "{gone:?}"
     );
 }

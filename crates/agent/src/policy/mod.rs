@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use underlay_core::policy::diff::{self, PolicyObjects};
-use underlay_core::policy::{Cluster, LocalPod, PolicyModel, PolicyWarning, compile};
+use underlay_core::policy::{
+    Cluster, CompileCache, LocalPod, PolicyModel, PolicyWarning, compile_with,
+};
 
 use crate::metrics::AgentMetrics;
 pub use nft::{NsNft, PolicyNft};
@@ -57,6 +59,8 @@ struct State {
     installed: Option<PolicyModel>,
     warnings: Vec<PolicyWarning>,
     unknown: Vec<String>,
+    /// Peer resolutions of the current inputs, reused by the compiles of ADD and DEL; cleared with new inputs.
+    cache: CompileCache,
 }
 
 /// The node's policy engine. Every change is serialized under one lock and committed as one transaction.
@@ -112,6 +116,7 @@ impl PolicyEngine {
         let started = Instant::now();
         let mut g = self.lock();
         g.inputs = Some(Arc::new(inputs));
+        g.cache.clear();
         self.sync(&mut g, started)
     }
 
@@ -222,7 +227,7 @@ impl PolicyEngine {
             return Ok(SyncOutcome::Waiting);
         };
         let local: Vec<LocalPod> = g.local.values().cloned().collect();
-        let compiled = compile(&inputs, &local);
+        let compiled = compile_with(&inputs, &local, &mut g.cache);
         let (batch, outcome) = match &g.installed {
             Some(prev) => {
                 let ops = diff::diff(prev, &compiled.model);
@@ -270,6 +275,12 @@ impl PolicyEngine {
                 compiled.model.object_count(),
             );
         }
+        tracing::debug!(
+            ?outcome,
+            objects = compiled.model.object_count(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "policy state committed"
+        );
         g.warnings = compiled.warnings;
         g.unknown = compiled.unknown_local_pods;
         g.installed = Some(compiled.model);

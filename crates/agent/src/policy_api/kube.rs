@@ -174,6 +174,10 @@ async fn run(client: ::kube::Client, node: String, out: watch::Sender<PolicyStat
     let mut index = PolicyIndex::default();
     let mut revision = 0u64;
     while let Some(update) = rx.recv().await {
+        // Which peers are needed depends on namespaces, policies and this node's pods, never on the peers
+        // themselves: a peer event (10,000 of them when a cluster's worth of peers is listed) skips the
+        // recomputation, which walks every policy selecting a local pod.
+        let watches_may_change = !matches!(update, Update::Peer(..));
         match update {
             Update::Namespace(ev) => index.apply_namespace(ev),
             Update::Policy(ev) => index.apply_policy(ev),
@@ -183,6 +187,13 @@ async fn run(client: ::kube::Client, node: String, out: watch::Sender<PolicyStat
                 tracing::warn!(watch = what, %error, "policy watch failed; keeping the last state and retrying");
                 continue;
             }
+        }
+        if !watches_may_change {
+            if rx.is_empty() {
+                revision += 1;
+                publish(&out, &index, revision, peers.len());
+            }
+            continue;
         }
         let needed = index.needed_peer_watches();
         let (started, stopped) = index.set_peer_watches(&needed);
@@ -209,17 +220,26 @@ async fn run(client: ::kube::Client, node: String, out: watch::Sender<PolicyStat
             continue;
         }
         revision += 1;
-        let state = PolicyState {
-            revision,
-            cluster: Arc::new(index.cluster()),
-            synced: index.synced(),
-            index: Arc::new(index.clone()),
-            peer_watches: peers.len(),
-        };
-        out.send_replace(state);
+        publish(&out, &index, revision, peers.len());
     }
     tasks.extend(peers.into_values());
     for t in tasks {
         t.abort();
     }
+}
+
+/// Publishes the index as one state.
+fn publish(
+    out: &watch::Sender<PolicyState>,
+    index: &PolicyIndex,
+    revision: u64,
+    peer_watches: usize,
+) {
+    out.send_replace(PolicyState {
+        revision,
+        cluster: Arc::new(index.cluster()),
+        synced: index.synced(),
+        index: Arc::new(index.clone()),
+        peer_watches,
+    });
 }

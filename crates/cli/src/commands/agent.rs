@@ -37,6 +37,14 @@ pub struct Args {
     /// The `underlay-cni` binary to install (default: `underlay-cni` next to this executable, if present).
     #[arg(long, value_name = "FILE")]
     plugin_source: Option<PathBuf>,
+    /// Directory of the chained reference plugins (portmap, bandwidth) to install next to `underlay-cni`
+    /// (default: `../lib/underlay/cni` from this executable, as in the image, if present).
+    #[arg(long, value_name = "DIR")]
+    chained_plugins_dir: Option<PathBuf>,
+    /// Move every other CNI configuration in the configuration directory aside (`<name>.underlay_bak`), so
+    /// the runtime can only use underlay's (a node switching from another CNI).
+    #[arg(long)]
+    cni_exclusive: bool,
     /// Seconds a released address waits before reuse.
     #[arg(long, value_name = "SECS")]
     cooldown_secs: Option<u64>,
@@ -121,6 +129,17 @@ fn resolve(args: Args, needs_pool: bool) -> anyhow::Result<AgentConfig> {
             .ok()
             .and_then(|exe| Some(exe.parent()?.join(names::CNI_PLUGIN)))
             .filter(|p| p.is_file());
+    }
+    if let Some(d) = args.chained_plugins_dir {
+        config.chained_plugins_dir = Some(d);
+    } else if config.chained_plugins_dir.is_none() {
+        config.chained_plugins_dir = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("../lib/underlay/cni")))
+            .filter(|d| d.is_dir());
+    }
+    if args.cni_exclusive {
+        config.cni_exclusive = true;
     }
     if needs_pool {
         config.validate()?;

@@ -15,16 +15,34 @@ pub mod lab;
 pub mod lab_policy;
 pub mod names;
 pub mod plan;
+pub mod version;
 
-/// Logs to stderr (stdout carries reports and protocols), filtered by `RUST_LOG`, else at `default`.
+/// Logs to stderr (stdout carries reports and protocols), filtered by `RUST_LOG`, else at `default`; one JSON
+/// object per line when `UNDERLAY_LOG_FORMAT=json` (the chart's `logFormat`), else text.
 pub fn init_tracing(default: &str) {
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    };
+    let format = std::env::var(underlay_core::names::LOG_FORMAT_ENV).unwrap_or_default();
+    if format == "json" {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter())
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
-        )
+        .with_env_filter(filter())
         .try_init();
+    if !format.is_empty() && format != "text" {
+        tracing::warn!(
+            "{}={format:?} is neither text nor json: logging text",
+            underlay_core::names::LOG_FORMAT_ENV
+        );
+    }
 }
 
 /// The `underlay-cni` binary: `given`, else the one installed next to this executable.

@@ -43,6 +43,15 @@ impl Node {
         Node::with_pool(prefix, &yaml, pool)
     }
 
+    /// A node whose agent configuration also holds `extra_yaml` (lines of `AgentConfig`, e.g. `plugin_source`).
+    pub fn with_agent_config(prefix: &str, pool: &str, extra_yaml: &str) -> Node {
+        Node::with_pool(
+            prefix,
+            &format!("pool:\n  block: {pool}\n{extra_yaml}"),
+            pool,
+        )
+    }
+
     fn with_pool(prefix: &str, pool_yaml: &str, pool: &str) -> Node {
         let ns = TestNs::new(prefix).expect("node namespace");
         let dir = tempfile::tempdir().expect("temp dir");

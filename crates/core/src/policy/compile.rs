@@ -5,7 +5,8 @@
 //! depends on pods lives in set elements. So a pod coming, going or changing labels changes set elements and,
 //! for a pod of this node, its entries in the verdict maps: never an existing chain's rules.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{Cluster, Labels, NetworkPolicy, Pod, PolicyType, Protocol};
 use super::ranges::{AddrRange, merge_overlapping};
 use super::ruleset::{ChainRule, Element, NftSet, PolicyModel, PortMatch, SetKind};
+use super::selector::LabelSelector;
 use super::validate::{
     NormPeer, NormPort, PolicyWarning, in_ranges, norm_peer, norm_port, validate,
 };
@@ -43,38 +45,112 @@ pub const CHAIN_UNKNOWN_POD: &str = "pol_unknown_pod";
 
 /// Compiles the policy state of the node whose attached pods are `local`.
 pub fn compile(cluster: &Cluster, local: &[LocalPod]) -> Compiled {
+    compile_with(cluster, local, &mut CompileCache::default())
+}
+
+/// What [`compile_with`] reuses between compiles of the same inputs: the addresses each selector peer
+/// resolved to. A pod's ADD or DEL changes the local pods, not the inputs, and most peers not at all, so the
+/// node's thousand policies are not resolved against the cluster's pods again for each ADD.
+#[derive(Debug, Clone, Default)]
+pub struct CompileCache {
+    peers: HashMap<PeerKey, Vec<AddrRange>>,
+    /// The local addresses the cached resolutions were made with (`namespace/name` → address).
+    local_addresses: BTreeMap<(String, String), Ipv4Addr>,
+}
+
+impl CompileCache {
+    /// Forget everything: call it whenever the inputs ([`Cluster`]) change.
+    pub fn clear(&mut self) {
+        self.peers.clear();
+        self.local_addresses.clear();
+    }
+
+    /// Keeps only the resolutions that cannot include a pod whose local address changed since the last compile
+    /// (a local address overrides the API's, which may not have published it yet).
+    fn invalidate_for(
+        &mut self,
+        local: &[&LocalPod],
+        pods: &BTreeMap<(&str, &str), &Pod>,
+        namespaces: &BTreeMap<&str, &Labels>,
+    ) {
+        let now: BTreeMap<(String, String), Ipv4Addr> = local
+            .iter()
+            .map(|lp| ((lp.namespace.clone(), lp.name.clone()), lp.ip))
+            .collect();
+        let changed: Vec<&Pod> = now
+            .iter()
+            .filter(|(k, ip)| self.local_addresses.get(*k) != Some(*ip))
+            .map(|(k, _)| k)
+            .chain(
+                self.local_addresses
+                    .keys()
+                    .filter(|k| !now.contains_key(*k)),
+            )
+            .filter_map(|(ns, name)| pods.get(&(ns.as_str(), name.as_str())).copied())
+            .collect();
+        for pod in changed {
+            self.peers.retain(|(own, ns_sel, pod_sel), _| {
+                let in_namespace = match own {
+                    Some(own) => *own == pod.namespace,
+                    None => ns_sel.as_ref().is_some_and(|sel| {
+                        namespaces
+                            .get(pod.namespace.as_str())
+                            .is_some_and(|l| sel.matches(l))
+                    }),
+                };
+                !(in_namespace && pod_sel.as_ref().is_none_or(|s| s.matches(&pod.labels)))
+            });
+        }
+        self.local_addresses = now;
+    }
+}
+
+/// [`compile`], reusing and refilling `cache`. The result is the same as [`compile`]'s as long as the cache
+/// is cleared whenever `cluster` changes ([`CompileCache::clear`]).
+pub fn compile_with(cluster: &Cluster, local: &[LocalPod], cache: &mut CompileCache) -> Compiled {
     let mut local: Vec<&LocalPod> = local.iter().collect();
     local.sort();
-    // Local addresses are authoritative: the API may not have published them yet.
-    let mut pods: Vec<Pod> = cluster.pods.clone();
-    for lp in &local {
-        if let Some(p) = pods
-            .iter_mut()
-            .find(|p| p.namespace == lp.namespace && p.name == lp.name)
-        {
-            p.ip = Some(lp.ip);
-        }
-    }
-    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let namespaces: BTreeMap<&str, &Labels> = cluster
         .namespaces
         .iter()
         .map(|n| (n.name.as_str(), &n.labels))
         .collect();
+    let by_name: BTreeMap<(&str, &str), &Pod> = cluster
+        .pods
+        .iter()
+        .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
+        .collect();
+    cache.invalidate_for(&local, &by_name, &namespaces);
+    // Local addresses are authoritative: the API may not have published them yet.
+    let local_ip: HashMap<(&str, &str), Ipv4Addr> = local
+        .iter()
+        .map(|lp| ((lp.namespace.as_str(), lp.name.as_str()), lp.ip))
+        .collect();
+    // Sorted by namespace/name (a pod listed twice counts once).
+    let pods: Vec<&Pod> = by_name.values().copied().collect();
     let mut policies: Vec<&NetworkPolicy> = cluster.policies.iter().collect();
     policies.sort_by_key(|p| p.key());
 
+    let mut pods_by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+    for p in pods.iter().filter(|p| !p.host_network) {
+        pods_by_ns.entry(p.namespace.as_str()).or_default().push(p);
+    }
     let cx = Cx {
+        by_name: &by_name,
+        local_ip,
         pods: &pods,
+        pods_by_ns,
         namespaces,
+        peers: RefCell::new(std::mem::take(&mut cache.peers)),
+        peer_sets: RefCell::new(HashMap::new()),
     };
     let mut out = Compiled::default();
     // (policy index, direction) → local pods it selects.
     let mut needed: BTreeMap<(usize, DirKey), Vec<&LocalPod>> = BTreeMap::new();
     for lp in &local {
-        let Some(pod) = pods
-            .iter()
-            .find(|p| p.namespace == lp.namespace && p.name == lp.name)
+        let Some(pod) = by_name
+            .get(&(lp.namespace.as_str(), lp.name.as_str()))
+            .copied()
         else {
             out.unknown_local_pods
                 .push(format!("{}/{}", lp.namespace, lp.name));
@@ -130,6 +206,7 @@ pub fn compile(cluster: &Cluster, local: &[LocalPod]) -> Compiled {
             out.warnings.extend(validate(pol));
         }
     }
+    cache.peers = cx.peers.into_inner();
     out
 }
 
@@ -167,6 +244,28 @@ fn selects(pol: &NetworkPolicy, pod: &Pod) -> bool {
         && (pol.pod_selector.validate().is_err() || pol.pod_selector.matches(&pod.labels))
 }
 
+/// The canonical text of what a rule's peers select: the same text for the same members, whatever policy
+/// names them (sorted, so the order of `from`/`to` entries does not matter).
+fn peers_identity(pol: &NetworkPolicy, peers: &[NormPeer]) -> String {
+    let mut parts: Vec<String> = peers
+        .iter()
+        .map(|p| match p {
+            NormPeer::Block(r) => format!("block {r:?}"),
+            NormPeer::Pods {
+                namespace: None,
+                pods,
+            } => format!("pods in {:?} {pods:?}", pol.namespace),
+            NormPeer::Pods {
+                namespace: Some(ns),
+                pods,
+            } => format!("pods of {ns:?} {pods:?}"),
+        })
+        .collect();
+    parts.sort();
+    parts.dedup();
+    parts.join("\n")
+}
+
 /// 48 bits of FNV-1a as 12 hex digits: stable across releases and platforms.
 fn short_hash(s: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -186,31 +285,65 @@ pub(crate) fn policy_chain(pol: &NetworkPolicy, dir: PolicyType) -> String {
     format!("{}_{}", policy_id(pol), dk(dir).suffix())
 }
 
+/// A selector peer's identity: what decides the pods it matches (the policy's own namespace when the peer has
+/// no namespace selector). Policies naming the same peer share one resolution per compile.
+type PeerKey = (Option<String>, Option<LabelSelector>, Option<LabelSelector>);
+
 struct Cx<'a> {
-    pods: &'a [Pod],
+    by_name: &'a BTreeMap<(&'a str, &'a str), &'a Pod>,
+    /// This node's pods' addresses, which win over the API's.
+    local_ip: HashMap<(&'a str, &'a str), Ipv4Addr>,
+    pods: &'a [&'a Pod],
+    /// Pods that can be peers (host-network pods are never a selector's), by namespace.
+    pods_by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
     namespaces: BTreeMap<&'a str, &'a Labels>,
+    /// Resolved selector peers, so a thousand policies naming a hundred peer groups scan the pods a hundred times.
+    peers: RefCell<HashMap<PeerKey, Vec<AddrRange>>>,
+    /// This compile's shared peer sets (by name) and their ranges.
+    peer_sets: RefCell<HashMap<String, Vec<AddrRange>>>,
 }
 
 impl Cx<'_> {
+    /// A pod's address: this node's for its own pods, else the API's.
+    fn ip(&self, p: &Pod) -> Option<Ipv4Addr> {
+        self.local_ip
+            .get(&(p.namespace.as_str(), p.name.as_str()))
+            .copied()
+            .or(p.ip)
+    }
+
     /// Addresses of the pods a selector peer matches.
     fn peer_pods(&self, pol: &NetworkPolicy, peer: &NormPeer) -> Vec<AddrRange> {
-        match peer {
-            NormPeer::Block(r) => r.clone(),
-            NormPeer::Pods { namespace, pods } => self
-                .pods
-                .iter()
-                .filter(|p| !p.host_network)
-                .filter(|p| match namespace {
-                    None => p.namespace == pol.namespace,
-                    Some(sel) => self
-                        .namespaces
-                        .get(p.namespace.as_str())
-                        .is_some_and(|l| sel.matches(l)),
-                })
-                .filter(|p| pods.as_ref().is_none_or(|s| s.matches(&p.labels)))
-                .filter_map(|p| p.ip.map(AddrRange::single))
-                .collect(),
+        let (namespace, pods) = match peer {
+            NormPeer::Block(r) => return r.clone(),
+            NormPeer::Pods { namespace, pods } => (namespace, pods),
+        };
+        let key: PeerKey = (
+            namespace.is_none().then(|| pol.namespace.clone()),
+            namespace.clone(),
+            pods.clone(),
+        );
+        if let Some(hit) = self.peers.borrow().get(&key) {
+            return hit.clone();
         }
+        let in_namespaces: Vec<&str> = match namespace {
+            None => vec![pol.namespace.as_str()],
+            Some(sel) => self
+                .namespaces
+                .iter()
+                .filter(|(_, labels)| sel.matches(labels))
+                .map(|(name, _)| *name)
+                .collect(),
+        };
+        let found: Vec<AddrRange> = in_namespaces
+            .iter()
+            .filter_map(|ns| self.pods_by_ns.get(ns))
+            .flatten()
+            .filter(|p| pods.as_ref().is_none_or(|s| s.matches(&p.labels)))
+            .filter_map(|p| self.ip(p).map(AddrRange::single))
+            .collect();
+        self.peers.borrow_mut().insert(key, found.clone());
+        found
     }
 
     fn emit_policy(
@@ -225,10 +358,13 @@ impl Cx<'_> {
         let mut lines = Vec::new();
         for (i, rule) in pol.rules(dir).iter().enumerate() {
             let stem = format!("{base}{i}");
-            // Peers: None = every address.
-            let peer_ranges: Option<Vec<AddrRange>> = if rule.peers.is_empty() {
-                None
-            } else {
+            // Peers: None = every address. The address set is named by what selects its members (the rule's
+            // valid peers, the policy's namespace standing in for a missing namespace selector), so policies
+            // naming the same peers share one set: a thousand policies allowing a hundred groups hold a hundred
+            // sets, not a thousand copies.
+            let mut peer_ranges: Option<Vec<AddrRange>> = None;
+            let mut peers_set: Option<String> = None;
+            if !rule.peers.is_empty() {
                 let valid: Vec<NormPeer> = rule
                     .peers
                     .iter()
@@ -237,18 +373,39 @@ impl Cx<'_> {
                 if valid.is_empty() {
                     continue; // every peer invalid: the rule matches nothing
                 }
-                let all: Vec<(Ipv4Addr, Ipv4Addr)> = valid
-                    .iter()
-                    .flat_map(|p| self.peer_pods(pol, p))
-                    .map(|r| (r.start, r.end))
-                    .collect();
-                Some(
-                    merge_overlapping(all)
+                let name = format!(
+                    "{}a{}_{}",
+                    names::NFT_POLICY_PREFIX,
+                    short_hash(&peers_identity(pol, &valid)),
+                    SetKind::Addr.suffix()
+                );
+                // (The borrow ends with this statement, before the closure below borrows mutably.)
+                let ranges = self.peer_sets.borrow().get(&name).cloned();
+                let ranges = ranges.unwrap_or_else(|| {
+                    let all: Vec<(Ipv4Addr, Ipv4Addr)> = valid
+                        .iter()
+                        .flat_map(|p| self.peer_pods(pol, p))
+                        .map(|r| (r.start, r.end))
+                        .collect();
+                    let ranges: Vec<AddrRange> = merge_overlapping(all)
                         .into_iter()
                         .map(|(s, e)| AddrRange::new(s, e))
-                        .collect(),
-                )
-            };
+                        .collect();
+                    model.sets.insert(
+                        name.clone(),
+                        NftSet {
+                            kind: SetKind::Addr,
+                            elements: ranges.iter().map(|r| Element::Addr(*r)).collect(),
+                        },
+                    );
+                    self.peer_sets
+                        .borrow_mut()
+                        .insert(name.clone(), ranges.clone());
+                    ranges
+                });
+                peer_ranges = Some(ranges);
+                peers_set = Some(name);
+            }
             let (ranges, named): (Vec<NormPort>, Vec<NormPort>) = if rule.ports.is_empty() {
                 (Vec::new(), Vec::new())
             } else {
@@ -264,17 +421,6 @@ impl Cx<'_> {
                     .into_iter()
                     .partition(|p| matches!(p, NormPort::Range(..)))
             };
-            let peers_set = peer_ranges.as_ref().map(|r| {
-                let name = format!("{stem}_{}", SetKind::Addr.suffix());
-                model.sets.insert(
-                    name.clone(),
-                    NftSet {
-                        kind: SetKind::Addr,
-                        elements: r.iter().map(|r| Element::Addr(*r)).collect(),
-                    },
-                );
-                name
-            });
             if rule.ports.is_empty() {
                 lines.push(ChainRule::Accept {
                     dir,
@@ -332,10 +478,8 @@ impl Cx<'_> {
                         // Resolved on each destination: the local pods this policy selects.
                         let mut elements = BTreeSet::new();
                         for lp in selected {
-                            if let Some(pod) = self
-                                .pods
-                                .iter()
-                                .find(|p| p.namespace == lp.namespace && p.name == lp.name)
+                            if let Some(pod) =
+                                self.by_name.get(&(lp.namespace.as_str(), lp.name.as_str()))
                             {
                                 for (proto, port) in resolve(pod) {
                                     elements.insert(Element::IfProtoPort(
@@ -364,7 +508,7 @@ impl Cx<'_> {
                         // Resolved on each destination: every pod among the peers (or anywhere, with no peers).
                         let mut elements = BTreeSet::new();
                         for pod in self.pods.iter().filter(|p| !p.host_network) {
-                            let Some(ip) = pod.ip else { continue };
+                            let Some(ip) = self.ip(pod) else { continue };
                             if peer_ranges.as_ref().is_some_and(|r| !in_ranges(r, ip)) {
                                 continue;
                             }

@@ -20,7 +20,7 @@ pub mod ruleset;
 pub mod selector;
 pub mod validate;
 
-pub use compile::{Compiled, LocalPod, compile};
+pub use compile::{CompileCache, Compiled, LocalPod, compile, compile_with};
 pub use diff::{PolicyOp, apply, diff, render_install, render_ops, render_remove_all};
 pub use eval::{Decision, DirectionVerdict, Exemption, allows, evaluate};
 pub use model::{

@@ -1,6 +1,7 @@
-{{/* The image reference of both workloads. */}}
+{{/* The image reference of both workloads: repository:tag, pinned by @digest when one is given. */}}
 {{- define "underlay.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end -}}
 
 {{/* Labels on every object. */}}

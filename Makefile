@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 UNDERLAY := target/release/underlay
 
-.PHONY: setup build image test-image demo test lint fmt clean
+.PHONY: setup build image test-image demo test fuzz lint fmt clean
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +45,12 @@ test: setup test-image
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) test --workspace --all-features --no-fail-fast
+
+# Long fuzzing runs: every target of crates/fuzz for FUZZ_SECONDS each (default 60), coverage-guided with
+# libFuzzer when nightly and cargo-fuzz are installed, else the stable generator for as long (docs/fuzzing.md).
+# `make test` already runs every target over its corpus and a bounded set of generated inputs.
+fuzz:
+	@bash scripts/fuzz.sh
 
 # The static checks alone (both also run in `make test`).
 lint:

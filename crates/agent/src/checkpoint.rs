@@ -78,30 +78,12 @@ impl Checkpoint {
                 });
             }
         };
-        let corrupt = |reason: String| AgentError::CorruptCheckpoint {
-            path: self.path.clone(),
-            reason,
-        };
-        let v: VersionOnly = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if v.version < CHECKPOINT_VERSION {
-            return Err(corrupt(format!(
-                "version {} is not a version any release wrote",
-                v.version
-            )));
-        }
-        if v.version > CHECKPOINT_VERSION {
-            tracing::warn!(
-                version = v.version,
-                reads = CHECKPOINT_VERSION,
-                "IPAM checkpoint written by a newer agent: reading the fields this one knows"
-            );
-        }
-        let f: FileV1 = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some(IpamState {
-            allocations: f.allocations,
-            cooling: f.cooling,
-            cursor: f.cursor,
-        }))
+        parse(&bytes)
+            .map(Some)
+            .map_err(|reason| AgentError::CorruptCheckpoint {
+                path: self.path.clone(),
+                reason,
+            })
     }
 
     /// Replaces the checkpoint with `state`, durably, before returning.
@@ -130,6 +112,31 @@ impl Checkpoint {
         fs::rename(&self.tmp, &self.path).map_err(io("rename the checkpoint", &self.path))?;
         sync_dir(&self.path).map_err(io("sync the checkpoint directory", &self.path))
     }
+}
+
+/// Parses a checkpoint file's bytes (what [`Checkpoint::load`] does after reading them). `Err` says why the
+/// bytes are corrupt. Pure, for the fuzz targets as much as for `load`.
+pub fn parse(bytes: &[u8]) -> Result<IpamState, String> {
+    let v: VersionOnly = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if v.version < CHECKPOINT_VERSION {
+        return Err(format!(
+            "version {} is not a version any release wrote",
+            v.version
+        ));
+    }
+    if v.version > CHECKPOINT_VERSION {
+        tracing::warn!(
+            version = v.version,
+            reads = CHECKPOINT_VERSION,
+            "IPAM checkpoint written by a newer agent: reading the fields this one knows"
+        );
+    }
+    let f: FileV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(IpamState {
+        allocations: f.allocations,
+        cooling: f.cooling,
+        cursor: f.cursor,
+    })
 }
 
 /// fsyncs the directory holding `path`, so a rename into it survives a power loss.

@@ -201,10 +201,12 @@ pub fn version_result(cni_version: &str) -> Value {
     json!({ "cniVersion": cni_version, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
-/// The address and gateway of the interface `ifname` in a previous ADD result (what CHECK verifies).
+/// The address and gateway of the interface `ifname` in a previous ADD result (what CHECK verifies). When
+/// several sandbox interfaces carry that name (a plugin earlier in the chain reported one), the last is ours:
+/// [`add_result`] appends.
 pub fn find_attachment(result: &Value, ifname: &str) -> Option<(Ipv4Net, Option<Ipv4Addr>)> {
     let interfaces = result.get("interfaces")?.as_array()?;
-    let idx = interfaces.iter().position(|i| {
+    let idx = interfaces.iter().rposition(|i| {
         i.get("name").and_then(Value::as_str) == Some(ifname) && i.get("sandbox").is_some()
     })?;
     result.get("ips")?.as_array()?.iter().find_map(|ip| {
@@ -272,6 +274,22 @@ mod tests {
         assert_eq!(r["ips"][1]["interface"], 2);
         assert_eq!(r["dns"]["nameservers"][0], "203.0.113.53");
         assert_eq!(r["extra"], 1);
+        assert_eq!(
+            find_attachment(&r, "eth0").unwrap().0,
+            "100.64.1.5/32".parse::<Ipv4Net>().unwrap()
+        );
+    }
+
+    /// Found by the `cni_invocation` fuzz target: a previous result that already names a sandbox interface
+    /// `eth0` (without an address for it) hid the attachment our ADD appended, so CHECK could not find it.
+    #[test]
+    fn find_attachment_after_a_previous_sandbox_interface_of_the_same_name() {
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/p1"}],
+            "ips": [{"address": "10.0.0.1/8", "ijterface": 0}],
+        });
+        let r = add_result("1.0.0", Some(&prev), &mk_attached());
         assert_eq!(
             find_attachment(&r, "eth0").unwrap().0,
             "100.64.1.5/32".parse::<Ipv4Net>().unwrap()

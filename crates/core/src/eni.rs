@@ -99,6 +99,10 @@ pub enum EniSpecError {
         value: String,
         subnet: Ipv4Net,
     },
+    #[error(
+        "ENI {eni}: prefix {prefix} is not a /{DELEGATED_PREFIX_LEN} (EC2 delegates only those)"
+    )]
+    PrefixLength { eni: String, prefix: Ipv4Net },
     #[error("pod address {0} is listed more than once")]
     AddressTwice(Ipv4Addr),
     #[error("the node IP {0} is listed as a pod address")]
@@ -106,6 +110,9 @@ pub enum EniSpecError {
     #[error("the primary IP {address} of ENI {eni} is listed as a pod address")]
     PrimaryAsPod { eni: String, address: Ipv4Addr },
 }
+
+/// Length of the IPv4 prefixes EC2 delegates to an ENI: every one is a /28 (16 pod addresses).
+pub const DELEGATED_PREFIX_LEN: u8 = 28;
 
 /// Parses `aa:bb:cc:dd:ee:ff` (either case).
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -219,6 +226,17 @@ impl EniNodeSpec {
             }
             if let Some(p) = e.prefixes.iter().find(|p| !e.subnet_cidr.contains(*p)) {
                 return Err(outside("prefix", p.to_string()));
+            }
+            // Before the addresses are expanded: a /0 would be four billion of them.
+            if let Some(p) = e
+                .prefixes
+                .iter()
+                .find(|p| p.prefix_len() != DELEGATED_PREFIX_LEN)
+            {
+                return Err(EniSpecError::PrefixLength {
+                    eni: e.id.clone(),
+                    prefix: *p,
+                });
             }
             for a in e.pod_addresses() {
                 if a == self.node_ip {
@@ -542,6 +560,24 @@ mod tests {
                 },
             ],
         }
+    }
+
+    /// Found writing the `node_record` fuzz target (its libFuzzer binary times out on the input): a record whose
+    /// ENI lists a /0 prefix inside a /0 subnet made `validate` expand four billion addresses into a set (a hang,
+    /// then out of memory) instead of refusing it.
+    #[test]
+    fn a_prefix_other_than_a_28_is_refused_before_it_is_expanded() {
+        for bad in ["0.0.0.0/0", "198.18.0.0/24", "198.18.0.32/29"] {
+            let mut s = spec();
+            s.enis[0].subnet_cidr = "0.0.0.0/0".parse().unwrap();
+            s.enis[0].prefixes = vec![bad.parse().unwrap()];
+            assert!(
+                matches!(s.validate(), Err(EniSpecError::PrefixLength { .. })),
+                "{bad}: {:?}",
+                s.validate()
+            );
+        }
+        assert_eq!(spec().validate(), Ok(()));
     }
 
     fn observed() -> EniObserved {

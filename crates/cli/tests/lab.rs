@@ -3,49 +3,12 @@
 //! and `lab down` cleaning up after a lab whose process was killed. Needs root.
 #![cfg(feature = "root-tests")]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use std::process::Command;
+
+use common::{Guard, lab_namespaces, plugin, run};
 use serde_json::Value;
-
-fn underlay() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_underlay"))
-}
-
-/// underlay-cni next to the underlay binary (a workspace test run builds it; a lone package run builds it here).
-fn plugin() -> PathBuf {
-    let p = underlay().parent().unwrap().join("underlay-cni");
-    if !p.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "underlay-cni"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    assert!(p.is_file(), "{} missing", p.display());
-    p
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(underlay()).args(args).output().unwrap();
-    eprintln!(
-        "underlay {}:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn lab_namespaces(name: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("ul-{name}-")))
-        .map(str::to_owned)
-        .collect()
-}
 
 /// After `lab recover <victim>`: every pair answers again within 20 s (a check every 2 s).
 fn assert_heals(lab: &str, victim: &str) {
@@ -57,16 +20,6 @@ fn assert_heals(lab: &str, victim: &str) {
         healed,
         "pairs still unreachable 20 s after {victim} recovered"
     );
-}
-
-/// Removes the lab whatever happens to the test.
-struct Guard(String);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = Command::new(underlay())
-            .args(["lab", "down", "--name", &self.0])
-            .output();
-    }
 }
 
 /// The labs run one at a time: each is a whole cluster, and the failover timing wants the machine to itself.

@@ -3,56 +3,20 @@
 //! expected, observed and evaluator's tables side by side. Needs root.
 #![cfg(feature = "root-tests")]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use std::path::PathBuf;
+
+use common::{Guard, lab_namespaces, plugin, run};
 use serde_json::Value;
 
-fn underlay() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_underlay"))
-}
-
-/// underlay-cni next to the underlay binary (a workspace test run builds it; a lone package run builds it here).
-fn plugin() -> PathBuf {
-    let p = underlay().parent().unwrap().join("underlay-cni");
-    if !p.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "underlay-cni"])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    p
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(underlay()).args(args).output().unwrap();
-    eprintln!(
-        "underlay {}:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn lab_namespaces(name: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("ul-{name}-")))
-        .map(str::to_owned)
-        .collect()
-}
-
-struct Guard(String);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = Command::new(underlay())
-            .args(["lab", "down", "--name", &self.0])
-            .output();
-    }
+/// `underlay lab policy --name <lab> --mode <mode> <extra> --cni-plugin <built plugin>`.
+fn lab_policy(lab: &str, mode: &str, extra: &[&str]) -> std::process::Output {
+    let plugin = plugin();
+    let mut args = vec!["lab", "policy", "--name", lab, "--mode", mode];
+    args.extend_from_slice(extra);
+    args.extend(["--cni-plugin", plugin.to_str().unwrap()]);
+    run(&args)
 }
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -98,19 +62,7 @@ fn the_builtin_sequence_and_a_cases_file_pass_in_both_modes() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = name("pb");
     let _g = Guard(lab.clone());
-    let plugin = plugin();
-    let out = run(&[
-        "lab",
-        "policy",
-        "--name",
-        &lab,
-        "--mode",
-        "both",
-        "--format",
-        "json",
-        "--cni-plugin",
-        plugin.to_str().unwrap(),
-    ]);
+    let out = lab_policy(&lab, "both", &["--format", "json"]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(
         out.status.success(),
@@ -169,20 +121,11 @@ fn the_builtin_sequence_and_a_cases_file_pass_in_both_modes() {
             "cases:\n- name: baseline\n  expect:\n    tcp/80: |\n{full}    udp/81: |\n{full}    sctp/80: |\n{full}"
         ),
     );
-    let out = run(&[
-        "lab",
-        "policy",
-        "--name",
+    let out = lab_policy(
         &lab,
-        "--mode",
         "routed",
-        "--format",
-        "json",
-        "--cases",
-        file.to_str().unwrap(),
-        "--cni-plugin",
-        plugin.to_str().unwrap(),
-    ]);
+        &["--format", "json", "--cases", file.to_str().unwrap()],
+    );
     assert!(out.status.success(), "lab policy --cases failed");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let case = &report["modes"][0]["cases"][0];
@@ -210,19 +153,7 @@ fn a_table_that_does_not_hold_fails_with_the_tables_side_by_side() {
         &dir,
         &format!("cases:\n- name: wrong claim\n  expect:\n    sctp/81: |\n{wrong}"),
     );
-    let plugin = plugin();
-    let out = run(&[
-        "lab",
-        "policy",
-        "--name",
-        &lab,
-        "--mode",
-        "routed",
-        "--cases",
-        file.to_str().unwrap(),
-        "--cni-plugin",
-        plugin.to_str().unwrap(),
-    ]);
+    let out = lab_policy(&lab, "routed", &["--cases", file.to_str().unwrap()]);
     assert!(!out.status.success(), "a wrong table must fail the run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("sctp/81: 1 mismatch(es)"), "{text}");

@@ -20,6 +20,9 @@ enum Kind {
     /// NetworkPolicy: event → kernel, CNI ADD and pod↔pod latency/throughput with and without policies, nft
     /// objects and memory, on the x/y/z lab.
     Policy(super::bench_policy::Args),
+    /// The NetworkPolicy compiler alone, on bench policy's shape: a cold compile, an ADD's compile with the
+    /// engine's cache, a peer relabel, the diffs, the model's object count.
+    PolicyCompile(super::bench_policy_compile::Args),
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -29,5 +32,6 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Kind::Lab(a) => super::bench_lab::exec(a),
         Kind::Scaleout(a) => super::bench_scaleout::exec(a),
         Kind::Policy(a) => super::bench_policy::exec(a),
+        Kind::PolicyCompile(a) => super::bench_policy_compile::exec(a),
     }
 }

@@ -6,6 +6,7 @@ pub mod bench_cni;
 pub mod bench_lab;
 pub mod bench_plan;
 pub mod bench_policy;
+pub mod bench_policy_compile;
 pub mod bench_scaleout;
 pub mod controller;
 pub mod crd;

@@ -23,15 +23,16 @@ use std::sync::Arc;
 use crate::metrics::AgentMetrics;
 use crate::policy::{NsNft, PolicyEngine, PolicyInputs};
 
-/// Network policy enforcement on Kubernetes, as both modes start it: the engine (nft in `netns`), the follower
-/// of this node's policy inputs, and one task that hands every synced snapshot to the engine. The engine is
-/// attached to the IPAM service once the service opens ([`crate::IpamService::set_policy`]); from then on ADD
-/// waits for each pod's policy state. `None` when `on` is false: no policy is enforced and ADD never waits.
+/// Network policy enforcement on Kubernetes, as both modes start it: the engine (nft in `netns`) and the task
+/// that follows this node's policy inputs and hands every synced snapshot to the engine. The engine is attached
+/// to the IPAM service once the service opens ([`crate::IpamService::set_policy`]); from then on ADD waits for
+/// each pod's policy state.
 pub(crate) struct Enforcement {
     pub engine: Arc<PolicyEngine>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// Starts [`Enforcement`] for node `node`; `None` when `on` is false (no policy is enforced, ADD never waits).
 pub(crate) fn spawn_enforcement(
     on: bool,
     client: ::kube::Client,

@@ -135,6 +135,14 @@ pub const NFT_POLICY_PREFIX: &str = "pol_";
 pub const NFT_CHAIN_POLICY_FORWARD_EGRESS: &str = "pol_forward_egress";
 pub const NFT_CHAIN_POLICY_FORWARD_INGRESS: &str = "pol_forward_ingress";
 pub const NFT_CHAIN_POLICY_INPUT_EGRESS: &str = "pol_input_egress";
+/// Policy chains of the connection-tracking shortcut: `pol_established` accepts a packet of an established
+/// connection that the current policy generation already let through (its conntrack mark carries the generation);
+/// `pol_verified` stamps the generation on a connection whose packet passed both directions' policy.
+pub const NFT_CHAIN_POLICY_ESTABLISHED: &str = "pol_established";
+pub const NFT_CHAIN_POLICY_VERIFIED: &str = "pol_verified";
+/// The conntrack mark bits the policy datapath owns (the upper 16): the generation that verified the
+/// connection. The lower 16 bits are left to others.
+pub const CT_MARK_POLICY_MASK: u32 = 0xffff_0000;
 /// Policy verdict maps, keyed by a pod's host veth name: `iifname` (egress) and `oifname` (ingress) to the
 /// chain of the policies selecting that pod.
 pub const NFT_MAP_POLICY_EGRESS_IF: &str = "pol_egress_if";

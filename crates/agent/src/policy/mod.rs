@@ -61,6 +61,8 @@ struct State {
     unknown: Vec<String>,
     /// Peer resolutions of the current inputs, reused by the compiles of ADD and DEL; cleared with new inputs.
     cache: CompileCache,
+    /// The generation the kernel stamps on connections that passed policy (valid once `installed` is).
+    generation: u16,
 }
 
 /// The node's policy engine. Every change is serialized under one lock and committed as one transaction.
@@ -228,14 +230,20 @@ impl PolicyEngine {
         };
         let local: Vec<LocalPod> = g.local.values().cloned().collect();
         let compiled = compile_with(&inputs, &local, &mut g.cache);
+        let mut generation = g.generation;
         let (batch, outcome) = match &g.installed {
             Some(prev) => {
                 let ops = diff::diff(prev, &compiled.model);
                 if ops.is_empty() {
                     return Ok(SyncOutcome::Unchanged);
                 }
+                let mut batch = diff::render_ops(&ops);
+                if diff::revokes(&ops) {
+                    generation = diff::next_generation(g.generation);
+                    batch.push_str(&diff::render_generation(generation));
+                }
                 (
-                    diff::render_ops(&ops),
+                    batch,
                     SyncOutcome::Applied {
                         ops: ops.len(),
                         full: false,
@@ -244,8 +252,11 @@ impl PolicyEngine {
             }
             None => {
                 let existing: PolicyObjects = self.nft.existing()?;
+                // Connections keep their stamp across agent restarts: never reuse the kernel's generation.
+                generation =
+                    diff::next_generation(existing.generation.unwrap_or_else(seed_generation));
                 (
-                    diff::render_install(&compiled.model, &existing),
+                    diff::render_install(&compiled.model, &existing, generation),
                     SyncOutcome::Applied {
                         ops: compiled.model.object_count(),
                         full: true,
@@ -284,8 +295,19 @@ impl PolicyEngine {
         g.warnings = compiled.warnings;
         g.unknown = compiled.unknown_local_pods;
         g.installed = Some(compiled.model);
+        g.generation = generation;
         Ok(outcome)
     }
+}
+
+/// A generation to start from when the kernel holds none (first start, or policy objects removed): connections
+/// may still carry a stamp from an earlier install, so not a fixed value.
+fn seed_generation() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id().rotate_left(16)) as u16
 }
 
 impl PolicyInputs for PolicyEngine {

@@ -568,6 +568,29 @@ fn changed(
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
+    /// The engine keeps its cache across new inputs, evicting only what each change touches: after any chain
+    /// of API changes (policies, pod labels, pods coming and going), a warm cache compiles what a cold one does.
+    #[test]
+    fn a_cache_kept_across_input_changes_compiles_what_a_cold_one_does(
+        c in arb_cluster(),
+        changes in prop::collection::vec(arb_change(), 1..5),
+    ) {
+        let mut cache = CompileCache::default();
+        let mut now = c;
+        for node in ["n1", "n2"] {
+            compile_with(&now, &local_pods(&now, node), &mut cache);
+        }
+        for change in &changes {
+            let next = changed(&now, change);
+            cache.invalidate(&now, &next);
+            now = next;
+            for node in ["n1", "n2"] {
+                let local = local_pods(&now, node);
+                prop_assert_eq!(compile_with(&now, &local, &mut cache), compile(&now, &local));
+            }
+        }
+    }
+
     /// Connections stamped by the current generation skip the policy chains, so a change that keeps the
     /// generation must not deny anything the previous state allowed: whenever `revokes` says no, every packet
     /// the old model accepted on any hook of the node, the new one accepts too.

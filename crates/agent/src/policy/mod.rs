@@ -44,7 +44,7 @@ pub enum PolicyError {
 /// What the API follower feeds: complete snapshots of the policy inputs this node needs. The first call marks
 /// the inputs synced; until then no pod is admitted.
 pub trait PolicyInputs: Send + Sync {
-    fn publish(&self, inputs: Cluster);
+    fn publish(&self, inputs: Arc<Cluster>);
 }
 
 /// An attachment: the IPAM key (container id, interface).
@@ -59,7 +59,7 @@ struct State {
     installed: Option<PolicyModel>,
     warnings: Vec<PolicyWarning>,
     unknown: Vec<String>,
-    /// Peer resolutions of the current inputs, reused by the compiles of ADD and DEL; cleared with new inputs.
+    /// Peer resolutions of the current inputs, reused by every compile; new inputs evict what they change.
     cache: CompileCache,
     /// The generation the kernel stamps on connections that passed policy (valid once `installed` is).
     generation: u16,
@@ -114,11 +114,16 @@ impl PolicyEngine {
     }
 
     /// Replaces the inputs and brings the kernel to them.
-    pub fn set_inputs(&self, inputs: Cluster) -> Result<SyncOutcome, PolicyError> {
+    pub fn set_inputs(&self, inputs: impl Into<Arc<Cluster>>) -> Result<SyncOutcome, PolicyError> {
         let started = Instant::now();
         let mut g = self.lock();
-        g.inputs = Some(Arc::new(inputs));
-        g.cache.clear();
+        let inputs = inputs.into();
+        match g.inputs.replace(inputs.clone()) {
+            // Resolutions the change cannot touch stay: a policy or peer event does not re-resolve every
+            // peer of the node's policies.
+            Some(old) => g.cache.invalidate(&old, &inputs),
+            None => g.cache.clear(),
+        }
         self.sync(&mut g, started)
     }
 
@@ -311,7 +316,7 @@ fn seed_generation() -> u16 {
 }
 
 impl PolicyInputs for PolicyEngine {
-    fn publish(&self, inputs: Cluster) {
+    fn publish(&self, inputs: Arc<Cluster>) {
         if let Err(e) = self.set_inputs(inputs) {
             tracing::warn!(error = %e, "policy inputs not applied yet");
         }

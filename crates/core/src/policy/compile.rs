@@ -59,10 +59,60 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
-    /// Forget everything: call it whenever the inputs ([`Cluster`]) change.
+    /// Forget everything.
     pub fn clear(&mut self) {
         self.peers.clear();
         self.local_addresses.clear();
+    }
+
+    /// The inputs changed from `old` to `new`: keep the resolutions the change cannot affect. Policies do not
+    /// enter a resolution (it is keyed by its selectors), so only pods that changed, came or went evict the
+    /// resolutions they are or were in; a namespace change, or a change of many pods, clears everything.
+    pub fn invalidate(&mut self, old: &Cluster, new: &Cluster) {
+        if old.namespaces != new.namespaces {
+            return self.clear();
+        }
+        let key = |p: &Pod| (p.namespace.clone(), p.name.clone());
+        let before: HashMap<(String, String), &Pod> =
+            old.pods.iter().map(|p| (key(p), p)).collect();
+        let mut after: HashMap<(String, String), &Pod> = HashMap::with_capacity(new.pods.len());
+        let mut changed: Vec<&Pod> = Vec::new();
+        for p in &new.pods {
+            match before.get(&key(p)) {
+                Some(q) if *q == p => {}
+                Some(q) => changed.extend([*q, p]),
+                None => changed.push(p),
+            }
+            after.insert(key(p), p);
+        }
+        changed.extend(old.pods.iter().filter(|p| !after.contains_key(&key(p))));
+        // Past a few hundred, scanning the resolutions per pod costs more than resolving again.
+        if changed.len() > 256 {
+            return self.clear();
+        }
+        let namespaces: BTreeMap<&str, &Labels> = new
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect();
+        for pod in changed {
+            self.evict(pod, &namespaces);
+        }
+    }
+
+    /// Drops the resolutions `pod` could be in (by its namespace and labels).
+    fn evict(&mut self, pod: &Pod, namespaces: &BTreeMap<&str, &Labels>) {
+        self.peers.retain(|(own, ns_sel, pod_sel), _| {
+            let in_namespace = match own {
+                Some(own) => *own == pod.namespace,
+                None => ns_sel.as_ref().is_some_and(|sel| {
+                    namespaces
+                        .get(pod.namespace.as_str())
+                        .is_some_and(|l| sel.matches(l))
+                }),
+            };
+            !(in_namespace && pod_sel.as_ref().is_none_or(|s| s.matches(&pod.labels)))
+        });
     }
 
     /// Keeps only the resolutions that cannot include a pod whose local address changed since the last compile
@@ -89,24 +139,14 @@ impl CompileCache {
             .filter_map(|(ns, name)| pods.get(&(ns.as_str(), name.as_str())).copied())
             .collect();
         for pod in changed {
-            self.peers.retain(|(own, ns_sel, pod_sel), _| {
-                let in_namespace = match own {
-                    Some(own) => *own == pod.namespace,
-                    None => ns_sel.as_ref().is_some_and(|sel| {
-                        namespaces
-                            .get(pod.namespace.as_str())
-                            .is_some_and(|l| sel.matches(l))
-                    }),
-                };
-                !(in_namespace && pod_sel.as_ref().is_none_or(|s| s.matches(&pod.labels)))
-            });
+            self.evict(pod, namespaces);
         }
         self.local_addresses = now;
     }
 }
 
-/// [`compile`], reusing and refilling `cache`. The result is the same as [`compile`]'s as long as the cache
-/// is cleared whenever `cluster` changes ([`CompileCache::clear`]).
+/// [`compile`], reusing and refilling `cache`. The result is the same as [`compile`]'s as long as the cache is
+/// told of every change of `cluster` ([`CompileCache::invalidate`], or [`CompileCache::clear`]).
 pub fn compile_with(cluster: &Cluster, local: &[LocalPod], cache: &mut CompileCache) -> Compiled {
     let mut local: Vec<&LocalPod> = local.iter().collect();
     local.sort();

@@ -10,8 +10,9 @@
 //! Before the first packet: ADD allocates the address, then asks [`PolicyEngine::admit`], which returns only
 //! once the pod's policy state (its verdict-map entries, its address in its peers' sets) is committed, keyed
 //! by the host veth name the plugin creates afterwards. So the veth is born into the right state. When the
-//! inputs are not synced yet, or do not hold the pod, admission fails with a retryable "not ready" error that
-//! names what is missing (the plugin answers CNI error 11), and nothing is guessed.
+//! inputs are not synced yet, or do not hold the pod, admission waits for them (bounded, [`DEFAULT_ADMISSION_WAIT`])
+//! and then fails with a retryable "not ready" error that names what is missing (the plugin answers CNI error
+//! 11); nothing is guessed.
 //!
 //! Restart: the kernel keeps the previous agent's policy objects (nothing is opened meanwhile); the first
 //! transaction of the new agent, once inputs arrive, replaces all of them with the state rebuilt from the
@@ -20,8 +21,8 @@
 pub mod nft;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use underlay_core::policy::diff::{self, PolicyObjects};
 use underlay_core::policy::{
@@ -69,9 +70,18 @@ struct State {
 #[derive(Debug)]
 pub struct PolicyEngine {
     state: Mutex<State>,
+    /// Notified whenever new inputs are in (what [`PolicyEngine::wait_ready_for`] waits for).
+    inputs_changed: Condvar,
     nft: Box<dyn PolicyNft>,
     metrics: OnceLock<AgentMetrics>,
+    /// How long an ADD waits for the inputs to hold its pod before it answers "try again later".
+    admission_wait: Duration,
 }
+
+/// How long ADD waits, by default, for the API follower to deliver its pod: the Pod reaches the agent's watch
+/// about when it reaches the kubelet, so the wait is usually milliseconds; past it the runtime retries the
+/// sandbox (CNI error 11). Well inside the plugin's 10 s socket timeout.
+pub const DEFAULT_ADMISSION_WAIT: Duration = Duration::from_secs(5);
 
 /// What one sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,9 +98,17 @@ impl PolicyEngine {
     pub fn new(nft: Box<dyn PolicyNft>) -> Self {
         PolicyEngine {
             state: Mutex::new(State::default()),
+            inputs_changed: Condvar::new(),
             nft,
             metrics: OnceLock::new(),
+            admission_wait: DEFAULT_ADMISSION_WAIT,
         }
+    }
+
+    /// The engine with another admission wait ([`DEFAULT_ADMISSION_WAIT`]); zero answers at once.
+    pub fn with_admission_wait(mut self, wait: Duration) -> Self {
+        self.admission_wait = wait;
+        self
     }
 
     pub fn set_metrics(&self, metrics: AgentMetrics) {
@@ -124,6 +142,7 @@ impl PolicyEngine {
             Some(old) => g.cache.invalidate(&old, &inputs),
             None => g.cache.clear(),
         }
+        self.inputs_changed.notify_all();
         self.sync(&mut g, started)
     }
 
@@ -172,12 +191,27 @@ impl PolicyEngine {
         }
     }
 
-    /// Whether ADD of `namespace/name` can be admitted now (checked before an address is allocated).
+    /// Whether ADD of `namespace/name` can be admitted (checked before an address is allocated): waits up to
+    /// the admission wait for inputs that hold the pod, so an ADD racing the pod's watch event is answered
+    /// when the event lands instead of failing and waiting for the runtime's retry.
     pub fn ready_for(&self, namespace: &str, name: &str) -> Result<(), PolicyError> {
         if namespace.is_empty() || name.is_empty() {
             return Ok(());
         }
-        Self::check_known(&self.lock(), namespace, name)
+        let deadline = Instant::now() + self.admission_wait;
+        let mut g = self.lock();
+        loop {
+            let known = Self::check_known(&g, namespace, name);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if known.is_ok() || left.is_zero() {
+                return known;
+            }
+            g = self
+                .inputs_changed
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     fn check_known(g: &State, namespace: &str, name: &str) -> Result<(), PolicyError> {

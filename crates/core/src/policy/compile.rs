@@ -72,10 +72,11 @@ impl CompileCache {
         if old.namespaces != new.namespaces {
             return self.clear();
         }
-        let key = |p: &Pod| (p.namespace.clone(), p.name.clone());
-        let before: HashMap<(String, String), &Pod> =
-            old.pods.iter().map(|p| (key(p), p)).collect();
-        let mut after: HashMap<(String, String), &Pod> = HashMap::with_capacity(new.pods.len());
+        fn key(p: &Pod) -> (&str, &str) {
+            (p.namespace.as_str(), p.name.as_str())
+        }
+        let before: HashMap<(&str, &str), &Pod> = old.pods.iter().map(|p| (key(p), p)).collect();
+        let mut after: HashMap<(&str, &str), &Pod> = HashMap::with_capacity(new.pods.len());
         let mut changed: Vec<&Pod> = Vec::new();
         for p in &new.pods {
             match before.get(&key(p)) {

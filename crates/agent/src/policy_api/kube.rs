@@ -249,10 +249,21 @@ fn publish(
     revision: u64,
     peer_watches: usize,
 ) {
+    let started = std::time::Instant::now();
+    let cluster = Arc::new(index.cluster());
+    let synced = index.synced();
+    tracing::debug!(
+        revision,
+        pods = cluster.pods.len(),
+        policies = cluster.policies.len(),
+        synced = ?synced,
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "policy inputs published"
+    );
     out.send_replace(PolicyState {
         revision,
-        cluster: Arc::new(index.cluster()),
-        synced: index.synced(),
+        cluster,
+        synced,
         // Not the index itself: cloning a cluster's worth of peers for every event was the follower's largest
         // cost after the compile.
         local_pods: Arc::new(

@@ -34,6 +34,8 @@ pub struct BenchShape {
     pub events: usize,
     /// How long an event may take to reach the kernel before it counts as not arrived.
     pub event_timeout: Duration,
+    /// How long the burst of `policies` may take to reach every node before events are timed anyway.
+    pub burst_timeout: Duration,
     pub rtt_rounds: usize,
     pub throughput_for: Duration,
 }
@@ -85,7 +87,10 @@ pub struct BenchReport {
     pub model_pods: usize,
     pub without: Side,
     pub with: Side,
-    /// From the API write to the first change of the destination node's ruleset.
+    /// From the first of the `policies` writes (all in one burst) to every node with a model pod holding them
+    /// all; `None` when that took longer than the burst timeout.
+    pub policies_burst_to_kernel_ms: Option<f64>,
+    /// From the API write to the first change of the destination node's ruleset (timed once the burst is in).
     pub policy_event_to_kernel_ms: Dist,
     pub pod_event_to_kernel_ms: Dist,
     /// Events whose change never showed within the timeout.
@@ -134,6 +139,52 @@ impl PolicyLab {
             shape.policies + 1,
             t.elapsed().as_secs_f64()
         ));
+        // Events are timed from a converged cluster: every node with a model pod holds every policy (the burst
+        // of a thousand policies makes each agent list their peers first). How long that took is reported.
+        // A node holds the chain of each policy of a namespace it has a model pod of (bench policies select
+        // their namespace's model pods; the measured flows' policy, y's).
+        let expected: Vec<(usize, usize)> = (0..self.lab.nodes.len())
+            .map(|n| {
+                let nss: std::collections::BTreeSet<&str> = self
+                    .world
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == self.lab.nodes[n].name)
+                    .map(|p| p.namespace.as_str())
+                    .collect();
+                let of_bench = (0..shape.policies)
+                    .filter(|k| nss.contains(model::NAMESPACES[k % 3]))
+                    .count();
+                (n, of_bench + usize::from(nss.contains("y")))
+            })
+            .filter(|&(_, want)| want > 0)
+            .collect();
+        let deadline = t + shape.burst_timeout;
+        let mut policies_burst_to_kernel_ms = None;
+        loop {
+            let mut held = Vec::new();
+            for &(n, want) in &expected {
+                held.push((policy_chains(&self.lab.nodes[n].netns).unwrap_or(0), want));
+            }
+            if held.iter().all(|&(h, want)| h >= want) {
+                policies_burst_to_kernel_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            if Instant::now() > deadline {
+                super::progress(format!(
+                    "policies not all in the kernel after {:.0} s (per node, held and wanted: {held:?})",
+                    shape.burst_timeout.as_secs_f64()
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if let Some(ms) = policies_burst_to_kernel_ms {
+            super::progress(format!(
+                "every policy in every node's kernel {:.1} s after the first write",
+                ms / 1e3
+            ));
+        }
         std::thread::sleep(self.options.settle);
         let node_ns = self.lab.nodes[dst_node].netns.clone();
         let mut policy_events = Vec::new();
@@ -209,6 +260,7 @@ impl PolicyLab {
             model_pods: self.world.pods.len(),
             without,
             with,
+            policies_burst_to_kernel_ms,
             policy_event_to_kernel_ms,
             pod_event_to_kernel_ms,
             events_not_in_kernel: missed,
@@ -455,6 +507,26 @@ fn allow_measured() -> NetworkPolicy {
         }
     }))
     .expect("a valid NetworkPolicy")
+}
+
+/// Policy chains (one per policy selecting a pod there, ingress) in the namespace's `inet underlay` table.
+fn policy_chains(netns: &str) -> anyhow::Result<usize> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", netns, "nft", "-j", "list", "chains", "inet",
+        ])
+        .output()
+        .context("nft -j list chains")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("chain"))
+        .filter(|c| c["table"] == "underlay")
+        .filter_map(|c| c["name"].as_str())
+        .filter(|n| n.starts_with("pol_p") && n.ends_with("_in"))
+        .count())
 }
 
 /// Rules plus set and map elements in a namespace.

@@ -268,7 +268,9 @@ impl PolicyEngine {
             return Ok(SyncOutcome::Waiting);
         };
         let local: Vec<LocalPod> = g.local.values().cloned().collect();
+        let compile_started = Instant::now();
         let compiled = compile_with(&inputs, &local, &mut g.cache);
+        let compile_ms = compile_started.elapsed().as_secs_f64() * 1e3;
         let mut generation = g.generation;
         let (batch, outcome) = match &g.installed {
             Some(prev) => {
@@ -303,7 +305,9 @@ impl PolicyEngine {
                 )
             }
         };
+        let nft_started = Instant::now();
         let applied = self.nft.apply(&batch);
+        let nft_ms = nft_started.elapsed().as_secs_f64() * 1e3;
         if let Some(m) = self.metrics.get() {
             m.record_policy_apply(applied.is_ok(), started.elapsed().as_secs_f64());
         }
@@ -329,6 +333,8 @@ impl PolicyEngine {
             ?outcome,
             objects = compiled.model.object_count(),
             took_ms = started.elapsed().as_secs_f64() * 1e3,
+            compile_ms,
+            nft_ms,
             "policy state committed"
         );
         g.warnings = compiled.warnings;

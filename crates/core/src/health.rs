@@ -13,7 +13,7 @@
 //! - **Pending**: a node added while the controller runs, not yet answered. It is not a forwarder candidate; misses
 //!   do not fail it (its agent may still be starting). Nodes known when the controller starts are seeded
 //!   `Healthy` instead, so that a controller restart does not move routes (see `docs/controller.md`).
-//! - **Healthy → Failed** after `misses_to_fail` consecutive misses (default 2); a single success resets the count,
+//! - **Healthy → Failed** after `misses_to_fail` consecutive misses (default 6); a single success resets the count,
 //!   so a node missing every other probe never fails.
 //! - **Failed → Healthy** only once probes have succeeded without a single miss for `hold_down` (default 30 s),
 //!   measured from the first success of the unbroken run to the latest one. One success does not restore a node
@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Consecutive misses that fail a healthy node. Two, not three: at a 1 s probe interval and a 0.5 s timeout a
-/// dead forwarder is failed 1.5–2.5 s after it dies (three misses would take up to 3.5 s, over the 3 s failover
-/// target); a false failure costs one ReplaceRoute away and one back after the hold-down.
-pub const DEFAULT_MISSES_TO_FAIL: u32 = 2;
+/// Consecutive missed rounds that fail a healthy node. Six at the controller's 50 ms probe interval: a dead
+/// forwarder is failed 300–350 ms after it dies, and a forwarder losing 1 % of its probes at random needs six
+/// losses in a row to fail (10⁻¹² per round: about once in 1,600 years at 20 rounds a second); a false failure
+/// costs one ReplaceRoute away and one back after the hold-down.
+pub const DEFAULT_MISSES_TO_FAIL: u32 = 6;
 /// How long a failed node must answer every probe before it is healthy again.
 pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(30);
 
@@ -274,6 +275,84 @@ impl HealthTracker {
             ),
             NodeHealth::Failed { .. } => Some(self.config.hold_down),
             _ => None,
+        }
+    }
+}
+
+/// The forwarder probe's datagrams (UDP, controller → agent → controller), pure encode and decode.
+///
+/// ```text
+///   request  "ULP1" | seq (u64, big endian) | 0
+///   reply    "ULP1" | seq (the request's)   | 1 healthy, 2 not healthy
+/// ```
+///
+/// The reply is no larger than the request, so the echo amplifies nothing; anything else is ignored.
+pub mod wire {
+    /// Every probe datagram starts with this.
+    pub const MAGIC: [u8; 4] = *b"ULP1";
+    /// Length of a request and of a reply.
+    pub const LEN: usize = 13;
+    const REQUEST: u8 = 0;
+    const HEALTHY: u8 = 1;
+    const UNHEALTHY: u8 = 2;
+
+    /// The request of round `seq`.
+    pub fn request(seq: u64) -> [u8; LEN] {
+        let mut b = [0u8; LEN];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..12].copy_from_slice(&seq.to_be_bytes());
+        b[12] = REQUEST;
+        b
+    }
+
+    /// The agent's answer to `datagram`, if it is a request.
+    pub fn reply(datagram: &[u8], healthy: bool) -> Option<[u8; LEN]> {
+        if datagram.len() != LEN || datagram[..4] != MAGIC || datagram[12] != REQUEST {
+            return None;
+        }
+        let mut b = [0u8; LEN];
+        b.copy_from_slice(datagram);
+        b[12] = if healthy { HEALTHY } else { UNHEALTHY };
+        Some(b)
+    }
+
+    /// `(seq, healthy)` of a reply; `None` for anything else.
+    pub fn parse_reply(datagram: &[u8]) -> Option<(u64, bool)> {
+        if datagram.len() != LEN || datagram[..4] != MAGIC {
+            return None;
+        }
+        let seq = u64::from_be_bytes(datagram[4..12].try_into().ok()?);
+        match datagram[12] {
+            HEALTHY => Some((seq, true)),
+            UNHEALTHY => Some((seq, false)),
+            _ => None,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn request_reply_round_trip_and_junk_is_ignored() {
+            let r = request(0x0102_0304_0506_0708);
+            assert_eq!(parse_reply(&r), None, "a request is not a reply");
+            assert_eq!(
+                parse_reply(&reply(&r, true).unwrap()),
+                Some((0x0102_0304_0506_0708, true))
+            );
+            assert_eq!(
+                parse_reply(&reply(&r, false).unwrap()),
+                Some((0x0102_0304_0506_0708, false))
+            );
+            // Only requests are answered: a reply, a short, long or foreign datagram is not.
+            assert_eq!(reply(&reply(&r, true).unwrap(), true), None);
+            assert_eq!(reply(&r[..12], true), None);
+            assert_eq!(reply(&[r.as_slice(), &[0]].concat(), true), None);
+            let mut foreign = r;
+            foreign[0] = b'X';
+            assert_eq!(reply(&foreign, true), None);
+            assert_eq!(parse_reply(b"HTTP/1.1 200"), None);
         }
     }
 }

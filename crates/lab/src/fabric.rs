@@ -1,5 +1,6 @@
 //! [`Fabric`]: the VPC fabric namespace (and optional internet namespace) kept in step with a [`VpcSim`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ pub struct CatchUp {
     pub resynced: bool,
     /// Kernel operations run.
     pub ops: usize,
+    /// Changes received but not yet effective (a route change waits for its modelled propagation, and every
+    /// later change waits behind it).
+    pub held: usize,
 }
 
 /// The fabric of one lab. Removes everything it created on [`Fabric::down`] or drop.
@@ -46,6 +50,8 @@ pub struct Fabric {
     lab: LabId,
     sim: VpcSim,
     rx: broadcast::Receiver<Change>,
+    /// Received changes waiting for their `effective_at`, in order.
+    pending: VecDeque<Change>,
     model: Model,
     applied: FabricSpec,
     internet: bool,
@@ -70,6 +76,7 @@ impl Fabric {
             lab,
             sim: sim.clone(),
             rx,
+            pending: VecDeque::new(),
             model,
             applied: FabricSpec::default(),
             internet: options.internet,
@@ -173,27 +180,37 @@ impl Fabric {
         &self.model
     }
 
-    /// Applies every change waiting in the channel, then converges the kernel. A lagged receiver or a gap in
-    /// the numbering resynchronises from a snapshot instead of dropping changes.
+    /// Applies every change waiting in the channel that is effective by now (a route change only once its
+    /// modelled propagation has passed, see vpcsim's `Faults::route_propagation`; later changes wait behind it,
+    /// in order), then converges the kernel. A lagged receiver or a gap in the numbering resynchronises from a
+    /// snapshot instead of dropping changes.
     pub fn catch_up(&mut self) -> Result<CatchUp> {
         let mut out = CatchUp::default();
         loop {
             match self.rx.try_recv() {
-                Ok(change) => match self.model.apply(&change) {
-                    Applied::Yes => out.applied += 1,
-                    Applied::Stale => {}
-                    Applied::Gap => {
-                        self.resync_model();
-                        out.resynced = true;
-                    }
-                },
+                Ok(change) => self.pending.push_back(change),
                 Err(TryRecvError::Lagged(_)) => {
+                    // The snapshot holds every change, propagated or not.
+                    self.pending.clear();
                     self.resync_model();
                     out.resynced = true;
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
             }
         }
+        for change in take_effective(&mut self.pending, tokio::time::Instant::now()) {
+            match self.model.apply(&change) {
+                Applied::Yes => out.applied += 1,
+                Applied::Stale => {}
+                Applied::Gap => {
+                    self.pending.clear();
+                    self.resync_model();
+                    out.resynced = true;
+                    break;
+                }
+            }
+        }
+        out.held = self.pending.len();
         out.ops = self.reconcile()?;
         Ok(out)
     }
@@ -280,6 +297,19 @@ impl Drop for Fabric {
     }
 }
 
+/// Pops the changes at the front of `pending` that are effective at `now` (no `effective_at` counts as
+/// effective), stopping at the first that is not: the data plane applies changes in the order they were made.
+pub fn take_effective(pending: &mut VecDeque<Change>, now: tokio::time::Instant) -> Vec<Change> {
+    let mut out = Vec::new();
+    while pending
+        .front()
+        .is_some_and(|c| c.effective_at.is_none_or(|at| at <= now))
+    {
+        out.extend(pending.pop_front());
+    }
+    out
+}
+
 /// Removes every namespace whose name carries the lab's prefix: instances first, then the internet and the
 /// fabric. Usable on its own to clean up after a killed run.
 pub fn teardown_lab(lab: &LabId) -> Result<()> {
@@ -301,4 +331,51 @@ pub fn teardown_lab(lab: &LabId) -> Result<()> {
 /// Removes a lab by id (e.g. `underlay lab down` after a crash).
 pub fn sweep(lab: &str) -> Result<()> {
     teardown_lab(&LabId::new(lab)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use underlay_vpcsim::Event;
+
+    fn mk_change(seq: u64, at: tokio::time::Instant, effective_ms: u64) -> Change {
+        Change {
+            seq,
+            event: Event::InstanceTerminated {
+                instance: InstanceId::new(format!("i-{seq:017x}")),
+            },
+            at: Some(at),
+            effective_at: Some(at + Duration::from_millis(effective_ms)),
+        }
+    }
+
+    #[test]
+    fn changes_wait_for_their_propagation_in_order() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut pending: VecDeque<Change> = [
+            mk_change(1, t0, 0),
+            mk_change(2, t0, 300), // a route change still propagating
+            mk_change(3, ms(10), 0),
+        ]
+        .into_iter()
+        .collect();
+        let seqs = |v: Vec<Change>| v.into_iter().map(|c| c.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(take_effective(&mut pending, ms(20))), vec![1]);
+        // The later change, effective itself, waits behind the one propagating.
+        assert_eq!(
+            seqs(take_effective(&mut pending, ms(299))),
+            Vec::<u64>::new()
+        );
+        assert_eq!(pending.len(), 2);
+        assert_eq!(seqs(take_effective(&mut pending, ms(300))), vec![2, 3]);
+        assert!(pending.is_empty());
+        // A change without a time is effective at once.
+        pending.push_back(Change {
+            at: None,
+            effective_at: None,
+            ..mk_change(4, t0, 0)
+        });
+        assert_eq!(seqs(take_effective(&mut pending, t0)), vec![4]);
+    }
 }

@@ -16,12 +16,13 @@ pub const DEFAULT_FAILOVER_OBSERVATION_MAX_AGE: Duration = Duration::from_secs(6
 /// Default period of a full resync (every table described, planned and diffed even without a trigger).
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 /// Default probe period of each forwarder. With [`DEFAULT_PROBE_TIMEOUT`] and 6 misses to fail
-/// (`underlay_core::health::DEFAULT_MISSES_TO_FAIL`) a dead forwarder is failed 300–350 ms after it dies, and a
+/// (`underlay_core::health::DEFAULT_MISSES_TO_FAIL`) a dead forwarder is failed 290–340 ms after it dies, and a
 /// forwarder losing 1 % of its probes at random fails falsely about once in 1,600 years (see
 /// `docs/controller.md`, "Failover timing").
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(50);
-/// Default time a round waits for its replies (clamped to the interval).
-pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default time a round waits for its replies (clamped to the interval). Shorter than the interval, so that a
+/// round with a dead target still ends before the next tick and the rounds keep their cadence.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(40);
 /// Default port of the agent's health endpoint on the node IP (TCP for HTTP, UDP for the echo).
 pub const DEFAULT_HEALTH_PORT: u16 = 9650;
 /// Path of the agent's health endpoint.

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// Consecutive missed rounds that fail a healthy node. Six at the controller's 50 ms probe interval: a dead
-/// forwarder is failed 300–350 ms after it dies, and a forwarder losing 1 % of its probes at random needs six
+/// Consecutive missed rounds that fail a healthy node. Six at the controller's 50 ms probe interval (40 ms
+/// timeout): a dead forwarder is failed 290–340 ms after it dies, and a forwarder losing 1 % of its probes at random needs six
 /// losses in a row to fail (10⁻¹² per round: about once in 1,600 years at 20 rounds a second); a false failure
 /// costs one ReplaceRoute away and one back after the hold-down.
 pub const DEFAULT_MISSES_TO_FAIL: u32 = 6;

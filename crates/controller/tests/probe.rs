@@ -82,6 +82,7 @@ async fn fails_after_n_rounds(stop_by: Mode) {
     let tracker = Arc::new(Mutex::new(HealthTracker::new(HealthConfig {
         misses_to_fail: misses,
         hold_down: Duration::from_secs(30),
+        ..HealthConfig::default()
     })));
     tracker.lock().unwrap().insert_pending("n");
     let prober: Arc<dyn Prober> = Arc::new(HttpProber {

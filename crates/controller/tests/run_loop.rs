@@ -65,6 +65,7 @@ async fn fails_over_fails_back_after_hold_down_and_takes_joins() {
     cfg.health = HealthConfig {
         misses_to_fail: 2,
         hold_down: Duration::from_secs(30),
+        ..HealthConfig::default()
     };
     let interval = cfg.probe.interval;
     let prober = Arc::new(ScriptedProber::default());

@@ -65,6 +65,9 @@ pub struct Args {
     /// Consecutive missed probe rounds that fail a forwarder.
     #[arg(long, default_value_t = underlay_core::health::DEFAULT_MISSES_TO_FAIL)]
     probe_misses: u32,
+    /// Consecutive missed probes that restart a recovering forwarder's hold-down (1: any miss does).
+    #[arg(long, default_value_t = underlay_core::health::DEFAULT_HOLD_DOWN_MISSES)]
+    hold_down_misses: u32,
     /// Probe forwarders over HTTP (`GET /healthz`, a TCP connection per probe) instead of the UDP echo.
     #[arg(long)]
     probe_http: bool,
@@ -281,6 +284,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         config.probe.timeout =
             Duration::from_millis(args.probe_timeout_ms).min(config.probe.interval);
         config.health.misses_to_fail = args.probe_misses.max(1);
+        config.health.hold_down_misses = args.hold_down_misses.max(1);
         if args.probe_http {
             config.probe.transport = underlay_controller::ProbeTransport::Http;
         }

@@ -78,6 +78,9 @@ pub const AGENT_ROUTE_TABLE: u32 = 0x756c; // "ul"
 pub const AGENT_RULE_PRIORITY_PEERS: u32 = 30000;
 /// Default TCP port of the agent's health endpoint (`/healthz`, `/readyz`); the controller probes it.
 pub const AGENT_HEALTH_PORT: u16 = 9650;
+/// UDP port of the agent's forwarder-health echo (the same number as the TCP health port); the controller's
+/// prober sends one datagram per forwarder per interval (`underlay_core::health::wire`).
+pub const AGENT_PROBE_UDP_PORT: u16 = 9650;
 /// Default TCP port of the controller's `/healthz`, `/readyz` and `/metrics` endpoint.
 pub const CONTROLLER_HEALTH_PORT: u16 = 9651;
 /// Node annotation the controller sets to the most pods the node's pool can hold (instance type and mode).

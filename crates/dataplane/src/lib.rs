@@ -16,6 +16,8 @@
 //! "Already exists" and "not found" are turned into success in exactly one place: [`ResultExt`].
 
 mod error;
+#[cfg(feature = "fastpath")]
+pub mod fastpath;
 mod netlink;
 mod netns;
 #[cfg(feature = "test-util")]

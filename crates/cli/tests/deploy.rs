@@ -605,6 +605,22 @@ fn network_policy_is_enforced_unless_the_chart_turns_it_off() {
 }
 
 #[test]
+fn fast_path_runs_unless_the_chart_forces_it_off() {
+    let agent_args = |set: &[&str]| {
+        let all = docs(&render(set).unwrap());
+        strs(&container(find(&all, "DaemonSet", "underlay-agent"), "agent")["args"])
+    };
+    assert!(!agent_args(&[]).iter().any(|a| a == "--no-fast-path"));
+    assert!(
+        agent_args(&["fastPath.enabled=false"])
+            .iter()
+            .any(|a| a == "--no-fast-path")
+    );
+    let err = render(&["fastPath.enabled=banana"]).unwrap_err();
+    assert!(err.contains("fastPath"), "{err}");
+}
+
+#[test]
 fn the_managed_nodes_selector_reaches_the_controller_and_pairs_with_the_agent_node_selector() {
     // Default: every node, no flag.
     let all = docs(&render(&[]).unwrap());

@@ -47,6 +47,12 @@ pub trait PolicyInputs: Send + Sync {
     fn publish(&self, inputs: Cluster);
 }
 
+/// Told, before every transaction commits, which host veths the policies select in either direction (the
+/// tc-BPF fast path takes those pods off itself, so that no packet of a selected pod skips nftables).
+pub trait SelectionObserver: Send + Sync + std::fmt::Debug {
+    fn selected(&self, veths: &std::collections::BTreeSet<&str>);
+}
+
 /// An attachment: the IPAM key (container id, interface).
 pub type AttachmentKey = (String, String);
 
@@ -69,6 +75,7 @@ pub struct PolicyEngine {
     state: Mutex<State>,
     nft: Box<dyn PolicyNft>,
     metrics: OnceLock<AgentMetrics>,
+    observer: OnceLock<Arc<dyn SelectionObserver>>,
 }
 
 /// What one sync did.
@@ -88,11 +95,21 @@ impl PolicyEngine {
             state: Mutex::new(State::default()),
             nft,
             metrics: OnceLock::new(),
+            observer: OnceLock::new(),
         }
     }
 
     pub fn set_metrics(&self, metrics: AgentMetrics) {
         let _ = self.metrics.set(metrics);
+    }
+
+    /// Registers the one [`SelectionObserver`] and tells it the selection committed so far, if any.
+    pub fn set_observer(&self, observer: Arc<dyn SelectionObserver>) {
+        let g = self.lock();
+        if let Some(m) = &g.installed {
+            observer.selected(&selected_veths(m));
+        }
+        let _ = self.observer.set(observer);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -253,6 +270,9 @@ impl PolicyEngine {
                 )
             }
         };
+        if let Some(o) = self.observer.get() {
+            o.selected(&selected_veths(&compiled.model));
+        }
         let applied = self.nft.apply(&batch);
         if let Some(m) = self.metrics.get() {
             m.record_policy_apply(applied.is_ok(), started.elapsed().as_secs_f64());
@@ -286,6 +306,15 @@ impl PolicyEngine {
         g.installed = Some(compiled.model);
         Ok(outcome)
     }
+}
+
+/// Host veths of the pods some policy selects, in either direction.
+fn selected_veths(m: &PolicyModel) -> std::collections::BTreeSet<&str> {
+    m.egress_if
+        .keys()
+        .chain(m.ingress_if.keys())
+        .map(String::as_str)
+        .collect()
 }
 
 impl PolicyInputs for PolicyEngine {

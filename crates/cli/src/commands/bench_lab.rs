@@ -75,6 +75,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         cni_plugin: args.cni_plugin,
         mode: super::lab::LabMode::Routed,
         instance_type: underlay_lab::scenario::NODE_TYPE.to_string(),
+        no_fast_path: false,
     })?;
     let baseline = status_kib("VmRSS:")?;
     let lab = Lab::up(c)?;

@@ -63,6 +63,9 @@ pub(super) struct Shape {
     /// EC2 instance type of every node (its ENI and address limits apply).
     #[arg(long, default_value = underlay_lab::scenario::NODE_TYPE)]
     pub(super) instance_type: String,
+    /// Run every agent with the tc-BPF fast path forced off (the kernel path only).
+    #[arg(long)]
+    pub(super) no_fast_path: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -198,6 +201,7 @@ pub(super) fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
     c.hold_down = Duration::from_secs(shape.hold_down_s);
     c.mode = shape.mode.api();
     c.instance_type = shape.instance_type.clone();
+    c.fast_path = !shape.no_fast_path;
     c.validate()?;
     Ok(c)
 }

@@ -85,6 +85,8 @@ pub struct LabConfig {
     /// Eni mode: how long the controller waits before releasing excess addresses (30 s by default in a cluster;
     /// shorter in the lab so that `lab churn` sees pools shrink within the demo).
     pub release_delay: Duration,
+    /// Agents run the tc-BPF fast path where the kernel supports it (false: forced off, the kernel path only).
+    pub fast_path: bool,
 }
 
 impl LabConfig {
@@ -107,6 +109,7 @@ impl LabConfig {
             mode: underlay_api::Mode::Routed,
             instance_type: NODE_TYPE.to_string(),
             release_delay: Duration::from_secs(3),
+            fast_path: true,
         }
     }
 
@@ -538,6 +541,7 @@ impl Lab {
         };
         let name = node.name.clone();
         let mode = self.config.mode;
+        let fast_path = self.config.fast_path;
         let task = self.rt.spawn(async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -557,6 +561,7 @@ impl Lab {
                         // The API stand-in serves no Pods yet: no pod of the lab opts in to IMDS.
                         imds_opt_ins: false,
                         network_policy: true,
+                        fast_path,
                     };
                     underlay_agent::routed::kube::run_routed_on_kube(
                         config,
@@ -578,6 +583,7 @@ impl Lab {
                     opts.health_addr = health_addr;
                     opts.converge_interval = converge_interval;
                     opts.status_interval = status_interval;
+                    opts.fast_path = fast_path;
                     underlay_agent::eni::kube::run_eni_on_kube(
                         config,
                         client,

@@ -15,6 +15,7 @@
 
 mod check;
 mod churn;
+mod datapath;
 mod echo;
 mod failover;
 pub mod policy;
@@ -40,6 +41,12 @@ use crate::{Fabric, FabricOptions, LabId, kernel};
 
 pub use check::{CheckReport, PathClass};
 pub use churn::{ChurnReport, default_burst};
+pub use datapath::{DatapathOptions, DatapathRun};
+
+/// Bytes of each request and response of `bench datapath`'s round trips.
+pub fn datapath_rr_bytes() -> usize {
+    datapath::RR_BYTES
+}
 pub use failover::FailoverReport;
 pub use report::{DemoReport, StatusReport};
 

@@ -342,6 +342,9 @@ fn shape_args(s: &Shape) -> Vec<String> {
     if let Some(p) = &s.cni_plugin {
         v.push(format!("--cni-plugin={}", p.display()));
     }
+    if s.no_fast_path {
+        v.push("--no-fast-path".into());
+    }
     v
 }
 
@@ -477,4 +480,31 @@ fn sweep(name: &str, state: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(log_file(name));
     eprintln!("lab {name} removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct ShapeOnly {
+        #[command(flatten)]
+        shape: Shape,
+    }
+
+    /// `lab up` hands its shape to the background `lab serve` as arguments: every field must survive the trip
+    /// (the fast path's switch once did not, so `lab up --no-fast-path` ran with it on).
+    #[test]
+    fn the_serve_process_gets_the_whole_shape() {
+        for extra in [&[][..], &["--no-fast-path"][..], &["--mode", "eni"][..]] {
+            let mut argv = vec!["x"];
+            argv.extend_from_slice(extra);
+            let given = ShapeOnly::parse_from(&argv).shape;
+            let mut again = vec!["x".to_string()];
+            again.extend(shape_args(&given));
+            let back = ShapeOnly::parse_from(&again).shape;
+            assert_eq!(format!("{given:?}"), format!("{back:?}"));
+        }
+    }
 }

@@ -5,7 +5,9 @@
 //!   uplink (eth0 / ENI devices) ── ingress: ul_fp_uplink ──► redirect_peer ──► pod's eth0 (ingress)
 //!   pod's host veth (ul…)       ── ingress: ul_fp_pod ─┬──► redirect_peer ──► another local pod
 //!                                                      └──► fib lookup ─► redirect_neigh ─► uplink (egress)
+//!                               ── egress:  ul_fp_to_pod: records flows the kernel delivers (ul_fp_kflows)
 //!   maps: ul_fp_pods (pod → host veth) · ul_fp_inside (VPC + pod CIDR, LPM) · ul_fp_uplinks (allowed egress)
+//!         · ul_fp_kflows (pod ends of flows the kernel carries: they stay with it)
 //! ```
 //!
 //! Everything is attached with [`names::FASTPATH_TC_PRIORITY`] and found again by program name, so attach and
@@ -66,13 +68,24 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn program(self) -> &'static str {
+    /// The programs this role attaches, with their hooks.
+    pub fn programs(self) -> &'static [(&'static str, TcAttachType)] {
         match self {
-            Role::Uplink => names::FASTPATH_PROG_UPLINK,
-            Role::Pod => names::FASTPATH_PROG_POD,
+            Role::Uplink => &[(names::FASTPATH_PROG_UPLINK, TcAttachType::Ingress)],
+            Role::Pod => &[
+                (names::FASTPATH_PROG_POD, TcAttachType::Ingress),
+                (names::FASTPATH_PROG_TO_POD, TcAttachType::Egress),
+            ],
         }
     }
 }
+
+/// Every program of the object, with its hook.
+const ALL_PROGRAMS: [(&str, TcAttachType); 3] = [
+    (names::FASTPATH_PROG_UPLINK, TcAttachType::Ingress),
+    (names::FASTPATH_PROG_POD, TcAttachType::Ingress),
+    (names::FASTPATH_PROG_TO_POD, TcAttachType::Egress),
+];
 
 /// The loaded programs and their maps. Programs stay attached when this is dropped (the filters hold them);
 /// [`FastPath::detach`] removes them.
@@ -109,7 +122,7 @@ impl FastPath {
     /// Loads the object and both programs into the kernel (maps created, programs verified, nothing attached).
     pub fn load() -> Result<FastPath> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(load_err)?;
-        for name in [names::FASTPATH_PROG_UPLINK, names::FASTPATH_PROG_POD] {
+        for (name, _) in ALL_PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
@@ -135,10 +148,22 @@ impl FastPath {
         })
     }
 
-    /// Attaches `role`'s program to tc ingress of `dev` in `ns` (adding the clsact qdisc if needed), replacing
-    /// a fast-path filter already there (this process's or a previous one's).
+    /// Attaches `role`'s programs to `dev` in `ns` (adding the clsact qdisc if needed), replacing fast-path
+    /// filters already there (this process's or a previous one's).
     pub fn attach(&mut self, ns: &Netns, dev: &str, role: Role) -> Result<()> {
-        let name = role.program();
+        for &(name, hook) in role.programs() {
+            self.attach_one(ns, dev, name, hook)?;
+        }
+        Ok(())
+    }
+
+    fn attach_one(
+        &mut self,
+        ns: &Netns,
+        dev: &str,
+        name: &'static str,
+        hook: TcAttachType,
+    ) -> Result<()> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
@@ -159,14 +184,14 @@ impl FastPath {
                         });
                     }
                 }
-                detach_named(&dev_owned, name).map_err(|detail| FastPathError::Attach {
+                detach_named(&dev_owned, name, hook).map_err(|detail| FastPathError::Attach {
                     op: op("replace"),
                     detail,
                 })?;
                 let id = prog
                     .attach_with_options(
                         &dev_owned,
-                        TcAttachType::Ingress,
+                        hook,
                         TcAttachOptions::Netlink(NlOptions {
                             priority: names::FASTPATH_TC_PRIORITY,
                             handle: TcHandle::new(0, 1),
@@ -198,15 +223,18 @@ impl FastPath {
             let Some(link) = nl.link_by_name(&dev_owned)? else {
                 return Ok(Ok(()));
             };
-            for name in [names::FASTPATH_PROG_UPLINK, names::FASTPATH_PROG_POD] {
-                if let Err(detail) = detach_named(&dev_owned, name) {
+            for (name, hook) in ALL_PROGRAMS {
+                if let Err(detail) = detach_named(&dev_owned, name, hook) {
                     return Ok(Err(FastPathError::Attach {
                         op: format!("detach {name} from {dev_owned}"),
                         detail,
                     }));
                 }
             }
-            if nl.has_clsact(link.index)? && nl.tc_ingress_bpf_filters(link.index)?.is_empty() {
+            if nl.has_clsact(link.index)?
+                && nl.tc_bpf_filters(link.index, true)?.is_empty()
+                && nl.tc_bpf_filters(link.index, false)?.is_empty()
+            {
                 nl.clsact_del(link.index)?;
             }
             Ok(Ok(()))
@@ -268,6 +296,17 @@ impl FastPath {
             .map_err(map_err(names::FASTPATH_MAP_PODS))
     }
 
+    /// How many flows the kernel carries by the fast path's record (entries of `ul_fp_kflows`).
+    pub fn kernel_flows(&self) -> Result<usize> {
+        let map = self
+            .ebpf
+            .map(names::FASTPATH_MAP_KFLOWS)
+            .ok_or_else(|| load_err("map ul_fp_kflows missing"))?;
+        let kflows: BpfHashMap<&MapData, [u8; 8], u64> =
+            BpfHashMap::try_from(map).map_err(map_err(names::FASTPATH_MAP_KFLOWS))?;
+        Ok(kflows.keys().count())
+    }
+
     /// Adds or updates one pod.
     pub fn insert_pod(&mut self, addr: Ipv4Addr, veth_ifindex: u32) -> Result<()> {
         self.pods
@@ -289,9 +328,9 @@ impl FastPath {
     }
 }
 
-/// Deletes the filters called `name` on `dev`'s ingress (in the calling thread's namespace); none is success.
-fn detach_named(dev: &str, name: &str) -> std::result::Result<(), String> {
-    match tc::qdisc_detach_program(dev, TcAttachType::Ingress, name) {
+/// Deletes the filters called `name` on `dev`'s `hook` (in the calling thread's namespace); none is success.
+fn detach_named(dev: &str, name: &str, hook: TcAttachType) -> std::result::Result<(), String> {
+    match tc::qdisc_detach_program(dev, hook, name) {
         Ok(()) => Ok(()),
         Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(TcError::NetlinkError(e))

@@ -385,15 +385,25 @@ impl Netlink {
     /// Names of the BPF filters on the ingress hook of link `index` (`tc filter show dev … ingress`); a
     /// missing link or qdisc is an empty list.
     pub fn tc_ingress_bpf_filters(&mut self, index: u32) -> Result<Vec<String>> {
+        self.tc_bpf_filters(index, true)
+    }
+
+    /// Names of the BPF filters on the ingress (or egress) hook of link `index`.
+    pub fn tc_bpf_filters(&mut self, index: u32, ingress: bool) -> Result<Vec<String>> {
         use netlink_packet_route::tc::{
             TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
         };
+        let hook = if ingress { "ingress" } else { "egress" };
         let mut msg = TcMessage::with_index(index as i32);
         msg.header.parent = TcHandle {
             major: TcHandle::CLSACT.major,
-            minor: TcHandle::MIN_INGRESS,
+            minor: if ingress {
+                TcHandle::MIN_INGRESS
+            } else {
+                TcHandle::MIN_EGRESS
+            },
         };
-        let op = || format!("tc filter show ifindex {index} ingress");
+        let op = || format!("tc filter show ifindex {index} {hook}");
         let replies = match self.dump(RouteNetlinkMessage::GetTrafficFilter(msg), &op) {
             Ok(r) => r,
             Err(e) if e.is_missing() || e.raw_errno() == Some(libc::EINVAL) => return Ok(vec![]),

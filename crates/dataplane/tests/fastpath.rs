@@ -24,9 +24,14 @@ fn sh(ns: &TestNs, script: &str) -> String {
 
 /// Three UDP round trips from `from` (bound to `src`) to an echo socket on `dst` in `to`; true when all came back.
 fn ping_udp(from: &TestNs, src: Ipv4Addr, to: &TestNs, dst: Ipv4Addr) -> bool {
-    let bind = |ns: &TestNs, ip: Ipv4Addr| {
+    ping_udp_ports(from, (src, 0), to, (dst, 0))
+}
+
+/// [`ping_udp`] between given ports (0: any).
+fn ping_udp_ports(from: &TestNs, src: (Ipv4Addr, u16), to: &TestNs, dst: (Ipv4Addr, u16)) -> bool {
+    let bind = |ns: &TestNs, a: (Ipv4Addr, u16)| {
         ns.netns()
-            .run(move || Ok(UdpSocket::bind((ip, 0)).unwrap()))
+            .run(move || Ok(UdpSocket::bind(a).unwrap()))
             .unwrap()
     };
     let server = bind(to, dst);
@@ -168,7 +173,16 @@ fn fast_path_skips_the_host_stack_only_for_known_pods_and_inside_destinations() 
     assert_eq!(filters(node, "eth0"), vec![names::FASTPATH_PROG_UPLINK]);
     for veth in ["ulfpa", "ulfpb"] {
         fp.attach(node.netns(), veth, Role::Pod).unwrap();
+        fp.attach(node.netns(), veth, Role::Pod).unwrap();
         assert_eq!(filters(node, veth), vec![names::FASTPATH_PROG_POD]);
+        let i = ifindex(node, veth);
+        let egress = node
+            .netns()
+            .netlink()
+            .unwrap()
+            .tc_bpf_filters(i, false)
+            .unwrap();
+        assert_eq!(egress, vec![names::FASTPATH_PROG_TO_POD]);
     }
 
     // Attached but no pod in the map: the kernel path, exactly.
@@ -178,6 +192,10 @@ fn fast_path_skips_the_host_stack_only_for_known_pods_and_inside_destinations() 
         forwarded(node) > before,
         "an unknown pod must take the kernel path"
     );
+    // Flows the kernel carries now (to B's port 7100, and from B's port 7200) stay with the kernel later.
+    assert!(ping_udp_ports(vpc, (VPC_HOST, 0), pb, (POD_B, 7100)));
+    assert!(ping_udp_ports(pb, (POD_B, 7200), vpc, (VPC_HOST, 0)));
+    assert!(fp.kernel_flows().unwrap() >= 2);
 
     fp.insert_pod(POD_A, ifindex(node, "ulfpa")).unwrap();
     fp.insert_pod(POD_B, ifindex(node, "ulfpb")).unwrap();
@@ -199,6 +217,20 @@ fn fast_path_skips_the_host_stack_only_for_known_pods_and_inside_destinations() 
         forwarded(node),
         before,
         "no packet may reach the forward hook"
+    );
+
+    // The flows the kernel carried before the pods were in the map stay on the kernel path, both ways.
+    let before = forwarded(node);
+    assert!(ping_udp_ports(vpc, (VPC_HOST, 0), pb, (POD_B, 7100)));
+    let mid = forwarded(node);
+    assert!(
+        mid >= before + 6,
+        "a kernel-carried flow to the pod left the kernel: {before} → {mid}"
+    );
+    assert!(ping_udp_ports(pb, (POD_B, 7200), vpc, (VPC_HOST, 0)));
+    assert!(
+        forwarded(node) >= mid + 6,
+        "a kernel-carried flow from the pod left the kernel"
     );
 
     // A destination outside the VPC and pod CIDR (the internet, the metadata service) is the kernel's.
@@ -238,6 +270,14 @@ fn fast_path_skips_the_host_stack_only_for_known_pods_and_inside_destinations() 
         FastPath::detach(node.netns(), dev).unwrap();
         assert!(filters(node, dev).is_empty());
         let i = ifindex(node, dev);
+        assert!(
+            node.netns()
+                .netlink()
+                .unwrap()
+                .tc_bpf_filters(i, false)
+                .unwrap()
+                .is_empty()
+        );
         assert!(
             !node.netns().netlink().unwrap().has_clsact(i).unwrap(),
             "{dev}: clsact left"

@@ -171,16 +171,15 @@ impl Lab {
         out
     }
 
-    /// Restarts every agent with the fast path on or off and waits until the kernel shows it (programs on
-    /// every pod veth, or none anywhere).
+    /// Restarts every agent with the fast path on or off (when it is not so already) and waits until the
+    /// kernel shows it (programs on every uplink and pod veth, or none anywhere) and the maps are filled.
     pub fn set_fast_path(&mut self, on: bool) -> anyhow::Result<()> {
-        if self.config.fast_path == on && (self.fast_path_filters()? > 0) == on {
-            return Ok(());
-        }
-        self.config.fast_path = on;
-        for i in 0..self.nodes.len() {
-            self.stop_agent(i);
-            self.start_agent(i)?;
+        if self.config.fast_path != on {
+            self.config.fast_path = on;
+            for i in 0..self.nodes.len() {
+                self.stop_agent(i);
+                self.start_agent(i)?;
+            }
         }
         let want = if on {
             self.pods.len() + self.nodes.len()

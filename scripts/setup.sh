@@ -3,7 +3,7 @@
 # prints one line and changes nothing.
 #
 #   Debian packages  kernel tooling for the lab and root tests, the reference CNI plugins, real container runtimes
-#                    (podman for side-by-side tests and benchmarks, containerd for the CRI test, as on EKS nodes), protoc for the agent's IPAM schema, glibc's
+#                    (podman for side-by-side tests and benchmarks, containerd for the CRI test, as on EKS nodes), protoc for the agent's IPAM schema, clang and libbpf headers for the tc-BPF fast path, glibc's
 #                    static archives for the static underlay-cni, and what `make image` copies into the image
 #                    (nft, nsenter, busybox, the CA bundle; objcopy splits the debug info).
 #   .venv/           a git-ignored Python venv with the EC2 emulator (moto server) and offline manifest validation.
@@ -18,6 +18,7 @@ debs=(
   iproute2 nftables iperf3 sockperf procps
   containernetworking-plugins podman runc containerd busybox-static uidmap
   protobuf-compiler
+  clang libbpf-dev
   libc6-dev binutils util-linux ca-certificates
   python3-venv
   nodejs unzip

@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod cni_install;
 pub mod config;
 pub mod eni;
+pub mod fastpath;
 pub mod health_http;
 pub mod imds;
 pub mod metrics;

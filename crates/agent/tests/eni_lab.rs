@@ -5,11 +5,13 @@
 //! wrong ENI is dropped by the fabric as AWS drops it. Needs root.
 #![cfg(feature = "root-tests")]
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
 
 use ipnet::Ipv4Net;
 use underlay_agent::eni::EniAgent;
+use underlay_agent::fastpath::NodeFastPath;
 use underlay_cloud::{
     AddressRequest, Cloud, CreateEniRequest, EniFilter, Instance, NetworkInterface, RouteTarget,
 };
@@ -228,9 +230,9 @@ fn pods_of_every_eni_reach_across_zones_a_vpc_host_and_the_internet_with_source_
     let a1_ip = eni(&rec_a, 1).prefixes[0].network();
     let a0_ip = eni(&rec_a, 0).addresses[0];
     let b1_ip = eni(&rec_b, 1).addresses[0];
-    let pa1 = pod(&ns_a, "vpa1", a1_ip, 1);
-    let pa0 = pod(&ns_a, "vpa0", a0_ip, 0);
-    let pb1 = pod(&ns_b, "vpb1", b1_ip, 1);
+    let pa1 = pod(&ns_a, "ul000000000a1", a1_ip, 1);
+    let pa0 = pod(&ns_a, "ul000000000a0", a0_ip, 0);
+    let pb1 = pod(&ns_b, "ul000000000b1", b1_ip, 1);
 
     // Across zones, both ENIs, both ways; node-local pod to pod; a VPC host outside the cluster both ways.
     assert!(reachable(pa1.name(), b1_ip), "A/eni1 pod → B/eni1 pod");
@@ -251,7 +253,59 @@ fn pods_of_every_eni_reach_across_zones_a_vpc_host_and_the_internet_with_source_
         "B/eni1 pod → internet"
     );
 
-    // The check bites: ENI 1's pod address sent out of the primary ENI is dropped.
+    // The same with the tc-BPF fast path carrying every pod (no policy): its FIB lookup applies the pod's
+    // rule, so a pod's packets still leave by the pod's own ENI.
+    let vpc_cidrs = vec![net("198.18.0.0/16")];
+    let fast: Vec<_> = [&ns_a, &ns_b]
+        .iter()
+        .map(|ns| {
+            let path = format!("/var/run/netns/{ns}");
+            let fp = NodeFastPath::start(
+                std::path::Path::new(&path),
+                vpc_cidrs.clone(),
+                &vpc_cidrs,
+                false,
+            )
+            .expect("the kernel runs the fast path");
+            fp.reconcile().unwrap();
+            fp
+        })
+        .collect();
+    assert_eq!(fast[0].fast_pods(), BTreeSet::from([a0_ip, a1_ip]));
+    assert_eq!(fast[1].fast_pods(), BTreeSet::from([b1_ip]));
+    assert_eq!(
+        fast[0].observe().unwrap().uplinks.len(),
+        2,
+        "both ENI devices of A"
+    );
+    assert!(
+        reachable(pa1.name(), b1_ip),
+        "fast path: A/eni1 pod → B/eni1 pod"
+    );
+    assert!(
+        reachable(pb1.name(), a1_ip),
+        "fast path: B/eni1 pod → A/eni1 pod"
+    );
+    assert!(
+        reachable(pa0.name(), b1_ip),
+        "fast path: A/eni0 pod → B/eni1 pod"
+    );
+    assert!(
+        reachable(pb1.name(), a0_ip),
+        "fast path: B/eni1 pod → A/eni0 pod"
+    );
+    assert!(
+        reachable(pa1.name(), a0_ip),
+        "fast path: pod → pod on the same node"
+    );
+    assert!(
+        reachable(pa1.name(), h.private_ip),
+        "fast path: pod → VPC host"
+    );
+    assert!(reachable(&ns_h, b1_ip), "fast path: VPC host → pod");
+
+    // The check bites: ENI 1's pod address sent out of the primary ENI is dropped (on the fast path: the FIB
+    // follows the rule to the wrong ENI, and the fabric drops it there).
     ip(
         &ns_a,
         &[
@@ -269,6 +323,9 @@ fn pods_of_every_eni_reach_across_zones_a_vpc_host_and_the_internet_with_source_
         !reachable(pa1.name(), b1_ip),
         "a pod address leaving by the wrong ENI got through"
     );
+    for fp in &fast {
+        fp.shutdown();
+    }
     drop((pa0, pa1, pb1));
     fabric.down().unwrap();
 }

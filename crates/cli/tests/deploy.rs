@@ -382,7 +382,7 @@ fn rbac_allows_exactly_what_the_code_calls() {
 }
 
 #[test]
-fn agent_daemonset_runs_everywhere_with_one_capability_and_runtime_seccomp() {
+fn agent_daemonset_runs_everywhere_with_net_admin_and_bpf_only_and_runtime_seccomp() {
     let all = docs(&render(&[]).unwrap());
     let ds = find(&all, "DaemonSet", "underlay-agent");
     let pod = &ds["spec"]["template"]["spec"];
@@ -424,7 +424,7 @@ fn agent_daemonset_runs_everywhere_with_one_capability_and_runtime_seccomp() {
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
-    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN"]);
+    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN", "BPF"]);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(c["ports"][0]["containerPort"], names::AGENT_HEALTH_PORT);
@@ -602,6 +602,32 @@ fn network_policy_is_enforced_unless_the_chart_turns_it_off() {
     );
     let err = render(&["networkPolicy.enabled=banana"]).unwrap_err();
     assert!(err.contains("networkPolicy"), "{err}");
+}
+
+#[test]
+fn fast_path_runs_unless_the_chart_forces_it_off() {
+    let agent_args = |set: &[&str]| {
+        let all = docs(&render(set).unwrap());
+        strs(&container(find(&all, "DaemonSet", "underlay-agent"), "agent")["args"])
+    };
+    assert!(!agent_args(&[]).iter().any(|a| a == "--no-fast-path"));
+    assert!(
+        agent_args(&["fastPath.enabled=false"])
+            .iter()
+            .any(|a| a == "--no-fast-path")
+    );
+    // The fast path's programs need CAP_BPF; forced off, the agent keeps NET_ADMIN alone.
+    let caps = |set: &[&str]| {
+        let all = docs(&render(set).unwrap());
+        strs(
+            &container(find(&all, "DaemonSet", "underlay-agent"), "agent")["securityContext"]["capabilities"]
+                ["add"],
+        )
+    };
+    assert_eq!(caps(&[]), ["NET_ADMIN", "BPF"]);
+    assert_eq!(caps(&["fastPath.enabled=false"]), ["NET_ADMIN"]);
+    let err = render(&["fastPath.enabled=banana"]).unwrap_err();
+    assert!(err.contains("fastPath"), "{err}");
 }
 
 #[test]

@@ -154,3 +154,22 @@ pub const NFT_MAP_POLICY_INGRESS_IF: &str = "pol_ingress_if";
 /// direction is its own base chain, so an `accept` in one still leaves the packet to the other).
 pub const NFT_PRIORITY_POLICY_EGRESS: i32 = 10;
 pub const NFT_PRIORITY_POLICY_INGRESS: i32 = 20;
+
+/// The tc-BPF fast path (`crates/dataplane/bpf/fastpath.bpf.c`): program names, which are also the names of
+/// the tc filters they are attached by (`tc filter show dev … ingress` lists them), and its maps. The
+/// programs are attached to tc ingress with [`FASTPATH_TC_PRIORITY`] and found again by name, so the agent
+/// replaces its own filters and never touches anyone else's.
+pub const FASTPATH_PROG_UPLINK: &str = "ul_fp_uplink";
+pub const FASTPATH_PROG_POD: &str = "ul_fp_pod";
+/// On a pod's host veth, egress: records the flows the kernel delivers to the pod.
+pub const FASTPATH_PROG_TO_POD: &str = "ul_fp_to_pod";
+/// Local pods the fast path may deliver to and send for (address → host veth ifindex).
+pub const FASTPATH_MAP_PODS: &str = "ul_fp_pods";
+/// The VPC's and the pod CIDR's prefixes (an LPM trie): the only destinations the fast path serves.
+pub const FASTPATH_MAP_INSIDE: &str = "ul_fp_inside";
+/// Pod ends of flows the kernel carries (NAT, conntrack): they stay on the kernel path.
+pub const FASTPATH_MAP_KFLOWS: &str = "ul_fp_kflows";
+/// Devices a pod's packet may be redirected out of (the node's uplinks).
+pub const FASTPATH_MAP_UPLINKS: &str = "ul_fp_uplinks";
+/// tc filter priority of the fast path's programs on every device it attaches to.
+pub const FASTPATH_TC_PRIORITY: u16 = 0x5500;

@@ -5,7 +5,9 @@
 //!     │ run(f): a dedicated OS thread setns()es into it, runs f, exits
 //!     ├─► Netlink  (NETLINK_ROUTE socket opened on that thread; stays bound to the namespace)
 //!     │     links (veth) · addresses · routes · rules · neighbours   — typed, synchronous
-//!     └─► sysctl   (/proc/sys opened on that thread, so it is the namespace's view)
+//!     ├─► sysctl   (/proc/sys opened on that thread, so it is the namespace's view)
+//!     └─► fastpath (feature `fastpath`): the tc-BPF programs of bpf/ (system clang, build.rs), loaded by
+//!                  aya, attached to tc hooks on that thread; their maps (docs/datapath.md)
 //! ```
 //!
 //! Namespaces are never switched on a caller's thread, so this is safe to use from a tokio worker: the worker
@@ -16,6 +18,8 @@
 //! "Already exists" and "not found" are turned into success in exactly one place: [`ResultExt`].
 
 mod error;
+#[cfg(feature = "fastpath")]
+pub mod fastpath;
 mod netlink;
 mod netns;
 #[cfg(feature = "test-util")]

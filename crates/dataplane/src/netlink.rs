@@ -380,6 +380,84 @@ impl Netlink {
         Ok(out)
     }
 
+    // ---- tc (the fast path's qdisc and filters) ----
+
+    /// Names of the BPF filters on the ingress hook of link `index` (`tc filter show dev … ingress`); a
+    /// missing link or qdisc is an empty list.
+    pub fn tc_ingress_bpf_filters(&mut self, index: u32) -> Result<Vec<String>> {
+        self.tc_bpf_filters(index, true)
+    }
+
+    /// Names of the BPF filters on the ingress (or egress) hook of link `index`.
+    pub fn tc_bpf_filters(&mut self, index: u32, ingress: bool) -> Result<Vec<String>> {
+        use netlink_packet_route::tc::{
+            TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
+        };
+        let hook = if ingress { "ingress" } else { "egress" };
+        let mut msg = TcMessage::with_index(index as i32);
+        msg.header.parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: if ingress {
+                TcHandle::MIN_INGRESS
+            } else {
+                TcHandle::MIN_EGRESS
+            },
+        };
+        let op = || format!("tc filter show ifindex {index} {hook}");
+        let replies = match self.dump(RouteNetlinkMessage::GetTrafficFilter(msg), &op) {
+            Ok(r) => r,
+            Err(e) if e.is_missing() || e.raw_errno() == Some(libc::EINVAL) => return Ok(vec![]),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewTrafficFilter(f) = m else {
+                continue;
+            };
+            for a in &f.attributes {
+                if let TcAttribute::Options(opts) = a {
+                    for o in opts {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgName(n)) = o {
+                            names.push(n.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Whether link `index` has a `clsact` qdisc.
+    pub fn has_clsact(&mut self, index: u32) -> Result<bool> {
+        use netlink_packet_route::tc::{TcAttribute, TcMessage};
+        let msg = TcMessage::with_index(index as i32);
+        let op = || format!("tc qdisc show ifindex {index}");
+        let replies = self.dump(RouteNetlinkMessage::GetQueueDiscipline(msg), &op)?;
+        Ok(replies.iter().any(|m| {
+            matches!(m, RouteNetlinkMessage::NewQueueDiscipline(q)
+                if q.header.index == index as i32
+                    && q.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact")))
+        }))
+    }
+
+    /// Deletes the `clsact` qdisc of link `index` (and with it every filter on it); already gone is success.
+    pub fn clsact_del(&mut self, index: u32) -> Result<()> {
+        use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+        let mut msg = TcMessage::with_index(index as i32);
+        msg.header.parent = TcHandle::CLSACT;
+        msg.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        match self.request(RouteNetlinkMessage::DelQueueDiscipline(msg), 0, &|| {
+            format!("tc qdisc del ifindex {index} clsact")
+        }) {
+            Err(e) if e.is_missing() || e.raw_errno() == Some(libc::EINVAL) => Ok(()),
+            r => r,
+        }
+    }
+
     // ---- links ----
 
     /// The link called `name`; a missing link is `Ok(None)`.

@@ -48,6 +48,12 @@ pub trait PolicyInputs: Send + Sync {
     fn publish(&self, inputs: Arc<Cluster>);
 }
 
+/// Told, before every transaction commits, which host veths the policies select in either direction (the
+/// tc-BPF fast path takes those pods off itself, so that no packet of a selected pod skips nftables).
+pub trait SelectionObserver: Send + Sync + std::fmt::Debug {
+    fn selected(&self, veths: &std::collections::BTreeSet<&str>);
+}
+
 /// An attachment: the IPAM key (container id, interface).
 pub type AttachmentKey = (String, String);
 
@@ -70,12 +76,13 @@ struct State {
 #[derive(Debug)]
 pub struct PolicyEngine {
     state: Mutex<State>,
-    /// Notified whenever new inputs are in (what [`PolicyEngine::wait_ready_for`] waits for).
+    /// Notified whenever new inputs are in (what [`PolicyEngine::ready_for`] waits for).
     inputs_changed: Condvar,
     nft: Box<dyn PolicyNft>,
     metrics: OnceLock<AgentMetrics>,
     /// How long an ADD waits for the inputs to hold its pod before it answers "try again later".
     admission_wait: Duration,
+    observer: OnceLock<Arc<dyn SelectionObserver>>,
 }
 
 /// How long ADD waits, by default, for the API follower to deliver its pod: the Pod reaches the agent's watch
@@ -102,6 +109,7 @@ impl PolicyEngine {
             nft,
             metrics: OnceLock::new(),
             admission_wait: DEFAULT_ADMISSION_WAIT,
+            observer: OnceLock::new(),
         }
     }
 
@@ -113,6 +121,15 @@ impl PolicyEngine {
 
     pub fn set_metrics(&self, metrics: AgentMetrics) {
         let _ = self.metrics.set(metrics);
+    }
+
+    /// Registers the one [`SelectionObserver`] and tells it the selection committed so far, if any.
+    pub fn set_observer(&self, observer: Arc<dyn SelectionObserver>) {
+        let g = self.lock();
+        if let Some(m) = &g.installed {
+            observer.selected(&selected_veths(m));
+        }
+        let _ = self.observer.set(observer);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -306,6 +323,9 @@ impl PolicyEngine {
             }
         };
         let nft_started = Instant::now();
+        if let Some(o) = self.observer.get() {
+            o.selected(&selected_veths(&compiled.model));
+        }
         let applied = self.nft.apply(&batch);
         let nft_ms = nft_started.elapsed().as_secs_f64() * 1e3;
         if let Some(m) = self.metrics.get() {
@@ -353,6 +373,15 @@ fn seed_generation() -> u16 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     (nanos ^ std::process::id().rotate_left(16)) as u16
+}
+
+/// Host veths of the pods some policy selects, in either direction.
+fn selected_veths(m: &PolicyModel) -> std::collections::BTreeSet<&str> {
+    m.egress_if
+        .keys()
+        .chain(m.ingress_if.keys())
+        .map(String::as_str)
+        .collect()
 }
 
 impl PolicyInputs for PolicyEngine {

@@ -82,6 +82,9 @@ pub struct KubeAgentOptions {
     /// Enforce NetworkPolicy ([`crate::policy`], inputs from [`crate::policy_api`]): ADD waits for each pod's
     /// policy state. Off: every pod is reachable, whatever the policies say.
     pub network_policy: bool,
+    /// Run the tc-BPF fast path ([`crate::fastpath`]) where the kernel supports it. Off: the kernel path only,
+    /// and any fast path a previous agent left is removed.
+    pub fast_path: bool,
 }
 
 impl KubeAgentOptions {
@@ -99,6 +102,7 @@ impl KubeAgentOptions {
             metrics: crate::metrics::AgentMetrics::new(),
             imds_opt_ins: true,
             network_policy: true,
+            fast_path: true,
         }
     }
 }
@@ -425,6 +429,15 @@ pub async fn run_routed_on_kube(
         node_agent.netns().path().to_owned(),
         opts.metrics.clone(),
     );
+    let mut inside = opts.vpc_cidrs.clone();
+    inside.push(opts.pod_cidr);
+    let fast_path = crate::fastpath::start_for_agent(
+        opts.fast_path,
+        node_agent.netns().path(),
+        &opts.vpc_cidrs,
+        &inside,
+        policy.as_ref().map(|p| &p.engine),
+    );
     let api: Api<UnderlayNode> = Api::all(client);
     let cache = RecordCache::beside(&config.checkpoint);
     let cached = cache.load(&opts.node_name);
@@ -491,6 +504,9 @@ pub async fn run_routed_on_kube(
     };
     if let Some(p) = policy {
         tasks.push(p.task);
+    }
+    if let Some(f) = fast_path {
+        f.stop();
     }
     for t in tasks.drain(..) {
         t.abort();

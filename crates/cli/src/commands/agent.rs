@@ -77,6 +77,10 @@ pub struct Args {
     /// For clusters that enforce policy with another component.
     #[arg(long, requires = "kube")]
     no_network_policy: bool,
+    /// With --kube: never run the tc-BPF fast path (docs/datapath.md), and remove one a previous agent left;
+    /// every packet takes the kernel's path. By default it runs where the kernel supports it.
+    #[arg(long, requires = "kube")]
+    no_fast_path: bool,
     /// With --kube: a VPC CIDR (repeat for each).
     #[arg(long, value_name = "CIDR", requires = "kube")]
     vpc_cidr: Vec<Ipv4Net>,
@@ -201,6 +205,7 @@ fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
     let pod_cidr = args.pod_cidr;
     let external_snat = args.external_snat;
     let network_policy = !args.no_network_policy;
+    let fast_path = !args.no_fast_path;
     let netns = args.netns.take();
     let health_addr = args.health_addr;
     let config = resolve(args, false)?;
@@ -217,6 +222,7 @@ fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
                 let mut opts = KubeAgentOptions::new(node_name, pod_cidr, vpc_cidrs);
                 opts.netns = netns;
                 opts.network_policy = network_policy;
+                opts.fast_path = fast_path;
                 if let Some(a) = health_addr {
                     opts.health_addr = a;
                 }
@@ -228,6 +234,7 @@ fn exec_kube(mut args: Args, fault: Fault) -> anyhow::Result<()> {
                 opts.netns = netns;
                 opts.external_snat = external_snat;
                 opts.network_policy = network_policy;
+                opts.fast_path = fast_path;
                 if let Some(a) = health_addr {
                     opts.health_addr = a;
                 }

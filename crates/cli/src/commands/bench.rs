@@ -23,6 +23,9 @@ enum Kind {
     /// The NetworkPolicy compiler alone, on bench policy's shape: a cold compile, an ADD's compile with the
     /// engine's cache, a peer relabel, the diffs, the model's object count.
     PolicyCompile(super::bench_policy_compile::Args),
+    /// Pod↔pod against node↔node on every path class, with the tc-BPF fast path on and off: TCP/UDP
+    /// request/response p50/p99/p99.9 and jitter, iperf3 throughput with 1 and 4 streams.
+    Datapath(super::bench_datapath::Args),
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Kind::Scaleout(a) => super::bench_scaleout::exec(a),
         Kind::Policy(a) => super::bench_policy::exec(a),
         Kind::PolicyCompile(a) => super::bench_policy_compile::exec(a),
+        Kind::Datapath(a) => super::bench_datapath::exec(a),
     }
 }

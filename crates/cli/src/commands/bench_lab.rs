@@ -77,6 +77,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         instance_type: underlay_lab::scenario::NODE_TYPE.to_string(),
         // Build times comparable with earlier runs: EC2 answers at once (the token buckets still apply).
         no_aws_latency: true,
+        no_fast_path: false,
     })?;
     let baseline = status_kib("VmRSS:")?;
     let lab = Lab::up(c)?;

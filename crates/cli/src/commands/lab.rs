@@ -67,6 +67,9 @@ pub(super) struct Shape {
     /// 200–500 ms after the call): every call answers at once and the fabric follows at once.
     #[arg(long)]
     pub(super) no_aws_latency: bool,
+    /// Run every agent with the tc-BPF fast path forced off (the kernel path only).
+    #[arg(long)]
+    pub(super) no_fast_path: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -203,6 +206,7 @@ pub(super) fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
     c.mode = shape.mode.api();
     c.instance_type = shape.instance_type.clone();
     c.aws_route_latency = !shape.no_aws_latency;
+    c.fast_path = !shape.no_fast_path;
     c.validate()?;
     Ok(c)
 }
@@ -346,6 +350,9 @@ fn shape_args(s: &Shape) -> Vec<String> {
     if s.no_aws_latency {
         v.push("--no-aws-latency".to_string());
     }
+    if s.no_fast_path {
+        v.push("--no-fast-path".into());
+    }
     v
 }
 
@@ -481,4 +488,31 @@ fn sweep(name: &str, state: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(log_file(name));
     eprintln!("lab {name} removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct ShapeOnly {
+        #[command(flatten)]
+        shape: Shape,
+    }
+
+    /// `lab up` hands its shape to the background `lab serve` as arguments: every field must survive the trip
+    /// (the fast path's switch once did not, so `lab up --no-fast-path` ran with it on).
+    #[test]
+    fn the_serve_process_gets_the_whole_shape() {
+        for extra in [&[][..], &["--no-fast-path"][..], &["--mode", "eni"][..]] {
+            let mut argv = vec!["x"];
+            argv.extend_from_slice(extra);
+            let given = ShapeOnly::parse_from(&argv).shape;
+            let mut again = vec!["x".to_string()];
+            again.extend(shape_args(&given));
+            let back = ShapeOnly::parse_from(&again).shape;
+            assert_eq!(format!("{given:?}"), format!("{back:?}"));
+        }
+    }
 }

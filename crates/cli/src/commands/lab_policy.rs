@@ -48,6 +48,9 @@ pub struct PolicyArgs {
     /// The underlay-cni binary (default: next to this executable).
     #[arg(long)]
     pub cni_plugin: Option<PathBuf>,
+    /// Run every agent with the tc-BPF fast path forced off (the kernel path only).
+    #[arg(long)]
+    pub no_fast_path: bool,
 }
 
 /// The evaluator the expected tables come from where a case gives none.
@@ -130,6 +133,7 @@ fn run_mode(
     config.name = args.name.clone();
     config.state_dir = default_state_dir(&args.name);
     config.mode = mode;
+    config.fast_path = !args.no_fast_path;
     // Every namespace of an earlier, killed run goes first.
     underlay_lab::sweep(&args.name)?;
     let mut lab = PolicyLab::up(config, options)?;

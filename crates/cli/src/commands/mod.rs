@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bench_cni;
+pub mod bench_datapath;
 pub mod bench_lab;
 pub mod bench_plan;
 pub mod bench_policy;

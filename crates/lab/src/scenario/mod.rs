@@ -15,6 +15,7 @@
 
 mod check;
 mod churn;
+mod datapath;
 mod echo;
 mod failover;
 pub mod policy;
@@ -40,8 +41,14 @@ use crate::{Fabric, FabricOptions, LabId, kernel};
 
 pub use check::{CheckReport, PathClass};
 pub use churn::{ChurnReport, default_burst};
+pub use datapath::{DatapathOptions, DatapathRun};
 pub use failover::{BLACKHOLE_BAR, FailoverReport, FailoverStages};
 pub use report::{DemoReport, StatusReport};
+
+/// Bytes of each request and response of `bench datapath`'s round trips.
+pub fn datapath_rr_bytes() -> usize {
+    datapath::RR_BYTES
+}
 
 /// Zones of the lab's region, in order.
 pub const ZONES: [&str; 3] = ["us-east-1a", "us-east-1b", "us-east-1c"];
@@ -88,6 +95,8 @@ pub struct LabConfig {
     /// vpcsim's AWS-like route timing (`Faults::aws_route_model`: route calls 100–300 ms, DescribeRouteTables
     /// 100–300 ms, a route change reaching the fabric 200–500 ms after its call answered). On by default.
     pub aws_route_latency: bool,
+    /// Agents run the tc-BPF fast path where the kernel supports it (false: forced off, the kernel path only).
+    pub fast_path: bool,
 }
 
 impl LabConfig {
@@ -111,6 +120,7 @@ impl LabConfig {
             instance_type: NODE_TYPE.to_string(),
             release_delay: Duration::from_secs(3),
             aws_route_latency: true,
+            fast_path: true,
         }
     }
 
@@ -546,6 +556,7 @@ impl Lab {
         };
         let name = node.name.clone();
         let mode = self.config.mode;
+        let fast_path = self.config.fast_path;
         let task = self.rt.spawn(async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -565,6 +576,7 @@ impl Lab {
                         // The API stand-in serves no Pods yet: no pod of the lab opts in to IMDS.
                         imds_opt_ins: false,
                         network_policy: true,
+                        fast_path,
                     };
                     underlay_agent::routed::kube::run_routed_on_kube(
                         config,
@@ -586,6 +598,7 @@ impl Lab {
                     opts.health_addr = health_addr;
                     opts.converge_interval = converge_interval;
                     opts.status_interval = status_interval;
+                    opts.fast_path = fast_path;
                     underlay_agent::eni::kube::run_eni_on_kube(
                         config,
                         client,

@@ -382,7 +382,7 @@ fn rbac_allows_exactly_what_the_code_calls() {
 }
 
 #[test]
-fn agent_daemonset_runs_everywhere_with_net_admin_and_bpf_only_and_runtime_seccomp() {
+fn agent_daemonset_runs_everywhere_with_net_admin_only_and_runtime_seccomp() {
     let all = docs(&render(&[]).unwrap());
     let ds = find(&all, "DaemonSet", "underlay-agent");
     let pod = &ds["spec"]["template"]["spec"];
@@ -424,7 +424,8 @@ fn agent_daemonset_runs_everywhere_with_net_admin_and_bpf_only_and_runtime_secco
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
-    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN", "BPF"]);
+    // BPF only with the fast path on (`fast_path_is_off_unless_the_chart_turns_it_on`).
+    assert_eq!(strs(&sc["capabilities"]["add"]), ["NET_ADMIN"]);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(c["ports"][0]["containerPort"], names::AGENT_HEALTH_PORT);
@@ -605,14 +606,14 @@ fn network_policy_is_enforced_unless_the_chart_turns_it_off() {
 }
 
 #[test]
-fn fast_path_runs_unless_the_chart_forces_it_off() {
+fn fast_path_is_off_unless_the_chart_turns_it_on() {
     let agent_args = |set: &[&str]| {
         let all = docs(&render(set).unwrap());
         strs(&container(find(&all, "DaemonSet", "underlay-agent"), "agent")["args"])
     };
-    assert!(!agent_args(&[]).iter().any(|a| a == "--no-fast-path"));
+    assert!(agent_args(&[]).iter().any(|a| a == "--no-fast-path"));
     assert!(
-        agent_args(&["fastPath.enabled=false"])
+        !agent_args(&["fastPath.enabled=true"])
             .iter()
             .any(|a| a == "--no-fast-path")
     );
@@ -624,8 +625,8 @@ fn fast_path_runs_unless_the_chart_forces_it_off() {
                 ["add"],
         )
     };
-    assert_eq!(caps(&[]), ["NET_ADMIN", "BPF"]);
-    assert_eq!(caps(&["fastPath.enabled=false"]), ["NET_ADMIN"]);
+    assert_eq!(caps(&["fastPath.enabled=true"]), ["NET_ADMIN", "BPF"]);
+    assert_eq!(caps(&[]), ["NET_ADMIN"]);
     let err = render(&["fastPath.enabled=banana"]).unwrap_err();
     assert!(err.contains("fastPath"), "{err}");
 }

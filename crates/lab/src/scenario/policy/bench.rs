@@ -406,8 +406,8 @@ impl PolicyLab {
         Ok(out)
     }
 
-    /// UDP round trips from `src`, alternating between `dst`'s echo server on port 80 and an echo server started
-    /// in `other` (µs each).
+    /// UDP round trips from `src`, alternating between `dst` and `other`, each answered by the same kind of echo
+    /// server started for this (µs each).
     fn rtts_interleaved(
         &self,
         src: usize,
@@ -415,14 +415,15 @@ impl PolicyLab {
         other: &(String, Ipv4Addr),
         rounds: usize,
     ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-        let _server = crate::scenario::echo::EchoServers::start(std::slice::from_ref(other))?;
+        let dst_end = (self.lab.pods[dst].netns.clone(), self.lab.pods[dst].ip);
+        let _servers = crate::scenario::echo::EchoServers::start(&[dst_end, other.clone()])?;
         let sock = crate::scenario::echo::udp_in(
             &self.lab.pods[src].netns,
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         )?;
         sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         let targets = [
-            SocketAddrV4::new(self.lab.pods[dst].ip, 80),
+            SocketAddrV4::new(self.lab.pods[dst].ip, crate::scenario::echo::ECHO_PORT),
             SocketAddrV4::new(other.1, crate::scenario::echo::ECHO_PORT),
         ];
         let mut out = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
@@ -580,7 +581,7 @@ fn bench_policy(k: usize) -> NetworkPolicy {
     .expect("a valid NetworkPolicy")
 }
 
-/// Lets the measured flows (UDP 80, TCP to the sink) in to every model pod of y.
+/// Lets the measured flows (UDP 80 and the echo port, TCP to the sink) in to every model pod of y.
 fn allow_measured() -> NetworkPolicy {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "networking.k8s.io/v1",
@@ -588,7 +589,11 @@ fn allow_measured() -> NetworkPolicy {
         "metadata": {"name": "bench-measured", "namespace": "y"},
         "spec": {
             "podSelector": {},
-            "ingress": [{"ports": [{"port": 80, "protocol": "UDP"}, {"port": SINK_PORT, "protocol": "TCP"}]}]
+            "ingress": [{"ports": [
+                {"port": 80, "protocol": "UDP"},
+                {"port": crate::scenario::echo::ECHO_PORT, "protocol": "UDP"},
+                {"port": SINK_PORT, "protocol": "TCP"}
+            ]}]
         }
     }))
     .expect("a valid NetworkPolicy")

@@ -120,6 +120,8 @@ struct Run {
     /// Faults ended (or a leader killed) whose recovery is not seen yet: kind, since.
     awaiting: Vec<(FaultKind, Instant)>,
     active: Vec<Active>,
+    /// Most faults active at once.
+    max_active: usize,
     /// The last start or end of a fault touching pods' paths (agent kill, node death: aggregation means any
     /// node may carry any pod's traffic).
     last_path_event: Instant,
@@ -293,6 +295,7 @@ impl Lab {
             recovery: BTreeMap::new(),
             awaiting: Vec::new(),
             active: Vec::new(),
+            max_active: 0,
             last_path_event: t0,
             node_dead: vec![false; self.nodes.len()],
             agent_killed: vec![false; self.nodes.len()],
@@ -576,6 +579,7 @@ impl Lab {
         run.faults.entry(kind).or_default().injected += 1;
         self.policy_disturbed(run, &target, kind, false);
         run.active.push(Active { fault, target });
+        run.max_active = run.max_active.max(run.active.len());
         Ok(())
     }
 

@@ -66,6 +66,8 @@ pub struct SoakReport {
     pub reach_bound_s: f64,
     pub policy_grace_ms: f64,
     pub faults_planned: usize,
+    /// Most faults active at the same time.
+    pub max_concurrent_faults: usize,
     pub faults: BTreeMap<&'static str, FaultStats>,
     pub faults_not_injected: Vec<&'static str>,
     pub checks: BTreeMap<&'static str, CheckCount>,
@@ -135,6 +137,7 @@ pub(super) fn build(
         reach_bound_s: opts.reach_bound.as_secs_f64(),
         policy_grace_ms: POLICY_GRACE.as_secs_f64() * 1e3,
         faults_planned: planned,
+        max_concurrent_faults: run.max_active,
         faults,
         faults_not_injected: NOT_INJECTED.to_vec(),
         checks: run.ledger.counts.clone(),
@@ -183,7 +186,11 @@ impl SoakReport {
             "  policy: {} changes; {} allowed datagrams delivered to guarded pods, {} denied ones",
             self.policy_changes, self.allowed_delivered, self.denied_delivered
         );
-        let _ = writeln!(s, "  faults ({} planned):", self.faults_planned);
+        let _ = writeln!(
+            s,
+            "  faults ({} planned, up to {} at once):",
+            self.faults_planned, self.max_concurrent_faults
+        );
         for (kind, f) in &self.faults {
             let _ = writeln!(
                 s,

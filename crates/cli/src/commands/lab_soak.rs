@@ -49,6 +49,9 @@ pub struct SoakArgs {
     /// The underlay-cni binary (default: next to this executable).
     #[arg(long)]
     pub cni_plugin: Option<PathBuf>,
+    /// Print the fault plan of this seed, length and mode (JSON) and exit: nothing is built.
+    #[arg(long)]
+    pub plan: bool,
     /// Break an invariant on purpose (tests that the soak catches it).
     #[arg(long, value_enum, hide = true)]
     pub inject_violation: Option<Violation>,
@@ -61,7 +64,6 @@ pub fn exec(args: SoakArgs) -> anyhow::Result<()> {
     if args.clients_per_node == 0 || args.clients_per_node > 10 {
         bail!("--clients-per-node must be 1 to 10");
     }
-    watch_signals();
     let modes: &[underlay_api::Mode] = match args.mode {
         SoakMode::Routed => &[underlay_api::Mode::Routed],
         SoakMode::Eni => &[underlay_api::Mode::Eni],
@@ -76,6 +78,20 @@ pub fn exec(args: SoakArgs) -> anyhow::Result<()> {
             Violation::ReusedAddress => InjectViolation::ReusedAddress,
         }),
     };
+    if args.plan {
+        let plans: Vec<_> = modes
+            .iter()
+            .map(|m| {
+                json!({
+                    "mode": underlay_lab::scenario::soak::mode_str(*m),
+                    "faults": underlay_lab::scenario::soak::schedule::plan(args.seed, opts.run, *m),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&plans)?);
+        return Ok(());
+    }
+    watch_signals();
     let mut reports = Vec::new();
     for mode in modes {
         let mut config = LabConfig::demo(super::plugin_path(args.cni_plugin.clone())?);

@@ -69,10 +69,12 @@ fn a_bounded_soak_in_both_modes_violates_nothing_and_leaves_nothing() {
             "leader_kill",
             "netns_delete",
         ];
-        if mode == "routed" {
-            want.push("node_death");
-            want.sort();
-        }
+        want.push(if mode == "routed" {
+            "node_death"
+        } else {
+            "eni_detach"
+        });
+        want.sort();
         assert_eq!(kinds, want, "{mode}");
         for (kind, f) in faults {
             assert!(f["injected"].as_u64().unwrap() >= 1, "{mode}: {kind} {f}");

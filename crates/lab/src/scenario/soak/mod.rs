@@ -81,6 +81,10 @@ impl Default for SoakOptions {
 
 /// A policy change counts from this long after it was written (the bar from event to kernel is 500 ms).
 pub const POLICY_GRACE: Duration = Duration::from_secs(3);
+/// After an API outage, how long agents' watches may take to come back: kube-runtime's watcher retries with an
+/// exponential backoff (0.8 s doubling, jittered), so after a 6 s outage the next attempt may be 6 s or more after
+/// the API returns. A policy change counts from this long after the outage's end, not from its write.
+pub const WATCH_RECOVERY: Duration = Duration::from_secs(15);
 /// How often the guard policy flips between the client groups (± a quarter).
 const POLICY_EVERY: Duration = Duration::from_secs(20);
 /// A round trip without an answer within this is lost.
@@ -128,6 +132,8 @@ struct Run {
     node_dead: Vec<bool>,
     agent_killed: Vec<bool>,
     api_down: bool,
+    /// When the API last came back (the start of the run if it never went).
+    api_up_since: Instant,
     ec2: BTreeSet<FaultKind>,
     /// Per guarded pod, which group the policy lets in, from when.
     policy: BTreeMap<String, Vec<PolicyState>>,
@@ -300,6 +306,7 @@ impl Lab {
             node_dead: vec![false; self.nodes.len()],
             agent_killed: vec![false; self.nodes.len()],
             api_down: false,
+            api_up_since: t0,
             ec2: BTreeSet::new(),
             policy: BTreeMap::new(),
             guarded_nodes: BTreeMap::new(),
@@ -574,6 +581,50 @@ impl Lab {
                 run.last_path_event = Instant::now();
                 Target::Node(node)
             }
+            FaultKind::EniDetach => {
+                let live: Vec<Ipv4Addr> = pods_lock(pop).live.iter().map(|p| p.ip).collect();
+                let snap = self.sim.snapshot();
+                // Secondary ENIs of the nodes; those carrying pods first (a pool small enough for the primary
+                // ENI leaves the warm ENIs empty).
+                let secondary: Vec<_> = snap
+                    .enis
+                    .iter()
+                    .filter(|e| e.attachment.as_ref().is_some_and(|a| a.device_index > 0))
+                    .collect();
+                let with_pods: Vec<_> = secondary
+                    .iter()
+                    .copied()
+                    .filter(|e| e.secondary_addresses().any(|a| live.contains(&a)))
+                    .collect();
+                let c = if with_pods.is_empty() {
+                    secondary
+                } else {
+                    with_pods
+                };
+                if c.is_empty() {
+                    return self.skip(run, kind);
+                }
+                let eni = c[(fault.pick % c.len() as u64) as usize];
+                let attachment = eni.attachment.clone().expect("filtered on attachment");
+                let node = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.instance.id == attachment.instance);
+                // Through the EC2 API (it counts as a call, and the fault knobs apply to it as to anyone's).
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let sim = self.sim.clone();
+                if let Err(e) = rt.block_on(async move {
+                    use underlay_cloud::Cloud;
+                    sim.detach_network_interface(&attachment.id, true).await
+                }) {
+                    tracing::info!(error = %e, "soak: detaching an ENI failed; skipped");
+                    return self.skip(run, kind);
+                }
+                run.last_path_event = Instant::now();
+                node.map_or(Target::None, Target::Node)
+            }
             FaultKind::NetnsDelete => {
                 let c: Vec<Arc<SoakPod>> = pods_lock(pop)
                     .live
@@ -619,6 +670,7 @@ impl Lab {
                 self.api.set_unreachable(false);
                 ctx.paused.store(false, Ordering::Relaxed);
                 run.api_down = false;
+                run.api_up_since = Instant::now();
             }
             (FaultKind::Ec2Errors | FaultKind::Ec2Throttle | FaultKind::Ec2Latency, _) => {
                 run.ec2.remove(&kind);
@@ -682,7 +734,12 @@ impl Lab {
             };
             if ending {
                 if run.deferred.remove(name) {
-                    last.at_ms = now;
+                    // An ended watch comes back only after its backoff.
+                    last.at_ms = if kind == FaultKind::ApiOutage {
+                        now + WATCH_RECOVERY.as_millis() as u64
+                    } else {
+                        now
+                    };
                 }
             } else if changes > 1 && now.saturating_sub(last.at_ms) < grace {
                 run.deferred.insert(name.clone());
@@ -691,9 +748,14 @@ impl Lab {
     }
 
     /// Flips the guard policy every [`POLICY_EVERY`] (± a quarter), but never while the API is down or a guarded
-    /// pod's agent is, nor within the grace before a planned API outage (a write then may reach no agent).
+    /// pod's agent is, within [`WATCH_RECOVERY`] after the API came back (the agents' watches are still in
+    /// backoff), nor within the grace before a planned API outage, agent kill or node death (a write then may
+    /// reach no agent).
     fn maybe_change_policy(&self, run: &mut Run, plan: &[PlannedFault], elapsed: Duration) {
-        if elapsed < run.next_policy_at || run.api_down {
+        if elapsed < run.next_policy_at
+            || run.api_down
+            || run.api_up_since.elapsed() < WATCH_RECOVERY
+        {
             return;
         }
         let guarded_down = run

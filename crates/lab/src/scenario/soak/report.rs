@@ -11,7 +11,7 @@ use super::pods::ChurnStats;
 use super::{Lab, POLICY_GRACE, Run, SoakOptions, mode_str};
 
 /// Faults the soak does not inject yet (the issue lists them).
-pub const NOT_INJECTED: [&str; 2] = ["instance_terminated", "eni_detached_behind_the_controller"];
+pub const NOT_INJECTED: [&str; 1] = ["instance_terminated"];
 
 /// One kind of fault.
 #[derive(Debug, Clone, Default, Serialize)]

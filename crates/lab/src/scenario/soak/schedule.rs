@@ -67,10 +67,13 @@ pub enum FaultKind {
     /// A pod's network namespace deleted without a CNI DEL; the runtime's DEL (namespace gone) comes after the
     /// hold, as kubelet's sandbox cleanup would.
     NetnsDelete,
+    /// Eni mode: a secondary ENI carrying pods detached through the EC2 API behind the controller's back (as a
+    /// person or another tool would); the hold is only how long the fault counts as active.
+    EniDetach,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::AgentKill,
         FaultKind::LeaderKill,
         FaultKind::ApiOutage,
@@ -79,6 +82,7 @@ impl FaultKind {
         FaultKind::Ec2Latency,
         FaultKind::NodeDeath,
         FaultKind::NetnsDelete,
+        FaultKind::EniDetach,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +95,7 @@ impl FaultKind {
             FaultKind::Ec2Latency => "ec2_latency",
             FaultKind::NodeDeath => "node_death",
             FaultKind::NetnsDelete => "netns_delete",
+            FaultKind::EniDetach => "eni_detach",
         }
     }
 
@@ -99,6 +104,8 @@ impl FaultKind {
         match self {
             // Eni mode has no forwarders: the VPC delivers to the ENI that owns the address.
             FaultKind::NodeDeath => mode == underlay_api::Mode::Routed,
+            // Routed mode's pods live behind the primary ENI, which cannot be detached.
+            FaultKind::EniDetach => mode == underlay_api::Mode::Eni,
             _ => true,
         }
     }
@@ -118,6 +125,7 @@ impl FaultKind {
             // Fail-back waits for the hold-down: the next death waits for it.
             FaultKind::NodeDeath => (s(60), (5_000, 15_000), s(15)),
             FaultKind::NetnsDelete => (s(15), (2_000, 8_000), s(1)),
+            FaultKind::EniDetach => (s(50), (1_000, 2_000), s(20)),
         }
     }
 }
@@ -214,8 +222,14 @@ mod tests {
 
     #[test]
     fn a_kind_never_overlaps_itself() {
-        let p = plan(3, Duration::from_secs(1800), Mode::Routed);
-        for kind in FaultKind::ALL {
+        for mode in [Mode::Routed, Mode::Eni] {
+            a_kind_never_overlaps_itself_in(mode);
+        }
+    }
+
+    fn a_kind_never_overlaps_itself_in(mode: Mode) {
+        let p = plan(3, Duration::from_secs(1800), mode);
+        for kind in FaultKind::ALL.into_iter().filter(|k| k.applies(mode)) {
             let of: Vec<_> = p.iter().filter(|f| f.kind == kind).collect();
             assert!(of.len() > 10, "{kind:?}: {}", of.len());
             for w in of.windows(2) {

@@ -57,6 +57,10 @@ struct State {
     /// What this process last committed; `None` until its first transaction (which replaces whatever a
     /// previous agent left).
     installed: Option<PolicyModel>,
+    /// Whether this node's existing attachments are known ([`PolicyEngine::restore`]). Until then nothing is
+    /// committed: the first transaction replaces what a previous agent left, and made without the pods that
+    /// agent served it would drop their verdicts (their traffic unpoliced until the restore).
+    restored: bool,
     warnings: Vec<PolicyWarning>,
     unknown: Vec<String>,
     /// Peer resolutions of the current inputs, reused by the compiles of ADD and DEL; cleared with new inputs.
@@ -74,7 +78,7 @@ pub struct PolicyEngine {
 /// What one sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// No inputs yet: the kernel was left as it was.
+    /// No inputs yet, or the node's existing attachments not restored yet: the kernel was left as it was.
     Waiting,
     /// The kernel already held the compiled state.
     Unchanged,
@@ -83,7 +87,21 @@ pub enum SyncOutcome {
 }
 
 impl PolicyEngine {
+    /// An engine for a node with no attachments of an earlier agent to restore.
     pub fn new(nft: Box<dyn PolicyNft>) -> Self {
+        PolicyEngine {
+            state: Mutex::new(State {
+                restored: true,
+                ..State::default()
+            }),
+            nft,
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// An engine that commits nothing until [`PolicyEngine::restore`] has registered the attachments that exist
+    /// already (an agent's start: its policy inputs may arrive before its IPAM checkpoint is read).
+    pub fn awaiting_restore(nft: Box<dyn PolicyNft>) -> Self {
         PolicyEngine {
             state: Mutex::new(State::default()),
             nft,
@@ -109,6 +127,7 @@ impl PolicyEngine {
                 g.local.insert(k, p);
             }
         }
+        g.restored = true;
     }
 
     /// Replaces the inputs and brings the kernel to them.
@@ -226,6 +245,9 @@ impl PolicyEngine {
         let Some(inputs) = g.inputs.clone() else {
             return Ok(SyncOutcome::Waiting);
         };
+        if !g.restored {
+            return Ok(SyncOutcome::Waiting);
+        }
         let local: Vec<LocalPod> = g.local.values().cloned().collect();
         let compiled = compile_with(&inputs, &local, &mut g.cache);
         let (batch, outcome) = match &g.installed {

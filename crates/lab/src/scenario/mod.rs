@@ -11,7 +11,10 @@
 //! ```
 //!
 //! [`Lab::check`] measures a connectivity matrix with UDP echo across every path class; [`Lab::failover`] kills a
-//! forwarder under a steady probe. Everything the lab creates carries its prefix and goes on [`Lab::down`] or drop.
+//! forwarder under a steady probe; [`Lab::soak`] runs churn, policy changes and seeded overlapping faults with
+//! invariants checked every second. Each agent and each controller replica (`controller_replicas`, on the Lease)
+//! runs on a tokio runtime of its own, so that killing one (`kill_agent`, `kill_controller`) drops every task it
+//! spawned, as `kill -9` would. Everything the lab creates carries its prefix and goes on [`Lab::down`] or drop.
 
 mod check;
 mod churn;

@@ -1137,7 +1137,20 @@ impl Lab {
             (p.live.clone(), p.ever.clone())
         };
         let live_addrs: BTreeSet<Ipv4Addr> = live.iter().map(|p| p.ip).collect();
-        let gone: BTreeSet<Ipv4Addr> = ever.difference(&live_addrs).copied().collect();
+        // Eni mode recycles addresses: a gone pod's address may be an ENI's primary address now, which the
+        // agents rightly hold in their sets as a host address.
+        let primaries: BTreeSet<Ipv4Addr> = self
+            .sim
+            .snapshot()
+            .enis
+            .iter()
+            .map(|e| e.primary_ip)
+            .collect();
+        let gone: BTreeSet<Ipv4Addr> = ever
+            .difference(&live_addrs)
+            .filter(|a| !primaries.contains(a))
+            .copied()
+            .collect();
         let (mut entries, mut veths, mut rules, mut nft) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, n) in ctx.nodes.iter().enumerate() {

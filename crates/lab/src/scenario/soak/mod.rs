@@ -1074,6 +1074,7 @@ impl Lab {
     /// pools are tidy. Returns whether that happened within [`SETTLE_WAIT`].
     fn settle(&mut self, ctx: &Arc<Ctx>, pop: &Shared, run: &mut Run) -> bool {
         let deadline = Instant::now() + SETTLE_WAIT;
+        let mut quiet_since: Option<Instant> = None;
         loop {
             if INTERRUPTED.load(Ordering::Relaxed) {
                 return false;
@@ -1088,9 +1089,19 @@ impl Lab {
                 self.config.mode != underlay_api::Mode::Eni || self.pools_tidy(&self.node_pools());
             let agents = (0..self.nodes.len()).all(|i| self.agent_running(i));
             if pending == 0 && all_ok && tidy && agents && self.leader().is_some() {
-                run.ledger
-                    .record(checks::SETTLED_REACHABLE, run.secs(), vec![]);
-                return true;
+                // The last DELs' Pod deletions reach the agents' policy state within the grace: the leak
+                // checks come after it.
+                match quiet_since {
+                    Some(t) if t.elapsed() >= POLICY_GRACE => {
+                        run.ledger
+                            .record(checks::SETTLED_REACHABLE, run.secs(), vec![]);
+                        return true;
+                    }
+                    Some(_) => {}
+                    None => quiet_since = Some(Instant::now()),
+                }
+            } else {
+                quiet_since = None;
             }
             if Instant::now() > deadline {
                 let unanswered: Vec<String> = live
@@ -1137,20 +1148,7 @@ impl Lab {
             (p.live.clone(), p.ever.clone())
         };
         let live_addrs: BTreeSet<Ipv4Addr> = live.iter().map(|p| p.ip).collect();
-        // Eni mode recycles addresses: a gone pod's address may be an ENI's primary address now, which the
-        // agents rightly hold in their sets as a host address.
-        let primaries: BTreeSet<Ipv4Addr> = self
-            .sim
-            .snapshot()
-            .enis
-            .iter()
-            .map(|e| e.primary_ip)
-            .collect();
-        let gone: BTreeSet<Ipv4Addr> = ever
-            .difference(&live_addrs)
-            .filter(|a| !primaries.contains(a))
-            .copied()
-            .collect();
+        let gone: BTreeSet<Ipv4Addr> = ever.difference(&live_addrs).copied().collect();
         let (mut entries, mut veths, mut rules, mut nft) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, n) in ctx.nodes.iter().enumerate() {

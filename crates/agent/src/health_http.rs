@@ -6,6 +6,10 @@
 //!   GET /readyz   200 "ok"  when the pool is present, the CNI configuration is written and the node converged
 //!   GET /metrics  200 Prometheus metrics (OpenMetrics text) when the server has an AgentMetrics, else 404
 //!   other paths 404, other methods 405, malformed or oversized requests 400, slow clients are dropped
+//!
+//!   UDP (same port, when given a socket): the controller's forwarder probe (`underlay_core::health::wire`),
+//!   answered "healthy" when `/healthz` would say 200 from the agent's state (without the IPAM socket connect, so
+//!   an answer costs a mutex and a send: the controller probes forwarders 20 times a second)
 //! ```
 //!
 //! [`ReadyState`] is the agent's own view of itself; the Kubernetes status writer (the taint the controller
@@ -83,6 +87,26 @@ impl ReadyState {
     }
 }
 
+/// Answers every probe request on `socket` with the agent's health, until the future is dropped.
+async fn serve_echo(socket: tokio::net::UdpSocket, ready: Ready) {
+    let mut buf = [0u8; 64];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // An ICMP error for an earlier reply surfaces here; anything else is worth a pause.
+                tracing::debug!(error = %e, "probe echo: receive failed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
+        let healthy = ready.snapshot().health().is_ok();
+        if let Some(reply) = underlay_core::health::wire::reply(&buf[..n], healthy) {
+            let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
 /// The shared, updatable [`ReadyState`].
 #[derive(Debug, Clone, Default)]
 pub struct Ready(Arc<Mutex<ReadyState>>);
@@ -120,6 +144,8 @@ pub struct HealthServer {
     ipam_socket: Option<PathBuf>,
     /// When set, served on `/metrics`.
     metrics: Option<AgentMetrics>,
+    /// When set, the forwarder probe's echo.
+    echo: Option<tokio::net::UdpSocket>,
 }
 
 impl HealthServer {
@@ -140,6 +166,7 @@ impl HealthServer {
             ready,
             ipam_socket,
             metrics: None,
+            echo: None,
         })
     }
 
@@ -169,6 +196,7 @@ impl HealthServer {
             ready,
             ipam_socket,
             metrics: None,
+            echo: None,
         })
     }
 
@@ -176,8 +204,40 @@ impl HealthServer {
         self.listener.local_addr()
     }
 
+    /// Answers the controller's forwarder probe on `socket` too (a UDP socket created elsewhere, e.g. inside
+    /// the node's namespace; made non-blocking here).
+    pub fn with_probe_echo(mut self, socket: std::net::UdpSocket) -> Result<Self, AgentError> {
+        let addr = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let io = |source| AgentError::Io {
+            what: "register the probe echo",
+            path: PathBuf::from(addr.clone()),
+            source,
+        };
+        socket.set_nonblocking(true).map_err(io)?;
+        self.echo = Some(tokio::net::UdpSocket::from_std(socket).map_err(io)?);
+        Ok(self)
+    }
+
+    /// The probe echo's address, when there is one.
+    pub fn echo_addr(&self) -> Option<SocketAddr> {
+        self.echo.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
     /// Serves until the future is dropped.
-    pub async fn serve(self) {
+    pub async fn serve(mut self) {
+        match self.echo.take() {
+            Some(echo) => {
+                let ready = self.ready.clone();
+                tokio::join!(self.serve_http(), serve_echo(echo, ready));
+            }
+            None => self.serve_http().await,
+        }
+    }
+
+    async fn serve_http(self) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let ctx = Arc::new((self.ready, self.ipam_socket, self.metrics));
         loop {

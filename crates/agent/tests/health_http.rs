@@ -93,3 +93,60 @@ async fn status_follows_state_and_bad_requests_are_refused() {
     assert_eq!(get(addr, "/nope").await.0, 404);
     task.abort();
 }
+
+/// The forwarder probe's UDP echo: a request is answered with the agent's health (no IPAM connect), anything
+/// else is not answered.
+#[tokio::test]
+async fn probe_echo_answers_with_the_agent_health() {
+    use underlay_core::health::wire;
+    let ready = Ready::default();
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = HealthServer::bind("127.0.0.1:0".parse().unwrap(), ready.clone(), None)
+        .await
+        .unwrap()
+        .with_probe_echo(echo)
+        .unwrap();
+    let addr = server.echo_addr().unwrap();
+    let http = server.local_addr().unwrap();
+    let task = tokio::spawn(server.serve());
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Datagrams can be lost even on loopback: retry a few times, and never take a wrong answer.
+    let ask = |seq: u64| {
+        let client = &client;
+        async move {
+            for _ in 0..5 {
+                client.send_to(&wire::request(seq), addr).await.unwrap();
+                let mut buf = [0u8; 64];
+                if let Ok(Ok((n, from))) =
+                    tokio::time::timeout(Duration::from_secs(2), client.recv_from(&mut buf)).await
+                {
+                    assert_eq!(from, addr);
+                    let (got, healthy) = wire::parse_reply(&buf[..n]).expect("a probe reply");
+                    if got == seq {
+                        return healthy;
+                    }
+                }
+            }
+            panic!("no answer to probe {seq}");
+        }
+    };
+    assert!(!ask(1).await, "not serving IPAM yet: not healthy");
+    ready.update(|s| s.ipam_serving = true);
+    ready.converge_result::<(), &str>(&Err("nft failed"));
+    assert!(!ask(2).await, "last converge failed: not healthy");
+    ready.converge_result::<(), &str>(&Ok(()));
+    assert!(ask(3).await);
+    // Junk gets no answer; the echo keeps serving after it.
+    client.send_to(b"GET / HTTP/1.1\r\n", addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), client.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "junk was answered"
+    );
+    assert!(ask(4).await);
+    // HTTP still serves beside it.
+    assert_eq!(get(http, "/healthz").await.0, 200);
+    task.abort();
+}

@@ -408,7 +408,9 @@ async fn not_synced_until_listed_and_the_last_state_holds_while_the_api_is_down(
     sim.set_unreachable(false);
     let s = until(&mut rx, "re-listed after 410", |s| {
         let names = pod_names(s);
-        names.contains(&"x/d".to_string()) && !names.contains(&"x/b".to_string())
+        s.synced.is_ok()
+            && names.contains(&"x/d".to_string())
+            && !names.contains(&"x/b".to_string())
     })
     .await;
     assert_eq!(s.ready_for("x", "d"), Ok(()));

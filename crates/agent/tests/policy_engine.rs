@@ -187,7 +187,9 @@ fn allocate_answers_not_ready_and_keeps_no_address_until_the_pod_is_known() {
     )
     .unwrap();
     let rec = Recorder::default();
-    let engine = Arc::new(PolicyEngine::new(Box::new(rec.clone())));
+    let engine = Arc::new(
+        PolicyEngine::new(Box::new(rec.clone())).with_admission_wait(std::time::Duration::ZERO),
+    );
     svc.set_policy(engine.clone());
     let req = || pb::AllocateRequest {
         key: Some(underlay_ipam_api::AttachmentKey::new("c1", "eth0")),
@@ -256,4 +258,58 @@ fn an_engine_awaiting_restore_commits_nothing_until_the_pods_are_restored() {
         first.contains("add element inet underlay pol_ingress_if { \"ul00000000001\" : jump pol_c"),
         "the restored pod keeps its verdict in the first transaction:\n{first}"
     );
+}
+
+/// An ADD that races its pod's watch event waits for it (bounded by the admission wait) instead of failing and
+/// waiting for the runtime's retry.
+#[test]
+fn allocate_waits_for_the_pod_to_reach_the_inputs() {
+    use underlay_agent::checkpoint::Checkpoint;
+    use underlay_agent::{Fault, IpamService};
+    use underlay_core::ipam::PoolSpec;
+    use underlay_ipam_api::pb;
+
+    let dir = tempfile::tempdir().unwrap();
+    let svc = IpamService::open(
+        PoolSpec::Block("100.64.0.0/28".parse().unwrap()),
+        std::time::Duration::from_secs(60),
+        Checkpoint::new(dir.path().join("ipam.json")),
+        1500,
+        Fault::None,
+    )
+    .unwrap();
+    let engine = Arc::new(
+        PolicyEngine::new(Box::new(Recorder::default()))
+            .with_admission_wait(std::time::Duration::from_secs(30)),
+    );
+    engine
+        .set_inputs(inputs(vec![pod("b", "100.64.0.9")]))
+        .unwrap();
+    svc.set_policy(engine.clone());
+    let svc = Arc::new(svc);
+    let add = {
+        let svc = svc.clone();
+        std::thread::spawn(move || {
+            svc.allocate(pb::AllocateRequest {
+                key: Some(underlay_ipam_api::AttachmentKey::new("c1", "eth0")),
+                netns: "/var/run/netns/c1".into(),
+                pod_namespace: "x".into(),
+                pod_name: "a".into(),
+            })
+        })
+    };
+    // The ADD is waiting: nothing allocated, no answer.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !add.is_finished(),
+        "an ADD for an unknown pod answered at once"
+    );
+    assert_eq!(svc.allocated(), 0);
+    engine
+        .set_inputs(inputs(vec![pod("a", "100.64.0.1"), pod("b", "100.64.0.9")]))
+        .unwrap();
+    match add.join().unwrap().result {
+        Some(pb::allocate_reply::Result::Allocation(a)) => assert_eq!(a.pod_name, "a"),
+        other => panic!("{other:?}"),
+    }
 }

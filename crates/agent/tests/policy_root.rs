@@ -270,6 +270,24 @@ fn udp_send(from: &PodNs, to: Ipv4Addr, port: u16, count: usize) {
     }
 }
 
+/// Packets that took the established-connection shortcut (the counter of `pol_established`'s rule).
+fn shortcut_packets(node: &TestNs) -> u64 {
+    let out = node
+        .command("nft")
+        .args(["-j", "list", "chain", "inet", "underlay", "pol_established"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .flat_map(|r| r["expr"].as_array().unwrap().clone())
+        .filter_map(|e| e.get("counter").and_then(|c| c["packets"].as_u64()))
+        .sum()
+}
+
 #[test]
 fn policy_is_enforced_on_real_packets_from_the_first_one() {
     underlay_dataplane::testns::sweep(PREFIX);
@@ -291,16 +309,29 @@ fn policy_is_enforced_on_real_packets_from_the_first_one() {
     }
     // No policy: everyone reaches a.
     engine.set_inputs(cluster("client", false)).unwrap();
-    assert!(
-        connect_allowed(&c, a.ip, 80).is_some_and(|mut s| round_trip(&mut s)),
-        "unselected pod reachable"
-    );
+    let mut open = connect_allowed(&c, a.ip, 80).expect("unselected pod reachable");
+    assert!(round_trip(&mut open), "unselected pod reachable");
 
+    // A policy now selects a: c's connection, stamped while nothing selected a, stops at its next packet.
     engine.set_inputs(cluster("client", true)).unwrap();
+    assert!(
+        !round_trip(&mut open),
+        "a connection to a newly selected pod is evaluated again"
+    );
     let mut kept = connect_allowed(&b, a.ip, 80).expect("b is a client: allowed");
     assert!(
         round_trip(&mut kept),
         "replies of an allowed connection pass"
+    );
+    // Its later packets skip the policy chains: the connection carries the generation that let it through.
+    let before = shortcut_packets(&node);
+    for _ in 0..5 {
+        assert!(round_trip(&mut kept));
+    }
+    assert!(
+        shortcut_packets(&node) >= before + 5,
+        "established packets are not taking the shortcut: {before} -> {}",
+        shortcut_packets(&node)
     );
     assert!(connect(&c, a.ip, 80).is_none(), "c is not a client: denied");
     assert!(connect(&b, a.ip, 81).is_none(), "port 81 not allowed");
@@ -507,8 +538,10 @@ fn the_kernel_accepts_every_form_as_install_and_as_diffs() {
     nft.apply(&underlay_core::policy::render_install(
         &m1,
         &nft.existing().unwrap(),
+        7,
     ))
     .unwrap();
+    assert_eq!(nft.existing().unwrap().generation, Some(7));
     for (a, b) in [(&m1, &m2), (&m2, &m1), (&m1, &m3), (&m3, &m2)] {
         let ops = diff(a, b);
         assert!(!ops.is_empty());
@@ -519,7 +552,13 @@ fn the_kernel_accepts_every_form_as_install_and_as_diffs() {
     let existing = nft.existing().unwrap();
     let want: std::collections::BTreeSet<String> = m2.sets.keys().cloned().collect();
     assert_eq!(existing.sets, want);
-    nft.apply(&underlay_core::policy::render_install(&m2, &existing))
+    nft.apply(&underlay_core::policy::render_install(&m2, &existing, 8))
         .unwrap();
-    assert_eq!(nft.existing().unwrap(), existing);
+    assert_eq!(
+        nft.existing().unwrap(),
+        underlay_core::policy::diff::PolicyObjects {
+            generation: Some(8),
+            ..existing
+        }
+    );
 }

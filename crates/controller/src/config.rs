@@ -10,13 +10,20 @@ use underlay_cloud::{EniId, RouteTableId, SubnetId, VpcId};
 use underlay_core::health::HealthConfig;
 use underlay_core::topology::{DEFAULT_BLOCK_PREFIX_LEN, DEFAULT_HEADROOM, DEFAULT_ROUTE_LIMIT};
 
+/// How old the last pass's observation of the route tables may be for a failover pass to plan from it instead of
+/// describing first (every pass describes, and the resync runs every 30 s, so it is normally younger than that).
+pub const DEFAULT_FAILOVER_OBSERVATION_MAX_AGE: Duration = Duration::from_secs(60);
 /// Default period of a full resync (every table described, planned and diffed even without a trigger).
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
-/// Default probe period of each forwarder's health endpoint.
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Default timeout of one probe (connect + request + status line); shorter than the interval.
-pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// Default port of the agent's health endpoint on the node IP.
+/// Default probe period of each forwarder. With [`DEFAULT_PROBE_TIMEOUT`] and 6 misses to fail
+/// (`underlay_core::health::DEFAULT_MISSES_TO_FAIL`) a dead forwarder is failed 290–340 ms after it dies, and a
+/// forwarder losing 1 % of its probes at random fails falsely about once in 1,600 years (see
+/// `docs/controller.md`, "Failover timing").
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// Default time a round waits for its replies (clamped to the interval). Shorter than the interval, so that a
+/// round with a dead target still ends before the next tick and the rounds keep their cadence.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(40);
+/// Default port of the agent's health endpoint on the node IP (TCP for HTTP, UDP for the echo).
 pub const DEFAULT_HEALTH_PORT: u16 = 9650;
 /// Path of the agent's health endpoint.
 pub const DEFAULT_HEALTH_PATH: &str = "/healthz";
@@ -55,6 +62,15 @@ pub struct RoutedConfig {
     pub route_limit: u32,
     /// Per-table overrides of `route_limit`.
     pub route_limits: BTreeMap<RouteTableId, u32>,
+    /// A failover pass plans from the last observation of the tables (kept up to date with this controller's
+    /// own calls) when it is at most this old, and issues its ReplaceRoute calls without describing first;
+    /// `Duration::ZERO` always describes first.
+    #[serde(default = "default_failover_observation_max_age")]
+    pub failover_observation_max_age: Duration,
+}
+
+fn default_failover_observation_max_age() -> Duration {
+    DEFAULT_FAILOVER_OBSERVATION_MAX_AGE
 }
 
 impl RoutedConfig {
@@ -68,6 +84,7 @@ impl RoutedConfig {
             route_tables: ManagedTables::NodeSubnets,
             route_limit: DEFAULT_ROUTE_LIMIT,
             route_limits: BTreeMap::new(),
+            failover_observation_max_age: DEFAULT_FAILOVER_OBSERVATION_MAX_AGE,
         }
     }
 
@@ -79,14 +96,28 @@ impl RoutedConfig {
     }
 }
 
+/// How the controller probes forwarders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeTransport {
+    /// One UDP datagram each way per forwarder and interval, on one socket ([`crate::probe::UdpProber`]).
+    #[default]
+    Udp,
+    /// `GET /healthz` over a new TCP connection per forwarder and interval ([`crate::probe::HttpProber`]).
+    Http,
+}
+
 /// Forwarder health probing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeConfig {
     pub interval: Duration,
     /// Must be shorter than `interval` (clamped to it).
     pub timeout: Duration,
+    /// The agent's port (TCP for HTTP, UDP for the echo).
     pub port: u16,
     pub path: String,
+    #[serde(default)]
+    pub transport: ProbeTransport,
 }
 
 impl Default for ProbeConfig {
@@ -96,6 +127,7 @@ impl Default for ProbeConfig {
             timeout: DEFAULT_PROBE_TIMEOUT,
             port: DEFAULT_HEALTH_PORT,
             path: DEFAULT_HEALTH_PATH.to_string(),
+            transport: ProbeTransport::Udp,
         }
     }
 }

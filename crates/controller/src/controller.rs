@@ -20,9 +20,10 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use underlay_core::health::{HealthTracker, Transition};
 
+use crate::config::ProbeTransport;
 use crate::config::{ClusterNode, ControllerConfig};
 use crate::lanes::{CloudLanes, Priority};
-use crate::probe::{HealthProber, HttpProber, Prober, probe_targets};
+use crate::probe::{HealthProber, HttpProber, Prober, UdpProber, probe_targets};
 use crate::routes::{ReconcileReport, RouteReconciler};
 use crate::srcdst::{SrcDstReconciler, SrcDstReport};
 
@@ -73,12 +74,17 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// A controller issuing EC2 calls through `lanes` and probing with [`HttpProber`].
+    /// A controller issuing EC2 calls through `lanes` and probing as `config.probe.transport` says
+    /// ([`UdpProber`] by default, or [`HttpProber`]).
     pub fn new(config: ControllerConfig, lanes: Arc<dyn CloudLanes>) -> Self {
-        let prober = Arc::new(HttpProber {
-            path: config.probe.path.clone(),
-            timeout: config.probe.timeout.min(config.probe.interval),
-        });
+        let timeout = config.probe.timeout.min(config.probe.interval);
+        let prober: Arc<dyn Prober> = match config.probe.transport {
+            ProbeTransport::Udp => Arc::new(UdpProber::new(timeout)),
+            ProbeTransport::Http => Arc::new(HttpProber {
+                path: config.probe.path.clone(),
+                timeout,
+            }),
+        };
         Self {
             routes: RouteReconciler::new(config.routed.clone(), lanes.clone()),
             srcdst: SrcDstReconciler::new(lanes),
@@ -208,8 +214,9 @@ impl Controller {
                 } else {
                     backoff = self.config.backoff_min;
                     // The rest of the diff: another pass at once (the queue paces the calls), but only after the
-                    // other triggers are looked at, so nodes that joined meanwhile are planned in it.
-                    more = !report.routes.deferred.is_empty();
+                    // other triggers are looked at, so nodes that joined meanwhile are planned in it. A failover
+                    // that planned from the cached observation is followed at once by a pass that describes.
+                    more = !report.routes.deferred.is_empty() || report.routes.observed_from_cache;
                 }
                 let _ = self.events.send(ControllerEvent::Pass(Arc::new(report)));
             }

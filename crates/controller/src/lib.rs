@@ -40,13 +40,15 @@ pub mod routes;
 pub mod selector;
 pub mod srcdst;
 
-pub use config::{ClusterNode, ControllerConfig, ManagedTables, ProbeConfig, RoutedConfig};
+pub use config::{
+    ClusterNode, ControllerConfig, ManagedTables, ProbeConfig, ProbeTransport, RoutedConfig,
+};
 pub use controller::{Controller, ControllerEvent, PassReport};
 pub use eni::kube::run_eni_on_kube;
 pub use eni::{EniNode, EniPassReport, EniReconciler, EniSettings, NodeReport};
 pub use lanes::{CloudLanes, OneLane, Priority, TwoLanes};
 pub use lease::{KubeError, KubeOptions};
-pub use probe::{HealthProber, HttpProber, ProbeTarget, Prober};
+pub use probe::{HealthProber, HttpProber, ProbeTarget, Prober, UdpProber};
 pub use routed::run_routed_on_kube;
 pub use routes::{
     ForeignRouteFinding, Outcome, ReconcileError, ReconcileReport, RouteReconciler, apply_route_op,

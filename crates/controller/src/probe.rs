@@ -1,27 +1,35 @@
-//! Forwarder health probing: every interval, one HTTP GET to each target's agent health endpoint, results fed to
-//! the [`HealthTracker`], state changes sent to the run loop.
+//! Forwarder health probing: every interval, one round over every target, results fed to the [`HealthTracker`],
+//! state changes sent to the run loop.
 //!
 //! ```text
-//!   targets (watch) ─► every interval: probe all targets at once (each bounded by the timeout)
+//!   targets (watch) ─► every interval: Prober::probe_round(targets), bounded by the timeout
+//!                        UdpProber (default): one socket, one datagram out and one back per target
+//!                        HttpProber: one GET /healthz per target, all at once
 //!                                        │ (node, Success | Miss), observed at the end of the round
 //!                                        ▼
 //!                             HealthTracker::record ─► Transition ─► mpsc ─► run loop: reconcile now
 //! ```
+//!
+//! The default [`UdpProber`] is a BFD-style echo: a round is one `send_to` of a 13-byte datagram per target
+//! (`underlay_core::health::wire`) on one socket, then the replies as they come until every target answered or
+//! the timeout passed; no task, connection or timer per target. The agent answers on UDP
+//! [`AGENT_PROBE_UDP_PORT`](underlay_core::names::AGENT_PROBE_UDP_PORT) with its health (the `/healthz` verdict).
 //!
 //! Targets are the nodes that carry VPC routes (the plan's forwarders) plus nodes that are not healthy (failed:
 //! to see them recover; pending: to see them come up). Before the first plan every node is a target. A healthy node
 //! that forwards nothing is not probed: if it is chosen as a new forwarder while dead, it is failed N intervals
 //! after it becomes a target.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
-use underlay_core::health::{HealthState, HealthTracker, Probe, Transition};
+use tokio::net::UdpSocket;
+use tokio::sync::{OnceCell, mpsc, watch};
+use underlay_core::health::{HealthState, HealthTracker, Probe, Transition, wire};
 use underlay_core::planner::RoutedPlan;
 
 use crate::config::ClusterNode;
@@ -33,10 +41,116 @@ pub struct ProbeTarget {
     pub addr: SocketAddr,
 }
 
-/// One probe of one target. [`HttpProber`] in clusters; tests and the lab may pass another.
+/// Probes targets. [`UdpProber`] in clusters by default; tests and the lab may pass another.
 #[async_trait::async_trait]
 pub trait Prober: Send + Sync + std::fmt::Debug + 'static {
+    /// One probe of one target.
     async fn probe(&self, target: &ProbeTarget) -> Probe;
+
+    /// One round over every target, results in target order. The default probes every target at once with
+    /// [`Prober::probe`]; a prober that can do better in bulk (one socket for all) overrides it.
+    async fn probe_round(&self, targets: &[ProbeTarget]) -> Vec<Probe> {
+        futures::future::join_all(targets.iter().map(|t| self.probe(t))).await
+    }
+}
+
+/// Makes the prober's socket (e.g. bound inside a network namespace); called once, on the first round.
+pub type SocketFactory = Box<dyn Fn() -> std::io::Result<std::net::UdpSocket> + Send + Sync>;
+
+/// The BFD-style echo prober: one UDP socket; a round sends one request per target and collects the replies
+/// until each target has answered or `timeout` has passed. A reply from an earlier round, from another address
+/// or saying "not healthy" is a miss for this round.
+pub struct UdpProber {
+    /// Each round's replies must come within this.
+    pub timeout: Duration,
+    seq: AtomicU64,
+    make: SocketFactory,
+    socket: OnceCell<UdpSocket>,
+}
+
+impl std::fmt::Debug for UdpProber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpProber")
+            .field("timeout", &self.timeout)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpProber {
+    /// A prober on an unspecified IPv4 address and an ephemeral port of the current namespace.
+    pub fn new(timeout: Duration) -> Self {
+        Self::with_socket(timeout, Box::new(|| std::net::UdpSocket::bind("0.0.0.0:0")))
+    }
+
+    /// A prober whose socket `make` creates (it is made non-blocking and registered on first use).
+    pub fn with_socket(timeout: Duration, make: SocketFactory) -> Self {
+        Self {
+            timeout,
+            seq: AtomicU64::new(0),
+            make,
+            socket: OnceCell::new(),
+        }
+    }
+
+    async fn socket(&self) -> std::io::Result<&UdpSocket> {
+        self.socket
+            .get_or_try_init(|| async {
+                let s = (self.make)()?;
+                s.set_nonblocking(true)?;
+                UdpSocket::from_std(s)
+            })
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl Prober for UdpProber {
+    async fn probe(&self, target: &ProbeTarget) -> Probe {
+        self.probe_round(std::slice::from_ref(target))
+            .await
+            .pop()
+            .unwrap_or(Probe::Miss)
+    }
+
+    async fn probe_round(&self, targets: &[ProbeTarget]) -> Vec<Probe> {
+        let mut out = vec![Probe::Miss; targets.len()];
+        let socket = match self.socket().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "forwarder probe socket");
+                return out;
+            }
+        };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let request = wire::request(seq);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // Who is still to answer, by address (several nodes never share one).
+        let mut waiting: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for (i, t) in targets.iter().enumerate() {
+            // A full send buffer or an unreachable network is that target's miss.
+            if socket.send_to(&request, t.addr).await.is_ok() {
+                waiting.insert(t.addr, i);
+            }
+        }
+        let mut buf = [0u8; 64];
+        while !waiting.is_empty() {
+            let Ok(got) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await
+            else {
+                break;
+            };
+            // An ICMP error from an earlier send (port unreachable) surfaces here: read on.
+            let Ok((n, from)) = got else { continue };
+            if let Some((s, healthy)) = wire::parse_reply(&buf[..n])
+                && s == seq
+                && let Some(i) = waiting.remove(&from)
+                && healthy
+            {
+                out[i] = Probe::Success;
+            }
+        }
+        out
+    }
 }
 
 /// `GET <path>` over plain HTTP/1.1; success is a 2xx status line within the timeout.
@@ -120,26 +234,15 @@ pub fn probe_targets(
     out
 }
 
-/// Probe every target at once; results in target order.
+/// Probe every target in one round of `prober`; results in target order (a target without a result missed).
 pub async fn probe_round(
     prober: &Arc<dyn Prober>,
     targets: &[ProbeTarget],
 ) -> Vec<(String, Probe)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, t) in targets.iter().cloned().enumerate() {
-        let prober = prober.clone();
-        tasks.spawn(async move { (i, prober.probe(&t).await) });
-    }
-    let mut results: Vec<Option<Probe>> = vec![None; targets.len()];
-    while let Some(joined) = tasks.join_next().await {
-        if let Ok((i, p)) = joined {
-            results[i] = Some(p);
-        }
-    }
+    let mut results = prober.probe_round(targets).await.into_iter();
     targets
         .iter()
-        .zip(results)
-        .map(|(t, p)| (t.node.clone(), p.unwrap_or(Probe::Miss)))
+        .map(|t| (t.node.clone(), results.next().unwrap_or(Probe::Miss)))
         .collect()
 }
 

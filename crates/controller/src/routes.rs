@@ -36,7 +36,7 @@ use ipnet::Ipv4Net;
 
 use serde::Serialize;
 use underlay_cloud::{
-    CloudError, EniId, ErrorKind, RouteState, RouteTable, RouteTableId, RouteTarget, Subnet,
+    CloudError, EniId, ErrorKind, Route, RouteState, RouteTable, RouteTableId, RouteTarget, Subnet,
     SubnetId,
 };
 use underlay_core::owned::{Ownership, RouteOwner, in_pod_cidr};
@@ -151,6 +151,10 @@ pub struct ReconcileReport {
     pub reachable: Option<BTreeSet<String>>,
     /// Foreign routes inside the pod CIDR in the managed tables: left untouched, their destinations planned around.
     pub foreign_routes: Vec<ForeignRouteFinding>,
+    /// A failover pass that planned from the previous pass's observation (kept up to date with this
+    /// controller's own calls) instead of describing the tables first: its ReplaceRoute calls leave the moment
+    /// the failure is confirmed. The run loop follows it with a normal pass, which describes.
+    pub observed_from_cache: bool,
 }
 
 /// A route inside the pod CIDR that is not this cluster's (its target is no ENI of this cluster).
@@ -533,6 +537,33 @@ pub struct RouteReconciler {
     /// ENIs an owned route targeted when last observed (beyond the nodes' and the previous plan's): the route
     /// of a node that left stays provably ours until it is gone.
     routed_enis: BTreeSet<String>,
+    /// The route tables as the last describe saw them, with this controller's successful calls since applied,
+    /// and when they were described. A failover pass plans from it while it is younger than
+    /// [`RoutedConfig::failover_observation_max_age`]; any failed call drops it.
+    observed: Option<(Vec<RouteTable>, tokio::time::Instant)>,
+}
+
+/// `tables` after `applied` (this controller's successful calls): what a describe would show, barring other
+/// writers. Pure.
+pub fn apply_to_tables(tables: &mut [RouteTable], applied: &[Applied]) {
+    for a in applied {
+        let Some(t) = tables
+            .iter_mut()
+            .find(|t| t.id.as_str() == a.op.route_table())
+        else {
+            continue;
+        };
+        let dst = a.op.destination();
+        t.routes.retain(|r| r.destination != dst);
+        match &a.op {
+            RouteOp::Create { eni, .. } | RouteOp::Replace { eni, .. } => t.routes.push(Route {
+                destination: dst,
+                target: eni_target(eni),
+                state: RouteState::Active,
+            }),
+            RouteOp::Delete { .. } => {}
+        }
+    }
 }
 
 impl RouteReconciler {
@@ -543,6 +574,7 @@ impl RouteReconciler {
             previous: None,
             subnets: None,
             routed_enis: BTreeSet::new(),
+            observed: None,
         }
     }
 
@@ -614,16 +646,35 @@ impl RouteReconciler {
             }
         }
         let subnets = self.subnets.as_deref().unwrap_or_default();
-        let tables = match lane.describe_route_tables(&vpc).await {
-            Ok(t) => t,
-            Err(error) => {
-                report.retryable = error.is_retryable();
-                report.errors.push(ReconcileError::Observe {
-                    what: "route tables",
-                    error,
-                });
-                return report;
+        // A failure is confirmed: plan from what the last pass saw (and did) rather than wait for a describe, so
+        // the ReplaceRoute calls leave now; the normal pass that follows describes and corrects anything missed.
+        let cached = match &self.observed {
+            Some((t, at))
+                if priority == Priority::Failover
+                    && at.elapsed() <= self.config.failover_observation_max_age =>
+            {
+                Some(t.clone())
             }
+            _ => None,
+        };
+        report.observed_from_cache = cached.is_some();
+        let tables = match cached {
+            Some(t) => t,
+            None => match lane.describe_route_tables(&vpc).await {
+                Ok(t) => {
+                    self.observed = Some((t.clone(), tokio::time::Instant::now()));
+                    t
+                }
+                Err(error) => {
+                    self.observed = None;
+                    report.retryable = error.is_retryable();
+                    report.errors.push(ReconcileError::Observe {
+                        what: "route tables",
+                        error,
+                    });
+                    return report;
+                }
+            },
         };
         let ownership = self.ownership(nodes);
         let (managed, errors) = managed_tables(&self.config, &ownership, &tables, subnets, nodes);
@@ -746,6 +797,14 @@ impl RouteReconciler {
             report.skipped.extend(r.skipped);
             report.errors.extend(r.errors);
             report.retryable |= r.retryable;
+        }
+        // Keep the observation in step with what this pass did; after a failed call nothing is sure any more.
+        if report.errors.is_empty() {
+            if let Some((t, _)) = &mut self.observed {
+                apply_to_tables(t, &report.applied);
+            }
+        } else {
+            self.observed = None;
         }
         report.reachable = Some(reachable_nodes(
             &plan,

@@ -82,6 +82,7 @@ async fn fails_after_n_rounds(stop_by: Mode) {
     let tracker = Arc::new(Mutex::new(HealthTracker::new(HealthConfig {
         misses_to_fail: misses,
         hold_down: Duration::from_secs(30),
+        ..HealthConfig::default()
     })));
     tracker.lock().unwrap().insert_pending("n");
     let prober: Arc<dyn Prober> = Arc::new(HttpProber {
@@ -152,4 +153,93 @@ async fn prober_fails_a_node_whose_port_closes_after_n_rounds() {
 #[tokio::test]
 async fn prober_fails_a_node_that_stops_answering_after_n_rounds() {
     fails_after_n_rounds(Mode::Silent).await;
+}
+
+/// A UDP responder: answers probe requests with `healthy`, or stays silent, or answers junk / an old round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Echo {
+    Healthy,
+    Unhealthy,
+    Silent,
+    Junk,
+    OldRound,
+}
+
+async fn echo(mode: Echo) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use underlay_core::health::wire;
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let reply = match mode {
+                Echo::Healthy => wire::reply(&buf[..n], true),
+                Echo::Unhealthy => wire::reply(&buf[..n], false),
+                Echo::Silent => None,
+                Echo::Junk => Some(*b"HTTP/1.1 200\r"),
+                Echo::OldRound => {
+                    let seq = u64::from_be_bytes(buf[4..12].try_into().unwrap());
+                    wire::reply(&wire::request(seq.wrapping_sub(1)), true)
+                }
+            };
+            if let Some(r) = reply {
+                let _ = s.send_to(&r, from).await;
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn udp_prober_round_outcomes() {
+    use underlay_controller::UdpProber;
+    let mut servers = Vec::new();
+    let mut targets = Vec::new();
+    for (i, mode) in [
+        Echo::Healthy,
+        Echo::Unhealthy,
+        Echo::Silent,
+        Echo::Junk,
+        Echo::OldRound,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (addr, task) = echo(mode).await;
+        servers.push(task);
+        targets.push(ProbeTarget {
+            node: format!("n{i}"),
+            addr,
+        });
+    }
+    // A closed port: nothing listens (an ICMP port unreachable comes back on the same socket).
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    targets.push(ProbeTarget {
+        node: "closed".into(),
+        addr: closed.local_addr().unwrap(),
+    });
+    drop(closed);
+    let prober = UdpProber::new(Duration::from_millis(300));
+    // Loopback may drop a datagram on a loaded machine: the healthy target must answer in some round; the others
+    // must miss in every round, whatever is lost.
+    let mut healthy_seen = false;
+    for _ in 0..5 {
+        let round = prober.probe_round(&targets).await;
+        assert_eq!(round.len(), targets.len());
+        healthy_seen |= round[0] == Probe::Success;
+        assert!(
+            round[1..].iter().all(|p| *p == Probe::Miss),
+            "only the healthy echo may count: {round:?}"
+        );
+    }
+    assert!(healthy_seen, "the healthy echo never answered");
+    // One target through `probe`.
+    let mut one = false;
+    for _ in 0..5 {
+        one |= prober.probe(&targets[0]).await == Probe::Success;
+    }
+    assert!(one);
+    for s in servers {
+        s.abort();
+    }
 }

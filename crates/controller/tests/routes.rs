@@ -376,6 +376,7 @@ async fn fail_back_only_after_the_hold_down_and_a_flapping_node_does_not_churn()
     let mut tracker = HealthTracker::new(HealthConfig {
         misses_to_fail: 2,
         hold_down: hold,
+        ..HealthConfig::default()
     });
     for n in &w.nodes {
         tracker.insert_healthy(&n.name);

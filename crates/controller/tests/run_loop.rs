@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{check_covered, mk_world};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
+use underlay_cloud::Operation;
 use underlay_controller::{
     Controller, ControllerConfig, ControllerEvent, PassReport, Priority, ProbeTarget, Prober,
 };
@@ -64,6 +65,7 @@ async fn fails_over_fails_back_after_hold_down_and_takes_joins() {
     cfg.health = HealthConfig {
         misses_to_fail: 2,
         hold_down: Duration::from_secs(30),
+        ..HealthConfig::default()
     };
     let interval = cfg.probe.interval;
     let prober = Arc::new(ScriptedProber::default());
@@ -317,4 +319,102 @@ async fn joins_coalesce_and_capped_passes_report_routed_nodes_early() {
     let _ = early;
     shutdown_tx.send_replace(true);
     run.await.unwrap();
+}
+
+/// A confirmed failure sends its ReplaceRoute calls at once, planned from the last pass's observation: with
+/// DescribeRouteTables taking 1 s and ReplaceRoute 200 ms (virtual), the route changes 200 ms after the failure
+/// is confirmed, and a normal pass that describes follows. With the observation's maximum age at zero the
+/// failover pass describes first (1.2 s).
+async fn replace_after_confirmation(max_age: Duration) -> Duration {
+    let w = mk_world(23, 12, 50);
+    let mut routed = w.config();
+    routed.failover_observation_max_age = max_age;
+    let cfg = ControllerConfig::new(routed);
+    let prober = Arc::new(ScriptedProber::default());
+    let controller = Controller::new(cfg, w.lanes()).with_prober(prober.clone());
+    let mut events = controller.subscribe();
+    let (_nodes_tx, nodes_rx) = watch::channel(w.nodes.clone());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let run = tokio::spawn(controller.run(nodes_rx, shutdown_rx));
+    let mut seen = Vec::new();
+    let first = next_pass(&mut events, Duration::from_secs(5), |_| true, &mut seen).await;
+    assert!(first.routes.converged());
+    assert!(!first.routes.observed_from_cache);
+
+    w.sim.update_faults(|f| {
+        f.op_latency.insert(
+            Operation::DescribeRouteTables,
+            Latency::Fixed(Duration::from_secs(1)),
+        );
+        f.op_latency.insert(
+            Operation::ReplaceRoute,
+            Latency::Fixed(Duration::from_millis(200)),
+        );
+    });
+    let mut changes = w.sim.subscribe();
+    let victim = w.nodes[5].clone();
+    prober.down.lock().unwrap().insert(victim.name.clone());
+    // The failure's transition, then the route change.
+    let confirmed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("no failure")
+            .unwrap()
+        {
+            ControllerEvent::Health(t) if t.is_failure() => break Instant::now(),
+            _ => {}
+        }
+    };
+    let change = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+        .await
+        .expect("no route change")
+        .unwrap();
+    let took = change.at.unwrap() - confirmed;
+    let failover = next_pass(
+        &mut events,
+        Duration::from_secs(5),
+        |p| p.routes.priority == Priority::Failover,
+        &mut seen,
+    )
+    .await;
+    assert_eq!(
+        failover.routes.observed_from_cache,
+        max_age > Duration::ZERO
+    );
+    assert!(
+        failover.routes.applied.iter().all(
+            |a| matches!(&a.op, RouteOp::Replace { previous, .. } if *previous == victim.eni.0)
+        )
+    );
+    if max_age > Duration::ZERO {
+        // The pass that follows describes, finds the tables as the failover left them, and changes nothing.
+        let after = next_pass(&mut events, Duration::from_secs(5), |_| true, &mut seen).await;
+        assert_eq!(after.routes.priority, Priority::Normal);
+        assert!(!after.routes.observed_from_cache);
+        assert!(
+            after.routes.applied.is_empty(),
+            "{:?}",
+            after.routes.planned
+        );
+    }
+    shutdown_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run loop did not stop")
+        .unwrap();
+    took
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_confirmed_failure_replaces_at_once_from_the_last_observation() {
+    let took = replace_after_confirmation(Duration::from_secs(60)).await;
+    assert!(
+        (Duration::from_millis(200)..Duration::from_millis(250)).contains(&took),
+        "route changed {took:?} after the failure was confirmed"
+    );
+    let took = replace_after_confirmation(Duration::ZERO).await;
+    assert!(
+        took >= Duration::from_millis(1200),
+        "without the observation the pass describes first: {took:?}"
+    );
 }

@@ -78,6 +78,9 @@ pub const AGENT_ROUTE_TABLE: u32 = 0x756c; // "ul"
 pub const AGENT_RULE_PRIORITY_PEERS: u32 = 30000;
 /// Default TCP port of the agent's health endpoint (`/healthz`, `/readyz`); the controller probes it.
 pub const AGENT_HEALTH_PORT: u16 = 9650;
+/// UDP port of the agent's forwarder-health echo (the same number as the TCP health port); the controller's
+/// prober sends one datagram per forwarder per interval (`underlay_core::health::wire`).
+pub const AGENT_PROBE_UDP_PORT: u16 = 9650;
 /// Default TCP port of the controller's `/healthz`, `/readyz` and `/metrics` endpoint.
 pub const CONTROLLER_HEALTH_PORT: u16 = 9651;
 /// Node annotation the controller sets to the most pods the node's pool can hold (instance type and mode).
@@ -135,6 +138,14 @@ pub const NFT_POLICY_PREFIX: &str = "pol_";
 pub const NFT_CHAIN_POLICY_FORWARD_EGRESS: &str = "pol_forward_egress";
 pub const NFT_CHAIN_POLICY_FORWARD_INGRESS: &str = "pol_forward_ingress";
 pub const NFT_CHAIN_POLICY_INPUT_EGRESS: &str = "pol_input_egress";
+/// Policy chains of the connection-tracking shortcut: `pol_established` accepts a packet of an established
+/// connection that the current policy generation already let through (its conntrack mark carries the generation);
+/// `pol_verified` stamps the generation on a connection whose packet passed both directions' policy.
+pub const NFT_CHAIN_POLICY_ESTABLISHED: &str = "pol_established";
+pub const NFT_CHAIN_POLICY_VERIFIED: &str = "pol_verified";
+/// The conntrack mark bits the policy datapath owns (the upper 16): the generation that verified the
+/// connection. The lower 16 bits are left to others.
+pub const CT_MARK_POLICY_MASK: u32 = 0xffff_0000;
 /// Policy verdict maps, keyed by a pod's host veth name: `iifname` (egress) and `oifname` (ingress) to the
 /// chain of the policies selecting that pod.
 pub const NFT_MAP_POLICY_EGRESS_IF: &str = "pol_egress_if";

@@ -8,9 +8,11 @@ use proptest::prelude::*;
 use underlay_core::health::{HealthConfig, HealthState, HealthTracker, Probe};
 
 fn mk_tracker(misses: u32, hold_down: Duration) -> HealthTracker {
+    // Any miss restarts the hold-down here (`hold_down_misses: 1`): the properties below are about that rule.
     let mut t = HealthTracker::new(HealthConfig {
         misses_to_fail: misses,
         hold_down,
+        hold_down_misses: 1,
     });
     t.insert_healthy("n");
     t
@@ -136,7 +138,7 @@ proptest! {
         seq in prop::collection::vec(any::<bool>(), 0..400),
     ) {
         let hold = Duration::from_secs(hold_secs);
-        let mut t = HealthTracker::new(HealthConfig { misses_to_fail: n, hold_down: hold });
+        let mut t = HealthTracker::new(HealthConfig { misses_to_fail: n, hold_down: hold, hold_down_misses: 1 });
         if start_pending { t.insert_pending("n") } else { t.insert_healthy("n") }
         let t0 = Instant::now();
         let mut failures = 0u64;

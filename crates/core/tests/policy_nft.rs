@@ -115,7 +115,7 @@ fn local() -> Vec<LocalPod> {
 #[test]
 fn install_renders_skeleton_sets_chains_and_map_entries() {
     let m = compile(&cluster("web"), &local()).model;
-    let text = render_install(&m, &PolicyObjects::default());
+    let text = render_install(&m, &PolicyObjects::default(), 0x2a);
     for needle in [
         "add map inet underlay pol_ingress_if { type ifname : verdict; }",
         "add element inet underlay pol_ingress_if { \"ul00000000001\" : jump pol_c",
@@ -127,13 +127,46 @@ fn install_renders_skeleton_sets_chains_and_map_entries() {
         "{ tcp . 80 }",
         "meta l4proto . th dport @",
         "counter drop",
+        // The generation: established connections stamped by it skip the chains; an ingress accept, and a
+        // forwarded packet no ingress policy selects, stamp it.
+        "add rule inet underlay pol_established ct state established ct mark and 0xffff0000 == 0x002a0000 counter accept",
+        "add rule inet underlay pol_verified ct mark set ct mark and 0x0000ffff or 0x002a0000 accept",
+        "add rule inet underlay pol_forward_egress jump pol_established",
+        "add rule inet underlay pol_forward_ingress jump pol_established",
+        "add rule inet underlay pol_forward_ingress goto pol_verified",
+        "goto pol_verified",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     assert!(
-        !text.contains("ct state established"),
-        "original-direction packets are always evaluated"
+        !text.contains("pol_input_egress jump pol_established"),
+        "packets to the node itself are evaluated every time:\n{text}"
     );
+}
+
+/// Only a change that may deny something moves the generation (so established connections are evaluated
+/// again at their next packet); pure additions keep every stamp valid.
+#[test]
+fn only_changes_that_may_deny_move_the_generation() {
+    let (web, db) = (
+        compile(&cluster("web"), &local()).model,
+        compile(&cluster("db"), &local()).model,
+    );
+    // A peer leaves the allowed set: deny.
+    assert!(underlay_core::policy::revokes(&diff(&web, &db)));
+    // A peer joins it: open only.
+    assert!(!underlay_core::policy::revokes(&diff(&db, &web)));
+    // A pod newly selected: its connections were stamped while nothing selected it.
+    assert!(underlay_core::policy::revokes(&diff(
+        &underlay_core::policy::PolicyModel::default(),
+        &web
+    )));
+    // The selected pod leaves: nothing it had is denied to anyone.
+    assert!(!underlay_core::policy::revokes(&diff(
+        &web,
+        &compile(&cluster("web"), &[]).model
+    )));
+    assert_eq!(underlay_core::policy::next_generation(u16::MAX), 1);
 }
 
 #[test]
@@ -165,7 +198,7 @@ fn policies_naming_the_same_peers_share_one_set() {
     let addr_sets = |m: &underlay_core::policy::PolicyModel| -> Vec<String> {
         m.sets
             .iter()
-            .filter(|(_, s)| s.kind == underlay_core::policy::SetKind::Addr)
+            .filter(|(_, s)| s.kind == underlay_core::policy::SetKind::PodAddr)
             .map(|(n, _)| n.clone())
             .collect()
     };

@@ -496,7 +496,7 @@ pub fn network_policy(data: &[u8]) {
         "a model differs from itself"
     );
     let _ = policy::render_ops(&ops);
-    let _ = policy::render_install(&compiled.model, &Default::default());
+    let _ = policy::render_install(&compiled.model, &Default::default(), 1);
     let sources = [
         [100, 64, 0, 10],
         [100, 64, 1, 11],

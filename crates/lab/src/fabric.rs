@@ -1,5 +1,6 @@
 //! [`Fabric`]: the VPC fabric namespace (and optional internet namespace) kept in step with a [`VpcSim`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ pub struct CatchUp {
     pub resynced: bool,
     /// Kernel operations run.
     pub ops: usize,
+    /// Changes received but not yet effective (a route change waits for its modelled propagation, and every
+    /// later change waits behind it).
+    pub held: usize,
 }
 
 /// The fabric of one lab. Removes everything it created on [`Fabric::down`] or drop.
@@ -46,6 +50,8 @@ pub struct Fabric {
     lab: LabId,
     sim: VpcSim,
     rx: broadcast::Receiver<Change>,
+    /// Received changes not yet counted in order, each with whether its event was applied early.
+    pending: VecDeque<Pending>,
     model: Model,
     applied: FabricSpec,
     internet: bool,
@@ -70,6 +76,7 @@ impl Fabric {
             lab,
             sim: sim.clone(),
             rx,
+            pending: VecDeque::new(),
             model,
             applied: FabricSpec::default(),
             internet: options.internet,
@@ -173,27 +180,48 @@ impl Fabric {
         &self.model
     }
 
-    /// Applies every change waiting in the channel, then converges the kernel. A lagged receiver or a gap in
-    /// the numbering resynchronises from a snapshot instead of dropping changes.
+    /// Applies every change waiting in the channel that is effective by now (a route change only once its
+    /// modelled propagation has passed, see vpcsim's `Faults::route_propagation`; later changes wait behind it,
+    /// in order), then converges the kernel. A lagged receiver or a gap in the numbering resynchronises from a
+    /// snapshot instead of dropping changes.
     pub fn catch_up(&mut self) -> Result<CatchUp> {
         let mut out = CatchUp::default();
         loop {
             match self.rx.try_recv() {
-                Ok(change) => match self.model.apply(&change) {
-                    Applied::Yes => out.applied += 1,
-                    Applied::Stale => {}
-                    Applied::Gap => {
-                        self.resync_model();
-                        out.resynced = true;
-                    }
-                },
+                Ok(change) => self.pending.push_back(Pending {
+                    change,
+                    early: false,
+                }),
                 Err(TryRecvError::Lagged(_)) => {
+                    // The snapshot holds every change, propagated or not.
+                    self.pending.clear();
                     self.resync_model();
                     out.resynced = true;
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
             }
         }
+        for step in take_effective(&mut self.pending, tokio::time::Instant::now()) {
+            let applied = match step {
+                Step::Early(change) => {
+                    self.model.apply_route_early(&change);
+                    continue;
+                }
+                Step::InOrder(change, true) => self.model.advance(&change),
+                Step::InOrder(change, false) => self.model.apply(&change),
+            };
+            match applied {
+                Applied::Yes => out.applied += 1,
+                Applied::Stale => {}
+                Applied::Gap => {
+                    self.pending.clear();
+                    self.resync_model();
+                    out.resynced = true;
+                    break;
+                }
+            }
+        }
+        out.held = self.pending.len();
         out.ops = self.reconcile()?;
         Ok(out)
     }
@@ -280,6 +308,60 @@ impl Drop for Fabric {
     }
 }
 
+/// A change received by the fabric and not yet counted in order.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub change: Change,
+    /// Its route change was applied ahead of earlier changes.
+    pub early: bool,
+}
+
+/// What [`take_effective`] lets the fabric do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Count the change in order; `true` when its event was applied early already.
+    InOrder(Change, bool),
+    /// Apply a route change now, ahead of earlier changes still propagating in other tables.
+    Early(Change),
+}
+
+fn effective(c: &Change, now: tokio::time::Instant) -> bool {
+    c.effective_at.is_none_or(|at| at <= now)
+}
+
+/// The data plane's view at `now`: the changes at the front of `pending` that are effective are taken in order
+/// (no `effective_at` counts as effective); behind the first that is not, a route change that is effective and
+/// has no earlier pending change in its own table (nor any earlier non-route change) is applied early, as the
+/// VPC's route tables propagate independently. Within a table, and for every other event, order is kept.
+pub fn take_effective(pending: &mut VecDeque<Pending>, now: tokio::time::Instant) -> Vec<Step> {
+    let mut out = Vec::new();
+    while pending
+        .front()
+        .is_some_and(|p| p.early || effective(&p.change, now))
+    {
+        if let Some(p) = pending.pop_front() {
+            out.push(Step::InOrder(p.change, p.early));
+        }
+    }
+    let mut blocked: std::collections::BTreeSet<underlay_cloud::RouteTableId> = Default::default();
+    for p in pending.iter_mut() {
+        if p.early {
+            continue;
+        }
+        let underlay_vpcsim::Event::RouteChanged { table, .. } = &p.change.event else {
+            // Nothing overtakes another kind of change.
+            break;
+        };
+        if !blocked.contains(table) && effective(&p.change, now) {
+            p.early = true;
+            out.push(Step::Early(p.change.clone()));
+        } else {
+            blocked.insert(table.clone());
+        }
+    }
+    out
+}
+
 /// Removes every namespace whose name carries the lab's prefix: instances first, then the internet and the
 /// fabric. Usable on its own to clean up after a killed run.
 pub fn teardown_lab(lab: &LabId) -> Result<()> {
@@ -301,4 +383,107 @@ pub fn teardown_lab(lab: &LabId) -> Result<()> {
 /// Removes a lab by id (e.g. `underlay lab down` after a crash).
 pub fn sweep(lab: &str) -> Result<()> {
     teardown_lab(&LabId::new(lab)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use underlay_vpcsim::Event;
+
+    fn mk_change(seq: u64, at: tokio::time::Instant, effective_ms: u64) -> Pending {
+        Pending {
+            change: Change {
+                seq,
+                event: Event::InstanceTerminated {
+                    instance: InstanceId::new(format!("i-{seq:017x}")),
+                },
+                at: Some(at),
+                effective_at: Some(at + Duration::from_millis(effective_ms)),
+            },
+            early: false,
+        }
+    }
+
+    fn mk_route(seq: u64, table: &str, at: tokio::time::Instant, effective_ms: u64) -> Pending {
+        let mut p = mk_change(seq, at, effective_ms);
+        p.change.event = Event::RouteChanged {
+            table: underlay_cloud::RouteTableId::new(table),
+            destination: "100.64.0.0/26".parse().unwrap(),
+            old: None,
+            new: None,
+        };
+        p
+    }
+
+    fn steps(v: Vec<Step>) -> Vec<(u64, &'static str)> {
+        v.into_iter()
+            .map(|s| match s {
+                Step::InOrder(c, false) => (c.seq, "in order"),
+                Step::InOrder(c, true) => (c.seq, "counted"),
+                Step::Early(c) => (c.seq, "early"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn changes_wait_for_their_propagation_in_order() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut pending: VecDeque<Pending> = [
+            mk_change(1, t0, 0),
+            mk_route(2, "rtb-a", t0, 300), // still propagating
+            mk_change(3, ms(10), 0),       // another kind of change: waits behind it
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            steps(take_effective(&mut pending, ms(20))),
+            vec![(1, "in order")]
+        );
+        assert!(steps(take_effective(&mut pending, ms(299))).is_empty());
+        assert_eq!(pending.len(), 2);
+        assert_eq!(
+            steps(take_effective(&mut pending, ms(300))),
+            vec![(2, "in order"), (3, "in order")]
+        );
+        assert!(pending.is_empty());
+        // A change without a time is effective at once.
+        let mut p = mk_change(4, t0, 0);
+        p.change.effective_at = None;
+        pending.push_back(p);
+        assert_eq!(
+            steps(take_effective(&mut pending, t0)),
+            vec![(4, "in order")]
+        );
+    }
+
+    #[test]
+    fn route_tables_propagate_independently_each_in_order() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut pending: VecDeque<Pending> = [
+            mk_route(1, "rtb-a", t0, 500),
+            mk_route(2, "rtb-b", ms(10), 200), // another table: not held behind rtb-a
+            mk_route(3, "rtb-a", ms(20), 100), // rtb-a again: waits for seq 1
+            mk_route(4, "rtb-c", ms(30), 600),
+            mk_change(5, ms(40), 0), // not a route change: waits for everything before it
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            steps(take_effective(&mut pending, ms(250))),
+            vec![(2, "early")]
+        );
+        // Applied early once only.
+        assert!(steps(take_effective(&mut pending, ms(260))).is_empty());
+        assert_eq!(
+            steps(take_effective(&mut pending, ms(500))),
+            vec![(1, "in order"), (2, "counted"), (3, "in order")]
+        );
+        assert_eq!(
+            steps(take_effective(&mut pending, ms(630))),
+            vec![(4, "in order"), (5, "in order")]
+        );
+        assert!(pending.is_empty());
+    }
 }

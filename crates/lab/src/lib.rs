@@ -28,7 +28,9 @@ pub mod plan;
 pub mod scenario;
 
 pub use error::{Error, Result};
-pub use fabric::{CatchUp, Fabric, FabricOptions, sweep, teardown_lab};
+pub use fabric::{
+    CatchUp, Fabric, FabricOptions, Pending, Step, sweep, take_effective, teardown_lab,
+};
 pub use model::Model;
 pub use names::LabId;
 pub use plan::{FabricSpec, INTERNET_HOST, Op, PlanError, diff, plan_fabric};

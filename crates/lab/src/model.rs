@@ -143,6 +143,27 @@ impl Model {
         Applied::Yes
     }
 
+    /// Counts a change whose event was already applied out of order ([`Model::apply_route_early`]): the same
+    /// numbering checks as [`Model::apply`], without applying the event again.
+    pub fn advance(&mut self, change: &Change) -> Applied {
+        if change.seq <= self.seq {
+            return Applied::Stale;
+        }
+        if change.seq != self.seq + 1 {
+            return Applied::Gap;
+        }
+        self.seq = change.seq;
+        Applied::Yes
+    }
+
+    /// Applies a route change ahead of earlier changes still propagating in other tables (the VPC's tables are
+    /// independent); `seq` does not move until [`Model::advance`] counts it in order. Other events are ignored.
+    pub fn apply_route_early(&mut self, change: &Change) {
+        if matches!(change.event, Event::RouteChanged { .. }) && change.seq > self.seq {
+            self.apply_event(&change.event);
+        }
+    }
+
     fn apply_event(&mut self, event: &Event) {
         match event {
             Event::VpcCreated { vpc, cidr } => {

@@ -4,6 +4,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use underlay_cloud::{AttachmentId, EniId, InstanceId, RouteTableId, RouteTarget, SubnetId, VpcId};
 
 /// One change, numbered. `seq` increases by one per change; [`crate::Snapshot::seq`] is the last change a
@@ -12,6 +13,14 @@ use underlay_cloud::{AttachmentId, EniId, InstanceId, RouteTableId, RouteTarget,
 pub struct Change {
     pub seq: u64,
     pub event: Event,
+    /// When the change was made (on tokio's clock). Not serialized.
+    #[serde(skip)]
+    pub at: Option<Instant>,
+    /// When the data plane carries it: `at` plus the modelled propagation for a route change
+    /// ([`crate::Faults::route_propagation`]), `at` for everything else. A fabric applies the change no sooner,
+    /// and keeps the order of changes (a later change waits for an earlier one). Not serialized.
+    #[serde(skip)]
+    pub effective_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

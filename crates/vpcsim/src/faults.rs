@@ -60,9 +60,52 @@ pub struct Faults {
     pub describe_delay: Duration,
     /// Errors to answer on the next calls of an operation, in order, before any other check.
     pub fail_next: BTreeMap<Operation, VecDeque<String>>,
+    /// Time from a route change (CreateRoute, ReplaceRoute, DeleteRoute answered; or a world-side route) to the
+    /// data plane carrying it: stamped on the change event as its `effective_at`, which the lab's fabric waits
+    /// for. The API's own view (describes) changes at once. `None` by default.
+    #[serde(default)]
+    pub route_propagation: Latency,
 }
 
+/// Modelled latency of one route call (CreateRoute, ReplaceRoute, DeleteRoute) in [`Faults::aws_route_model`].
+/// AWS publishes no latency figure for these calls; 100–300 ms is an assumption on the slow side of a regional
+/// EC2 API round trip from inside the region (see `docs/vpcsim.md`, "Modelled route latency").
+pub const AWS_ROUTE_CALL_LATENCY: Latency = Latency::Uniform {
+    min: Duration::from_millis(100),
+    max: Duration::from_millis(300),
+};
+/// Modelled latency of a DescribeRouteTables call in [`Faults::aws_route_model`] (an assumption, as above).
+pub const AWS_DESCRIBE_ROUTE_TABLES_LATENCY: Latency = Latency::Uniform {
+    min: Duration::from_millis(100),
+    max: Duration::from_millis(300),
+};
+/// Modelled time from a route call's answer to the VPC's data plane using the new route, in
+/// [`Faults::aws_route_model`]. AWS publishes no figure; 200–500 ms is a conservative assumption.
+pub const AWS_ROUTE_PROPAGATION: Latency = Latency::Uniform {
+    min: Duration::from_millis(200),
+    max: Duration::from_millis(500),
+};
+
 impl Faults {
+    /// AWS-like timing for routes: [`AWS_ROUTE_CALL_LATENCY`] on CreateRoute, ReplaceRoute and DeleteRoute,
+    /// [`AWS_DESCRIBE_ROUTE_TABLES_LATENCY`] on DescribeRouteTables and [`AWS_ROUTE_PROPAGATION`] before the
+    /// data plane carries a change; every other knob as in `self`.
+    pub fn aws_route_model(mut self) -> Self {
+        for op in [
+            Operation::CreateRoute,
+            Operation::ReplaceRoute,
+            Operation::DeleteRoute,
+        ] {
+            self.op_latency.insert(op, AWS_ROUTE_CALL_LATENCY);
+        }
+        self.op_latency.insert(
+            Operation::DescribeRouteTables,
+            AWS_DESCRIBE_ROUTE_TABLES_LATENCY,
+        );
+        self.route_propagation = AWS_ROUTE_PROPAGATION;
+        self
+    }
+
     pub(crate) fn latency_of(&self, op: Operation) -> Latency {
         self.op_latency.get(&op).copied().unwrap_or(self.latency)
     }

@@ -28,7 +28,10 @@ mod state;
 
 pub use counters::Counters;
 pub use events::{Change, Event};
-pub use faults::{ErrorRate, Faults, Latency};
+pub use faults::{
+    AWS_DESCRIBE_ROUTE_TABLES_LATENCY, AWS_ROUTE_CALL_LATENCY, AWS_ROUTE_PROPAGATION, ErrorRate,
+    Faults, Latency,
+};
 pub use paging::{Page, max_page};
 pub use sim::{
     Config, DEFAULT_ENIS_PER_ZONE, DEFAULT_PAGE_SIZE, DEFAULT_ROUTE_LIMIT, RunInstance, Snapshot,

@@ -228,10 +228,18 @@ impl World {
 
     pub fn emit(&mut self, event: Event) {
         self.seq += 1;
+        let at = Instant::now();
+        // Only route changes take the modelled propagation: the lab's fabric applies them that much later.
+        let propagation = match event {
+            Event::RouteChanged { .. } => self.faults.route_propagation.draw(&mut self.fault_rng),
+            _ => std::time::Duration::ZERO,
+        };
         // No subscriber is fine: the lab may not be listening.
         let _ = self.events.send(Change {
             seq: self.seq,
             event,
+            at: Some(at),
+            effective_at: Some(at + propagation),
         });
     }
 

@@ -824,3 +824,65 @@ async fn limits_of_real_instance_types() {
         "PrivateIpAddressLimitExceeded"
     );
 }
+
+/// The AWS-like route model: route calls take 100–300 ms of tokio time, and the change event of a route is
+/// effective 200–500 ms after it was made; other events are effective at once, and without the model so is a
+/// route's.
+#[tokio::test(start_paused = true)]
+async fn aws_route_model_delays_route_calls_and_their_propagation() {
+    let m = mk_world(VpcSim::builder(8).rate_limits(None).build());
+    let (_, a) = launch(&m, "m5.large");
+    let (_, b) = launch(&m, "m5.large");
+    let mut rx = m.sim.subscribe();
+    // Off (the default): a route change is effective when made.
+    m.sim
+        .create_route(&m.rtb, dst(0), &RouteTarget::NetworkInterface(a.clone()))
+        .await
+        .unwrap();
+    let c = rx.try_recv().unwrap();
+    assert!(matches!(c.event, Event::RouteChanged { .. }));
+    assert!(c.at.is_some());
+    assert_eq!(c.effective_at, c.at);
+
+    m.sim
+        .update_faults(|f| *f = std::mem::take(f).aws_route_model());
+    let calls = Duration::from_millis(100)..=Duration::from_millis(300);
+    let propagation = Duration::from_millis(200)..=Duration::from_millis(500);
+    let mut spread = std::collections::BTreeSet::new();
+    for k in 0..20u32 {
+        let target = RouteTarget::NetworkInterface(if k % 2 == 0 { b.clone() } else { a.clone() });
+        let t = Instant::now();
+        m.sim.replace_route(&m.rtb, dst(0), &target).await.unwrap();
+        let took = t.elapsed();
+        assert!(calls.contains(&took), "ReplaceRoute took {took:?}");
+        let c = rx.try_recv().unwrap();
+        assert!(matches!(c.event, Event::RouteChanged { .. }));
+        let delay = c.effective_at.unwrap() - c.at.unwrap();
+        assert!(propagation.contains(&delay), "propagation {delay:?}");
+        spread.insert(delay);
+    }
+    assert!(spread.len() > 10, "propagation is drawn per change");
+    let t = Instant::now();
+    m.sim.describe_route_tables(&m.vpc).await.unwrap();
+    assert!(calls.contains(&t.elapsed()));
+    // Other operations and other events keep their timing.
+    let t = Instant::now();
+    m.sim.describe_vpc(&m.vpc).await.unwrap();
+    assert_eq!(t.elapsed(), Duration::ZERO);
+    m.sim
+        .run_instance(RunInstance::new("m5.large", &m.subnet))
+        .unwrap();
+    while let Ok(c) = rx.try_recv() {
+        assert!(!matches!(c.event, Event::RouteChanged { .. }));
+        assert_eq!(c.effective_at, c.at);
+    }
+    // The knob round-trips through serde, and an old document without it still reads.
+    let f = m.sim.faults();
+    let json = serde_json::to_value(&f).unwrap();
+    let back: Faults = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(back, f);
+    let mut old = json;
+    old.as_object_mut().unwrap().remove("route_propagation");
+    let back: Faults = serde_json::from_value(old).unwrap();
+    assert_eq!(back.route_propagation, Latency::None);
+}

@@ -10,8 +10,9 @@
 //! Before the first packet: ADD allocates the address, then asks [`PolicyEngine::admit`], which returns only
 //! once the pod's policy state (its verdict-map entries, its address in its peers' sets) is committed, keyed
 //! by the host veth name the plugin creates afterwards. So the veth is born into the right state. When the
-//! inputs are not synced yet, or do not hold the pod, admission fails with a retryable "not ready" error that
-//! names what is missing (the plugin answers CNI error 11), and nothing is guessed.
+//! inputs are not synced yet, or do not hold the pod, admission waits for them (bounded, [`DEFAULT_ADMISSION_WAIT`])
+//! and then fails with a retryable "not ready" error that names what is missing (the plugin answers CNI error
+//! 11); nothing is guessed.
 //!
 //! Restart: the kernel keeps the previous agent's policy objects (nothing is opened meanwhile); the first
 //! transaction of the new agent, once inputs arrive, replaces all of them with the state rebuilt from the
@@ -20,8 +21,8 @@
 pub mod nft;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use underlay_core::policy::diff::{self, PolicyObjects};
 use underlay_core::policy::{
@@ -44,7 +45,7 @@ pub enum PolicyError {
 /// What the API follower feeds: complete snapshots of the policy inputs this node needs. The first call marks
 /// the inputs synced; until then no pod is admitted.
 pub trait PolicyInputs: Send + Sync {
-    fn publish(&self, inputs: Cluster);
+    fn publish(&self, inputs: Arc<Cluster>);
 }
 
 /// An attachment: the IPAM key (container id, interface).
@@ -63,17 +64,28 @@ struct State {
     restored: bool,
     warnings: Vec<PolicyWarning>,
     unknown: Vec<String>,
-    /// Peer resolutions of the current inputs, reused by the compiles of ADD and DEL; cleared with new inputs.
+    /// Peer resolutions of the current inputs, reused by every compile; new inputs evict what they change.
     cache: CompileCache,
+    /// The generation the kernel stamps on connections that passed policy (valid once `installed` is).
+    generation: u16,
 }
 
 /// The node's policy engine. Every change is serialized under one lock and committed as one transaction.
 #[derive(Debug)]
 pub struct PolicyEngine {
     state: Mutex<State>,
+    /// Notified whenever new inputs are in (what [`PolicyEngine::wait_ready_for`] waits for).
+    inputs_changed: Condvar,
     nft: Box<dyn PolicyNft>,
     metrics: OnceLock<AgentMetrics>,
+    /// How long an ADD waits for the inputs to hold its pod before it answers "try again later".
+    admission_wait: Duration,
 }
+
+/// How long ADD waits, by default, for the API follower to deliver its pod: the Pod reaches the agent's watch
+/// about when it reaches the kubelet, so the wait is usually milliseconds; past it the runtime retries the
+/// sandbox (CNI error 11). Well inside the plugin's 10 s socket timeout.
+pub const DEFAULT_ADMISSION_WAIT: Duration = Duration::from_secs(5);
 
 /// What one sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,14 +101,9 @@ pub enum SyncOutcome {
 impl PolicyEngine {
     /// An engine for a node with no attachments of an earlier agent to restore.
     pub fn new(nft: Box<dyn PolicyNft>) -> Self {
-        PolicyEngine {
-            state: Mutex::new(State {
-                restored: true,
-                ..State::default()
-            }),
-            nft,
-            metrics: OnceLock::new(),
-        }
+        let engine = Self::awaiting_restore(nft);
+        engine.lock().restored = true;
+        engine
     }
 
     /// An engine that commits nothing until [`PolicyEngine::restore`] has registered the attachments that exist
@@ -104,9 +111,17 @@ impl PolicyEngine {
     pub fn awaiting_restore(nft: Box<dyn PolicyNft>) -> Self {
         PolicyEngine {
             state: Mutex::new(State::default()),
+            inputs_changed: Condvar::new(),
             nft,
             metrics: OnceLock::new(),
+            admission_wait: DEFAULT_ADMISSION_WAIT,
         }
+    }
+
+    /// The engine with another admission wait ([`DEFAULT_ADMISSION_WAIT`]); zero answers at once.
+    pub fn with_admission_wait(mut self, wait: Duration) -> Self {
+        self.admission_wait = wait;
+        self
     }
 
     pub fn set_metrics(&self, metrics: AgentMetrics) {
@@ -131,11 +146,17 @@ impl PolicyEngine {
     }
 
     /// Replaces the inputs and brings the kernel to them.
-    pub fn set_inputs(&self, inputs: Cluster) -> Result<SyncOutcome, PolicyError> {
+    pub fn set_inputs(&self, inputs: impl Into<Arc<Cluster>>) -> Result<SyncOutcome, PolicyError> {
         let started = Instant::now();
         let mut g = self.lock();
-        g.inputs = Some(Arc::new(inputs));
-        g.cache.clear();
+        let inputs = inputs.into();
+        match g.inputs.replace(inputs.clone()) {
+            // Resolutions the change cannot touch stay: a policy or peer event does not re-resolve every
+            // peer of the node's policies.
+            Some(old) => g.cache.invalidate(&old, &inputs),
+            None => g.cache.clear(),
+        }
+        self.inputs_changed.notify_all();
         self.sync(&mut g, started)
     }
 
@@ -184,12 +205,27 @@ impl PolicyEngine {
         }
     }
 
-    /// Whether ADD of `namespace/name` can be admitted now (checked before an address is allocated).
+    /// Whether ADD of `namespace/name` can be admitted (checked before an address is allocated): waits up to
+    /// the admission wait for inputs that hold the pod, so an ADD racing the pod's watch event is answered
+    /// when the event lands instead of failing and waiting for the runtime's retry.
     pub fn ready_for(&self, namespace: &str, name: &str) -> Result<(), PolicyError> {
         if namespace.is_empty() || name.is_empty() {
             return Ok(());
         }
-        Self::check_known(&self.lock(), namespace, name)
+        let deadline = Instant::now() + self.admission_wait;
+        let mut g = self.lock();
+        loop {
+            let known = Self::check_known(&g, namespace, name);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if known.is_ok() || left.is_zero() {
+                return known;
+            }
+            g = self
+                .inputs_changed
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     fn check_known(g: &State, namespace: &str, name: &str) -> Result<(), PolicyError> {
@@ -249,15 +285,23 @@ impl PolicyEngine {
             return Ok(SyncOutcome::Waiting);
         }
         let local: Vec<LocalPod> = g.local.values().cloned().collect();
+        let compile_started = Instant::now();
         let compiled = compile_with(&inputs, &local, &mut g.cache);
+        let compile_ms = compile_started.elapsed().as_secs_f64() * 1e3;
+        let mut generation = g.generation;
         let (batch, outcome) = match &g.installed {
             Some(prev) => {
                 let ops = diff::diff(prev, &compiled.model);
                 if ops.is_empty() {
                     return Ok(SyncOutcome::Unchanged);
                 }
+                let mut batch = diff::render_ops(&ops);
+                if diff::revokes(&ops) {
+                    generation = diff::next_generation(g.generation);
+                    batch.push_str(&diff::render_generation(generation));
+                }
                 (
-                    diff::render_ops(&ops),
+                    batch,
                     SyncOutcome::Applied {
                         ops: ops.len(),
                         full: false,
@@ -266,8 +310,11 @@ impl PolicyEngine {
             }
             None => {
                 let existing: PolicyObjects = self.nft.existing()?;
+                // Connections keep their stamp across agent restarts: never reuse the kernel's generation.
+                generation =
+                    diff::next_generation(existing.generation.unwrap_or_else(seed_generation));
                 (
-                    diff::render_install(&compiled.model, &existing),
+                    diff::render_install(&compiled.model, &existing, generation),
                     SyncOutcome::Applied {
                         ops: compiled.model.object_count(),
                         full: true,
@@ -275,7 +322,9 @@ impl PolicyEngine {
                 )
             }
         };
+        let nft_started = Instant::now();
         let applied = self.nft.apply(&batch);
+        let nft_ms = nft_started.elapsed().as_secs_f64() * 1e3;
         if let Some(m) = self.metrics.get() {
             m.record_policy_apply(applied.is_ok(), started.elapsed().as_secs_f64());
         }
@@ -301,17 +350,30 @@ impl PolicyEngine {
             ?outcome,
             objects = compiled.model.object_count(),
             took_ms = started.elapsed().as_secs_f64() * 1e3,
+            compile_ms,
+            nft_ms,
             "policy state committed"
         );
         g.warnings = compiled.warnings;
         g.unknown = compiled.unknown_local_pods;
         g.installed = Some(compiled.model);
+        g.generation = generation;
         Ok(outcome)
     }
 }
 
+/// A generation to start from when the kernel holds none (first start, or policy objects removed): connections
+/// may still carry a stamp from an earlier install, so not a fixed value.
+fn seed_generation() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id().rotate_left(16)) as u16
+}
+
 impl PolicyInputs for PolicyEngine {
-    fn publish(&self, inputs: Cluster) {
+    fn publish(&self, inputs: Arc<Cluster>) {
         if let Err(e) = self.set_inputs(inputs) {
             tracing::warn!(error = %e, "policy inputs not applied yet");
         }

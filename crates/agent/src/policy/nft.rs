@@ -71,8 +71,31 @@ pub fn policy_objects_from_json(v: &serde_json::Value) -> PolicyObjects {
                 into.insert(field("name").to_string());
             }
         }
+        if let Some(rule) = item.get("rule") {
+            out.generation = out.generation.or_else(|| generation_of(rule));
+        }
     }
     out
+}
+
+/// The generation `pol_established`'s rule tests (`ct mark and 0xffff0000 == G << 16`, which `nft -j` lists as
+/// a prefix match on `ct mark`).
+fn generation_of(rule: &serde_json::Value) -> Option<u16> {
+    let field = |k: &str| rule.get(k).and_then(|x| x.as_str()).unwrap_or("");
+    if field("family") != names::NFT_FAMILY
+        || field("table") != names::NFT_TABLE
+        || field("chain") != names::NFT_CHAIN_POLICY_ESTABLISHED
+    {
+        return None;
+    }
+    rule.get("expr")?.as_array()?.iter().find_map(|e| {
+        let m = e.get("match")?;
+        let key = m.get("left")?.get("ct")?.get("key")?.as_str()?;
+        let value = m.get("right")?.get("prefix")?.get("addr")?.as_u64()?;
+        (key == "mark")
+            .then(|| u16::try_from(value >> 16).ok())
+            .flatten()
+    })
 }
 
 #[cfg(test)]
@@ -92,8 +115,25 @@ mod tests {
         )
         .unwrap();
         let o = policy_objects_from_json(&v);
+        assert_eq!(o.generation, None);
         assert_eq!(o.chains.iter().collect::<Vec<_>>(), ["pol_forward_egress"]);
         assert_eq!(o.maps.iter().collect::<Vec<_>>(), ["pol_egress_if"]);
         assert_eq!(o.sets.iter().collect::<Vec<_>>(), ["pol_p0_in0_a"]);
+    }
+
+    /// What `nft -j list table` prints for the generation chain's rule (nft 1.0.6).
+    #[test]
+    fn reads_the_generation_the_kernel_stamps() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"nftables": [
+              {"chain": {"family": "inet", "table": "underlay", "name": "pol_established", "handle": 2}},
+              {"rule": {"family": "inet", "table": "underlay", "chain": "pol_established", "handle": 4,
+                "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "established"}},
+                         {"match": {"op": "==", "left": {"ct": {"key": "mark"}},
+                                    "right": {"prefix": {"addr": 2752512, "len": 16}}}},
+                         {"accept": null}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(policy_objects_from_json(&v).generation, Some(42));
     }
 }

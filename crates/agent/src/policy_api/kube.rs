@@ -11,7 +11,7 @@
 //! Every watcher retries with kube-runtime's default backoff: while the API server is away the index keeps
 //! its last good state, and a re-list (after 410 Gone) replaces a kind's objects only once it completes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ::kube::api::Api;
@@ -35,27 +35,35 @@ pub struct PolicyState {
     pub cluster: Arc<Cluster>,
     /// `Ok` once everything the node's policies need has been listed at least once.
     pub synced: Result<(), NotReady>,
-    /// The index itself, for per-pod questions ([`PolicyIndex::ready_for`]).
-    pub index: Arc<PolicyIndex>,
+    /// This node's pods (namespace, name) in the snapshot.
+    pub local_pods: Arc<BTreeSet<(String, String)>>,
     /// Peer watches running.
     pub peer_watches: usize,
 }
 
 impl PolicyState {
     fn empty() -> Self {
-        let index = PolicyIndex::default();
         PolicyState {
             revision: 0,
             cluster: Arc::new(Cluster::default()),
-            synced: index.synced(),
-            index: Arc::new(index),
+            synced: PolicyIndex::default().synced(),
+            local_pods: Arc::default(),
             peer_watches: 0,
         }
     }
 
-    /// Whether CNI ADD of `namespace/name` on this node can be decided now (see [`PolicyIndex::ready_for`]).
+    /// Whether CNI ADD of `namespace/name` on this node can be decided with this snapshot: it is synced and holds
+    /// the pod. (The datapath only ever receives synced snapshots; [`PolicyIndex::ready_for`] answers per pod
+    /// before the whole node is synced.)
     pub fn ready_for(&self, namespace: &str, name: &str) -> Result<(), NotReady> {
-        self.index.ready_for(namespace, name)
+        self.synced.clone()?;
+        if !self
+            .local_pods
+            .contains(&(namespace.to_string(), name.to_string()))
+        {
+            return Err(NotReady::UnknownPod(namespace.into(), name.into()));
+        }
+        Ok(())
     }
 }
 
@@ -103,15 +111,21 @@ impl PolicyFollower {
 /// is not synced is held back: the datapath never sees a snapshot missing a policy or the peers a local
 /// pod's policies name, so a pod whose peers are still being listed is not admitted (it is absent from the
 /// last published snapshot, or its peers are) and ADD says "try again later". Ends when the follower stops.
-pub async fn forward_synced(mut states: watch::Receiver<PolicyState>, publish: impl Fn(Cluster)) {
+pub async fn forward_synced(
+    mut states: watch::Receiver<PolicyState>,
+    publish: impl Fn(Arc<Cluster>),
+) {
     let mut last = None;
     loop {
-        {
+        // Take the snapshot and let go of the channel before publishing: the datapath's compile and
+        // transaction must not hold the follower's next `send` back.
+        let next = {
             let s = states.borrow_and_update();
-            if s.synced.is_ok() && last != Some(s.revision) {
-                last = Some(s.revision);
-                publish((*s.cluster).clone());
-            }
+            (s.synced.is_ok() && last != Some(s.revision)).then(|| (s.revision, s.cluster.clone()))
+        };
+        if let Some((revision, cluster)) = next {
+            last = Some(revision);
+            publish(cluster);
         }
         if states.changed().await.is_err() {
             return;
@@ -235,11 +249,30 @@ fn publish(
     revision: u64,
     peer_watches: usize,
 ) {
+    let started = std::time::Instant::now();
+    let cluster = Arc::new(index.cluster());
+    let synced = index.synced();
+    tracing::debug!(
+        revision,
+        pods = cluster.pods.len(),
+        policies = cluster.policies.len(),
+        synced = ?synced,
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "policy inputs published"
+    );
     out.send_replace(PolicyState {
         revision,
-        cluster: Arc::new(index.cluster()),
-        synced: index.synced(),
-        index: Arc::new(index.clone()),
+        cluster,
+        synced,
+        // Not the index itself: cloning a cluster's worth of peers for every event was the follower's largest
+        // cost after the compile.
+        local_pods: Arc::new(
+            index
+                .local_pods
+                .values()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
+        ),
         peer_watches,
     });
 }

@@ -1,8 +1,8 @@
-//! nftables in a namespace: `nft` run with the namespace entered (`nsenter --net=<path> nft …`), since the
-//! dataplane crate has no nftables client yet. Every call names the namespace explicitly; nothing here ever
-//! runs `nft` in the caller's namespace unless the caller passes that namespace. When the caller already is in
-//! that namespace (the agent on a node: hostNetwork, converging its own namespace) `nft` runs directly: `nsenter`
-//! would `setns`, which needs CAP_SYS_ADMIN even into one's own namespace.
+//! nftables in a namespace: `nft` run with the namespace entered. Every call names the namespace explicitly;
+//! nothing here ever runs `nft` in the caller's namespace unless the caller passes that namespace. When the caller
+//! already is in that namespace (the agent on a node: hostNetwork, converging its own namespace) `nft` runs
+//! directly; otherwise it is spawned from a thread that entered the namespace (`setns`, which needs
+//! CAP_SYS_ADMIN): one process per call, where `nsenter --net=… nft` made two.
 
 use std::io::Write;
 use std::path::Path;
@@ -15,15 +15,26 @@ use super::RoutedError;
 
 /// Runs `nft <args>` inside the namespace at `netns`, feeding `stdin` if given; returns stdout.
 pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, RoutedError> {
+    if is_current_netns(netns) {
+        return run_nft(args, stdin);
+    }
     let what = format!("nft {}", args.join(" "));
-    let mut cmd = if is_current_netns(netns) {
-        Command::new("nft")
-    } else {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", netns.display())).arg("nft");
-        c
-    };
-    let mut child = cmd
+    let ns = underlay_dataplane::Netns::open(netns).map_err(|e| RoutedError::Nft {
+        what: what.clone(),
+        detail: format!("opening the namespace: {e}"),
+    })?;
+    // The child inherits the namespace of the thread that spawns it.
+    ns.run(|| Ok(run_nft(args, stdin)))
+        .map_err(|e| RoutedError::Nft {
+            what,
+            detail: format!("entering the namespace: {e}"),
+        })?
+}
+
+/// Runs `nft <args>` in the calling thread's namespace.
+fn run_nft(args: &[&str], stdin: Option<&str>) -> Result<String, RoutedError> {
+    let what = format!("nft {}", args.join(" "));
+    let mut child = Command::new("nft")
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -35,7 +46,7 @@ pub fn nft_in(netns: &Path, args: &[&str], stdin: Option<&str>) -> Result<String
         .spawn()
         .map_err(|e| RoutedError::Nft {
             what: what.clone(),
-            detail: format!("cannot run nsenter/nft: {e}"),
+            detail: format!("cannot run nft: {e}"),
         })?;
     if let Some(text) = stdin {
         // Dropping the handle closes the pipe so nft sees end of input.

@@ -183,9 +183,26 @@ pub(crate) fn node_health(
     }
     .map_err(|e| AgentError::Config(format!("node namespace: {e}")))?;
     let listener = bind_in(&ns, addr)?;
-    let health = HealthServer::from_std(listener, ready, Some(socket))?.with_metrics(metrics);
-    tracing::info!(addr = %addr, node = %node, "health endpoint listening");
+    let echo = bind_echo_in(&ns, addr)?;
+    let health = HealthServer::from_std(listener, ready, Some(socket))?
+        .with_metrics(metrics)
+        .with_probe_echo(echo)?;
+    tracing::info!(addr = %addr, node = %node, "health endpoint and probe echo listening");
     Ok((ns, health))
+}
+
+/// The forwarder probe's UDP socket on `addr`, created inside `ns`.
+pub(crate) fn bind_echo_in(
+    ns: &Netns,
+    addr: SocketAddr,
+) -> Result<std::net::UdpSocket, AgentError> {
+    ns.run(move || Ok(std::net::UdpSocket::bind(addr)))
+        .map_err(|e| AgentError::Config(format!("entering the node namespace: {e}")))?
+        .map_err(|source| AgentError::Io {
+            what: "bind the probe echo",
+            path: PathBuf::from(addr.to_string()),
+            source,
+        })
 }
 
 /// A listening TCP socket created inside `ns` (it stays there whichever thread uses it).

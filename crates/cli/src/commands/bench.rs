@@ -26,6 +26,8 @@ enum Kind {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
+    // Reports go to stdout; the components a bench runs log errors to stderr (more with `RUST_LOG`).
+    super::init_tracing("error");
     match args.kind {
         Kind::Plan(a) => super::bench_plan::exec(a),
         Kind::Cni(a) => super::bench_cni::exec(a),

@@ -75,6 +75,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         cni_plugin: args.cni_plugin,
         mode: super::lab::LabMode::Routed,
         instance_type: underlay_lab::scenario::NODE_TYPE.to_string(),
+        // Build times comparable with earlier runs: EC2 answers at once (the token buckets still apply).
+        no_aws_latency: true,
     })?;
     let baseline = status_kib("VmRSS:")?;
     let lab = Lab::up(c)?;

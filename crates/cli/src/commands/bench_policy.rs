@@ -30,6 +30,9 @@ pub struct Args {
     events: usize,
     #[arg(long, default_value_t = 2000)]
     event_timeout_ms: u64,
+    /// How long the burst of policies may take to reach every node before events are timed anyway.
+    #[arg(long, default_value_t = 180)]
+    burst_timeout_s: u64,
     #[arg(long, default_value_t = 500)]
     rtt_rounds: usize,
     #[arg(long, default_value_t = 2000)]
@@ -58,6 +61,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         adds: args.adds,
         events: args.events,
         event_timeout: Duration::from_millis(args.event_timeout_ms),
+        burst_timeout: Duration::from_secs(args.burst_timeout_s),
         rtt_rounds: args.rtt_rounds,
         throughput_for: Duration::from_millis(args.throughput_ms),
     };

@@ -57,8 +57,20 @@ pub struct Args {
     #[arg(long, default_value_t = underlay_core::topology::DEFAULT_ROUTE_LIMIT)]
     route_limit: u32,
     /// Forwarder health probe interval (ms).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = underlay_controller::config::DEFAULT_PROBE_INTERVAL.as_millis() as u64)]
     probe_interval_ms: u64,
+    /// Time a probe round waits for replies (ms; at most the interval).
+    #[arg(long, default_value_t = underlay_controller::config::DEFAULT_PROBE_TIMEOUT.as_millis() as u64)]
+    probe_timeout_ms: u64,
+    /// Consecutive missed probe rounds that fail a forwarder.
+    #[arg(long, default_value_t = underlay_core::health::DEFAULT_MISSES_TO_FAIL)]
+    probe_misses: u32,
+    /// Consecutive missed probes that restart a recovering forwarder's hold-down (1: any miss does).
+    #[arg(long, default_value_t = underlay_core::health::DEFAULT_HOLD_DOWN_MISSES)]
+    hold_down_misses: u32,
+    /// Probe forwarders over HTTP (`GET /healthz`, a TCP connection per probe) instead of the UDP echo.
+    #[arg(long)]
+    probe_http: bool,
     /// A failed forwarder must stay healthy this long before routes return to it (s).
     #[arg(long, default_value_t = 30)]
     hold_down_s: u64,
@@ -269,6 +281,13 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         routed.max_ops_per_pass = Some(underlay_controller::routes::DEFAULT_QUEUED_OPS_PER_PASS);
         let mut config = ControllerConfig::new(routed);
         config.probe.interval = Duration::from_millis(args.probe_interval_ms);
+        config.probe.timeout =
+            Duration::from_millis(args.probe_timeout_ms).min(config.probe.interval);
+        config.health.misses_to_fail = args.probe_misses.max(1);
+        config.health.hold_down_misses = args.hold_down_misses.max(1);
+        if args.probe_http {
+            config.probe.transport = underlay_controller::ProbeTransport::Http;
+        }
         config.health.hold_down = Duration::from_secs(args.hold_down_s);
         run_routed_on_kube(
             client,

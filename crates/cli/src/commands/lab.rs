@@ -47,8 +47,8 @@ pub(super) struct Shape {
     /// Pod block size per node (prefix length).
     #[arg(long, default_value_t = 26)]
     pub(super) block: u8,
-    /// Forwarder health probe interval (ms).
-    #[arg(long, default_value_t = 1000)]
+    /// Forwarder health probe interval (ms); the controller's default.
+    #[arg(long, default_value_t = underlay_controller::config::DEFAULT_PROBE_INTERVAL.as_millis() as u64)]
     pub(super) probe_interval_ms: u64,
     /// How long a recovered forwarder must stay healthy before its routes return (s).
     #[arg(long, default_value_t = 10)]
@@ -63,6 +63,10 @@ pub(super) struct Shape {
     /// EC2 instance type of every node (its ENI and address limits apply).
     #[arg(long, default_value = underlay_lab::scenario::NODE_TYPE)]
     pub(super) instance_type: String,
+    /// Turn off vpcsim's AWS-like route timing (route calls 100–300 ms, a route change reaching the fabric
+    /// 200–500 ms after the call): every call answers at once and the fabric follows at once.
+    #[arg(long)]
+    pub(super) no_aws_latency: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -203,6 +207,7 @@ pub(super) fn config(shape: &Shape) -> anyhow::Result<LabConfig> {
     c.hold_down = Duration::from_secs(shape.hold_down_s);
     c.mode = shape.mode.api();
     c.instance_type = shape.instance_type.clone();
+    c.aws_route_latency = !shape.no_aws_latency;
     c.validate()?;
     Ok(c)
 }
@@ -342,6 +347,9 @@ fn shape_args(s: &Shape) -> Vec<String> {
     ];
     if let Some(p) = &s.cni_plugin {
         v.push(format!("--cni-plugin={}", p.display()));
+    }
+    if s.no_aws_latency {
+        v.push("--no-aws-latency".to_string());
     }
     v
 }

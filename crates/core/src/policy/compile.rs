@@ -59,10 +59,61 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
-    /// Forget everything: call it whenever the inputs ([`Cluster`]) change.
+    /// Forget everything.
     pub fn clear(&mut self) {
         self.peers.clear();
         self.local_addresses.clear();
+    }
+
+    /// The inputs changed from `old` to `new`: keep the resolutions the change cannot affect. Policies do not
+    /// enter a resolution (it is keyed by its selectors), so only pods that changed, came or went evict the
+    /// resolutions they are or were in; a namespace change, or a change of many pods, clears everything.
+    pub fn invalidate(&mut self, old: &Cluster, new: &Cluster) {
+        if old.namespaces != new.namespaces {
+            return self.clear();
+        }
+        fn key(p: &Pod) -> (&str, &str) {
+            (p.namespace.as_str(), p.name.as_str())
+        }
+        let before: HashMap<(&str, &str), &Pod> = old.pods.iter().map(|p| (key(p), p)).collect();
+        let mut after: HashMap<(&str, &str), &Pod> = HashMap::with_capacity(new.pods.len());
+        let mut changed: Vec<&Pod> = Vec::new();
+        for p in &new.pods {
+            match before.get(&key(p)) {
+                Some(q) if *q == p => {}
+                Some(q) => changed.extend([*q, p]),
+                None => changed.push(p),
+            }
+            after.insert(key(p), p);
+        }
+        changed.extend(old.pods.iter().filter(|p| !after.contains_key(&key(p))));
+        // Past a few hundred, scanning the resolutions per pod costs more than resolving again.
+        if changed.len() > 256 {
+            return self.clear();
+        }
+        let namespaces: BTreeMap<&str, &Labels> = new
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect();
+        for pod in changed {
+            self.evict(pod, &namespaces);
+        }
+    }
+
+    /// Drops the resolutions `pod` could be in (by its namespace and labels).
+    fn evict(&mut self, pod: &Pod, namespaces: &BTreeMap<&str, &Labels>) {
+        self.peers.retain(|(own, ns_sel, pod_sel), _| {
+            let in_namespace = match own {
+                Some(own) => *own == pod.namespace,
+                None => ns_sel.as_ref().is_some_and(|sel| {
+                    namespaces
+                        .get(pod.namespace.as_str())
+                        .is_some_and(|l| sel.matches(l))
+                }),
+            };
+            !(in_namespace && pod_sel.as_ref().is_none_or(|s| s.matches(&pod.labels)))
+        });
     }
 
     /// Keeps only the resolutions that cannot include a pod whose local address changed since the last compile
@@ -89,24 +140,14 @@ impl CompileCache {
             .filter_map(|(ns, name)| pods.get(&(ns.as_str(), name.as_str())).copied())
             .collect();
         for pod in changed {
-            self.peers.retain(|(own, ns_sel, pod_sel), _| {
-                let in_namespace = match own {
-                    Some(own) => *own == pod.namespace,
-                    None => ns_sel.as_ref().is_some_and(|sel| {
-                        namespaces
-                            .get(pod.namespace.as_str())
-                            .is_some_and(|l| sel.matches(l))
-                    }),
-                };
-                !(in_namespace && pod_sel.as_ref().is_none_or(|s| s.matches(&pod.labels)))
-            });
+            self.evict(pod, namespaces);
         }
         self.local_addresses = now;
     }
 }
 
-/// [`compile`], reusing and refilling `cache`. The result is the same as [`compile`]'s as long as the cache
-/// is cleared whenever `cluster` changes ([`CompileCache::clear`]).
+/// [`compile`], reusing and refilling `cache`. The result is the same as [`compile`]'s as long as the cache is
+/// told of every change of `cluster` ([`CompileCache::invalidate`], or [`CompileCache::clear`]).
 pub fn compile_with(cluster: &Cluster, local: &[LocalPod], cache: &mut CompileCache) -> Compiled {
     let mut local: Vec<&LocalPod> = local.iter().collect();
     local.sort();
@@ -346,6 +387,54 @@ impl Cx<'_> {
         found
     }
 
+    /// The shared set of `group`'s addresses (all ipBlocks for [`SetKind::Addr`], all selector peers for
+    /// [`SetKind::PodAddr`]), created in `model` on first use, and its ranges. The set is named by what selects
+    /// its members (the peers, the policy's namespace standing in for a missing namespace selector), so policies
+    /// naming the same peers share one set: a thousand policies allowing a hundred groups hold a hundred sets,
+    /// not a thousand copies.
+    fn peer_set(
+        &self,
+        model: &mut PolicyModel,
+        pol: &NetworkPolicy,
+        group: &[NormPeer],
+        kind: SetKind,
+    ) -> (String, Vec<AddrRange>) {
+        let name = format!(
+            "{}a{}_{}",
+            names::NFT_POLICY_PREFIX,
+            short_hash(&peers_identity(pol, group)),
+            kind.suffix()
+        );
+        // (The borrow ends with this statement, before the insert below borrows mutably.)
+        let known = self.peer_sets.borrow().get(&name).cloned();
+        if let Some(ranges) = known {
+            return (name, ranges);
+        }
+        let all: Vec<(Ipv4Addr, Ipv4Addr)> = group
+            .iter()
+            .flat_map(|p| self.peer_pods(pol, p))
+            .map(|r| (r.start, r.end))
+            .collect();
+        let ranges: Vec<AddrRange> = merge_overlapping(all)
+            .into_iter()
+            .map(|(s, e)| AddrRange::new(s, e))
+            .collect();
+        let elements = match kind {
+            // Pod addresses one by one: a hash set holds no ranges.
+            SetKind::PodAddr => ranges
+                .iter()
+                .flat_map(|r| (u32::from(r.start)..=u32::from(r.end)).map(Ipv4Addr::from))
+                .map(|ip| Element::Addr(AddrRange::single(ip)))
+                .collect(),
+            _ => ranges.iter().map(|r| Element::Addr(*r)).collect(),
+        };
+        model.sets.insert(name.clone(), NftSet { kind, elements });
+        self.peer_sets
+            .borrow_mut()
+            .insert(name.clone(), ranges.clone());
+        (name, ranges)
+    }
+
     fn emit_policy(
         &self,
         model: &mut PolicyModel,
@@ -358,12 +447,9 @@ impl Cx<'_> {
         let mut lines = Vec::new();
         for (i, rule) in pol.rules(dir).iter().enumerate() {
             let stem = format!("{base}{i}");
-            // Peers: None = every address. The address set is named by what selects its members (the rule's
-            // valid peers, the policy's namespace standing in for a missing namespace selector), so policies
-            // naming the same peers share one set: a thousand policies allowing a hundred groups hold a hundred
-            // sets, not a thousand copies.
             let mut peer_ranges: Option<Vec<AddrRange>> = None;
-            let mut peers_set: Option<String> = None;
+            // Empty: every address (the rule names no peers).
+            let mut peer_sets: Vec<String> = Vec::new();
             if !rule.peers.is_empty() {
                 let valid: Vec<NormPeer> = rule
                     .peers
@@ -373,39 +459,38 @@ impl Cx<'_> {
                 if valid.is_empty() {
                     continue; // every peer invalid: the rule matches nothing
                 }
-                let name = format!(
-                    "{}a{}_{}",
-                    names::NFT_POLICY_PREFIX,
-                    short_hash(&peers_identity(pol, &valid)),
-                    SetKind::Addr.suffix()
-                );
-                // (The borrow ends with this statement, before the closure below borrows mutably.)
-                let ranges = self.peer_sets.borrow().get(&name).cloned();
-                let ranges = ranges.unwrap_or_else(|| {
-                    let all: Vec<(Ipv4Addr, Ipv4Addr)> = valid
-                        .iter()
-                        .flat_map(|p| self.peer_pods(pol, p))
-                        .map(|r| (r.start, r.end))
-                        .collect();
-                    let ranges: Vec<AddrRange> = merge_overlapping(all)
-                        .into_iter()
-                        .map(|(s, e)| AddrRange::new(s, e))
-                        .collect();
-                    model.sets.insert(
-                        name.clone(),
-                        NftSet {
-                            kind: SetKind::Addr,
-                            elements: ranges.iter().map(|r| Element::Addr(*r)).collect(),
-                        },
-                    );
-                    self.peer_sets
-                        .borrow_mut()
-                        .insert(name.clone(), ranges.clone());
-                    ranges
-                });
-                peer_ranges = Some(ranges);
-                peers_set = Some(name);
+                // ipBlocks go to an interval set, selector peers to a hash set of pod addresses: one accept
+                // line per set, the same ports on each.
+                let (blocks, pods): (Vec<NormPeer>, Vec<NormPeer>) = valid
+                    .into_iter()
+                    .partition(|p| matches!(p, NormPeer::Block(_)));
+                let mut all = Vec::new();
+                for (group, kind) in [(blocks, SetKind::Addr), (pods, SetKind::PodAddr)] {
+                    if group.is_empty() {
+                        continue;
+                    }
+                    let (name, ranges) = self.peer_set(model, pol, &group, kind);
+                    all.extend(ranges);
+                    peer_sets.push(name);
+                }
+                peer_ranges = Some(all);
             }
+            let accept = |lines: &mut Vec<ChainRule>, ports: Option<PortMatch>| {
+                if peer_sets.is_empty() {
+                    lines.push(ChainRule::Accept {
+                        dir,
+                        peers: None,
+                        ports: ports.clone(),
+                    });
+                }
+                for set in &peer_sets {
+                    lines.push(ChainRule::Accept {
+                        dir,
+                        peers: Some(set.clone()),
+                        ports: ports.clone(),
+                    });
+                }
+            };
             let (ranges, named): (Vec<NormPort>, Vec<NormPort>) = if rule.ports.is_empty() {
                 (Vec::new(), Vec::new())
             } else {
@@ -422,11 +507,7 @@ impl Cx<'_> {
                     .partition(|p| matches!(p, NormPort::Range(..)))
             };
             if rule.ports.is_empty() {
-                lines.push(ChainRule::Accept {
-                    dir,
-                    peers: peers_set.clone(),
-                    ports: None,
-                });
+                accept(&mut lines, None);
                 continue;
             }
             if !ranges.is_empty() {
@@ -436,7 +517,7 @@ impl Cx<'_> {
                         by_proto.entry(*p).or_default().push((*lo, *hi));
                     }
                 }
-                let elements = by_proto
+                let elements: BTreeSet<Element> = by_proto
                     .into_iter()
                     .flat_map(|(p, v)| {
                         merge_overlapping(v)
@@ -444,19 +525,18 @@ impl Cx<'_> {
                             .map(move |(lo, hi)| Element::ProtoPort(p, lo, hi))
                     })
                     .collect();
-                let name = format!("{stem}_{}", SetKind::ProtoPort.suffix());
-                model.sets.insert(
-                    name.clone(),
-                    NftSet {
-                        kind: SetKind::ProtoPort,
-                        elements,
-                    },
-                );
-                lines.push(ChainRule::Accept {
-                    dir,
-                    peers: peers_set.clone(),
-                    ports: Some(PortMatch::ProtoPort(name)),
-                });
+                // An interval set only when a range needs one (see [`SetKind::PodAddr`]).
+                let kind = if elements
+                    .iter()
+                    .any(|e| matches!(e, Element::ProtoPort(_, lo, hi) if lo != hi))
+                {
+                    SetKind::ProtoPort
+                } else {
+                    SetKind::ProtoPortExact
+                };
+                let name = format!("{stem}_{}", kind.suffix());
+                model.sets.insert(name.clone(), NftSet { kind, elements });
+                accept(&mut lines, Some(PortMatch::ProtoPort(name)));
             }
             if !named.is_empty() {
                 let wanted: BTreeSet<(Protocol, &str)> = named
@@ -498,11 +578,7 @@ impl Cx<'_> {
                                 elements,
                             },
                         );
-                        lines.push(ChainRule::Accept {
-                            dir,
-                            peers: peers_set.clone(),
-                            ports: Some(PortMatch::IfProtoPort(name)),
-                        });
+                        accept(&mut lines, Some(PortMatch::IfProtoPort(name)));
                     }
                     PolicyType::Egress => {
                         // Resolved on each destination: every pod among the peers (or anywhere, with no peers).

@@ -3,6 +3,13 @@
 //! A change is set element adds and deletes, map entry changes, and whole chains added, deleted or rewritten
 //! only when their rules differ: nothing unchanged is flushed and reloaded. The kernel applies a batch as one
 //! transaction, so no packet sees a half-applied change.
+//!
+//! **Generations.** A packet of an established connection skips the policy chains when its conntrack mark
+//! carries the current generation, stamped when an earlier packet of that connection passed both directions'
+//! policy ([`names::NFT_CHAIN_POLICY_ESTABLISHED`], [`names::NFT_CHAIN_POLICY_VERIFIED`]). So the per-packet cost
+//! of a connection that policy allowed does not grow with the policies selecting its pods. A change that may
+//! deny something ([`revokes`]) moves to the next generation in the same transaction, so every connection is
+//! evaluated again at its next packet against the new rules: a connection a change denies still stops there.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -188,12 +195,69 @@ pub struct PolicyObjects {
     pub chains: BTreeSet<String>,
     pub sets: BTreeSet<String>,
     pub maps: BTreeSet<String>,
+    /// The generation the kernel's policy chains stamp, if they exist (the next install must use another).
+    pub generation: Option<u16>,
 }
 
 impl PolicyObjects {
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty() && self.sets.is_empty() && self.maps.is_empty()
     }
+}
+
+/// Whether applying `ops` may deny a packet the previous state allowed, so that connections stamped with the
+/// current generation must be evaluated again: elements leaving a set, a chain rewritten, a map entry set (a
+/// pod newly selected counts: its connections were stamped while nothing selected it). Additions only open; a
+/// map entry leaving means a pod no policy selects any more (or gone), and the sets and chains deleted with it
+/// are no longer referenced.
+pub fn revokes(ops: &[PolicyOp]) -> bool {
+    ops.iter().any(|op| {
+        matches!(
+            op,
+            PolicyOp::DeleteElements { .. }
+                | PolicyOp::ReplaceChain { .. }
+                | PolicyOp::SetMapEntry { .. }
+        )
+    })
+}
+
+/// The generation after `g`: 16 bits of the conntrack mark, never 0 (an unstamped connection's value).
+pub fn next_generation(g: u16) -> u16 {
+    g.checked_add(1).unwrap_or(1)
+}
+
+/// The lines that make `generation` current: the two generation chains rewritten (in the same batch as the
+/// change that needs it).
+pub fn render_generation(generation: u16) -> String {
+    let mut s = String::new();
+    let value = u32::from(generation) << 16;
+    let mask = names::CT_MARK_POLICY_MASK;
+    let _ = writeln!(
+        s,
+        "flush chain {} {}",
+        t(),
+        names::NFT_CHAIN_POLICY_ESTABLISHED
+    );
+    let _ = writeln!(
+        s,
+        "add rule {} {} ct state established ct mark and {mask:#010x} == {value:#010x} counter accept",
+        t(),
+        names::NFT_CHAIN_POLICY_ESTABLISHED
+    );
+    let _ = writeln!(
+        s,
+        "flush chain {} {}",
+        t(),
+        names::NFT_CHAIN_POLICY_VERIFIED
+    );
+    let _ = writeln!(
+        s,
+        "add rule {} {} ct mark set ct mark and {:#010x} or {value:#010x} accept",
+        t(),
+        names::NFT_CHAIN_POLICY_VERIFIED,
+        !mask
+    );
+    s
 }
 
 /// Elements per `add element` line.
@@ -231,7 +295,9 @@ fn element(e: &Element) -> String {
 fn set_type(kind: SetKind) -> &'static str {
     match kind {
         SetKind::Addr => "type ipv4_addr; flags interval;",
+        SetKind::PodAddr => "type ipv4_addr;",
         SetKind::ProtoPort => "type inet_proto . inet_service; flags interval;",
+        SetKind::ProtoPortExact => "type inet_proto . inet_service;",
         SetKind::AddrProtoPort => "type ipv4_addr . inet_proto . inet_service;",
         SetKind::IfProtoPort => "type ifname . inet_proto . inet_service;",
     }
@@ -269,7 +335,14 @@ fn rule_text(r: &ChainRule) -> String {
                     let _ = write!(s, "oifname . meta l4proto . th dport @{set} ");
                 }
             }
-            s.push_str("accept");
+            // An ingress accept is the last policy step of a forwarded packet (egress is evaluated first): it
+            // stamps the connection with the generation as it accepts.
+            match dir {
+                PolicyType::Ingress => {
+                    let _ = write!(s, "goto {}", names::NFT_CHAIN_POLICY_VERIFIED);
+                }
+                PolicyType::Egress => s.push_str("accept"),
+            }
             s
         }
     }
@@ -405,11 +478,19 @@ fn render_delete(s: &mut String, existing: &PolicyObjects) {
     }
 }
 
-/// One batch that removes every `existing` policy object and installs `model` with the skeleton: what the
-/// agent applies at start (state rebuilt from the inputs, with no instant without policy in between).
-pub fn render_install(model: &PolicyModel, existing: &PolicyObjects) -> String {
+/// One batch that removes every `existing` policy object and installs `model` with the skeleton, stamping
+/// `generation` (use one `existing` does not: see [`PolicyObjects::generation`]): what the agent applies at start
+/// (state rebuilt from the inputs, with no instant without policy in between).
+pub fn render_install(model: &PolicyModel, existing: &PolicyObjects, generation: u16) -> String {
     let mut s = format!("table {}\n", t());
     render_delete(&mut s, existing);
+    for chain in [
+        names::NFT_CHAIN_POLICY_ESTABLISHED,
+        names::NFT_CHAIN_POLICY_VERIFIED,
+    ] {
+        let _ = writeln!(s, "add chain {} {chain}", t());
+    }
+    s.push_str(&render_generation(generation));
     for dir in [PolicyType::Egress, PolicyType::Ingress] {
         let _ = writeln!(
             s,
@@ -425,6 +506,8 @@ pub fn render_install(model: &PolicyModel, existing: &PolicyObjects) -> String {
         body.strip_prefix(&format!("table {}\n", t()))
             .unwrap_or(&body),
     );
+    // (chain, hook, priority, key, map, stamped): egress is evaluated before ingress on forwarded packets, and
+    // only a forwarded packet that passed both is stamped; packets to the node itself are evaluated each time.
     let skeleton = [
         (
             names::NFT_CHAIN_POLICY_FORWARD_EGRESS,
@@ -432,6 +515,7 @@ pub fn render_install(model: &PolicyModel, existing: &PolicyObjects) -> String {
             names::NFT_PRIORITY_POLICY_EGRESS,
             "iifname",
             names::NFT_MAP_POLICY_EGRESS_IF,
+            false,
         ),
         (
             names::NFT_CHAIN_POLICY_INPUT_EGRESS,
@@ -439,6 +523,7 @@ pub fn render_install(model: &PolicyModel, existing: &PolicyObjects) -> String {
             names::NFT_PRIORITY_POLICY_EGRESS,
             "iifname",
             names::NFT_MAP_POLICY_EGRESS_IF,
+            false,
         ),
         (
             names::NFT_CHAIN_POLICY_FORWARD_INGRESS,
@@ -446,22 +531,41 @@ pub fn render_install(model: &PolicyModel, existing: &PolicyObjects) -> String {
             names::NFT_PRIORITY_POLICY_INGRESS,
             "oifname",
             names::NFT_MAP_POLICY_INGRESS_IF,
+            true,
         ),
     ];
-    for (chain, hook, prio, key, map) in skeleton {
+    for (chain, hook, prio, key, map, stamps) in skeleton {
         let _ = writeln!(
             s,
             "add chain {} {chain} {{ type filter hook {hook} priority {prio}; policy accept; }}",
             t()
         );
-        // Replies of tracked connections pass; every original-direction packet is evaluated, so a
-        // connection a policy change now denies stops at its next packet.
+        // Replies of tracked connections pass. An original-direction packet passes without evaluation only
+        // when its connection was stamped by the current generation; any change that may deny moves the
+        // generation, so a connection a policy change now denies stops at its next packet.
         let _ = writeln!(s, "add rule {} {chain} ct direction reply accept", t());
+        if hook == "forward" {
+            let _ = writeln!(
+                s,
+                "add rule {} {chain} jump {}",
+                t(),
+                names::NFT_CHAIN_POLICY_ESTABLISHED
+            );
+        }
         let _ = writeln!(
             s,
             "add rule {} {chain} meta nfproto ipv4 {key} vmap @{map}",
             t()
         );
+        if stamps {
+            // No policy selects the destination for ingress: the packet passed; stamp it.
+            let _ = writeln!(
+                s,
+                "add rule {} {chain} goto {}",
+                t(),
+                names::NFT_CHAIN_POLICY_VERIFIED
+            );
+        }
     }
     s
 }

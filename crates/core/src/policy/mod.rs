@@ -21,7 +21,10 @@ pub mod selector;
 pub mod validate;
 
 pub use compile::{CompileCache, Compiled, LocalPod, compile, compile_with};
-pub use diff::{PolicyOp, apply, diff, render_install, render_ops, render_remove_all};
+pub use diff::{
+    PolicyOp, apply, diff, next_generation, render_generation, render_install, render_ops,
+    render_remove_all, revokes,
+};
 pub use eval::{Decision, DirectionVerdict, Exemption, allows, evaluate};
 pub use model::{
     Cluster, IpBlock, Labels, NamedPort, Namespace, NetworkPolicy, Node, Packet, Peer, Pod,

@@ -2,15 +2,12 @@
 //! the controller's health prober, which connects from the controller host's namespace as a controller pod on a
 //! node would.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use underlay_controller::probe::{ProbeTarget, Prober};
-use underlay_core::health::Probe;
 use underlay_dataplane::Netns;
 
 /// UDP port every lab echo server listens on.
@@ -148,58 +145,14 @@ impl EchoClient {
     }
 }
 
-/// The controller's health prober in the lab: `GET <path>` from the controller host's namespace.
-#[derive(Debug, Clone)]
-pub struct NetnsProber {
-    pub netns: String,
-    pub path: String,
-    pub timeout: Duration,
-}
-
-#[async_trait::async_trait]
-impl Prober for NetnsProber {
-    async fn probe(&self, target: &ProbeTarget) -> Probe {
-        let (ns, path, timeout, addr) = (
-            self.netns.clone(),
-            self.path.clone(),
-            self.timeout,
-            target.addr,
-        );
-        let ok = tokio::task::spawn_blocking(move || http_get_in(&ns, addr, &path, timeout))
-            .await
-            .unwrap_or(false);
-        if ok { Probe::Success } else { Probe::Miss }
-    }
-}
-
-fn http_get_in(netns: &str, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
-    let Ok(ns) = Netns::named(netns) else {
-        return false;
-    };
-    let start = Instant::now();
-    let Ok(Ok(mut s)) = ns.run(move || Ok(TcpStream::connect_timeout(&addr, timeout))) else {
-        return false;
-    };
-    let left = timeout
-        .saturating_sub(start.elapsed())
-        .max(Duration::from_millis(1));
-    if s.set_read_timeout(Some(left)).is_err() || s.set_write_timeout(Some(left)).is_err() {
-        return false;
-    }
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: underlay-controller\r\nConnection: close\r\n\r\n"
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 32];
-    let mut got = 0;
-    while got < 12 {
-        match s.read(&mut buf[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    let head = &buf[..got];
-    head.starts_with(b"HTTP/1.") && head.len() >= 12 && head[9] == b'2'
+/// The controller's default prober ([`underlay_controller::UdpProber`]) with its socket bound inside `netns`.
+pub fn netns_udp_prober(netns: String, timeout: Duration) -> underlay_controller::UdpProber {
+    underlay_controller::UdpProber::with_socket(
+        timeout,
+        Box::new(move || {
+            let ns = Netns::named(&netns).map_err(std::io::Error::other)?;
+            ns.run(|| Ok(std::net::UdpSocket::bind("0.0.0.0:0")))
+                .map_err(std::io::Error::other)?
+        }),
+    )
 }

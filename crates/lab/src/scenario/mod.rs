@@ -44,7 +44,7 @@ use crate::{Fabric, FabricOptions, LabId, kernel};
 
 pub use check::{CheckReport, PathClass};
 pub use churn::{ChurnReport, default_burst};
-pub use failover::FailoverReport;
+pub use failover::{BLACKHOLE_BAR, FailoverReport, FailoverStages};
 pub use report::{DemoReport, StatusReport};
 
 /// Zones of the lab's region, in order.
@@ -94,6 +94,9 @@ pub struct LabConfig {
     /// The Lease's duration and renewal period (a standby takes over this long after the leader's last renewal).
     pub lease_duration: Duration,
     pub lease_renew: Duration,
+    /// vpcsim's AWS-like route timing (`Faults::aws_route_model`: route calls 100–300 ms, DescribeRouteTables
+    /// 100–300 ms, a route change reaching the fabric 200–500 ms after its call answered). On by default.
+    pub aws_route_latency: bool,
 }
 
 impl LabConfig {
@@ -110,7 +113,7 @@ impl LabConfig {
             route_limit: 8,
             seed: 1,
             block_prefix_len: 26,
-            probe_interval: Duration::from_secs(1),
+            probe_interval: underlay_controller::config::DEFAULT_PROBE_INTERVAL,
             hold_down: Duration::from_secs(10),
             cni_plugin,
             mode: underlay_api::Mode::Routed,
@@ -119,6 +122,7 @@ impl LabConfig {
             controller_replicas: 1,
             lease_duration: underlay_controller::lease::DEFAULT_LEASE_DURATION,
             lease_renew: underlay_controller::lease::DEFAULT_RENEW_EVERY,
+            aws_route_latency: true,
         }
     }
 
@@ -297,6 +301,9 @@ impl Lab {
             .route_limit(config.route_limit)
             .address_order(AddressOrder::Lowest)
             .build();
+        if config.aws_route_latency {
+            sim.update_faults(|f| *f = std::mem::take(f).aws_route_model());
+        }
         let started = Instant::now();
         progress(format!(
             "VPC {VPC_CIDR}: {} zones × {} subnets, route limit {} per table",
@@ -528,11 +535,15 @@ impl Lab {
         let cloud: Arc<dyn Cloud> = Arc::new(queue.clone());
         let lanes: Arc<dyn underlay_controller::CloudLanes> =
             Arc::new(underlay_controller::TwoLanes::over_queue(queue));
-        let prober: Arc<dyn underlay_controller::probe::Prober> = Arc::new(echo::NetnsProber {
-            netns: self.id.instance_netns(&self.controller_host.id),
-            path: config.probe.path.clone(),
-            timeout: config.probe.timeout.min(config.probe.interval),
-        });
+        // The controller's prober as in a cluster (one UDP socket, one datagram per forwarder and round), its
+        // socket opened in the controller host's namespace: probes cross the fabric as they would the VPC.
+        let prober: Arc<dyn underlay_controller::probe::Prober> = {
+            let _rt = rt.enter();
+            Arc::new(echo::netns_udp_prober(
+                self.id.instance_netns(&self.controller_host.id),
+                config.probe.timeout.min(config.probe.interval),
+            ))
+        };
         let events = self.controller_events.clone();
         rt.spawn(async move {
             if let Err(e) = underlay_controller::routed::run_routed_on_kube(

@@ -345,6 +345,20 @@ impl FailoverReport {
             self.routes_moved.len(),
             self.only_its_routes_moved
         );
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
+        let _ = writeln!(
+            s,
+            "  blackhole bar ≤ {:.0} ms: {}; from the kill: failure confirmed {}, ReplaceRoute answered {}, \
+             in the fabric {}, first reply {} (probe every {:.0} ms; AWS-like route latency {})",
+            self.blackhole_bar_ms,
+            if self.within_bar() { "met" } else { "NOT met" },
+            ms(self.stages.confirmed_ms),
+            ms(self.stages.replaced_ms),
+            ms(self.stages.effective_ms),
+            ms(self.stages.first_reply_ms),
+            self.stages.probe_every_ms,
+            if self.aws_route_latency { "on" } else { "off" }
+        );
         let _ = writeln!(
             s,
             "  fail-back: {} (hold-down {:.0} s)",

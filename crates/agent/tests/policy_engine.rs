@@ -230,6 +230,42 @@ fn allocate_answers_not_ready_and_keeps_no_address_until_the_pod_is_known() {
     assert!(engine.installed().unwrap().ingress_if.is_empty());
 }
 
+/// An agent's start: its policy inputs may arrive before the IPAM service has read its checkpoint. The first
+/// transaction replaces what the previous agent left, so made before the restore it would drop the verdicts of
+/// the pods that agent served, and their traffic would pass unpoliced until the restore (`lab soak` caught it:
+/// denied datagrams delivered to a policy-selected pod the second its agent came back).
+#[test]
+fn an_engine_awaiting_restore_commits_nothing_until_the_pods_are_restored() {
+    let rec = Recorder::default();
+    let engine = PolicyEngine::awaiting_restore(Box::new(rec.clone()));
+    assert_eq!(
+        engine
+            .set_inputs(inputs(vec![pod("a", "100.64.0.1")]))
+            .unwrap(),
+        SyncOutcome::Waiting
+    );
+    assert!(
+        rec.batches.lock().unwrap().is_empty(),
+        "the previous agent's state stays until the pods are known"
+    );
+    // An admission meanwhile commits nothing, so it is not admitted either.
+    assert!(matches!(
+        engine.admit(key("c2"), local("a", "100.64.0.1", "ul00000000002")),
+        Err(PolicyError::NotReady(_))
+    ));
+    assert!(rec.batches.lock().unwrap().is_empty());
+    engine.restore([(key("c1"), local("a", "100.64.0.1", "ul00000000001"))]);
+    assert!(matches!(
+        engine.resync().unwrap(),
+        SyncOutcome::Applied { full: true, .. }
+    ));
+    let first = rec.batches.lock().unwrap()[0].clone();
+    assert!(
+        first.contains("add element inet underlay pol_ingress_if { \"ul00000000001\" : jump pol_c"),
+        "the restored pod keeps its verdict in the first transaction:\n{first}"
+    );
+}
+
 /// An ADD that races its pod's watch event waits for it (bounded by the admission wait) instead of failing and
 /// waiting for the runtime's retry.
 #[test]

@@ -64,6 +64,10 @@ struct State {
     /// What this process last committed; `None` until its first transaction (which replaces whatever a
     /// previous agent left).
     installed: Option<PolicyModel>,
+    /// Whether this node's existing attachments are known ([`PolicyEngine::restore`]). Until then nothing is
+    /// committed: the first transaction replaces what a previous agent left, and made without the pods that
+    /// agent served it would drop their verdicts (their traffic unpoliced until the restore).
+    restored: bool,
     warnings: Vec<PolicyWarning>,
     unknown: Vec<String>,
     /// Peer resolutions of the current inputs, reused by every compile; new inputs evict what they change.
@@ -93,7 +97,7 @@ pub const DEFAULT_ADMISSION_WAIT: Duration = Duration::from_secs(5);
 /// What one sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// No inputs yet: the kernel was left as it was.
+    /// No inputs yet, or the node's existing attachments not restored yet: the kernel was left as it was.
     Waiting,
     /// The kernel already held the compiled state.
     Unchanged,
@@ -102,7 +106,16 @@ pub enum SyncOutcome {
 }
 
 impl PolicyEngine {
+    /// An engine for a node with no attachments of an earlier agent to restore.
     pub fn new(nft: Box<dyn PolicyNft>) -> Self {
+        let engine = Self::awaiting_restore(nft);
+        engine.lock().restored = true;
+        engine
+    }
+
+    /// An engine that commits nothing until [`PolicyEngine::restore`] has registered the attachments that exist
+    /// already (an agent's start: its policy inputs may arrive before its IPAM checkpoint is read).
+    pub fn awaiting_restore(nft: Box<dyn PolicyNft>) -> Self {
         PolicyEngine {
             state: Mutex::new(State::default()),
             inputs_changed: Condvar::new(),
@@ -146,6 +159,7 @@ impl PolicyEngine {
                 g.local.insert(k, p);
             }
         }
+        g.restored = true;
     }
 
     /// Replaces the inputs and brings the kernel to them.
@@ -196,8 +210,15 @@ impl PolicyEngine {
         let mut g = self.lock();
         Self::check_known(&g, &pod.namespace, &pod.name)?;
         let previous = g.local.insert(key.clone(), pod);
-        match self.sync(&mut g, started) {
-            Ok(_) => Ok(()),
+        let result = match self.sync(&mut g, started) {
+            // Nothing committed (the node's attachments not restored yet): the pod's state is not in the kernel.
+            Ok(SyncOutcome::Waiting) => Err(PolicyError::NotReady(
+                "the agent has not restored this node's pods yet".into(),
+            )),
+            other => other.map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(()),
             Err(e) => {
                 match previous {
                     Some(p) => g.local.insert(key, p),
@@ -284,6 +305,9 @@ impl PolicyEngine {
         let Some(inputs) = g.inputs.clone() else {
             return Ok(SyncOutcome::Waiting);
         };
+        if !g.restored {
+            return Ok(SyncOutcome::Waiting);
+        }
         let local: Vec<LocalPod> = g.local.values().cloned().collect();
         let compile_started = Instant::now();
         let compiled = compile_with(&inputs, &local, &mut g.cache);

@@ -46,7 +46,9 @@ pub(crate) fn spawn_enforcement(
         );
         return None;
     }
-    let engine = Arc::new(PolicyEngine::new(Box::new(NsNft::new(netns))));
+    // Inputs may arrive before the IPAM service has read its checkpoint: nothing is committed until the
+    // service restores the pods this node already has (else their verdicts would be dropped meanwhile).
+    let engine = Arc::new(PolicyEngine::awaiting_restore(Box::new(NsNft::new(netns))));
     engine.set_metrics(metrics);
     let follower = PolicyFollower::start(client, node);
     let states = follower.subscribe();

@@ -157,6 +157,10 @@ enum Cmd {
     /// NetworkPolicy as the Kubernetes e2e suite tests it: namespaces x, y, z with pods a, b, c serving TCP, UDP
     /// and SCTP on 80 and 81; the e2e cases (or `--cases FILE`), every pair, port and protocol checked after each.
     Policy(super::lab_policy::PolicyArgs),
+    /// Pods churning, policies changing and faults drawn from a seed (agent and leader kills, API outages, EC2
+    /// errors, throttling and latency, forwarder deaths, namespaces deleted without DEL), overlapping; invariants
+    /// checked every second; a report with recovery times. Exits non-zero with the seed on any violation.
+    Soak(super::lab_soak::SoakArgs),
     /// The background process behind `up` (not for direct use).
     #[command(hide = true)]
     Serve {
@@ -183,6 +187,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Cmd::Recover { node, target } => request(&target, json!({"cmd": "recover", "node": node})),
         Cmd::Down { name } => down(&name),
         Cmd::Policy(a) => super::lab_policy::exec(a),
+        Cmd::Soak(a) => super::lab_soak::exec(a),
     }
 }
 

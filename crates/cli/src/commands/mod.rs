@@ -15,6 +15,7 @@ pub mod iam_policy;
 pub mod inspect;
 pub mod lab;
 pub mod lab_policy;
+pub mod lab_soak;
 pub mod names;
 pub mod plan;
 pub mod version;

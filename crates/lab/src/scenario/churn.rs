@@ -130,7 +130,7 @@ impl ChurnReport {
 
 /// One node's pool as its record and EC2 state it.
 #[derive(Debug, Default, Clone, PartialEq)]
-struct NodePool {
+pub(super) struct NodePool {
     /// `status.poolSize`.
     size: u32,
     /// Entries of the ENIs' `releasing*` lists.
@@ -155,7 +155,7 @@ fn totals(pools: &[NodePool]) -> (u32, usize, usize) {
 impl Lab {
     /// Every node tidy — nothing withdrawn, EC2 holding exactly the pool, no emptied ENI attached — and no
     /// detached ENI of the cluster left.
-    fn pools_tidy(&self, pools: &[NodePool]) -> bool {
+    pub(super) fn pools_tidy(&self, pools: &[NodePool]) -> bool {
         let detached_left = self
             .sim
             .snapshot()
@@ -201,7 +201,7 @@ impl Lab {
         }
     }
 
-    fn node_pools(&self) -> Vec<NodePool> {
+    pub(super) fn node_pools(&self) -> Vec<NodePool> {
         let snap = self.sim.snapshot();
         self.nodes
             .iter()

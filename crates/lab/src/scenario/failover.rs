@@ -114,7 +114,7 @@ impl Lab {
     }
 
     /// The interfaces of the ENIs attached to node `i`, as named inside the instance (`eth<device index>`).
-    fn node_ifnames(&self, i: usize) -> Vec<String> {
+    pub(super) fn node_ifnames(&self, i: usize) -> Vec<String> {
         let mut devices: Vec<u32> = self
             .sim
             .snapshot()

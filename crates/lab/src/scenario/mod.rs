@@ -11,7 +11,10 @@
 //! ```
 //!
 //! [`Lab::check`] measures a connectivity matrix with UDP echo across every path class; [`Lab::failover`] kills a
-//! forwarder under a steady probe. Everything the lab creates carries its prefix and goes on [`Lab::down`] or drop.
+//! forwarder under a steady probe; [`Lab::soak`] runs churn, policy changes and seeded overlapping faults with
+//! invariants checked every second. Each agent and each controller replica (`controller_replicas`, on the Lease)
+//! runs on a tokio runtime of its own, so that killing one (`kill_agent`, `kill_controller`) drops every task it
+//! spawned, as `kill -9` would. Everything the lab creates carries its prefix and goes on [`Lab::down`] or drop.
 
 mod check;
 mod churn;
@@ -20,6 +23,7 @@ mod echo;
 mod failover;
 pub mod policy;
 mod report;
+pub mod soak;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -92,6 +96,11 @@ pub struct LabConfig {
     /// Eni mode: how long the controller waits before releasing excess addresses (30 s by default in a cluster;
     /// shorter in the lab so that `lab churn` sees pools shrink within the demo).
     pub release_delay: Duration,
+    /// Controller replicas campaigning for the leader Lease (one leads, the others stand by).
+    pub controller_replicas: usize,
+    /// The Lease's duration and renewal period (a standby takes over this long after the leader's last renewal).
+    pub lease_duration: Duration,
+    pub lease_renew: Duration,
     /// vpcsim's AWS-like route timing (`Faults::aws_route_model`: route calls 100–300 ms, DescribeRouteTables
     /// 100–300 ms, a route change reaching the fabric 200–500 ms after its call answered). On by default.
     pub aws_route_latency: bool,
@@ -119,6 +128,9 @@ impl LabConfig {
             mode: underlay_api::Mode::Routed,
             instance_type: NODE_TYPE.to_string(),
             release_delay: Duration::from_secs(3),
+            controller_replicas: 1,
+            lease_duration: underlay_controller::lease::DEFAULT_LEASE_DURATION,
+            lease_renew: underlay_controller::lease::DEFAULT_RENEW_EVERY,
             aws_route_latency: true,
             fast_path: true,
         }
@@ -142,6 +154,12 @@ impl LabConfig {
                 self.pods_per_node,
                 self.block_prefix_len
             );
+        }
+        if self.controller_replicas == 0 || self.controller_replicas > 3 {
+            bail!("controller replicas must be 1 to 3");
+        }
+        if self.lease_renew.is_zero() || self.lease_renew >= self.lease_duration {
+            bail!("the lease renewal period must be non-zero and shorter than the lease");
         }
         if underlay_core::instance_types::lookup(&self.instance_type).is_none() {
             bail!(
@@ -198,10 +216,33 @@ pub struct LabNode {
     pub ready_after: Option<Duration>,
 }
 
+/// A running agent: its own runtime (a node has its agent to itself), so that killing it drops every task it
+/// spawned at once, as `kill -9` would.
 #[derive(Debug)]
 struct AgentHandle {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    rt: tokio::runtime::Runtime,
+}
+
+/// One controller replica, on its own runtime (see [`AgentHandle`]).
+#[derive(Debug)]
+struct ControllerReplica {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    rt: tokio::runtime::Runtime,
+    /// `true` while this replica leads.
+    leading: watch::Receiver<bool>,
+}
+
+/// A one-worker runtime for one component of the lab.
+fn component_runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .with_context(|| format!("starting the runtime of {name}"))
 }
 
 /// One pod: its namespace, address and node.
@@ -219,13 +260,15 @@ pub struct LabPod {
 pub struct Lab {
     pub config: LabConfig,
     id: LabId,
-    rt: tokio::runtime::Runtime,
     pub sim: VpcSim,
     pub vpc: VpcId,
     pub subnets: Vec<LabSubnet>,
     fabric: Option<FabricFollower>,
     api: underlay_apisim::ApiSim,
-    controller: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// Controller replicas by index (`None`: killed or stopped); each campaigns for the leader Lease.
+    controllers: Vec<Option<ControllerReplica>>,
+    /// Starts of each replica, for unique identities across restarts.
+    controller_starts: Vec<u32>,
     controller_events: tokio::sync::broadcast::Sender<underlay_controller::ControllerEvent>,
     pub controller_host: Instance,
     pub nodes: Vec<LabNode>,
@@ -264,11 +307,6 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&config.state_dir);
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
         let sim = VpcSim::builder(config.seed)
             .route_limit(config.route_limit)
             .address_order(AddressOrder::Lowest)
@@ -288,13 +326,13 @@ impl Lab {
             .context("launching the controller host")?;
         let mut lab = Lab {
             id,
-            rt,
             sim: sim.clone(),
             vpc,
             subnets,
             fabric: None,
             api: underlay_apisim::ApiSim::new(),
-            controller: None,
+            controllers: Vec::new(),
+            controller_starts: Vec::new(),
             controller_events: tokio::sync::broadcast::channel(4096).0,
             controller_host,
             nodes: Vec::new(),
@@ -335,7 +373,9 @@ impl Lab {
         ));
 
         let t = Instant::now();
-        self.start_controller();
+        for r in 0..self.config.controller_replicas {
+            self.start_controller(r)?;
+        }
         let mut passes = self.controller_events.subscribe();
         self.step("controller", t);
 
@@ -438,10 +478,57 @@ impl Lab {
         self.controller_events.subscribe()
     }
 
-    fn start_controller(&mut self) {
-        if self.config.mode == underlay_api::Mode::Eni {
-            return self.start_eni_controller();
+    /// Starts (or restarts) controller replica `r` on a runtime of its own; it campaigns for the leader Lease.
+    pub fn start_controller(&mut self, r: usize) -> anyhow::Result<()> {
+        if self.controllers.len() <= r {
+            self.controllers.resize_with(r + 1, || None);
+            self.controller_starts.resize(r + 1, 0);
         }
+        if self.controllers[r].is_some() {
+            bail!("controller replica {r} is running");
+        }
+        self.controller_starts[r] += 1;
+        let rt = component_runtime(&format!("lab-ctl-{r}"))?;
+        let (leading_tx, leading) = watch::channel(false);
+        let opts = underlay_controller::lease::KubeOptions {
+            // A restarted replica is a new pod: a new identity.
+            identity: format!(
+                "lab-{}-controller-{r}-{}",
+                self.id.as_str(),
+                self.controller_starts[r]
+            ),
+            lease_duration: self.config.lease_duration,
+            renew_every: self.config.lease_renew,
+            leading: Some(leading_tx),
+            ..Default::default()
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // kube::Client spawns its buffer task: it must be made inside the runtime.
+        let client = {
+            let _rt = rt.enter();
+            self.api.client()
+        };
+        let task = if self.config.mode == underlay_api::Mode::Eni {
+            self.spawn_eni_controller(&rt, client, opts, stop_rx)
+        } else {
+            self.spawn_routed_controller(&rt, client, opts, stop_rx)
+        };
+        self.controllers[r] = Some(ControllerReplica {
+            stop: stop_tx,
+            task,
+            rt,
+            leading,
+        });
+        Ok(())
+    }
+
+    fn spawn_routed_controller(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        client: kube::Client,
+        opts: underlay_controller::lease::KubeOptions,
+        stop_rx: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let mut routed = underlay_controller::RoutedConfig::new(self.vpc.clone(), POD_CIDR);
         routed.block_prefix_len = self.config.block_prefix_len;
         routed.route_limit = self.config.route_limit as u32;
@@ -451,28 +538,24 @@ impl Lab {
         config.health.hold_down = self.config.hold_down;
         // Every EC2 call the controller makes, describes included, waits in the one rate-aware queue (vpcsim
         // enforces AWS's token buckets: a call around the queue would be throttled as in AWS).
-        let queue = RateLimitedCloud::new(self.sim.clone(), QueueConfig::default());
+        let queue = {
+            let _rt = rt.enter();
+            RateLimitedCloud::new(self.sim.clone(), QueueConfig::default())
+        };
         let cloud: Arc<dyn Cloud> = Arc::new(queue.clone());
         let lanes: Arc<dyn underlay_controller::CloudLanes> =
             Arc::new(underlay_controller::TwoLanes::over_queue(queue));
         // The controller's prober as in a cluster (one UDP socket, one datagram per forwarder and round), its
         // socket opened in the controller host's namespace: probes cross the fabric as they would the VPC.
-        let prober: Arc<dyn underlay_controller::probe::Prober> = Arc::new(echo::netns_udp_prober(
-            self.id.instance_netns(&self.controller_host.id),
-            config.probe.timeout.min(config.probe.interval),
-        ));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        // kube::Client spawns its buffer task: it must be made inside the runtime.
-        let client = {
-            let _rt = self.rt.enter();
-            self.api.client()
+        let prober: Arc<dyn underlay_controller::probe::Prober> = {
+            let _rt = rt.enter();
+            Arc::new(echo::netns_udp_prober(
+                self.id.instance_netns(&self.controller_host.id),
+                config.probe.timeout.min(config.probe.interval),
+            ))
         };
         let events = self.controller_events.clone();
-        let opts = underlay_controller::lease::KubeOptions {
-            identity: format!("lab-{}-controller", self.id.as_str()),
-            ..Default::default()
-        };
-        let task = self.rt.spawn(async move {
+        rt.spawn(async move {
             if let Err(e) = underlay_controller::routed::run_routed_on_kube(
                 client,
                 cloud,
@@ -487,29 +570,28 @@ impl Lab {
             {
                 tracing::error!(error = %format!("{e:#}"), "lab controller stopped");
             }
-        });
-        self.controller = Some((stop_tx, task));
+        })
     }
 
     /// Eni mode: the real eni controller (ENIs created, attached and filled through the rate-aware queue, the
     /// UnderlayNodes' `status.pool.enis`, the Nodes' taints), leader-elected on the API stand-in.
-    fn start_eni_controller(&mut self) {
+    fn spawn_eni_controller(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        client: kube::Client,
+        opts: underlay_controller::lease::KubeOptions,
+        stop_rx: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let settings = underlay_controller::EniSettings {
             release_delay: self.config.release_delay,
             ..underlay_controller::EniSettings::new(format!("lab-{}", self.id.as_str()))
         };
-        let queue = RateLimitedCloud::new(self.sim.clone(), QueueConfig::default());
+        let queue = {
+            let _rt = rt.enter();
+            RateLimitedCloud::new(self.sim.clone(), QueueConfig::default())
+        };
         let cloud: Arc<dyn Cloud> = Arc::new(queue);
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let client = {
-            let _rt = self.rt.enter();
-            self.api.client()
-        };
-        let opts = underlay_controller::lease::KubeOptions {
-            identity: format!("lab-{}-controller", self.id.as_str()),
-            ..Default::default()
-        };
-        let task = self.rt.spawn(async move {
+        rt.spawn(async move {
             if let Err(e) = underlay_controller::eni::kube::run_eni_on_kube(
                 client,
                 cloud,
@@ -522,8 +604,38 @@ impl Lab {
             {
                 tracing::error!(error = %format!("{e:#}"), "lab eni controller stopped");
             }
-        });
-        self.controller = Some((stop_tx, task));
+        })
+    }
+
+    /// The replica leading now, if any.
+    pub fn leader(&self) -> Option<usize> {
+        self.controllers
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| *c.leading.borrow()))
+    }
+
+    /// Replicas running (killed or stopped ones excluded).
+    pub fn controllers_running(&self) -> usize {
+        self.controllers.iter().flatten().count()
+    }
+
+    /// Kills controller replica `r` as `kill -9` would: its runtime goes with every task on it, nothing is
+    /// released (the Lease stays held until it expires).
+    pub fn kill_controller(&mut self, r: usize) {
+        if let Some(c) = self.controllers.get_mut(r).and_then(Option::take) {
+            c.rt.shutdown_background();
+        }
+    }
+
+    /// Stops replica `r` gracefully (it releases the Lease if it holds it).
+    fn stop_controller(&mut self, r: usize) {
+        if let Some(c) = self.controllers.get_mut(r).and_then(Option::take) {
+            let _ = c.stop.send(true);
+            let task = c.task;
+            let _ =
+                c.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+            c.rt.shutdown_timeout(Duration::from_secs(1));
+        }
     }
 
     /// Starts (or restarts) node `i`'s agent in its namespace.
@@ -550,14 +662,15 @@ impl Lab {
         let converge_interval = Duration::from_millis(5000 + (i as u64 % 20) * 50);
         let status_interval = Duration::from_millis(200);
         let (stop, mut rx) = watch::channel(false);
+        let rt = component_runtime(&format!("lab-agent-{i}"))?;
         let client = {
-            let _rt = self.rt.enter();
+            let _rt = rt.enter();
             self.api.client()
         };
         let name = node.name.clone();
         let mode = self.config.mode;
         let fast_path = self.config.fast_path;
-        let task = self.rt.spawn(async move {
+        let task = rt.spawn(async move {
             let shutdown = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
@@ -613,7 +726,7 @@ impl Lab {
                 tracing::error!(node = %name, error = %e, "lab agent stopped");
             }
         });
-        self.nodes[i].agent = Some(AgentHandle { stop, task });
+        self.nodes[i].agent = Some(AgentHandle { stop, task, rt });
         Ok(())
     }
 
@@ -622,10 +735,23 @@ impl Lab {
         if let Some(a) = self.nodes[i].agent.take() {
             let _ = a.stop.send(true);
             let task = a.task;
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+            let _ =
+                a.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+            a.rt.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+
+    /// Kills node `i`'s agent as `kill -9` would: its runtime goes with every task it spawned (IPAM server,
+    /// watches, health endpoint); nothing is cleaned up. Its socket file, checkpoint and kernel state stay.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(a) = self.nodes[i].agent.take() {
+            a.rt.shutdown_background();
+        }
+    }
+
+    /// Whether node `i`'s agent is running.
+    pub fn agent_running(&self, i: usize) -> bool {
+        self.nodes[i].agent.is_some()
     }
 
     fn wait_untainted(&mut self, since: Instant, timeout: Duration) -> anyhow::Result<()> {
@@ -952,11 +1078,8 @@ impl Lab {
         for i in 0..self.nodes.len() {
             self.stop_agent(i);
         }
-        if let Some((stop, task)) = self.controller.take() {
-            let _ = stop.send(true);
-            let _ = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(10), task).await });
+        for r in 0..self.controllers.len() {
+            self.stop_controller(r);
         }
         let mut errors = Vec::new();
         if let Some(f) = self.fabric.take() {

@@ -170,22 +170,24 @@ fn a_refused_transaction_fails_admission_and_keeps_nothing() {
     );
 }
 
+/// An IPAM service on a /28 with a checkpoint in `dir` (no policy attached yet).
+fn ipam_service(dir: &std::path::Path) -> underlay_agent::IpamService {
+    underlay_agent::IpamService::open(
+        underlay_core::ipam::PoolSpec::Block("100.64.0.0/28".parse().unwrap()),
+        std::time::Duration::from_secs(60),
+        underlay_agent::checkpoint::Checkpoint::new(dir.join("ipam.json")),
+        1500,
+        underlay_agent::Fault::None,
+    )
+    .unwrap()
+}
+
 #[test]
 fn allocate_answers_not_ready_and_keeps_no_address_until_the_pod_is_known() {
-    use underlay_agent::checkpoint::Checkpoint;
-    use underlay_agent::{Fault, IpamService};
-    use underlay_core::ipam::PoolSpec;
     use underlay_ipam_api::{ErrorCode, pb};
 
     let dir = tempfile::tempdir().unwrap();
-    let svc = IpamService::open(
-        PoolSpec::Block("100.64.0.0/28".parse().unwrap()),
-        std::time::Duration::from_secs(60),
-        Checkpoint::new(dir.path().join("ipam.json")),
-        1500,
-        Fault::None,
-    )
-    .unwrap();
+    let svc = ipam_service(dir.path());
     let rec = Recorder::default();
     let engine = Arc::new(
         PolicyEngine::new(Box::new(rec.clone())).with_admission_wait(std::time::Duration::ZERO),
@@ -270,20 +272,10 @@ fn an_engine_awaiting_restore_commits_nothing_until_the_pods_are_restored() {
 /// waiting for the runtime's retry.
 #[test]
 fn allocate_waits_for_the_pod_to_reach_the_inputs() {
-    use underlay_agent::checkpoint::Checkpoint;
-    use underlay_agent::{Fault, IpamService};
-    use underlay_core::ipam::PoolSpec;
     use underlay_ipam_api::pb;
 
     let dir = tempfile::tempdir().unwrap();
-    let svc = IpamService::open(
-        PoolSpec::Block("100.64.0.0/28".parse().unwrap()),
-        std::time::Duration::from_secs(60),
-        Checkpoint::new(dir.path().join("ipam.json")),
-        1500,
-        Fault::None,
-    )
-    .unwrap();
+    let svc = ipam_service(dir.path());
     let engine = Arc::new(
         PolicyEngine::new(Box::new(Recorder::default()))
             .with_admission_wait(std::time::Duration::from_secs(30)),

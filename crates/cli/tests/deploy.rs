@@ -429,6 +429,9 @@ fn agent_daemonset_runs_everywhere_with_net_admin_only_and_runtime_seccomp() {
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
     assert_eq!(c["ports"][0]["containerPort"], names::AGENT_HEALTH_PORT);
+    // The forwarder probe's UDP echo listens on the same address as the health endpoint.
+    assert_eq!(c["ports"][1]["containerPort"], names::AGENT_PROBE_UDP_PORT);
+    assert_eq!(c["ports"][1]["protocol"], "UDP");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(

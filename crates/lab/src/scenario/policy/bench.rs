@@ -417,34 +417,25 @@ impl PolicyLab {
     ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         let dst_end = (self.lab.pods[dst].netns.clone(), self.lab.pods[dst].ip);
         let _servers = crate::scenario::echo::EchoServers::start(&[dst_end, other.clone()])?;
-        let sock = crate::scenario::echo::udp_in(
+        // The lab's echo client: numbered datagrams, replies matched, stale ICMP errors skipped.
+        let mut client = crate::scenario::echo::EchoClient::new(
             &self.lab.pods[src].netns,
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            Ipv4Addr::UNSPECIFIED,
         )?;
-        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let targets = [
-            SocketAddrV4::new(self.lab.pods[dst].ip, crate::scenario::echo::ECHO_PORT),
-            SocketAddrV4::new(other.1, crate::scenario::echo::ECHO_PORT),
-        ];
+        let targets = [self.lab.pods[dst].ip, other.1];
         let mut out = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
-        let mut buf = [0u8; 64];
         const WARMUP: usize = 100;
         for i in 0..rounds + WARMUP {
             for (t, to) in targets.iter().enumerate() {
-                let msg = ((i * 2 + t) as u64).to_be_bytes();
-                let start = Instant::now();
-                sock.send_to(&msg, to)?;
-                while let Ok((n, _)) = sock.recv_from(&mut buf) {
-                    if n == 8 && buf[..8] == msg {
-                        if i >= WARMUP {
-                            let us = start.elapsed().as_secs_f64() * 1e6;
-                            if t == 0 {
-                                out.0.push(us)
-                            } else {
-                                out.1.push(us)
-                            }
-                        }
-                        break;
+                let Some(rtt) = client.round_trip(*to, Duration::from_millis(200)) else {
+                    continue;
+                };
+                if i >= WARMUP {
+                    let us = rtt.as_secs_f64() * 1e6;
+                    if t == 0 {
+                        out.0.push(us)
+                    } else {
+                        out.1.push(us)
                     }
                 }
             }
@@ -599,15 +590,19 @@ fn allow_measured() -> NetworkPolicy {
     .expect("a valid NetworkPolicy")
 }
 
+/// `nft -j <args>` in the named namespace, parsed (`null` when nft printed nothing parsable).
+fn nft_json(netns: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-j"])
+        .args(args)
+        .output()
+        .with_context(|| format!("nft -j {}", args.join(" ")))?;
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+}
+
 /// Policy chains (one per policy selecting a pod there, ingress) in the namespace's `inet underlay` table.
 fn policy_chains(netns: &str) -> anyhow::Result<usize> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", netns, "nft", "-j", "list", "chains", "inet",
-        ])
-        .output()
-        .context("nft -j list chains")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let v = nft_json(netns, &["list", "chains", "inet"])?;
     Ok(v["nftables"]
         .as_array()
         .into_iter()
@@ -621,11 +616,7 @@ fn policy_chains(netns: &str) -> anyhow::Result<usize> {
 
 /// Rules plus set and map elements in a namespace.
 fn nft_objects(netns: &str) -> anyhow::Result<usize> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", netns, "nft", "-j", "list", "ruleset"])
-        .output()
-        .context("nft -j list ruleset")?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let v = nft_json(netns, &["list", "ruleset"])?;
     let mut n = 0;
     for o in v["nftables"].as_array().into_iter().flatten() {
         if o.get("rule").is_some() {
